@@ -1,0 +1,58 @@
+//! Links libtorch for everything cargo builds here (library tests, the binary, examples).
+//! Link arguments do not propagate from tch to its users (tch-rs#907), so this crate emits them:
+//! - an rpath to the libtorch lib folder, so binaries start without LD_LIBRARY_PATH;
+//! - `--no-as-needed -ltorch_cuda` when that library exists: nothing references it by symbol, so the
+//!   linker would drop it and `tch::Cuda::is_available()` would say false even on a GPU machine.
+//! It also checks that the libtorch found is the PyTorch version tch 0.24 was written for.
+use std::path::{Path, PathBuf};
+
+const TORCH_VERSION: &str = "2.11.0";
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let lib_dir = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    check_torch_version(&lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!(
+            "cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed",
+            lib_dir.display()
+        );
+    }
+}
+
+/// A PyPI install has `torch/version.py` next to `torch/lib`; a plain libtorch has `build-version`.
+fn check_torch_version(lib_dir: &Path) {
+    let root = lib_dir.parent().unwrap_or(lib_dir);
+    let found = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|text| parse_version_py(&text))
+        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok());
+    let Some(found) = found else {
+        println!(
+            "cargo:warning=could not read the PyTorch version under {}",
+            root.display()
+        );
+        return;
+    };
+    let found = found.trim();
+    let release = found.split('+').next().unwrap_or(found);
+    if release != TORCH_VERSION {
+        panic!(
+            "found PyTorch {found} at {}, but tch 0.24 needs PyTorch {TORCH_VERSION}. \
+             Run `scripts/setup_torch.sh` (it installs torch=={TORCH_VERSION} from PyPI into its own \
+             virtual environment and points `.libtorch` at it), or set LIBTORCH to a {TORCH_VERSION} libtorch.",
+            root.display()
+        );
+    }
+}
+
+fn parse_version_py(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("__version__"))?;
+    let value = line.split('=').nth(1)?.trim();
+    Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
+}

@@ -1,0 +1,161 @@
+"""Writes the parity fixtures: for each case the reference ScConv's state dict, an input, the output,
+the gradients of a fixed scalar loss, and the reference's gate (its `gn_x * w_gamma` and decisions).
+
+    python parity/generate_fixtures.py --out weights/parity            # the committed fixtures
+    python parity/generate_fixtures.py --out DIR --seed N --device cuda  # fresh ones, on a GPU
+
+Per case NAME the output folder gets
+  NAME.safetensors          the model's `state_dict()`, unchanged (what a PyTorch user saves)
+  NAME.tensors.safetensors  input, output, grad.input, grad.<param>, gate.z, gate.info_mask
+and one `manifest.json` for all cases. A case that says `weights_from` reuses that case's model (the
+same weights on another batch) and writes no state dict of its own.
+
+The loss is `sum(output * loss_weight(output.shape))`, with `loss_weight` below: a fixed, signed,
+irregular tensor that both sides compute with the same libtorch ops instead of storing it, so every
+gradient is non-trivial and the fixtures stay small.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_scconv import ScConv  # noqa: E402
+
+DEFAULTS = dict(group_num=16, gate_treshold=0.5, alpha=0.5, squeeze_radio=2, group_size=2, group_kernel_size=3)
+
+# (name, op_channel, (N, H, W), overrides of the defaults, weights_from). The first six are the defaults
+# at the four ResNet-50 shapes, batch 1, and batch > 1 on the models of the two deepest shapes; the rest
+# vary one setting each, on a small spatial size since only the channel arithmetic matters there.
+CASES = [
+    ("c64_56x56_b1", 64, (1, 56, 56), {}, None),
+    ("c128_28x28_b1", 128, (1, 28, 28), {}, None),
+    ("c256_14x14_b1", 256, (1, 14, 14), {}, None),
+    ("c512_7x7_b1", 512, (1, 7, 7), {}, None),
+    ("c256_14x14_b2", 256, (2, 14, 14), {}, "c256_14x14_b1"),
+    ("c512_7x7_b4", 512, (4, 7, 7), {}, "c512_7x7_b1"),
+    ("alpha_quarter", 64, (2, 12, 12), {"alpha": 0.25}, None),
+    ("alpha_three_quarters", 64, (2, 12, 12), {"alpha": 0.75}, None),
+    ("squeeze_radio_4", 64, (2, 12, 12), {"squeeze_radio": 4}, None),
+    ("group_size_4", 64, (2, 12, 12), {"group_size": 4}, None),
+    ("group_kernel_size_5", 64, (2, 12, 12), {"group_kernel_size": 5}, None),
+    ("group_num_4", 32, (2, 12, 12), {"group_num": 4}, None),
+    ("group_num_32", 128, (2, 8, 8), {"group_num": 32}, None),
+    ("non_square_12x20", 64, (2, 12, 20), {}, None),
+]
+
+# The smallest case is also written as a `torch.save` pickle, to test loading `.pt` files.
+PT_CASE = "group_num_4"
+
+
+def loss_weight(shape, device):
+    """cos(0.7 * k) at flat position k. The Rust parity code computes the same (src/parity.rs)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.cos(torch.arange(numel, dtype=torch.float32, device=device) * 0.7).reshape(shape)
+
+
+def randomize_trained_like(model):
+    """A trained SRU has a non-zero beta; the reference initialises it to zeros. Give it one so that the
+    `+ beta` is exercised. Everything else keeps the reference's own initialisation."""
+    with torch.no_grad():
+        model.SRU.gn.beta.normal_(0.0, 0.1)
+
+
+def capture_gate(model):
+    """Records the sigmoid's input (the reference's `gn_x * w_gamma`) and output during forward."""
+    seen = {}
+
+    def hook(_module, inputs, output):
+        seen["z"] = inputs[0].detach().clone()
+        seen["reweigts"] = output.detach().clone()
+
+    model.SRU.sigomid.register_forward_hook(hook)
+    return seen
+
+
+def run_case(op_channel, nhw, overrides, model_seed, input_seed, device):
+    config = dict(DEFAULTS, **overrides, op_channel=op_channel)
+    torch.manual_seed(model_seed)
+    model = ScConv(**config)
+    randomize_trained_like(model)
+    model = model.to(device)
+    gate = capture_gate(model)
+    n, h, w = nhw
+    torch.manual_seed(input_seed)
+    x = torch.randn(n, op_channel, h, w).to(device).requires_grad_()
+    y = model(x)
+    (y * loss_weight(y.shape, device)).sum().backward()
+
+    tensors = {
+        "input": x.detach(),
+        "output": y.detach(),
+        "grad.input": x.grad,
+        "gate.z": gate["z"],
+        "gate.info_mask": gate["reweigts"] >= config["gate_treshold"],
+    }
+    without_grad = []
+    for key, param in model.named_parameters():
+        if param.grad is None:
+            without_grad.append(key)
+        else:
+            tensors["grad." + key] = param.grad
+    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    return config, state_dict, tensors, without_grad
+
+
+def to_cpu_contiguous(tensors):
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=20231128,
+                        help="base seed: case i builds its model with seed + i and its input with seed + 1000 + i")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+
+    os.makedirs(args.out, exist_ok=True)
+    manifest = {
+        "generator": "parity/generate_fixtures.py",
+        "reference": "parity/reference_scconv.py (seed document 000_8c60a6467fa50790.txt)",
+        "torch_version": torch.__version__,
+        "device": args.device,
+        "seed": args.seed,
+        "loss": "sum(output * cos(0.7 * arange(numel)).reshape(output.shape))",
+        "cases": [],
+    }
+    names = [case[0] for case in CASES]
+    for index, (name, op_channel, nhw, overrides, weights_from) in enumerate(CASES):
+        model_seed = args.seed + names.index(weights_from or name)
+        input_seed = args.seed + 1000 + index
+        config, state_dict, tensors, without_grad = run_case(
+            op_channel, nhw, overrides, model_seed, input_seed, args.device)
+        if weights_from is None:
+            save_file(to_cpu_contiguous(state_dict), os.path.join(args.out, f"{name}.safetensors"))
+        save_file(to_cpu_contiguous(tensors), os.path.join(args.out, f"{name}.tensors.safetensors"))
+        if name == PT_CASE:
+            torch.save(to_cpu_contiguous(state_dict), os.path.join(args.out, f"{name}.pt"))
+        manifest["cases"].append({
+            "name": name,
+            "config": config,
+            "input_shape": list(tensors["input"].shape),
+            "model_seed": model_seed,
+            "input_seed": input_seed,
+            "state_dict": f"{weights_from or name}.safetensors",
+            "tensors": f"{name}.tensors.safetensors",
+            "params_without_grad": without_grad,
+        })
+        print(f"{name}: input {list(tensors['input'].shape)}, params without grad: {without_grad}")
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+//! `CRU`, the Channel Reconstruction Unit: split channels (alpha), squeeze both parts (1x1), transform
+//! the upper part with a group-wise (`GWC`) plus a point-wise (`PWC1`) conv, reuse the lower part
+//! (`cat(PWC2(low), low)`), and fuse with one softmax over all 2C pooled channels.
+use crate::config::ScConvConfig;
+use tch::{nn, nn::Module, Tensor};
+
+/// Field names are the reference's, since they are its state-dict keys (`CRU.GWC.weight`, ...).
+#[derive(Debug)]
+#[allow(non_snake_case)]
+pub struct Cru {
+    up_channel: i64,
+    low_channel: i64,
+    pub squeeze1: nn::Conv2D,
+    pub squeeze2: nn::Conv2D,
+    pub GWC: nn::Conv2D,
+    pub PWC1: nn::Conv2D,
+    pub PWC2: nn::Conv2D,
+}
+
+/// The layers of `config` under `p`; the caller has validated `config`.
+pub fn cru(p: nn::Path, config: &ScConvConfig) -> Cru {
+    let c = config.op_channel;
+    let (up, low) = (config.squeezed_up(), config.squeezed_low());
+    let k = config.group_kernel_size;
+    let gwc = ConvSpec {
+        kernel: k,
+        padding: k / 2,
+        groups: config.group_size,
+        bias: true,
+    };
+    Cru {
+        up_channel: config.up_channel(),
+        low_channel: config.low_channel(),
+        squeeze1: conv(
+            &p / "squeeze1",
+            config.up_channel(),
+            up,
+            ConvSpec::pointwise(),
+        ),
+        squeeze2: conv(
+            &p / "squeeze2",
+            config.low_channel(),
+            low,
+            ConvSpec::pointwise(),
+        ),
+        GWC: conv(&p / "GWC", up, c, gwc),
+        PWC1: conv(&p / "PWC1", up, c, ConvSpec::pointwise()),
+        PWC2: conv(&p / "PWC2", low, c - low, ConvSpec::pointwise()),
+    }
+}
+
+impl Module for Cru {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
+        let (up, low) = (
+            self.squeeze1.forward(&split[0]),
+            self.squeeze2.forward(&split[1]),
+        );
+        let y1 = self.GWC.forward(&up) + self.PWC1.forward(&up);
+        let y2 = Tensor::cat(&[self.PWC2.forward(&low), low], 1);
+        let out = Tensor::cat(&[y1, y2], 1);
+        let out = out.adaptive_avg_pool2d([1, 1]).softmax(1, None) * &out;
+        let halves = out.split(out.size()[1] / 2, 1);
+        &halves[0] + &halves[1]
+    }
+}
+
+/// The `nn.Conv2d` arguments the CRU uses (stride 1, dilation 1 throughout).
+#[derive(Clone, Copy)]
+struct ConvSpec {
+    kernel: i64,
+    padding: i64,
+    groups: i64,
+    bias: bool,
+}
+
+impl ConvSpec {
+    fn pointwise() -> Self {
+        Self {
+            kernel: 1,
+            padding: 0,
+            groups: 1,
+            bias: false,
+        }
+    }
+}
+
+/// An `nn.Conv2d` with PyTorch's default initialisation (weight and bias uniform in
+/// +-1/sqrt(fan_in)), so a model trained from scratch in Rust starts like one in PyTorch.
+fn conv(p: nn::Path, in_channels: i64, out_channels: i64, spec: ConvSpec) -> nn::Conv2D {
+    let fan_in = (in_channels / spec.groups) * spec.kernel * spec.kernel;
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let init = nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let config = nn::ConvConfig {
+        padding: spec.padding,
+        groups: spec.groups,
+        bias: spec.bias,
+        ws_init: init,
+        bs_init: init,
+        ..Default::default()
+    };
+    nn::conv2d(p, in_channels, out_channels, spec.kernel, config)
+}

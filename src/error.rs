@@ -1,0 +1,64 @@
+//! The library's error type: everything a caller can get wrong, with the expected and actual values.
+use crate::weights::LoadReport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScConvError {
+    /// A hyper-parameter combination that the reference would crash on or silently mishandle.
+    #[error("invalid ScConv config: {0}")]
+    InvalidConfig(#[from] ConfigError),
+
+    /// An input tensor that `try_forward` cannot run.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// A state dict that does not match the module (every problem at once).
+    #[error("state dict does not match the model:\n{0}")]
+    StateDict(LoadReport),
+
+    #[error("cannot read {path}: {reason}")]
+    WeightsFile { path: String, reason: String },
+
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// One variant per way a config can be wrong; each names the offending values.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "op_channel must be even (the SRU reconstructs by splitting channels in halves), got {0}"
+    )]
+    OddChannels(i64),
+    #[error("op_channel ({op_channel}) must be at least group_num ({group_num})")]
+    FewerChannelsThanGroups { op_channel: i64, group_num: i64 },
+    #[error("op_channel ({op_channel}) must be divisible by group_num ({group_num}), or groups straddle channels")]
+    ChannelsNotDivisibleByGroups { op_channel: i64, group_num: i64 },
+    #[error("group_num must be positive, got {0}")]
+    NonPositiveGroupNum(i64),
+    #[error("alpha must lie strictly between 0 and 1, got {0}")]
+    AlphaOutOfRange(f64),
+    #[error(
+        "gate_treshold must lie strictly between 0 and 1 (it is compared with a sigmoid), got {0}"
+    )]
+    GateThresholdOutOfRange(f64),
+    #[error("squeeze_radio must be positive, got {0}")]
+    NonPositiveSqueezeRadio(i64),
+    #[error("the {part} part has {channels} channels, which squeeze_radio {squeeze_radio} squeezes to 0")]
+    SqueezedToZero {
+        part: &'static str,
+        channels: i64,
+        squeeze_radio: i64,
+    },
+    #[error("group_size must be positive, got {0}")]
+    NonPositiveGroupSize(i64),
+    #[error(
+        "group_size ({group_size}) must divide the grouped conv's {which} channels ({channels})"
+    )]
+    GroupSizeDoesNotDivide {
+        group_size: i64,
+        which: &'static str,
+        channels: i64,
+    },
+    #[error("group_kernel_size must be odd and positive (padding k // 2 keeps the size only then), got {0}")]
+    BadGroupKernelSize(i64),
+}

@@ -1,0 +1,35 @@
+//! `GroupBatchnorm2d` of the reference: per-group statistics with the **unbiased** std, `eps` added to
+//! the std (not under a square root), then a per-channel affine `x * gamma + beta`.
+use tch::{nn, Tensor};
+
+#[derive(Debug)]
+pub struct GroupBatchnorm2d {
+    /// `(C, 1, 1)`, initialised with `randn` as in the reference.
+    pub gamma: Tensor,
+    /// `(C, 1, 1)`, initialised with zeros.
+    pub beta: Tensor,
+    group_num: i64,
+    eps: f64,
+}
+
+/// Variables `gamma` and `beta` under `p`; the caller has checked `c_num % group_num == 0`.
+pub fn group_batchnorm2d(p: nn::Path, c_num: i64, group_num: i64, eps: f64) -> GroupBatchnorm2d {
+    GroupBatchnorm2d {
+        gamma: p.randn_standard("gamma", &[c_num, 1, 1]),
+        beta: p.zeros("beta", &[c_num, 1, 1]),
+        group_num,
+        eps,
+    }
+}
+
+impl nn::Module for GroupBatchnorm2d {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let nchw = x.size();
+        let x = x.view([nchw[0], self.group_num, -1]);
+        let mean = x.mean_dim(2, true, None);
+        let std = x.std_dim(2, true, true);
+        let x = (x - mean) / (std + self.eps);
+        let x = x.view(nchw.as_slice());
+        x * &self.gamma + &self.beta
+    }
+}

@@ -1,0 +1,133 @@
+//! Checks that `try_forward` runs before touching libtorch, so bad input gets a message naming the
+//! expected and the actual value instead of a crash deep inside a kernel.
+use crate::error::ScConvError;
+use tch::{Device, Kind, Tensor};
+
+/// What the model expects of its input.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected {
+    pub channels: i64,
+    pub group_num: i64,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
+    let size = x.size();
+    let invalid = |message: String| Err(ScConvError::InvalidInput(message));
+    let &[n, c, h, w] = size.as_slice() else {
+        return invalid(format!(
+            "expected a 4-d (N, C, H, W) tensor, got {}-d with shape {size:?}",
+            size.len()
+        ));
+    };
+    if c != expected.channels {
+        return invalid(format!(
+            "expected {} channels (dim 1), got {c} in shape {size:?}",
+            expected.channels
+        ));
+    }
+    if x.kind() != expected.kind {
+        return invalid(format!(
+            "expected dtype {:?} (the model's), got {:?}",
+            expected.kind,
+            x.kind()
+        ));
+    }
+    if x.device() != expected.device {
+        return invalid(format!(
+            "expected a tensor on {:?} (the model's device), got {:?}",
+            expected.device,
+            x.device()
+        ));
+    }
+    if n == 0 || h == 0 || w == 0 {
+        return invalid(format!(
+            "expected a non-empty batch and spatial size, got shape {size:?}"
+        ));
+    }
+    // GroupBatchnorm2d takes the unbiased std over each group: one value gives NaN.
+    let per_group = c / expected.group_num * h * w;
+    if per_group < 2 {
+        return invalid(format!(
+            "each of the {} groups needs at least 2 values for its unbiased std, got {per_group} (shape {size:?})",
+            expected.group_num
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPECTED: Expected = Expected {
+        channels: 16,
+        group_num: 16,
+        kind: Kind::Float,
+        device: Device::Cpu,
+    };
+
+    fn message(x: &Tensor) -> String {
+        match check(x, &EXPECTED) {
+            Err(ScConvError::InvalidInput(message)) => message,
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_matching_input() {
+        assert!(check(
+            &Tensor::zeros([2, 16, 3, 5], (Kind::Float, Device::Cpu)),
+            &EXPECTED
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn rejects_wrong_rank() {
+        let m = message(&Tensor::zeros([16, 8, 8], (Kind::Float, Device::Cpu)));
+        assert!(
+            m.contains("expected a 4-d (N, C, H, W) tensor, got 3-d with shape [16, 8, 8]"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_channels() {
+        let m = message(&Tensor::zeros([1, 32, 8, 8], (Kind::Float, Device::Cpu)));
+        assert!(m.contains("expected 16 channels (dim 1), got 32"), "{m}");
+    }
+
+    #[test]
+    fn rejects_non_float_and_other_float_dtypes() {
+        let m = message(&Tensor::zeros([1, 16, 8, 8], (Kind::Int64, Device::Cpu)));
+        assert!(
+            m.contains("expected dtype Float (the model's), got Int64"),
+            "{m}"
+        );
+        let m = message(&Tensor::zeros([1, 16, 8, 8], (Kind::Half, Device::Cpu)));
+        assert!(
+            m.contains("expected dtype Float (the model's), got Half"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn rejects_empty_input() {
+        let m = message(&Tensor::zeros([0, 16, 8, 8], (Kind::Float, Device::Cpu)));
+        assert!(
+            m.contains("non-empty batch and spatial size, got shape [0, 16, 8, 8]"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn rejects_groups_too_small_for_an_unbiased_std() {
+        let m = message(&Tensor::zeros([1, 16, 1, 1], (Kind::Float, Device::Cpu)));
+        assert!(
+            m.contains("needs at least 2 values for its unbiased std, got 1"),
+            "{m}"
+        );
+    }
+}

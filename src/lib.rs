@@ -1,0 +1,29 @@
+//! SCConv (Spatial and Channel Reconstruction Convolution, CVPR 2023) on `tch`, mirroring the PyTorch
+//! reference line for line so that its `state_dict` loads unchanged.
+//!
+//! ```no_run
+//! use scconv_tch::{scconv, weights, ScConvConfig};
+//! use tch::{nn::VarStore, Device, Kind, Tensor};
+//!
+//! # fn main() -> Result<(), scconv_tch::ScConvError> {
+//! let mut vs = VarStore::new(Device::Cpu);
+//! let block = scconv(vs.root(), &ScConvConfig::new(64))?;
+//! weights::load(&mut vs, "scconv.safetensors")?; // a PyTorch state_dict, keys as saved
+//! let x = Tensor::randn([1, 64, 56, 56], (Kind::Float, Device::Cpu));
+//! let y = tch::no_grad(|| block.try_forward(&x))?;
+//! # Ok(()) }
+//! ```
+pub mod config;
+pub mod cru;
+pub mod error;
+pub mod group_batchnorm;
+pub mod input;
+pub mod parity;
+pub mod scconv;
+pub mod sru;
+pub mod weights;
+
+pub use config::ScConvConfig;
+pub use error::{ConfigError, ScConvError};
+pub use scconv::{scconv, ScConv};
+pub use sru::Gate;

@@ -1,0 +1,83 @@
+//! `ScConv`: the SRU followed by the CRU, under the variable paths `SRU.*` and `CRU.*` that a PyTorch
+//! `state_dict` of the reference uses.
+use crate::config::ScConvConfig;
+use crate::cru::{cru, Cru};
+use crate::error::ScConvError;
+use crate::input::{self, Expected};
+use crate::sru::{sru, Gate, Sru};
+use tch::{nn, nn::Module, Tensor};
+
+#[derive(Debug)]
+#[allow(non_snake_case)]
+pub struct ScConv {
+    pub SRU: Sru,
+    pub CRU: Cru,
+    config: ScConvConfig,
+}
+
+/// Builds an ScConv under `p` after validating `config`; every invalid setting is a typed error.
+pub fn scconv(p: nn::Path, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
+    config.validate()?;
+    Ok(ScConv {
+        SRU: sru(&p / "SRU", config),
+        CRU: cru(&p / "CRU", config),
+        config: config.clone(),
+    })
+}
+
+impl ScConv {
+    pub fn config(&self) -> &ScConvConfig {
+        &self.config
+    }
+
+    /// `forward` after checking rank, channels, dtype, device and size: bad input is an error.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
+        self.check_input(x)?;
+        Ok(self.forward(x))
+    }
+
+    /// The SRU gate on `x` (its `z = gn_x * w_gamma` and decisions).
+    pub fn try_gate(&self, x: &Tensor) -> Result<Gate, ScConvError> {
+        self.check_input(x)?;
+        Ok(self.SRU.gate(x))
+    }
+
+    /// The forward pass with the gate's decisions given instead of computed: the entry point the parity
+    /// suite uses to check everything downstream of the gate with the reference's own decisions.
+    pub fn forward_with_gate(&self, x: &Tensor, gate: &Gate) -> Result<Tensor, ScConvError> {
+        self.check_input(x)?;
+        for mask in [&gate.info_mask, &gate.noninfo_mask] {
+            if mask.size() != x.size() {
+                let (got, want) = (mask.size(), x.size());
+                return Err(ScConvError::InvalidInput(format!(
+                    "gate mask shape {got:?} differs from input shape {want:?}"
+                )));
+            }
+        }
+        let mask_device = |m: &Tensor| m.to_device(x.device());
+        let gate = Gate {
+            z: Tensor::new(),
+            info_mask: mask_device(&gate.info_mask),
+            noninfo_mask: mask_device(&gate.noninfo_mask),
+        };
+        Ok(self.CRU.forward(&self.SRU.forward_with_gate(x, &gate)))
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
+        let gamma = &self.SRU.gn.gamma;
+        let expected = Expected {
+            channels: self.config.op_channel,
+            group_num: self.config.group_num,
+            kind: gamma.kind(),
+            device: gamma.device(),
+        };
+        input::check(x, &expected)
+    }
+}
+
+impl Module for ScConv {
+    /// The reference's forward. Panics (as tch modules do) on input `try_forward` would reject.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.CRU.forward(&self.SRU.forward(x))
+    }
+}
