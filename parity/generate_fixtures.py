@@ -20,7 +20,11 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
+
+try:
+    from safetensors.torch import save_file
+except ImportError:  # e.g. a GPU machine without network: fall back to torch.save pickles (--format pt)
+    save_file = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_scconv import ScConv  # noqa: E402
@@ -60,8 +64,9 @@ def loss_weight(shape, device):
 
 
 def randomize_trained_like(model):
-    """A trained SRU has a non-zero beta; the reference initialises it to zeros. Give it one so that the
-    `+ beta` is exercised. Everything else keeps the reference's own initialisation."""
+    """A trained SRU has a non-zero beta; the reference initialises it to zeros. The cases that vary a
+    setting get one, so that the `+ beta` is exercised; the default cases keep the reference's own
+    initialisation, whose beta = 0 puts many more gate values z near 0 (inside the fp32 band)."""
     with torch.no_grad():
         model.SRU.gn.beta.normal_(0.0, 0.1)
 
@@ -82,7 +87,8 @@ def run_case(op_channel, nhw, overrides, model_seed, input_seed, device):
     config = dict(DEFAULTS, **overrides, op_channel=op_channel)
     torch.manual_seed(model_seed)
     model = ScConv(**config)
-    randomize_trained_like(model)
+    if overrides:
+        randomize_trained_like(model)
     model = model.to(device)
     gate = capture_gate(model)
     n, h, w = nhw
@@ -112,13 +118,27 @@ def to_cpu_contiguous(tensors):
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def write(tensors, out, stem, fmt):
+    """Writes `tensors` as OUT/STEM.safetensors or OUT/STEM.pt (both readable by `weights::read`)."""
+    name = f"{stem}.{fmt}"
+    if fmt == "safetensors":
+        save_file(to_cpu_contiguous(tensors), os.path.join(out, name))
+    else:
+        torch.save(to_cpu_contiguous(tensors), os.path.join(out, name))
+    return name
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=20231128,
                         help="base seed: case i builds its model with seed + i and its input with seed + 1000 + i")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--format", choices=["safetensors", "pt"], default="safetensors" if save_file else "pt",
+                        help="file format (default: safetensors when the package is installed, else pt)")
     args = parser.parse_args()
+    if args.format == "safetensors" and save_file is None:
+        parser.error("--format safetensors needs the safetensors package (pip install safetensors)")
 
     os.makedirs(args.out, exist_ok=True)
     manifest = {
@@ -137,8 +157,8 @@ def main():
         config, state_dict, tensors, without_grad = run_case(
             op_channel, nhw, overrides, model_seed, input_seed, args.device)
         if weights_from is None:
-            save_file(to_cpu_contiguous(state_dict), os.path.join(args.out, f"{name}.safetensors"))
-        save_file(to_cpu_contiguous(tensors), os.path.join(args.out, f"{name}.tensors.safetensors"))
+            write(state_dict, args.out, name, args.format)
+        tensors_file = write(tensors, args.out, f"{name}.tensors", args.format)
         if name == PT_CASE:
             torch.save(to_cpu_contiguous(state_dict), os.path.join(args.out, f"{name}.pt"))
         manifest["cases"].append({
@@ -147,8 +167,8 @@ def main():
             "input_shape": list(tensors["input"].shape),
             "model_seed": model_seed,
             "input_seed": input_seed,
-            "state_dict": f"{weights_from or name}.safetensors",
-            "tensors": f"{name}.tensors.safetensors",
+            "state_dict": f"{weights_from or name}.{args.format}",
+            "tensors": tensors_file,
             "params_without_grad": without_grad,
         })
         print(f"{name}: input {list(tensors['input'].shape)}, params without grad: {without_grad}")

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The CUDA parity suite, in two halves, because the GPU machine has PyTorch 2.11 but no Rust:
+#
+#   scripts/cuda_parity.sh build   here: builds the `cuda`-feature test binaries and the CLI into .device/
+#   scripts/cuda_parity.sh run     on the GPU machine, from the repository root, with .device/ copied there
+#                                  (the device tool: carry [".device"]); writes logs to $OUT (or .device/out)
+#
+# `run` generates fixtures with PyTorch on the same GPU (inside the test, so under the same TF32 setting)
+# and runs the suite twice: with TF32 (libtorch's default for cuDNN convolutions) and with
+# NVIDIA_TF32_OVERRIDE=0. The binaries use that machine's libtorch through LD_LIBRARY_PATH.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+build() {
+    scripts/setup_torch.sh
+    rm -rf .device && mkdir -p .device/bin
+    cargo build --features cuda
+    cp target/debug/scconv-tch .device/bin/
+    cargo test --features cuda --no-run --message-format=json 2>/dev/null \
+        | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["kind"] == ["test"]:
+        shutil.copy(msg["executable"], ".device/bin/" + msg["target"]["name"])
+'
+    strip --strip-debug .device/bin/*
+    ls -la .device/bin
+}
+
+run() {
+    local out="${OUT:-.device/out}"
+    mkdir -p "$out"
+    local torch_lib
+    torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export SCCONV_ROOT="$PWD" SCCONV_FIXTURES="$PWD/weights/parity" SCCONV_PYTHON="$(command -v python3)" \
+        SCCONV_BIN="$PWD/.device/bin/scconv-tch"
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' | tee "$out/device.txt"
+    local status=0
+    for tf32 in on off; do
+        local env=()
+        [ "$tf32" = off ] && env=(NVIDIA_TF32_OVERRIDE=0)
+        echo "=== TF32 $tf32 ==="
+        env "${env[@]}" .device/bin/parity_cuda --test-threads=1 --nocapture 2>&1 | tee "$out/parity_cuda_tf32_$tf32.log" || status=1
+        env "${env[@]}" .device/bin/scconv-tch parity --device cuda 2>&1 | tee "$out/cli_parity_cuda_tf32_$tf32.txt" || status=1
+    done
+    # The CPU suites run there too: the same binaries against the GPU machine's libtorch.
+    for t in parity_cpu bad_input cli scconv_tch; do
+        [ -x ".device/bin/$t" ] && { .device/bin/$t --test-threads=2 2>&1 | tail -3 | tee "$out/$t.log" || status=1; }
+    done
+    cp -r target/parity-reports "$out/" 2>/dev/null || true
+    return $status
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,133 @@
+//! The `scconv-tch` binary as a user runs it.
+mod common;
+
+use common::scratch_dir;
+use scconv_tch::parity::committed_fixtures;
+use scconv_tch::weights;
+use std::process::{Command, Output};
+use tch::Tensor;
+
+/// The binary cargo built, or `$SCCONV_BIN` when the tests run from a copy (the GPU machine).
+fn scconv_tch(args: &[&str]) -> Output {
+    let bin = std::env::var("SCCONV_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    Command::new(bin)
+        .args(args)
+        .output()
+        .expect("cannot run scconv-tch")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn parity_passes_on_the_committed_fixtures_and_prints_the_table() {
+    let out = scconv_tch(&["parity"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("case")
+            && text.contains("max|Δout|")
+            && text.contains("flips")
+            && text.contains("verdict"),
+        "{text}"
+    );
+    assert!(
+        text.contains("c512_7x7_b4") && text.contains("non_square_12x20"),
+        "{text}"
+    );
+    assert!(text.contains("14 of 14 cases pass"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn parity_json_is_machine_readable() {
+    let out = scconv_tch(&["parity", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(json["passed"], true);
+    assert_eq!(json["cases"].as_array().unwrap().len(), 14);
+    assert_eq!(json["cases"][0]["gate"]["flips_outside_band"], 0);
+}
+
+#[test]
+fn parity_on_a_missing_folder_is_a_clear_error() {
+    let out = scconv_tch(&["parity", "/nonexistent/fixtures"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("reading fixtures in /nonexistent/fixtures"),
+        "{err}"
+    );
+    assert!(err.contains("manifest.json"), "{err}");
+}
+
+#[test]
+fn parity_fails_with_a_non_zero_exit_when_an_output_is_off() {
+    // One committed case whose reference output is moved by 1e-4 of its largest value.
+    let source = committed_fixtures();
+    let dir = scratch_dir("tampered");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap())
+            .unwrap();
+    let case = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "group_num_4")
+        .unwrap()
+        .clone();
+    std::fs::copy(
+        source.join("group_num_4.safetensors"),
+        dir.join("group_num_4.safetensors"),
+    )
+    .unwrap();
+    let mut tensors = weights::read(&source.join("group_num_4.tensors.safetensors")).unwrap();
+    let output = tensors
+        .iter_mut()
+        .find(|(k, _)| k == "output")
+        .map(|(_, t)| t)
+        .unwrap();
+    let shift = output.abs().max().double_value(&[]) * 1e-4;
+    *output = &*output + shift;
+    Tensor::write_safetensors(&tensors, dir.join("group_num_4.tensors.safetensors")).unwrap();
+    let tampered = serde_json::json!({ "torch_version": manifest["torch_version"], "device": "cpu", "seed": 0, "cases": [case] });
+    std::fs::write(dir.join("manifest.json"), tampered.to_string()).unwrap();
+
+    let out = scconv_tch(&["parity", dir.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("group_num_4") && text.contains("FAIL"),
+        "{text}"
+    );
+    assert!(text.contains("0 of 1 cases pass"), "{text}");
+}
+
+#[test]
+fn parity_on_cuda_runs_there_or_says_there_is_no_gpu() {
+    let out = scconv_tch(&["parity", "--device", "cuda"]);
+    if tch::Cuda::is_available() {
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).contains("Rust on Cuda(0)"));
+    } else {
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("libtorch sees no CUDA device"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn help_lists_the_parity_subcommand() {
+    let out = scconv_tch(&["--help"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("parity"), "{}", stdout(&out));
+}
