@@ -8,9 +8,9 @@ setup:
 demo: setup
 	cargo run --quiet -- parity
 
+# The parity tests record their tables in target/parity-reports/.
 test: setup
 	cargo test
-	@echo; echo "Recorded parity tables (target/parity-reports):"; cat target/parity-reports/*.txt
 
 # Rewrites the committed fixtures from the Python reference (byte-for-byte reproducible).
 fixtures: setup

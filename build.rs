@@ -3,6 +3,7 @@
 //! - an rpath to the libtorch lib folder, so binaries start without LD_LIBRARY_PATH;
 //! - `--no-as-needed -ltorch_cuda` when that library exists: nothing references it by symbol, so the
 //!   linker would drop it and `tch::Cuda::is_available()` would say false even on a GPU machine.
+//!
 //! It also checks that the libtorch found is the PyTorch version tch 0.24 was written for.
 use std::path::{Path, PathBuf};
 

@@ -26,4 +26,4 @@ pub mod weights;
 pub use config::ScConvConfig;
 pub use error::{ConfigError, ScConvError};
 pub use scconv::{scconv, ScConv};
-pub use sru::Gate;
+pub use sru::{Gate, GateDecisions};

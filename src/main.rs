@@ -55,9 +55,7 @@ fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
     };
     let manifest =
         Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
-    // NVIDIA_TF32_OVERRIDE=0 switches TF32 off in NVIDIA's libraries; otherwise cuDNN convs use it.
-    let tf32 = std::env::var("NVIDIA_TF32_OVERRIDE").map_or(true, |v| v != "0");
-    let policy = Policy::for_run(&manifest.device, device, tf32);
+    let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
     let reports = parity::run_all(&dir, device, &policy)?;
     let passed = reports.iter().all(|r| r.passed(&policy));
     if json {

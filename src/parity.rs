@@ -3,7 +3,7 @@
 //! (a) gate decisions, (b) everything downstream of the gate with the reference's decisions fed in,
 //! (c) outputs and gradients end to end.
 use crate::error::ScConvError;
-use crate::sru::Gate;
+use crate::sru::GateDecisions;
 use crate::{scconv, weights, ScConvConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -63,6 +63,12 @@ impl Policy {
             same_kernels,
         }
     }
+}
+
+/// Whether CUDA convolutions may use TF32: libtorch's default, unless `NVIDIA_TF32_OVERRIDE=0` switches
+/// it off in NVIDIA's libraries (tch has no binding for cuDNN's allow_tf32).
+pub fn tf32_enabled() -> bool {
+    std::env::var("NVIDIA_TF32_OVERRIDE").map_or(true, |v| v != "0")
 }
 
 /// One tensor's comparison. `tolerance_used` is the largest |error| / allowed error over all positions:
@@ -196,17 +202,18 @@ struct Pass {
     /// `grad.input` and `grad.<param>`, keyed as in the fixtures.
     grads: BTreeMap<String, Tensor>,
     params_without_grad: Vec<String>,
-    gate: Option<Gate>,
+    /// The gate decisions the pass used (computed, or the ones fed in).
+    info_mask: Tensor,
 }
 
 /// Builds the model from the case's config, loads the PyTorch state dict, and runs forward and
-/// backward of `sum(output * loss_weight)`; with `reference_gate` the gate's decisions are fed in.
+/// backward of `sum(output * loss_weight)`; with `reference_decisions` the gate's decisions are fed in.
 fn forward_backward(
     dir: &Path,
     case: &CaseSpec,
     input: &Tensor,
     device: Device,
-    reference_gate: Option<&Gate>,
+    reference_decisions: Option<&GateDecisions>,
 ) -> Result<Pass, ScConvError> {
     let mut vs = VarStore::new(device);
     let model = scconv(vs.root(), &case.config)?;
@@ -214,12 +221,15 @@ fn forward_backward(
     // A fresh leaf: `to_device` to the same device returns the fixture tensor itself, whose grad would
     // accumulate across passes.
     let x = input.to_device(device).detach().set_requires_grad(true);
-    let (output, gate) = match reference_gate {
-        Some(gate) => (model.forward_with_gate(&x, gate)?, None),
-        None => (
-            model.try_forward(&x)?,
-            Some(tch::no_grad(|| model.try_gate(&x))?),
+    let (output, info_mask) = match reference_decisions {
+        Some(fed) => (
+            model.forward_with_decisions(&x, fed)?,
+            fed.info_mask.shallow_clone(),
         ),
+        None => {
+            let gate = tch::no_grad(|| model.try_gate(&x))?;
+            (model.try_forward(&x)?, gate.decisions.info_mask)
+        }
     };
     (&output * loss_weight(&output.size(), device))
         .sum(Kind::Float)
@@ -237,7 +247,7 @@ fn forward_backward(
         output,
         grads,
         params_without_grad,
-        gate,
+        info_mask,
     })
 }
 
@@ -339,21 +349,16 @@ pub fn run_case(
             pass.params_without_grad
         ));
     }
-    let actual_info = &pass
-        .gate
-        .as_ref()
-        .expect("the computed gate is kept")
-        .info_mask;
     let reference_info = fixture(&expected, "gate.info_mask", &case.name)?;
     let gate = compare_gate(
         fixture(&expected, "gate.z", &case.name)?,
         reference_info,
-        actual_info,
+        &pass.info_mask,
     );
     let end_to_end = compare_pass(&pass, &expected, tol, &mut problems, &case.name)?;
 
-    let reference_gate = Gate::from_info_mask(reference_info);
-    let fed = forward_backward(dir, case, input, device, Some(&reference_gate))?;
+    let reference_decisions = GateDecisions::from_info_mask(reference_info);
+    let fed = forward_backward(dir, case, input, device, Some(&reference_decisions))?;
     let with_reference_gate = compare_pass(&fed, &expected, tol, &mut problems, &case.name)?;
     Ok(CaseReport {
         name: case.name.clone(),
@@ -430,7 +435,7 @@ mod tests {
         assert!(ok.passed(), "{ok:?}");
         let bad = compare(&t(&[100.0, 1.0, 0.00011]), &reference, Tolerance::FP32).unwrap();
         assert!(!bad.passed(), "{bad:?}");
-        assert!((bad.max_abs_err - 0.00011).abs() < 1e-9);
+        approx::assert_abs_diff_eq!(bad.max_abs_err, 0.00011, epsilon = 1e-9);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use crate::config::ScConvConfig;
 use crate::cru::{cru, Cru};
 use crate::error::ScConvError;
 use crate::input::{self, Expected};
-use crate::sru::{sru, Gate, Sru};
+use crate::sru::{sru, Gate, GateDecisions, Sru};
 use tch::{nn, nn::Module, Tensor};
 
 #[derive(Debug)]
@@ -44,9 +44,13 @@ impl ScConv {
 
     /// The forward pass with the gate's decisions given instead of computed: the entry point the parity
     /// suite uses to check everything downstream of the gate with the reference's own decisions.
-    pub fn forward_with_gate(&self, x: &Tensor, gate: &Gate) -> Result<Tensor, ScConvError> {
+    pub fn forward_with_decisions(
+        &self,
+        x: &Tensor,
+        decisions: &GateDecisions,
+    ) -> Result<Tensor, ScConvError> {
         self.check_input(x)?;
-        for mask in [&gate.info_mask, &gate.noninfo_mask] {
+        for mask in [&decisions.info_mask, &decisions.noninfo_mask] {
             if mask.size() != x.size() {
                 let (got, want) = (mask.size(), x.size());
                 return Err(ScConvError::InvalidInput(format!(
@@ -54,13 +58,10 @@ impl ScConv {
                 )));
             }
         }
-        let mask_device = |m: &Tensor| m.to_device(x.device());
-        let gate = Gate {
-            z: Tensor::new(),
-            info_mask: mask_device(&gate.info_mask),
-            noninfo_mask: mask_device(&gate.noninfo_mask),
-        };
-        Ok(self.CRU.forward(&self.SRU.forward_with_gate(x, &gate)))
+        let decisions = decisions.to_device(x.device());
+        Ok(self
+            .CRU
+            .forward(&self.SRU.forward_with_decisions(x, &decisions)))
     }
 
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {

@@ -10,26 +10,38 @@ pub struct Sru {
     gate_treshold: f64,
 }
 
-/// The gate of one forward pass: the sigmoid's input `z = gn_x * w_gamma` and the two hard masks.
-/// The masks come from comparisons, so nothing upstream of them (gamma, beta) gets a gradient.
+/// The gate's two hard masks (bool, `x`'s shape). They come from comparisons, so nothing upstream of
+/// them (gamma, beta) gets a gradient.
 #[derive(Debug)]
-pub struct Gate {
-    pub z: Tensor,
+pub struct GateDecisions {
     pub info_mask: Tensor,
     pub noninfo_mask: Tensor,
 }
 
-impl Gate {
-    /// Decisions made elsewhere (e.g. the reference's, for parity checks), as a bool tensor of `x`'s
-    /// shape; `noninfo_mask` is its complement, which is what `<` gives for any non-NaN input.
-    pub fn from_info_mask(info_mask: &Tensor) -> Gate {
+impl GateDecisions {
+    /// Decisions made elsewhere (e.g. the reference's, for parity checks); `noninfo_mask` is the
+    /// complement, which is what `<` gives for any non-NaN gate value.
+    pub fn from_info_mask(info_mask: &Tensor) -> GateDecisions {
         let info_mask = info_mask.to_kind(tch::Kind::Bool);
-        Gate {
-            z: Tensor::new(),
+        GateDecisions {
             noninfo_mask: info_mask.logical_not(),
             info_mask,
         }
     }
+
+    pub fn to_device(&self, device: tch::Device) -> GateDecisions {
+        GateDecisions {
+            info_mask: self.info_mask.to_device(device),
+            noninfo_mask: self.noninfo_mask.to_device(device),
+        }
+    }
+}
+
+/// The gate of one forward pass: the sigmoid's input `z = gn_x * w_gamma` and its decisions.
+#[derive(Debug)]
+pub struct Gate {
+    pub z: Tensor,
+    pub decisions: GateDecisions,
 }
 
 pub fn sru(p: nn::Path, config: &ScConvConfig) -> Sru {
@@ -50,24 +62,24 @@ impl Sru {
         let gn_x = self.gn.forward(x);
         let z = gn_x * self.w_gamma();
         let (info_mask, noninfo_mask) = decide(&z, self.gate_treshold);
-        Gate {
-            z,
+        let decisions = GateDecisions {
             info_mask,
             noninfo_mask,
-        }
+        };
+        Gate { z, decisions }
     }
 
     /// Everything after the gate's decisions: mask, then cross-reconstruct.
-    pub fn forward_with_gate(&self, x: &Tensor, gate: &Gate) -> Tensor {
-        let x_1 = &gate.info_mask * x;
-        let x_2 = &gate.noninfo_mask * x;
+    pub fn forward_with_decisions(&self, x: &Tensor, decisions: &GateDecisions) -> Tensor {
+        let x_1 = &decisions.info_mask * x;
+        let x_2 = &decisions.noninfo_mask * x;
         reconstruct(&x_1, &x_2)
     }
 }
 
 impl nn::Module for Sru {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_with_gate(x, &self.gate(x))
+        self.forward_with_decisions(x, &self.gate(x).decisions)
     }
 }
 

@@ -121,9 +121,9 @@ mod tests {
     fn store() -> VarStore {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
-        (&root / "a").zeros("weight", &[2, 3]);
-        (&root / "b").zeros("bias", &[4]);
-        (&root / "c").zeros("weight", &[1]);
+        let _ = (&root / "a").zeros("weight", &[2, 3]);
+        let _ = (&root / "b").zeros("bias", &[4]);
+        let _ = (&root / "c").zeros("weight", &[1]);
         vs
     }
 

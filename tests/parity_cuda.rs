@@ -10,7 +10,7 @@
 mod common;
 
 use common::{assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::parity::{committed_fixtures, Policy};
+use scconv_tch::parity::{committed_fixtures, tf32_enabled as tf32, Policy};
 use tch::Device;
 
 fn gpu() -> Device {
@@ -20,10 +20,6 @@ fn gpu() -> Device {
          Run these tests on a GPU machine (scripts/cuda_parity.sh), or build without --features cuda."
     );
     Device::Cuda(0)
-}
-
-fn tf32() -> bool {
-    std::env::var("NVIDIA_TF32_OVERRIDE").map_or(true, |v| v != "0")
 }
 
 fn tf32_label() -> &'static str {
