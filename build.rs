@@ -19,10 +19,7 @@ fn main() {
     check_torch_version(&lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
-        println!(
-            "cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed",
-            lib_dir.display()
-        );
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed", lib_dir.display());
     }
 }
 
@@ -34,10 +31,7 @@ fn check_torch_version(lib_dir: &Path) {
         .and_then(|text| parse_version_py(&text))
         .or_else(|| std::fs::read_to_string(root.join("build-version")).ok());
     let Some(found) = found else {
-        println!(
-            "cargo:warning=could not read the PyTorch version under {}",
-            root.display()
-        );
+        println!("cargo:warning=could not read the PyTorch version under {}", root.display());
         return;
     };
     let found = found.trim();

@@ -90,19 +90,13 @@ impl ScConvConfig {
             return Err(ConfigError::NonPositiveGroupNum(group_num));
         }
         if op_channel < group_num {
-            return Err(ConfigError::FewerChannelsThanGroups {
-                op_channel,
-                group_num,
-            });
+            return Err(ConfigError::FewerChannelsThanGroups { op_channel, group_num });
         }
         if op_channel % 2 != 0 {
             return Err(ConfigError::OddChannels(op_channel));
         }
         if op_channel % group_num != 0 {
-            return Err(ConfigError::ChannelsNotDivisibleByGroups {
-                op_channel,
-                group_num,
-            });
+            return Err(ConfigError::ChannelsNotDivisibleByGroups { op_channel, group_num });
         }
         if !(self.gate_treshold > 0.0 && self.gate_treshold < 1.0) {
             return Err(ConfigError::GateThresholdOutOfRange(self.gate_treshold));
@@ -120,11 +114,7 @@ impl ScConvConfig {
         for (part, channels) in [("up", self.up_channel()), ("low", self.low_channel())] {
             if channels / self.squeeze_radio == 0 {
                 let squeeze_radio = self.squeeze_radio;
-                return Err(ConfigError::SqueezedToZero {
-                    part,
-                    channels,
-                    squeeze_radio,
-                });
+                return Err(ConfigError::SqueezedToZero { part, channels, squeeze_radio });
             }
         }
         self.validate_gwc()
@@ -137,11 +127,7 @@ impl ScConvConfig {
         }
         for (which, channels) in [("input", self.squeezed_up()), ("output", self.op_channel)] {
             if channels % group_size != 0 {
-                return Err(ConfigError::GroupSizeDoesNotDivide {
-                    group_size,
-                    which,
-                    channels,
-                });
+                return Err(ConfigError::GroupSizeDoesNotDivide { group_size, which, channels });
             }
         }
         let k = self.group_kernel_size;
@@ -169,14 +155,7 @@ mod tests {
         assert_eq!(config.group_num, 16);
         assert_eq!(config.gate_treshold, 0.5);
         assert_eq!(config.alpha, 0.5);
-        assert_eq!(
-            (
-                config.squeeze_radio,
-                config.group_size,
-                config.group_kernel_size
-            ),
-            (2, 2, 3)
-        );
+        assert_eq!((config.squeeze_radio, config.group_size, config.group_kernel_size), (2, 2, 3));
         assert_eq!(config.validate(), Ok(()));
     }
 
@@ -190,121 +169,55 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let err = serde_json::from_str::<ScConvConfig>(r#"{"op_channel": 64, "squeeze_ratio": 2}"#)
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("unknown field `squeeze_ratio`"),
-            "{err}"
-        );
+        let err =
+            serde_json::from_str::<ScConvConfig>(r#"{"op_channel": 64, "squeeze_ratio": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `squeeze_ratio`"), "{err}");
     }
 
     #[test]
     fn each_bad_setting_has_its_own_error() {
         use ConfigError::*;
         let cases: Vec<(ScConvConfig, ConfigError, &str)> = vec![
-            (
-                with(33, |c| c.group_num = 3),
-                OddChannels(33),
-                "must be even",
-            ),
-            (
-                with(8, |_| ()),
-                FewerChannelsThanGroups {
-                    op_channel: 8,
-                    group_num: 16,
-                },
-                "at least group_num",
-            ),
+            (with(33, |c| c.group_num = 3), OddChannels(33), "must be even"),
+            (with(8, |_| ()), FewerChannelsThanGroups { op_channel: 8, group_num: 16 }, "at least group_num"),
             (
                 with(40, |_| ()),
-                ChannelsNotDivisibleByGroups {
-                    op_channel: 40,
-                    group_num: 16,
-                },
+                ChannelsNotDivisibleByGroups { op_channel: 40, group_num: 16 },
                 "divisible by group_num",
             ),
-            (
-                with(64, |c| c.group_num = 0),
-                NonPositiveGroupNum(0),
-                "group_num must be positive",
-            ),
-            (
-                with(64, |c| c.alpha = 0.0),
-                AlphaOutOfRange(0.0),
-                "strictly between 0 and 1",
-            ),
-            (
-                with(64, |c| c.alpha = 1.0),
-                AlphaOutOfRange(1.0),
-                "strictly between 0 and 1",
-            ),
-            (
-                with(64, |c| c.gate_treshold = 1.5),
-                GateThresholdOutOfRange(1.5),
-                "gate_treshold",
-            ),
-            (
-                with(64, |c| c.squeeze_radio = 0),
-                NonPositiveSqueezeRadio(0),
-                "squeeze_radio must be positive",
-            ),
+            (with(64, |c| c.group_num = 0), NonPositiveGroupNum(0), "group_num must be positive"),
+            (with(64, |c| c.alpha = 0.0), AlphaOutOfRange(0.0), "strictly between 0 and 1"),
+            (with(64, |c| c.alpha = 1.0), AlphaOutOfRange(1.0), "strictly between 0 and 1"),
+            (with(64, |c| c.gate_treshold = 1.5), GateThresholdOutOfRange(1.5), "gate_treshold"),
+            (with(64, |c| c.squeeze_radio = 0), NonPositiveSqueezeRadio(0), "squeeze_radio must be positive"),
             (
                 with(16, |c| c.alpha = 0.0625),
-                SqueezedToZero {
-                    part: "up",
-                    channels: 1,
-                    squeeze_radio: 2,
-                },
+                SqueezedToZero { part: "up", channels: 1, squeeze_radio: 2 },
                 "squeezes to 0",
             ),
             (
                 with(16, |c| c.squeeze_radio = 16),
-                SqueezedToZero {
-                    part: "up",
-                    channels: 8,
-                    squeeze_radio: 16,
-                },
+                SqueezedToZero { part: "up", channels: 8, squeeze_radio: 16 },
                 "squeezes to 0",
             ),
-            (
-                with(64, |c| c.group_size = 0),
-                NonPositiveGroupSize(0),
-                "group_size must be positive",
-            ),
+            (with(64, |c| c.group_size = 0), NonPositiveGroupSize(0), "group_size must be positive"),
             (
                 with(64, |c| c.group_size = 3),
-                GroupSizeDoesNotDivide {
-                    group_size: 3,
-                    which: "input",
-                    channels: 16,
-                },
+                GroupSizeDoesNotDivide { group_size: 3, which: "input", channels: 16 },
                 "must divide the grouped conv's input channels (16)",
             ),
             (
                 // up = int(0.1875 * 64) = 12, squeezed to 6, which 3 divides; 64 is not divisible by 3.
                 with(64, |c| (c.alpha, c.group_size) = (0.1875, 3)),
-                GroupSizeDoesNotDivide {
-                    group_size: 3,
-                    which: "output",
-                    channels: 64,
-                },
+                GroupSizeDoesNotDivide { group_size: 3, which: "output", channels: 64 },
                 "must divide the grouped conv's output channels (64)",
             ),
-            (
-                with(64, |c| c.group_kernel_size = 4),
-                BadGroupKernelSize(4),
-                "must be odd",
-            ),
+            (with(64, |c| c.group_kernel_size = 4), BadGroupKernelSize(4), "must be odd"),
         ];
         for (config, expected, message) in cases {
-            let err = config
-                .validate()
-                .expect_err(&format!("{config:?} must be rejected"));
+            let err = config.validate().expect_err(&format!("{config:?} must be rejected"));
             assert_eq!(err, expected);
-            assert!(
-                err.to_string().contains(message),
-                "message `{err}` lacks `{message}`"
-            );
+            assert!(err.to_string().contains(message), "message `{err}` lacks `{message}`");
         }
     }
 }

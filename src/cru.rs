@@ -22,27 +22,12 @@ pub fn cru(p: nn::Path, config: &ScConvConfig) -> Cru {
     let c = config.op_channel;
     let (up, low) = (config.squeezed_up(), config.squeezed_low());
     let k = config.group_kernel_size;
-    let gwc = ConvSpec {
-        kernel: k,
-        padding: k / 2,
-        groups: config.group_size,
-        bias: true,
-    };
+    let gwc = ConvSpec { kernel: k, padding: k / 2, groups: config.group_size, bias: true };
     Cru {
         up_channel: config.up_channel(),
         low_channel: config.low_channel(),
-        squeeze1: conv(
-            &p / "squeeze1",
-            config.up_channel(),
-            up,
-            ConvSpec::pointwise(),
-        ),
-        squeeze2: conv(
-            &p / "squeeze2",
-            config.low_channel(),
-            low,
-            ConvSpec::pointwise(),
-        ),
+        squeeze1: conv(&p / "squeeze1", config.up_channel(), up, ConvSpec::pointwise()),
+        squeeze2: conv(&p / "squeeze2", config.low_channel(), low, ConvSpec::pointwise()),
         GWC: conv(&p / "GWC", up, c, gwc),
         PWC1: conv(&p / "PWC1", up, c, ConvSpec::pointwise()),
         PWC2: conv(&p / "PWC2", low, c - low, ConvSpec::pointwise()),
@@ -52,10 +37,7 @@ pub fn cru(p: nn::Path, config: &ScConvConfig) -> Cru {
 impl Module for Cru {
     fn forward(&self, x: &Tensor) -> Tensor {
         let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
-        let (up, low) = (
-            self.squeeze1.forward(&split[0]),
-            self.squeeze2.forward(&split[1]),
-        );
+        let (up, low) = (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]));
         let y1 = self.GWC.forward(&up) + self.PWC1.forward(&up);
         let y2 = Tensor::cat(&[self.PWC2.forward(&low), low], 1);
         let out = Tensor::cat(&[y1, y2], 1);
@@ -76,12 +58,7 @@ struct ConvSpec {
 
 impl ConvSpec {
     fn pointwise() -> Self {
-        Self {
-            kernel: 1,
-            padding: 0,
-            groups: 1,
-            bias: false,
-        }
+        Self { kernel: 1, padding: 0, groups: 1, bias: false }
     }
 }
 
@@ -90,10 +67,7 @@ impl ConvSpec {
 fn conv(p: nn::Path, in_channels: i64, out_channels: i64, spec: ConvSpec) -> nn::Conv2D {
     let fan_in = (in_channels / spec.groups) * spec.kernel * spec.kernel;
     let bound = 1.0 / (fan_in as f64).sqrt();
-    let init = nn::Init::Uniform {
-        lo: -bound,
-        up: bound,
-    };
+    let init = nn::Init::Uniform { lo: -bound, up: bound };
     let config = nn::ConvConfig {
         padding: spec.padding,
         groups: spec.groups,

@@ -25,40 +25,28 @@ pub enum ScConvError {
 /// One variant per way a config can be wrong; each names the offending values.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "op_channel must be even (the SRU reconstructs by splitting channels in halves), got {0}"
-    )]
+    #[error("op_channel must be even (the SRU reconstructs by splitting channels in halves), got {0}")]
     OddChannels(i64),
     #[error("op_channel ({op_channel}) must be at least group_num ({group_num})")]
     FewerChannelsThanGroups { op_channel: i64, group_num: i64 },
-    #[error("op_channel ({op_channel}) must be divisible by group_num ({group_num}), or groups straddle channels")]
+    #[error(
+        "op_channel ({op_channel}) must be divisible by group_num ({group_num}), or groups straddle channels"
+    )]
     ChannelsNotDivisibleByGroups { op_channel: i64, group_num: i64 },
     #[error("group_num must be positive, got {0}")]
     NonPositiveGroupNum(i64),
     #[error("alpha must lie strictly between 0 and 1, got {0}")]
     AlphaOutOfRange(f64),
-    #[error(
-        "gate_treshold must lie strictly between 0 and 1 (it is compared with a sigmoid), got {0}"
-    )]
+    #[error("gate_treshold must lie strictly between 0 and 1 (it is compared with a sigmoid), got {0}")]
     GateThresholdOutOfRange(f64),
     #[error("squeeze_radio must be positive, got {0}")]
     NonPositiveSqueezeRadio(i64),
     #[error("the {part} part has {channels} channels, which squeeze_radio {squeeze_radio} squeezes to 0")]
-    SqueezedToZero {
-        part: &'static str,
-        channels: i64,
-        squeeze_radio: i64,
-    },
+    SqueezedToZero { part: &'static str, channels: i64, squeeze_radio: i64 },
     #[error("group_size must be positive, got {0}")]
     NonPositiveGroupSize(i64),
-    #[error(
-        "group_size ({group_size}) must divide the grouped conv's {which} channels ({channels})"
-    )]
-    GroupSizeDoesNotDivide {
-        group_size: i64,
-        which: &'static str,
-        channels: i64,
-    },
+    #[error("group_size ({group_size}) must divide the grouped conv's {which} channels ({channels})")]
+    GroupSizeDoesNotDivide { group_size: i64, which: &'static str, channels: i64 },
     #[error("group_kernel_size must be odd and positive (padding k // 2 keeps the size only then), got {0}")]
     BadGroupKernelSize(i64),
 }

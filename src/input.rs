@@ -28,11 +28,7 @@ pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
         ));
     }
     if x.kind() != expected.kind {
-        return invalid(format!(
-            "expected dtype {:?} (the model's), got {:?}",
-            expected.kind,
-            x.kind()
-        ));
+        return invalid(format!("expected dtype {:?} (the model's), got {:?}", expected.kind, x.kind()));
     }
     if x.device() != expected.device {
         return invalid(format!(
@@ -42,9 +38,7 @@ pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
         ));
     }
     if n == 0 || h == 0 || w == 0 {
-        return invalid(format!(
-            "expected a non-empty batch and spatial size, got shape {size:?}"
-        ));
+        return invalid(format!("expected a non-empty batch and spatial size, got shape {size:?}"));
     }
     // GroupBatchnorm2d takes the unbiased std over each group: one value gives NaN.
     let per_group = c / expected.group_num * h * w;
@@ -61,12 +55,8 @@ pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
 mod tests {
     use super::*;
 
-    const EXPECTED: Expected = Expected {
-        channels: 16,
-        group_num: 16,
-        kind: Kind::Float,
-        device: Device::Cpu,
-    };
+    const EXPECTED: Expected =
+        Expected { channels: 16, group_num: 16, kind: Kind::Float, device: Device::Cpu };
 
     fn message(x: &Tensor) -> String {
         match check(x, &EXPECTED) {
@@ -77,20 +67,13 @@ mod tests {
 
     #[test]
     fn accepts_a_matching_input() {
-        assert!(check(
-            &Tensor::zeros([2, 16, 3, 5], (Kind::Float, Device::Cpu)),
-            &EXPECTED
-        )
-        .is_ok());
+        assert!(check(&Tensor::zeros([2, 16, 3, 5], (Kind::Float, Device::Cpu)), &EXPECTED).is_ok());
     }
 
     #[test]
     fn rejects_wrong_rank() {
         let m = message(&Tensor::zeros([16, 8, 8], (Kind::Float, Device::Cpu)));
-        assert!(
-            m.contains("expected a 4-d (N, C, H, W) tensor, got 3-d with shape [16, 8, 8]"),
-            "{m}"
-        );
+        assert!(m.contains("expected a 4-d (N, C, H, W) tensor, got 3-d with shape [16, 8, 8]"), "{m}");
     }
 
     #[test]
@@ -102,32 +85,20 @@ mod tests {
     #[test]
     fn rejects_non_float_and_other_float_dtypes() {
         let m = message(&Tensor::zeros([1, 16, 8, 8], (Kind::Int64, Device::Cpu)));
-        assert!(
-            m.contains("expected dtype Float (the model's), got Int64"),
-            "{m}"
-        );
+        assert!(m.contains("expected dtype Float (the model's), got Int64"), "{m}");
         let m = message(&Tensor::zeros([1, 16, 8, 8], (Kind::Half, Device::Cpu)));
-        assert!(
-            m.contains("expected dtype Float (the model's), got Half"),
-            "{m}"
-        );
+        assert!(m.contains("expected dtype Float (the model's), got Half"), "{m}");
     }
 
     #[test]
     fn rejects_empty_input() {
         let m = message(&Tensor::zeros([0, 16, 8, 8], (Kind::Float, Device::Cpu)));
-        assert!(
-            m.contains("non-empty batch and spatial size, got shape [0, 16, 8, 8]"),
-            "{m}"
-        );
+        assert!(m.contains("non-empty batch and spatial size, got shape [0, 16, 8, 8]"), "{m}");
     }
 
     #[test]
     fn rejects_groups_too_small_for_an_unbiased_std() {
         let m = message(&Tensor::zeros([1, 16, 1, 1], (Kind::Float, Device::Cpu)));
-        assert!(
-            m.contains("needs at least 2 values for its unbiased std, got 1"),
-            "{m}"
-        );
+        assert!(m.contains("needs at least 2 values for its unbiased std, got 1"), "{m}");
     }
 }

@@ -7,11 +7,7 @@ use std::process::ExitCode;
 use tch::Device;
 
 #[derive(Parser)]
-#[command(
-    name = "scconv-tch",
-    version,
-    about = "SCConv on tch: PyTorch parity, models and tools"
-)]
+#[command(name = "scconv-tch", version, about = "SCConv on tch: PyTorch parity, models and tools")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,12 +45,11 @@ fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
     let device = match device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => bail!(
-            "--device cuda: libtorch sees no CUDA device (tch::Cuda::is_available() is false)"
-        ),
+        DeviceArg::Cuda => {
+            bail!("--device cuda: libtorch sees no CUDA device (tch::Cuda::is_available() is false)")
+        }
     };
-    let manifest =
-        Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
+    let manifest = Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
     let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
     let reports = parity::run_all(&dir, device, &policy)?;
     let passed = reports.iter().all(|r| r.passed(&policy));
@@ -68,19 +63,20 @@ fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
     } else {
         println!(
             "fixtures {} (PyTorch {} on {}, seed {}), Rust on {device:?}, rtol {} atol {} x max|ref|, {}",
-            dir.display(), manifest.torch_version, manifest.device, manifest.seed, policy.tolerance.rtol, policy.tolerance.atol,
-            if policy.same_kernels { "same kernels: no gate flips allowed" } else { "across devices: flips allowed in the gate band only" }
+            dir.display(),
+            manifest.torch_version,
+            manifest.device,
+            manifest.seed,
+            policy.tolerance.rtol,
+            policy.tolerance.atol,
+            if policy.same_kernels {
+                "same kernels: no gate flips allowed"
+            } else {
+                "across devices: flips allowed in the gate band only"
+            }
         );
         print!("{}", parity::table(&reports, &policy));
-        println!(
-            "{} of {} cases pass",
-            reports.iter().filter(|r| r.passed(&policy)).count(),
-            reports.len()
-        );
+        println!("{} of {} cases pass", reports.iter().filter(|r| r.passed(&policy)).count(), reports.len());
     }
-    Ok(if passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

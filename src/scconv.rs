@@ -18,11 +18,7 @@ pub struct ScConv {
 /// Builds an ScConv under `p` after validating `config`; every invalid setting is a typed error.
 pub fn scconv(p: nn::Path, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
     config.validate()?;
-    Ok(ScConv {
-        SRU: sru(&p / "SRU", config),
-        CRU: cru(&p / "CRU", config),
-        config: config.clone(),
-    })
+    Ok(ScConv { SRU: sru(&p / "SRU", config), CRU: cru(&p / "CRU", config), config: config.clone() })
 }
 
 impl ScConv {
@@ -59,9 +55,7 @@ impl ScConv {
             }
         }
         let decisions = decisions.to_device(x.device());
-        Ok(self
-            .CRU
-            .forward(&self.SRU.forward_with_decisions(x, &decisions)))
+        Ok(self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions)))
     }
 
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {

@@ -23,10 +23,7 @@ impl GateDecisions {
     /// complement, which is what `<` gives for any non-NaN gate value.
     pub fn from_info_mask(info_mask: &Tensor) -> GateDecisions {
         let info_mask = info_mask.to_kind(tch::Kind::Bool);
-        GateDecisions {
-            noninfo_mask: info_mask.logical_not(),
-            info_mask,
-        }
+        GateDecisions { noninfo_mask: info_mask.logical_not(), info_mask }
     }
 
     pub fn to_device(&self, device: tch::Device) -> GateDecisions {
@@ -62,10 +59,7 @@ impl Sru {
         let gn_x = self.gn.forward(x);
         let z = gn_x * self.w_gamma();
         let (info_mask, noninfo_mask) = decide(&z, self.gate_treshold);
-        let decisions = GateDecisions {
-            info_mask,
-            noninfo_mask,
-        };
+        let decisions = GateDecisions { info_mask, noninfo_mask };
         Gate { z, decisions }
     }
 
@@ -125,10 +119,7 @@ mod tests {
         let x_2 = &x_1 * 10.0;
         let y = reconstruct(&x_1, &x_2);
         // [x11 + x22, x12 + x21] with x1 = [0, 1 | 2, 3], x2 = [0, 10 | 20, 30]
-        assert_eq!(
-            Vec::<f32>::try_from(y.flatten(0, -1)).unwrap(),
-            vec![20.0, 31.0, 2.0, 13.0]
-        );
+        assert_eq!(Vec::<f32>::try_from(y.flatten(0, -1)).unwrap(), vec![20.0, 31.0, 2.0, 13.0]);
     }
 
     #[test]
@@ -137,13 +128,7 @@ mod tests {
         // the sign shortcut `z >= 0` would not.
         let z = Tensor::from_slice(&[-1e-8f32, -1e-3, 0.0, 1e-8]);
         let (info, noninfo) = decide(&z, 0.5);
-        assert_eq!(
-            Vec::<bool>::try_from(&info).unwrap(),
-            vec![true, false, true, true]
-        );
-        assert_eq!(
-            Vec::<bool>::try_from(&noninfo).unwrap(),
-            vec![false, true, false, false]
-        );
+        assert_eq!(Vec::<bool>::try_from(&info).unwrap(), vec![true, false, true, true]);
+        assert_eq!(Vec::<bool>::try_from(&noninfo).unwrap(), vec![false, true, false, false]);
     }
 }

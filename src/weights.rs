@@ -49,10 +49,7 @@ impl fmt::Display for LoadReport {
 
 /// Reads a flat `name -> tensor` file: `.safetensors`, or a `torch.save` pickle (`.pt`, `.pth`, `.bin`).
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, ScConvError> {
-    let file_error = |reason: String| ScConvError::WeightsFile {
-        path: path.display().to_string(),
-        reason,
-    };
+    let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
     if !path.is_file() {
         return Err(file_error("no such file".into()));
     }
@@ -84,11 +81,7 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
             Some(_) => {}
         }
     }
-    report.unexpected = tensors
-        .keys()
-        .filter(|k| !variables.contains_key(*k))
-        .cloned()
-        .collect();
+    report.unexpected = tensors.keys().filter(|k| !variables.contains_key(*k)).cloned().collect();
     report
 }
 
@@ -140,28 +133,17 @@ mod tests {
             ("extra.num_batches_tracked".to_string(), t(&[])),
             ("typo.wieght".to_string(), t(&[1])),
         ];
-        let Err(ScConvError::StateDict(report)) = load_tensors(&mut vs, tensors) else {
-            panic!("must fail")
-        };
+        let Err(ScConvError::StateDict(report)) = load_tensors(&mut vs, tensors) else { panic!("must fail") };
         assert_eq!(report.missing, vec!["b.bias"]);
-        assert_eq!(
-            report.unexpected,
-            vec!["extra.num_batches_tracked", "typo.wieght"]
-        );
+        assert_eq!(report.unexpected, vec!["extra.num_batches_tracked", "typo.wieght"]);
         assert_eq!(
             report.mismatched,
-            vec![ShapeMismatch {
-                key: "a.weight".into(),
-                expected: vec![2, 3],
-                found: vec![3, 2]
-            }]
+            vec![ShapeMismatch { key: "a.weight".into(), expected: vec![2, 3], found: vec![3, 2] }]
         );
         let text = ScConvError::StateDict(report).to_string();
         assert!(text.contains("missing keys: b.bias"), "{text}");
         assert!(
-            text.contains(
-                "size mismatch for a.weight: the model has [2, 3], the state dict [3, 2]"
-            ),
+            text.contains("size mismatch for a.weight: the model has [2, 3], the state dict [3, 2]"),
             "{text}"
         );
         assert_eq!(
@@ -190,8 +172,7 @@ mod tests {
         let mut vs = store();
         let err = load(&mut vs, "/nonexistent/weights.safetensors").unwrap_err();
         assert!(
-            err.to_string()
-                .contains("cannot read /nonexistent/weights.safetensors: no such file"),
+            err.to_string().contains("cannot read /nonexistent/weights.safetensors: no such file"),
             "{err}"
         );
         let dir = std::env::temp_dir().join(format!("scconv-weights-test-{}", std::process::id()));
@@ -199,10 +180,7 @@ mod tests {
         let onnx = dir.join("w.onnx");
         std::fs::write(&onnx, b"not weights").unwrap();
         let err = load(&mut vs, &onnx).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown weights format `.onnx`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown weights format `.onnx`"), "{err}");
         let garbage = dir.join("w.safetensors");
         std::fs::write(&garbage, b"not weights").unwrap();
         let err = load(&mut vs, &garbage).unwrap_err();

@@ -23,10 +23,7 @@ fn config_error(config: ScConvConfig) -> (ConfigError, String) {
 
 #[test]
 fn odd_channels_are_rejected_not_crashed_on_in_reconstruct() {
-    let (e, m) = config_error(ScConvConfig {
-        group_num: 5,
-        ..ScConvConfig::new(35)
-    });
+    let (e, m) = config_error(ScConvConfig { group_num: 5, ..ScConvConfig::new(35) });
     assert_eq!(e, ConfigError::OddChannels(35));
     assert_eq!(m, "invalid ScConv config: op_channel must be even (the SRU reconstructs by splitting channels in halves), got 35");
 }
@@ -34,46 +31,22 @@ fn odd_channels_are_rejected_not_crashed_on_in_reconstruct() {
 #[test]
 fn fewer_channels_than_groups_is_rejected() {
     let (e, m) = config_error(ScConvConfig::new(8));
-    assert_eq!(
-        e,
-        ConfigError::FewerChannelsThanGroups {
-            op_channel: 8,
-            group_num: 16
-        }
-    );
-    assert!(
-        m.contains("op_channel (8) must be at least group_num (16)"),
-        "{m}"
-    );
+    assert_eq!(e, ConfigError::FewerChannelsThanGroups { op_channel: 8, group_num: 16 });
+    assert!(m.contains("op_channel (8) must be at least group_num (16)"), "{m}");
 }
 
 #[test]
 fn channels_not_divisible_by_groups_is_rejected() {
     let (e, m) = config_error(ScConvConfig::new(72));
-    assert_eq!(
-        e,
-        ConfigError::ChannelsNotDivisibleByGroups {
-            op_channel: 72,
-            group_num: 16
-        }
-    );
-    assert!(
-        m.contains("op_channel (72) must be divisible by group_num (16)"),
-        "{m}"
-    );
+    assert_eq!(e, ConfigError::ChannelsNotDivisibleByGroups { op_channel: 72, group_num: 16 });
+    assert!(m.contains("op_channel (72) must be divisible by group_num (16)"), "{m}");
 }
 
 #[test]
 fn alpha_outside_the_open_unit_interval_is_rejected() {
     for alpha in [0.0, 1.0, -0.5, 1.5, f64::NAN] {
-        let (e, m) = config_error(ScConvConfig {
-            alpha,
-            ..ScConvConfig::new(64)
-        });
-        assert!(
-            matches!(e, ConfigError::AlphaOutOfRange(a) if a.to_bits() == alpha.to_bits()),
-            "{e:?}"
-        );
+        let (e, m) = config_error(ScConvConfig { alpha, ..ScConvConfig::new(64) });
+        assert!(matches!(e, ConfigError::AlphaOutOfRange(a) if a.to_bits() == alpha.to_bits()), "{e:?}");
         assert!(m.contains("alpha must lie strictly between 0 and 1"), "{m}");
     }
 }
@@ -81,67 +54,25 @@ fn alpha_outside_the_open_unit_interval_is_rejected() {
 #[test]
 fn a_squeeze_to_zero_channels_is_rejected() {
     // C = 16 with r = 16: up = 8 squeezes to 8 // 16 = 0 channels, a zero-width conv in the reference.
-    let (e, m) = config_error(ScConvConfig {
-        squeeze_radio: 16,
-        ..ScConvConfig::new(16)
-    });
-    assert_eq!(
-        e,
-        ConfigError::SqueezedToZero {
-            part: "up",
-            channels: 8,
-            squeeze_radio: 16
-        }
-    );
-    assert!(
-        m.contains("the up part has 8 channels, which squeeze_radio 16 squeezes to 0"),
-        "{m}"
-    );
-    let (e, _) = config_error(ScConvConfig {
-        alpha: 0.9375,
-        ..ScConvConfig::new(16)
-    });
-    assert_eq!(
-        e,
-        ConfigError::SqueezedToZero {
-            part: "low",
-            channels: 1,
-            squeeze_radio: 2
-        }
-    );
+    let (e, m) = config_error(ScConvConfig { squeeze_radio: 16, ..ScConvConfig::new(16) });
+    assert_eq!(e, ConfigError::SqueezedToZero { part: "up", channels: 8, squeeze_radio: 16 });
+    assert!(m.contains("the up part has 8 channels, which squeeze_radio 16 squeezes to 0"), "{m}");
+    let (e, _) = config_error(ScConvConfig { alpha: 0.9375, ..ScConvConfig::new(16) });
+    assert_eq!(e, ConfigError::SqueezedToZero { part: "low", channels: 1, squeeze_radio: 2 });
 }
 
 #[test]
 fn group_size_must_divide_the_grouped_conv_channels() {
-    let (e, m) = config_error(ScConvConfig {
-        group_size: 3,
-        ..ScConvConfig::new(64)
-    });
-    assert_eq!(
-        e,
-        ConfigError::GroupSizeDoesNotDivide {
-            group_size: 3,
-            which: "input",
-            channels: 16
-        }
-    );
-    assert!(
-        m.contains("group_size (3) must divide the grouped conv's input channels (16)"),
-        "{m}"
-    );
+    let (e, m) = config_error(ScConvConfig { group_size: 3, ..ScConvConfig::new(64) });
+    assert_eq!(e, ConfigError::GroupSizeDoesNotDivide { group_size: 3, which: "input", channels: 16 });
+    assert!(m.contains("group_size (3) must divide the grouped conv's input channels (16)"), "{m}");
 }
 
 #[test]
 fn an_even_group_kernel_size_is_rejected() {
-    let (e, m) = config_error(ScConvConfig {
-        group_kernel_size: 4,
-        ..ScConvConfig::new(64)
-    });
+    let (e, m) = config_error(ScConvConfig { group_kernel_size: 4, ..ScConvConfig::new(64) });
     assert_eq!(e, ConfigError::BadGroupKernelSize(4));
-    assert!(
-        m.contains("group_kernel_size must be odd and positive"),
-        "{m}"
-    );
+    assert!(m.contains("group_kernel_size must be odd and positive"), "{m}");
 }
 
 fn input_error(x: &Tensor) -> String {
@@ -155,38 +86,27 @@ fn input_error(x: &Tensor) -> String {
 #[test]
 fn try_forward_rejects_a_wrong_rank() {
     let m = input_error(&Tensor::zeros([32, 8, 8], (Kind::Float, Device::Cpu)));
-    assert_eq!(
-        m,
-        "invalid input: expected a 4-d (N, C, H, W) tensor, got 3-d with shape [32, 8, 8]"
-    );
+    assert_eq!(m, "invalid input: expected a 4-d (N, C, H, W) tensor, got 3-d with shape [32, 8, 8]");
 }
 
 #[test]
 fn try_forward_rejects_a_wrong_channel_count() {
     let m = input_error(&Tensor::zeros([1, 64, 8, 8], (Kind::Float, Device::Cpu)));
-    assert_eq!(
-        m,
-        "invalid input: expected 32 channels (dim 1), got 64 in shape [1, 64, 8, 8]"
-    );
+    assert_eq!(m, "invalid input: expected 32 channels (dim 1), got 64 in shape [1, 64, 8, 8]");
 }
 
 #[test]
 fn try_forward_rejects_non_float_dtypes() {
     for kind in [Kind::Int64, Kind::Uint8, Kind::Bool, Kind::Double] {
         let m = input_error(&Tensor::zeros([1, 32, 8, 8], (kind, Device::Cpu)));
-        assert_eq!(
-            m,
-            format!("invalid input: expected dtype Float (the model's), got {kind:?}")
-        );
+        assert_eq!(m, format!("invalid input: expected dtype Float (the model's), got {kind:?}"));
     }
 }
 
 #[test]
 fn try_forward_accepts_a_valid_input() {
     let block = build(ScConvConfig::new(32)).unwrap();
-    let y = block
-        .try_forward(&Tensor::randn([2, 32, 5, 7], (Kind::Float, Device::Cpu)))
-        .unwrap();
+    let y = block.try_forward(&Tensor::randn([2, 32, 5, 7], (Kind::Float, Device::Cpu))).unwrap();
     assert_eq!(y.size(), [2, 32, 5, 7]);
 }
 
@@ -206,12 +126,15 @@ fn loading_reports_every_shape_mismatch_at_once() {
     let m = load_error(ScConvConfig::new(128), file.to_str().unwrap());
     assert_eq!(m.matches("size mismatch for").count(), 8, "{m}");
     assert!(
+        m.contains("size mismatch for SRU.gn.gamma: the model has [128, 1, 1], the state dict [64, 1, 1]"),
+        "{m}"
+    );
+    assert!(
         m.contains(
-            "size mismatch for SRU.gn.gamma: the model has [128, 1, 1], the state dict [64, 1, 1]"
+            "size mismatch for CRU.GWC.weight: the model has [128, 16, 3, 3], the state dict [64, 8, 3, 3]"
         ),
         "{m}"
     );
-    assert!(m.contains("size mismatch for CRU.GWC.weight: the model has [128, 16, 3, 3], the state dict [64, 8, 3, 3]"), "{m}");
 }
 
 #[test]
@@ -227,8 +150,5 @@ fn loading_reports_missing_and_unexpected_keys_together() {
     Tensor::write_safetensors(&tensors, &file).unwrap();
     let m = load_error(ScConvConfig::new(64), file.to_str().unwrap());
     assert!(m.contains("missing keys: CRU.GWC.bias, SRU.gn.beta"), "{m}");
-    assert!(
-        m.contains("unexpected keys: CRU.GWC.bias_typo, SRU.gn.num_batches_tracked"),
-        "{m}"
-    );
+    assert!(m.contains("unexpected keys: CRU.GWC.bias_typo, SRU.gn.num_batches_tracked"), "{m}");
 }

@@ -9,12 +9,8 @@ use tch::Tensor;
 
 /// The binary cargo built, or `$SCCONV_BIN` when the tests run from a copy (the GPU machine).
 fn scconv_tch(args: &[&str]) -> Output {
-    let bin = std::env::var("SCCONV_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
-    Command::new(bin)
-        .args(args)
-        .output()
-        .expect("cannot run scconv-tch")
+    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    Command::new(bin).args(args).output().expect("cannot run scconv-tch")
 }
 
 fn stdout(o: &Output) -> String {
@@ -37,10 +33,7 @@ fn parity_passes_on_the_committed_fixtures_and_prints_the_table() {
             && text.contains("verdict"),
         "{text}"
     );
-    assert!(
-        text.contains("c512_7x7_b4") && text.contains("non_square_12x20"),
-        "{text}"
-    );
+    assert!(text.contains("c512_7x7_b4") && text.contains("non_square_12x20"), "{text}");
     assert!(text.contains("14 of 14 cases pass"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }
@@ -60,10 +53,7 @@ fn parity_on_a_missing_folder_is_a_clear_error() {
     let out = scconv_tch(&["parity", "/nonexistent/fixtures"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(
-        err.contains("reading fixtures in /nonexistent/fixtures"),
-        "{err}"
-    );
+    assert!(err.contains("reading fixtures in /nonexistent/fixtures"), "{err}");
     assert!(err.contains("manifest.json"), "{err}");
 }
 
@@ -73,26 +63,12 @@ fn parity_fails_with_a_non_zero_exit_when_an_output_is_off() {
     let source = committed_fixtures();
     let dir = scratch_dir("tampered");
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap())
-            .unwrap();
-    let case = manifest["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "group_num_4")
-        .unwrap()
-        .clone();
-    std::fs::copy(
-        source.join("group_num_4.safetensors"),
-        dir.join("group_num_4.safetensors"),
-    )
-    .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap()).unwrap();
+    let case =
+        manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == "group_num_4").unwrap().clone();
+    std::fs::copy(source.join("group_num_4.safetensors"), dir.join("group_num_4.safetensors")).unwrap();
     let mut tensors = weights::read(&source.join("group_num_4.tensors.safetensors")).unwrap();
-    let output = tensors
-        .iter_mut()
-        .find(|(k, _)| k == "output")
-        .map(|(_, t)| t)
-        .unwrap();
+    let output = tensors.iter_mut().find(|(k, _)| k == "output").map(|(_, t)| t).unwrap();
     let shift = output.abs().max().double_value(&[]) * 1e-4;
     *output = &*output + shift;
     Tensor::write_safetensors(&tensors, dir.join("group_num_4.tensors.safetensors")).unwrap();
@@ -102,10 +78,7 @@ fn parity_fails_with_a_non_zero_exit_when_an_output_is_off() {
     let out = scconv_tch(&["parity", dir.to_str().unwrap()]);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
-    assert!(
-        text.contains("group_num_4") && text.contains("FAIL"),
-        "{text}"
-    );
+    assert!(text.contains("group_num_4") && text.contains("FAIL"), "{text}");
     assert!(text.contains("0 of 1 cases pass"), "{text}");
 }
 
@@ -117,11 +90,7 @@ fn parity_on_cuda_runs_there_or_says_there_is_no_gpu() {
         assert!(stdout(&out).contains("Rust on Cuda(0)"));
     } else {
         assert!(!out.status.success());
-        assert!(
-            stderr(&out).contains("libtorch sees no CUDA device"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains("libtorch sees no CUDA device"), "{}", stderr(&out));
     }
 }
 

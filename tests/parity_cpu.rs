@@ -14,17 +14,8 @@ fn cpu_policy() -> Policy {
 
 #[test]
 fn committed_fixtures_match_the_reference_on_cpu() {
-    let reports = assert_parity(
-        &committed_fixtures(),
-        Device::Cpu,
-        &cpu_policy(),
-        "cpu-committed",
-    );
-    assert!(
-        reports.len() >= 10,
-        "at least 10 cases, found {}",
-        reports.len()
-    );
+    let reports = assert_parity(&committed_fixtures(), Device::Cpu, &cpu_policy(), "cpu-committed");
+    assert!(reports.len() >= 10, "at least 10 cases, found {}", reports.len());
     assert!(reports.iter().all(|r| r.gate.flips() == 0));
 }
 
@@ -44,10 +35,8 @@ fn every_state_dict_loads_with_exactly_the_pytorch_keys() {
     for case in &manifest.cases {
         let mut vs = VarStore::new(Device::Cpu);
         scconv(vs.root(), &case.config).unwrap();
-        let tensors: BTreeMap<_, _> = weights::read(&dir.join(&case.state_dict))
-            .unwrap()
-            .into_iter()
-            .collect();
+        let tensors: BTreeMap<_, _> =
+            weights::read(&dir.join(&case.state_dict)).unwrap().into_iter().collect();
         let report = weights::check(&vs, &tensors);
         assert!(report.is_clean(), "{}: {report}", case.name);
         let keys: Vec<&String> = tensors.keys().collect();
@@ -69,10 +58,7 @@ fn every_state_dict_loads_with_exactly_the_pytorch_keys() {
 #[test]
 fn a_torch_save_pickle_loads_the_same_weights_as_safetensors() {
     let dir = committed_fixtures();
-    let config = ScConvConfig {
-        group_num: 4,
-        ..ScConvConfig::new(32)
-    };
+    let config = ScConvConfig { group_num: 4, ..ScConvConfig::new(32) };
     let load = |file: &str| {
         let mut vs = VarStore::new(Device::Cpu);
         scconv(vs.root(), &config).unwrap();
@@ -82,10 +68,7 @@ fn a_torch_save_pickle_loads_the_same_weights_as_safetensors() {
     let (from_pt, from_safetensors) = (load("group_num_4.pt"), load("group_num_4.safetensors"));
     assert_eq!(from_pt.len(), 8);
     for (key, tensor) in &from_pt {
-        assert!(
-            tensor.equal(&from_safetensors[key]),
-            "{key} differs between .pt and .safetensors"
-        );
+        assert!(tensor.equal(&from_safetensors[key]), "{key} differs between .pt and .safetensors");
     }
 }
 
@@ -93,17 +76,10 @@ fn a_torch_save_pickle_loads_the_same_weights_as_safetensors() {
 fn the_fixtures_exercise_the_fp32_gate_band() {
     // A port that decided `z >= 0` instead of `sigmoid(z) >= 0.5` would differ from the reference here.
     let dir = committed_fixtures();
-    let tensors: BTreeMap<_, _> = weights::read(&dir.join("c512_7x7_b4.tensors.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let tensors: BTreeMap<_, _> =
+        weights::read(&dir.join("c512_7x7_b4.tensors.safetensors")).unwrap().into_iter().collect();
     let sign_decision = tensors["gate.z"].ge(0.0);
-    let differing = sign_decision
-        .logical_xor(&tensors["gate.info_mask"])
-        .sum(tch::Kind::Int64)
-        .int64_value(&[]);
-    assert!(
-        differing > 0,
-        "the sign shortcut agrees everywhere: the fixture does not test the band"
-    );
+    let differing =
+        sign_decision.logical_xor(&tensors["gate.info_mask"]).sum(tch::Kind::Int64).int64_value(&[]);
+    assert!(differing > 0, "the sign shortcut agrees everywhere: the fixture does not test the band");
 }

@@ -34,10 +34,7 @@ pub fn generate_fixtures(out: &Path, seed: u64, device: &str) {
         .args(["--seed", &seed.to_string(), "--device", device])
         .status()
         .expect("cannot start the Python fixture generator");
-    assert!(
-        status.success(),
-        "parity/generate_fixtures.py failed ({status}) for seed {seed}"
-    );
+    assert!(status.success(), "parity/generate_fixtures.py failed ({status}) for seed {seed}");
 }
 
 /// A seed that changes from run to run; `SCCONV_FRESH_SEED` pins it to reproduce a failure.
@@ -45,10 +42,7 @@ pub fn fresh_seed() -> u64 {
     match std::env::var("SCCONV_FRESH_SEED") {
         Ok(seed) => seed.parse().expect("SCCONV_FRESH_SEED must be an integer"),
         Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
                 % 1_000_000_007
         }
     }
@@ -66,22 +60,10 @@ pub fn assert_parity(dir: &Path, device: Device, policy: &Policy, label: &str) -
     println!("{table}");
     let record_dir = crate_dir().join("target/parity-reports");
     std::fs::create_dir_all(&record_dir).expect("cannot create target/parity-reports");
-    std::fs::write(record_dir.join(format!("{label}.txt")), &table)
-        .expect("cannot record the parity table");
-    assert!(
-        !reports.is_empty(),
-        "{label}: no cases in {}",
-        dir.display()
-    );
-    let failed: Vec<&str> = reports
-        .iter()
-        .filter(|r| !r.passed(policy))
-        .map(|r| r.name.as_str())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{label}: cases failing parity: {failed:?}\n{table}"
-    );
+    std::fs::write(record_dir.join(format!("{label}.txt")), &table).expect("cannot record the parity table");
+    assert!(!reports.is_empty(), "{label}: no cases in {}", dir.display());
+    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
+    assert!(failed.is_empty(), "{label}: cases failing parity: {failed:?}\n{table}");
     reports
 }
 
