@@ -7,6 +7,10 @@ pub enum ScConvError {
     #[error("invalid ScConv config: {0}")]
     InvalidConfig(#[from] ConfigError),
 
+    /// A model config the network cannot be built from.
+    #[error("invalid model config: {0}")]
+    InvalidModel(String),
+
     /// An input tensor that `try_forward` cannot run.
     #[error("invalid input: {0}")]
     InvalidInput(String),

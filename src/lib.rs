@@ -15,9 +15,12 @@
 //! ```
 pub mod config;
 pub mod cru;
+pub mod data;
 pub mod error;
 pub mod group_batchnorm;
 pub mod input;
+pub mod model_parity;
+pub mod models;
 pub mod parity;
 pub mod scconv;
 pub mod sru;

@@ -49,7 +49,8 @@ fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
             bail!("--device cuda: libtorch sees no CUDA device (tch::Cuda::is_available() is false)")
         }
     };
-    let manifest = Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
+    let manifest: Manifest =
+        Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
     let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
     let reports = parity::run_all(&dir, device, &policy)?;
     let passed = reports.iter().all(|r| r.passed(&policy));

@@ -123,13 +123,14 @@ pub fn compare_gate(reference_z: &Tensor, reference_info: &Tensor, actual_info: 
     }
 }
 
-/// `manifest.json` of a fixture folder.
+/// `manifest.json` of a fixture folder; `C` is the case type (`CaseSpec` for single blocks,
+/// `model_parity::ModelCaseSpec` for whole networks).
 #[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
+pub struct Manifest<C = CaseSpec> {
     pub torch_version: String,
     pub device: String,
     pub seed: u64,
-    pub cases: Vec<CaseSpec>,
+    pub cases: Vec<C>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,8 +146,8 @@ pub struct CaseSpec {
     pub params_without_grad: Vec<String>,
 }
 
-impl Manifest {
-    pub fn read(dir: &Path) -> Result<Manifest, ScConvError> {
+impl<C: serde::de::DeserializeOwned> Manifest<C> {
+    pub fn read(dir: &Path) -> Result<Manifest<C>, ScConvError> {
         let path = dir.join("manifest.json");
         let file_error =
             |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
@@ -235,11 +236,11 @@ impl CaseReport {
     }
 }
 
-fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ScConvError> {
+pub(crate) fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ScConvError> {
     Ok(weights::read(path)?.into_iter().collect())
 }
 
-fn fixture<'a>(
+pub(crate) fn fixture<'a>(
     tensors: &'a BTreeMap<String, Tensor>,
     key: &str,
     case: &str,
@@ -306,7 +307,7 @@ pub fn run_case(
 
 /// Every case of the fixture folder `dir`.
 pub fn run_all(dir: &Path, device: Device, policy: &Policy) -> Result<Vec<CaseReport>, ScConvError> {
-    let manifest = Manifest::read(dir)?;
+    let manifest: Manifest = Manifest::read(dir)?;
     manifest.cases.iter().map(|case| run_case(dir, case, device, policy.tolerance)).collect()
 }
 

@@ -58,6 +58,13 @@ impl ScConv {
         Ok(self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions)))
     }
 
+    /// `forward`, also returning the gate it used (for per-layer gate reports in whole networks).
+    pub fn forward_recording_gate(&self, x: &Tensor) -> (Tensor, Gate) {
+        let gate = self.SRU.gate(x);
+        let y = self.CRU.forward(&self.SRU.forward_with_decisions(x, &gate.decisions));
+        (y, gate)
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
         let gamma = &self.SRU.gn.gamma;
         let expected = Expected {

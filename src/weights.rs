@@ -66,6 +66,12 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, ScConvError> {
     tensors.map_err(|e| file_error(e.to_string()))
 }
 
+/// State-dict entries with no Rust counterpart, skipped on load: BatchNorm's `num_batches_tracked`
+/// counts training steps and matters only to a BatchNorm built with `momentum=None`, which tch has not.
+pub fn is_ignored(key: &str) -> bool {
+    key.ends_with("num_batches_tracked")
+}
+
 /// Compares `tensors` with the store's variables without changing anything.
 pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
     let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -81,7 +87,8 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
             Some(_) => {}
         }
     }
-    report.unexpected = tensors.keys().filter(|k| !variables.contains_key(*k)).cloned().collect();
+    report.unexpected =
+        tensors.keys().filter(|k| !variables.contains_key(*k) && !is_ignored(k)).cloned().collect();
     report
 }
 
@@ -130,12 +137,13 @@ mod tests {
         let tensors = vec![
             ("a.weight".to_string(), t(&[3, 2])),
             ("c.weight".to_string(), t(&[1])),
-            ("extra.num_batches_tracked".to_string(), t(&[])),
+            ("bn.num_batches_tracked".to_string(), t(&[])),
+            ("extra.weight".to_string(), t(&[1])),
             ("typo.wieght".to_string(), t(&[1])),
         ];
         let Err(ScConvError::StateDict(report)) = load_tensors(&mut vs, tensors) else { panic!("must fail") };
         assert_eq!(report.missing, vec!["b.bias"]);
-        assert_eq!(report.unexpected, vec!["extra.num_batches_tracked", "typo.wieght"]);
+        assert_eq!(report.unexpected, vec!["extra.weight", "typo.wieght"], "num_batches_tracked is skipped");
         assert_eq!(
             report.mismatched,
             vec![ShapeMismatch { key: "a.weight".into(), expected: vec![2, 3], found: vec![3, 2] }]

@@ -31,7 +31,7 @@ fn fresh_fixtures_from_the_python_reference_match_on_cpu() {
 #[test]
 fn every_state_dict_loads_with_exactly_the_pytorch_keys() {
     let dir = committed_fixtures();
-    let manifest = Manifest::read(&dir).unwrap();
+    let manifest: Manifest = Manifest::read(&dir).unwrap();
     for case in &manifest.cases {
         let mut vs = VarStore::new(Device::Cpu);
         scconv(vs.root(), &case.config).unwrap();

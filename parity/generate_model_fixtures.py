@@ -1,0 +1,133 @@
+"""Writes whole-network parity fixtures: eval-mode logits of a batch and the gate of every ScConv.
+
+    python parity/generate_model_fixtures.py --out DIR --cases random [--seed N] [--device cuda]
+    python parity/generate_model_fixtures.py --out weights/parity-models --cases trained
+
+`random`: plain and SC ResNet-18, SC ResNet-50 and a small SC net whose stride-2 conv keeps its width,
+with the reference's initialisation plus randomised BatchNorm statistics (so eval mode is not trivial),
+on random 64x64 (or 32x32) inputs; their state dicts are written too (`NAME.safetensors`, not committed:
+ResNet-50's is 66 MB). `trained`: the Fashion-MNIST networks of `weights/fmnist_*.json` on the first test
+images of the shipped sample.
+
+Per case: `NAME.tensors.safetensors` with `input`, `logits`, and for each ScConv at path P (e.g.
+`layer1.0.conv2`) `gate.P.z` and `gate.P.info_mask`; one `manifest.json` for all cases.
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from generate_fixtures import write  # noqa: E402
+from models import build  # noqa: E402
+from reference_scconv import ScConv  # noqa: E402
+
+RANDOM_CASES = [
+    ("resnet18_64px", {"arch": "resnet18"}, (2, 3, 64, 64)),
+    ("sc_resnet18_64px", {"arch": "resnet18", "sc": True}, (2, 3, 64, 64)),
+    ("sc_resnet50_64px", {"arch": "resnet50", "sc": True}, (2, 3, 64, 64)),
+    ("sc_small_pooled_32px", {"block": "basic", "layers": [1, 1, 1], "widths": [32, 32, 64], "num_classes": 10,
+                              "small_input": True, "sc": True}, (2, 3, 32, 32)),
+]
+TRAINED_CASES = ["fmnist_plain", "fmnist_sc"]
+TRAINED_BATCH = 8
+MEAN, STD = 0.2860, 0.3530
+
+
+def full_config(config):
+    """The config with the architecture spelt out, as the Rust `ResNetConfig` reads it."""
+    archs = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+             "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}
+    config = dict(config)
+    if "arch" in config:
+        config["block"], config["layers"] = archs[config.pop("arch")]
+    return config
+
+
+def randomize_batchnorm(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+
+
+def record_gates(model):
+    gates = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ScConv):
+            def hook(_m, inputs, output, path=path, threshold=module.SRU.gate_treshold):
+                gates[f"gate.{path}.z"] = inputs[0].detach()
+                gates[f"gate.{path}.info_mask"] = output.detach() >= threshold
+            module.SRU.sigomid.register_forward_hook(hook)
+    return gates
+
+
+def sample_images(count):
+    path = os.path.join(ROOT, "weights", "fashion-mnist-sample", "t10k-images-first1000-idx3-ubyte.gz")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    pixels = torch.frombuffer(bytearray(data[16:16 + count * 784]), dtype=torch.uint8).view(count, 28, 28)
+    return ((pixels.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+def run(model, x, device):
+    model = model.to(device).eval()
+    gates = record_gates(model)
+    with torch.no_grad():
+        logits = model(x.to(device))
+    return dict(input=x, logits=logits, **gates)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", choices=["random", "trained"], required=True)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--format", choices=["safetensors", "pt"], default=None)
+    args = parser.parse_args()
+    from generate_fixtures import save_file
+    fmt = args.format or ("safetensors" if save_file else "pt")
+    os.makedirs(args.out, exist_ok=True)
+    manifest = {"generator": "parity/generate_model_fixtures.py", "torch_version": torch.__version__,
+                "device": args.device, "seed": args.seed, "cases": []}
+    if args.cases == "random":
+        for index, (name, config, shape) in enumerate(RANDOM_CASES):
+            torch.manual_seed(args.seed + index)
+            model = build(config)
+            randomize_batchnorm(model)
+            x = torch.randn(*shape)
+            state_dict = {k: v for k, v in model.state_dict().items()}
+            state_file = write(state_dict, args.out, name, fmt)
+            tensors = run(model, x, args.device)
+            manifest["cases"].append({"name": name, "config": full_config(config), "state_dict": state_file,
+                                      "tensors": write(tensors, args.out, f"{name}.tensors", fmt)})
+            print(f"{name}: logits {list(tensors['logits'].shape)}, {sum(k.endswith('.z') for k in tensors)} gates")
+    else:
+        for name in TRAINED_CASES:
+            with open(os.path.join(ROOT, "weights", f"{name}.json")) as f:
+                record = json.load(f)
+            model = build(record["config"])
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(os.path.join(ROOT, "weights", record["weights"])))
+            tensors = run(model, sample_images(TRAINED_BATCH), args.device)
+            manifest["cases"].append({"name": name, "config": full_config(record["config"]),
+                                      "state_dict": os.path.relpath(os.path.join(ROOT, "weights", record["weights"]),
+                                                                    os.path.abspath(args.out)),
+                                      "tensors": write(tensors, args.out, f"{name}.tensors", fmt)})
+            print(f"{name}: logits {list(tensors['logits'].shape)}")
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

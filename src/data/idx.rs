@@ -1,0 +1,82 @@
+//! IDX files (the MNIST / Fashion-MNIST format), gzipped or not. `tch::vision::mnist` reads only
+//! uncompressed files with fixed names; Debian ships Fashion-MNIST gzipped.
+use crate::error::ScConvError;
+use flate2::read::GzDecoder;
+use std::io::Read;
+use std::path::Path;
+
+/// An IDX array of unsigned bytes: its dimensions and data, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdxArray {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Reads `path`; a `.gz` name, or the gzip magic bytes, means gzipped.
+pub fn read(path: &Path) -> Result<IdxArray, ScConvError> {
+    let error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
+    let raw = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| error(format!("gzip: {e}")))?;
+        out
+    } else {
+        raw
+    };
+    parse(&bytes).map_err(error)
+}
+
+/// Parses the IDX layout: two zero bytes, type 0x08 (unsigned byte), the rank, big-endian u32 sizes.
+pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
+    let [0, 0, kind, rank, ..] = *bytes else { return Err("not an IDX file (too short)".into()) };
+    if kind != 0x08 {
+        return Err(format!("IDX element type 0x{kind:02x} is not unsigned byte (0x08)"));
+    }
+    let header = 4 + 4 * rank as usize;
+    let size_bytes = bytes.get(4..header).ok_or("IDX header is truncated")?;
+    let dims: Vec<usize> =
+        size_bytes.chunks(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
+    let count: usize = dims.iter().product();
+    let data = &bytes[header..];
+    if data.len() != count {
+        return Err(format!(
+            "IDX dimensions {dims:?} need {count} bytes of data, the file has {}",
+            data.len()
+        ));
+    }
+    Ok(IdxArray { dims, data: data.to_vec() })
+}
+
+/// Writes an unsigned-byte IDX array, gzipped (used to cut the shipped sample from the full set).
+pub fn write_gz(path: &Path, array: &IdxArray) -> std::io::Result<()> {
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write;
+    let mut encoder = GzEncoder::new(std::fs::File::create(path)?, Compression::best());
+    encoder.write_all(&[0, 0, 0x08, array.dims.len() as u8])?;
+    for &d in &array.dims {
+        encoder.write_all(&(d as u32).to_be_bytes())?;
+    }
+    encoder.write_all(&array.data)?;
+    encoder.finish().map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_small_array_and_round_trips_through_gzip() {
+        let array = IdxArray { dims: vec![2, 3], data: vec![1, 2, 3, 4, 5, 6] };
+        let path = std::env::temp_dir().join(format!("idx-test-{}.gz", std::process::id()));
+        write_gz(&path, &array).unwrap();
+        assert_eq!(read(&path).unwrap(), array);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn rejects_wrong_type_and_truncated_data() {
+        assert!(parse(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 0, 0, 0, 0]).unwrap_err().contains("not unsigned byte"));
+        assert!(parse(&[0, 0, 0x08, 1, 0, 0, 0, 3, 7]).unwrap_err().contains("need 3 bytes"));
+        assert!(parse(&[0, 0]).unwrap_err().contains("too short"));
+    }
+}

@@ -1,0 +1,172 @@
+//! The residual blocks of `parity/models.py`, under torchvision's names (`conv1`, `bn1`, `downsample.0`,
+//! ...). A 3x3 conv that keeps its channel count is an ScConv in the SC variant, followed by a 2x2
+//! average pool where the plain conv would have stride 2.
+use crate::sru::Gate;
+use crate::{scconv, ScConv, ScConvConfig, ScConvError};
+use tch::{nn, nn::Module, nn::ModuleT, Tensor};
+
+/// Where a block records the gates of its ScConvs (their path and gate), when asked to.
+pub type GateLog<'a> = Option<&'a mut Vec<(String, Gate)>>;
+
+/// A residual 3x3 conv: plain, or ScConv (+ pool at stride 2).
+#[derive(Debug)]
+pub enum Conv3x3 {
+    Plain(nn::Conv2D),
+    Sc { scconv: Box<ScConv>, pool: bool, path: String },
+}
+
+pub fn conv3x3(
+    p: nn::Path,
+    in_planes: i64,
+    out_planes: i64,
+    stride: i64,
+    sc: bool,
+) -> Result<Conv3x3, ScConvError> {
+    if sc && in_planes == out_planes {
+        let path = p.components().collect::<Vec<_>>().join(".");
+        let scconv = Box::new(scconv(p, &ScConvConfig::new(out_planes))?);
+        return Ok(Conv3x3::Sc { scconv, pool: stride == 2, path });
+    }
+    let config = nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() };
+    Ok(Conv3x3::Plain(nn::conv2d(p, in_planes, out_planes, 3, config)))
+}
+
+impl Conv3x3 {
+    fn forward(&self, x: &Tensor, gates: &mut GateLog) -> Tensor {
+        match self {
+            Conv3x3::Plain(conv) => conv.forward(x),
+            Conv3x3::Sc { scconv, pool, path } => {
+                let y = match gates {
+                    Some(log) => {
+                        let (y, gate) = scconv.forward_recording_gate(x);
+                        log.push((path.clone(), gate));
+                        y
+                    }
+                    None => scconv.forward(x),
+                };
+                if *pool {
+                    y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)
+                } else {
+                    y
+                }
+            }
+        }
+    }
+}
+
+fn conv1x1(p: nn::Path, in_planes: i64, out_planes: i64, stride: i64) -> nn::Conv2D {
+    nn::conv2d(p, in_planes, out_planes, 1, nn::ConvConfig { stride, bias: false, ..Default::default() })
+}
+
+/// `downsample`: a strided 1x1 conv and a BatchNorm, as `nn.Sequential` (keys `downsample.0/1`).
+#[derive(Debug)]
+pub struct Downsample {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+}
+
+pub fn downsample(p: nn::Path, in_planes: i64, out_planes: i64, stride: i64) -> Downsample {
+    Downsample {
+        conv: conv1x1(&p / "0", in_planes, out_planes, stride),
+        bn: nn::batch_norm2d(&p / "1", out_planes, Default::default()),
+    }
+}
+
+impl ModuleT for Downsample {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.conv.forward(x).apply_t(&self.bn, train)
+    }
+}
+
+/// The arguments every block takes.
+pub struct BlockSpec {
+    pub in_planes: i64,
+    pub planes: i64,
+    pub stride: i64,
+    pub downsample: bool,
+    pub sc: bool,
+}
+
+#[derive(Debug)]
+pub struct BasicBlock {
+    conv1: Conv3x3,
+    bn1: nn::BatchNorm,
+    conv2: Conv3x3,
+    bn2: nn::BatchNorm,
+    downsample: Option<Downsample>,
+}
+
+pub fn basic_block(p: nn::Path, s: &BlockSpec) -> Result<BasicBlock, ScConvError> {
+    Ok(BasicBlock {
+        conv1: conv3x3(&p / "conv1", s.in_planes, s.planes, s.stride, s.sc)?,
+        bn1: nn::batch_norm2d(&p / "bn1", s.planes, Default::default()),
+        conv2: conv3x3(&p / "conv2", s.planes, s.planes, 1, s.sc)?,
+        bn2: nn::batch_norm2d(&p / "bn2", s.planes, Default::default()),
+        downsample: s.downsample.then(|| downsample(&p / "downsample", s.in_planes, s.planes, s.stride)),
+    })
+}
+
+impl BasicBlock {
+    pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
+        let out = self.conv1.forward(x, gates).apply_t(&self.bn1, train).relu();
+        let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train);
+        let identity = match &self.downsample {
+            Some(d) => d.forward_t(x, train),
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+}
+
+#[derive(Debug)]
+pub struct Bottleneck {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    conv2: Conv3x3,
+    bn2: nn::BatchNorm,
+    conv3: nn::Conv2D,
+    bn3: nn::BatchNorm,
+    downsample: Option<Downsample>,
+}
+
+pub fn bottleneck(p: nn::Path, s: &BlockSpec) -> Result<Bottleneck, ScConvError> {
+    let (width, out) = (s.planes, s.planes * 4);
+    Ok(Bottleneck {
+        conv1: conv1x1(&p / "conv1", s.in_planes, width, 1),
+        bn1: nn::batch_norm2d(&p / "bn1", width, Default::default()),
+        conv2: conv3x3(&p / "conv2", width, width, s.stride, s.sc)?,
+        bn2: nn::batch_norm2d(&p / "bn2", width, Default::default()),
+        conv3: conv1x1(&p / "conv3", width, out, 1),
+        bn3: nn::batch_norm2d(&p / "bn3", out, Default::default()),
+        downsample: s.downsample.then(|| downsample(&p / "downsample", s.in_planes, out, s.stride)),
+    })
+}
+
+impl Bottleneck {
+    pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
+        let out = self.conv1.forward(x).apply_t(&self.bn1, train).relu();
+        let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train).relu();
+        let out = self.conv3.forward(&out).apply_t(&self.bn3, train);
+        let identity = match &self.downsample {
+            Some(d) => d.forward_t(x, train),
+            None => x.shallow_clone(),
+        };
+        (out + identity).relu()
+    }
+}
+
+/// Either block, so a stage can hold a list of them.
+#[derive(Debug)]
+pub enum Block {
+    Basic(Box<BasicBlock>),
+    Bottleneck(Box<Bottleneck>),
+}
+
+impl Block {
+    pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
+        match self {
+            Block::Basic(b) => b.forward(x, train, gates),
+            Block::Bottleneck(b) => b.forward(x, train, gates),
+        }
+    }
+}

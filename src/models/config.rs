@@ -1,0 +1,143 @@
+//! `ResNetConfig`: the same JSON the Python twin (`parity/models.py::build`) reads.
+use crate::error::ScConvError;
+use crate::ScConvConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// Two 3x3 convs (ResNet-18/34).
+    Basic,
+    /// 1x1, 3x3, 1x1 with expansion 4 (ResNet-50/101).
+    Bottleneck,
+}
+
+impl BlockKind {
+    pub fn expansion(self) -> i64 {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// A ResNet in torchvision's layout. `sc` swaps every residual 3x3 conv that keeps its channel count
+/// for ScConv (with its defaults); `small_input` uses a 3x3/1 stem and no max pool (28x28, 32x32 images).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    pub block: BlockKind,
+    pub layers: Vec<i64>,
+    #[serde(default = "imagenet_widths")]
+    pub widths: Vec<i64>,
+    #[serde(default = "imagenet_classes")]
+    pub num_classes: i64,
+    #[serde(default = "rgb")]
+    pub in_channels: i64,
+    #[serde(default)]
+    pub sc: bool,
+    #[serde(default)]
+    pub small_input: bool,
+}
+
+fn imagenet_widths() -> Vec<i64> {
+    vec![64, 128, 256, 512]
+}
+fn imagenet_classes() -> i64 {
+    1000
+}
+fn rgb() -> i64 {
+    3
+}
+
+impl ResNetConfig {
+    /// torchvision's `resnet18/34/50/101` (`sc`: the SC-ResNet twin), 1000 classes, RGB.
+    pub fn named(arch: &str, sc: bool) -> Result<ResNetConfig, ScConvError> {
+        let (block, layers) = match arch {
+            "resnet18" => (BlockKind::Basic, vec![2, 2, 2, 2]),
+            "resnet34" => (BlockKind::Basic, vec![3, 4, 6, 3]),
+            "resnet50" => (BlockKind::Bottleneck, vec![3, 4, 6, 3]),
+            "resnet101" => (BlockKind::Bottleneck, vec![3, 4, 23, 3]),
+            other => {
+                return Err(ScConvError::InvalidModel(format!(
+                    "unknown architecture `{other}`; known: resnet18, resnet34, resnet50, resnet101"
+                )))
+            }
+        };
+        Ok(ResNetConfig {
+            block,
+            layers,
+            widths: imagenet_widths(),
+            num_classes: 1000,
+            in_channels: 3,
+            sc,
+            small_input: false,
+        })
+    }
+
+    /// Rejects configs the network cannot be built from, naming the offending value.
+    pub fn validate(&self) -> Result<(), ScConvError> {
+        let invalid = |m: String| Err(ScConvError::InvalidModel(m));
+        if self.layers.is_empty() || self.layers.len() != self.widths.len() {
+            return invalid(format!(
+                "layers ({:?}) and widths ({:?}) must be non-empty and of the same length",
+                self.layers, self.widths
+            ));
+        }
+        if let Some(bad) = self.layers.iter().chain(&self.widths).find(|&&v| v <= 0) {
+            return invalid(format!("layers and widths must be positive, got {bad}"));
+        }
+        if self.num_classes <= 0 || self.in_channels <= 0 {
+            return invalid(format!(
+                "num_classes ({}) and in_channels ({}) must be positive",
+                self.num_classes, self.in_channels
+            ));
+        }
+        if self.sc {
+            for &width in &self.widths {
+                ScConvConfig::new(width).validate().map_err(|e| {
+                    ScConvError::InvalidModel(format!("stage width {width} cannot hold an ScConv: {e}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_style_json_parses() {
+        let json = r#"{"block": "basic", "layers": [1, 1, 1], "widths": [32, 64, 128], "num_classes": 10,
+                       "in_channels": 1, "small_input": true, "sc": true}"#;
+        let config: ResNetConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(config.block, BlockKind::Basic);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn a_width_scconv_rejects_is_a_clear_error() {
+        let config = ResNetConfig {
+            widths: vec![24, 64],
+            layers: vec![1, 1],
+            ..ResNetConfig::named("resnet18", true).unwrap()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("stage width 24 cannot hold an ScConv"), "{err}");
+        assert!(err.contains("divisible by group_num (16)"), "{err}");
+        // The plain twin has no such constraint.
+        assert!(ResNetConfig { sc: false, ..config }.validate().is_ok());
+    }
+
+    #[test]
+    fn mismatched_layers_and_widths_are_rejected() {
+        let config = ResNetConfig { layers: vec![2, 2], ..ResNetConfig::named("resnet18", false).unwrap() };
+        assert!(config.validate().unwrap_err().to_string().contains("of the same length"));
+        assert!(ResNetConfig::named("resnet19", false)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown architecture"));
+    }
+}

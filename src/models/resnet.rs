@@ -1,0 +1,136 @@
+//! `ResNet`: torchvision's forward (`conv1, bn1, relu, maxpool, layer1..4, avgpool, flatten, fc`).
+use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog};
+use super::config::{BlockKind, ResNetConfig};
+use crate::error::ScConvError;
+use crate::sru::Gate;
+use tch::{nn, nn::Module, nn::ModuleT, Tensor};
+
+#[derive(Debug)]
+pub struct ResNet {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    stages: Vec<Vec<Block>>,
+    fc: nn::Linear,
+    config: ResNetConfig,
+}
+
+/// Builds the network of `config` under `p` (keys as torchvision's: `conv1.weight`, `layer1.0.bn1.bias`,
+/// `fc.weight`, ...), after validating it.
+pub fn resnet(p: nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
+    config.validate()?;
+    let (kernel, stride, padding) = if config.small_input { (3, 1, 1) } else { (7, 2, 3) };
+    let stem = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
+    let mut in_planes = config.widths[0];
+    let conv1 = nn::conv2d(&p / "conv1", config.in_channels, in_planes, kernel, stem);
+    let bn1 = nn::batch_norm2d(&p / "bn1", in_planes, Default::default());
+    let expansion = config.block.expansion();
+    let mut stages = Vec::new();
+    for (index, (&planes, &blocks)) in config.widths.iter().zip(&config.layers).enumerate() {
+        let layer = &p / format!("layer{}", index + 1);
+        let mut stage = Vec::new();
+        for b in 0..blocks {
+            let stride = if index > 0 && b == 0 { 2 } else { 1 };
+            let downsample = b == 0 && (stride != 1 || in_planes != planes * expansion);
+            let spec = BlockSpec { in_planes, planes, stride, downsample, sc: config.sc };
+            stage.push(match config.block {
+                BlockKind::Basic => Block::Basic(Box::new(basic_block(&layer / b, &spec)?)),
+                BlockKind::Bottleneck => Block::Bottleneck(Box::new(bottleneck(&layer / b, &spec)?)),
+            });
+            in_planes = planes * expansion;
+        }
+        stages.push(stage);
+    }
+    let fc = nn::linear(&p / "fc", in_planes, config.num_classes, Default::default());
+    Ok(ResNet { conv1, bn1, stages, fc, config: config.clone() })
+}
+
+impl ResNet {
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    fn run(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
+        let x = self.conv1.forward(x).apply_t(&self.bn1, train).relu();
+        let mut x =
+            if self.config.small_input { x } else { x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false) };
+        for block in self.stages.iter().flatten() {
+            x = block.forward(&x, train, gates);
+        }
+        x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.fc)
+    }
+
+    /// Eval-mode logits after checking the input (rank, channels, dtype, device, sizes).
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
+        self.check_input(x)?;
+        Ok(self.run(x, false, &mut None))
+    }
+
+    /// Eval-mode logits and the gate of every ScConv, keyed by its path (`layer1.0.conv2`, ...).
+    pub fn forward_recording_gates(&self, x: &Tensor) -> Result<(Tensor, Vec<(String, Gate)>), ScConvError> {
+        self.check_input(x)?;
+        let mut log = Vec::new();
+        let logits = self.run(x, false, &mut Some(&mut log));
+        Ok((logits, log))
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
+        let invalid = |m: String| Err(ScConvError::InvalidInput(m));
+        let size = x.size();
+        let &[n, c, h, w] = size.as_slice() else {
+            return invalid(format!(
+                "expected a 4-d (N, C, H, W) tensor, got {}-d with shape {size:?}",
+                size.len()
+            ));
+        };
+        let (want_kind, want_device) = (self.fc.ws.kind(), self.fc.ws.device());
+        if c != self.config.in_channels {
+            return invalid(format!(
+                "expected {} channels (dim 1), got {c} in shape {size:?}",
+                self.config.in_channels
+            ));
+        }
+        if x.kind() != want_kind {
+            return invalid(format!("expected dtype {want_kind:?} (the model's), got {:?}", x.kind()));
+        }
+        if x.device() != want_device {
+            return invalid(format!(
+                "expected a tensor on {want_device:?} (the model's device), got {:?}",
+                x.device()
+            ));
+        }
+        if n == 0 || h == 0 || w == 0 {
+            return invalid(format!("expected a non-empty batch and spatial size, got shape {size:?}"));
+        }
+        self.check_spatial(h, w)
+    }
+
+    /// Where a stride-2 ScConv is followed by a 2x2 average pool, the size must be even there, or the
+    /// pooled path (floor) and the strided shortcut (ceil) disagree, as they do in the PyTorch twin.
+    fn check_spatial(&self, h: i64, w: i64) -> Result<(), ScConvError> {
+        let (mut h, mut w) = (h, w);
+        if !self.config.small_input {
+            let stem = |s: i64| ((s + 6 - 7) / 2 + 1 + 2 - 3) / 2 + 1; // conv 7/2/3, then max pool 3/2/1
+            (h, w) = (stem(h), stem(w));
+        }
+        let expansion = self.config.block.expansion();
+        for index in 1..self.config.widths.len() {
+            let (previous, planes) = (self.config.widths[index - 1] * expansion, self.config.widths[index]);
+            let pooled = self.config.sc && (self.config.block == BlockKind::Bottleneck || previous == planes);
+            if pooled && (h % 2 != 0 || w % 2 != 0) {
+                return Err(ScConvError::InvalidInput(format!(
+                    "layer{} halves a {h}x{w} map with ScConv and a 2x2 average pool, which needs even sizes; \
+                     choose an input size that stays even there",
+                    index + 1
+                )));
+            }
+            (h, w) = ((h + 1) / 2, (w + 1) / 2);
+        }
+        Ok(())
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.run(x, train, &mut None)
+    }
+}

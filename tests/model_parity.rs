@@ -1,0 +1,69 @@
+//! Whole networks against their PyTorch twins (`parity/models.py`): freshly generated random-weight
+//! ResNet-18 / SC-ResNet-18 / SC-ResNet-50 / a small SC net, eval mode, CPU; and the parameter counts.
+mod common;
+
+use common::{crate_dir, python, scratch_dir};
+use scconv_tch::model_parity::{self, ModelCaseReport};
+use scconv_tch::models::{resnet, ResNetConfig};
+use scconv_tch::parity::Policy;
+use std::path::Path;
+use std::process::Command;
+use tch::{nn::VarStore, Device};
+
+fn generate(out: &Path, cases: &str) {
+    let status = Command::new(python())
+        .arg(crate_dir().join("parity/generate_model_fixtures.py"))
+        .args(["--out".as_ref(), out.as_os_str()])
+        .args(["--cases", cases])
+        .status()
+        .expect("cannot start the Python model fixture generator");
+    assert!(status.success(), "parity/generate_model_fixtures.py --cases {cases} failed ({status})");
+}
+
+fn assert_models(dir: &Path, label: &str) -> Vec<ModelCaseReport> {
+    let policy = Policy::for_run("cpu", Device::Cpu, false);
+    let reports = model_parity::run_all(dir, Device::Cpu, &policy).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let table = model_parity::table(&reports, &policy);
+    println!("{label}\n{table}");
+    let record = crate_dir().join("target/parity-reports");
+    std::fs::create_dir_all(&record).unwrap();
+    std::fs::write(record.join(format!("{label}.txt")), &table).unwrap();
+    for r in &reports {
+        assert!(r.passed(&policy), "{label}: {} fails\n{table}", r.name);
+    }
+    reports
+}
+
+#[test]
+fn random_weight_networks_match_pytorch_on_cpu() {
+    let dir = scratch_dir("models-random");
+    generate(&dir, "random");
+    let reports = assert_models(&dir, "models-random-cpu");
+    assert_eq!(reports.len(), 4);
+    let gates: Vec<usize> = reports.iter().map(|r| r.layers.len()).collect();
+    assert_eq!(gates, [0, 13, 16, 5], "ScConv count per network");
+}
+
+fn parameters(config: &ResNetConfig) -> i64 {
+    let vs = VarStore::new(Device::Cpu);
+    resnet(vs.root(), config).unwrap();
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
+#[test]
+fn sc_resnet50_has_the_papers_parameter_saving() {
+    let plain = parameters(&ResNetConfig::named("resnet50", false).unwrap());
+    let sc = parameters(&ResNetConfig::named("resnet50", true).unwrap());
+    // torchvision's ResNet-50 has 25,557,032 parameters; PyTorch's SC twin 16,530,280 (parity/models.py).
+    assert_eq!((plain, sc), (25_557_032, 16_530_280));
+    let saving = 1.0 - sc as f64 / plain as f64;
+    assert!((0.34..0.36).contains(&saving), "saving {saving}");
+}
+
+#[test]
+fn resnet18_34_101_parameter_counts_match_pytorch() {
+    let count = |arch: &str, sc: bool| parameters(&ResNetConfig::named(arch, sc).unwrap());
+    assert_eq!((count("resnet18", false), count("resnet18", true)), (11_689_512, 4_161_704));
+    assert_eq!((count("resnet34", false), count("resnet34", true)), (21_797_672, 6_214_440));
+    assert_eq!((count("resnet101", false), count("resnet101", true)), (44_549_160, 27_527_784));
+}
