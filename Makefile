@@ -1,11 +1,15 @@
-# The two commands: `make demo` (the main job: the parity table) and `make test` (every test).
-# Each runs the setup first: torch==2.11.0 from PyPI into its own virtual environment (idempotent).
-.PHONY: setup demo test fixtures cuda-build cuda-run
+# The two commands: `make demo` (the main job: PyTorch-trained SC and plain networks classifying
+# Fashion-MNIST in Rust, then the block parity table) and `make test` (every test).
+# Each runs the setup first: torch==2.11.0 from PyPI into its own virtual environment, and Debian's
+# Fashion-MNIST package (both idempotent).
+.PHONY: setup demo test fixtures model-fixtures sample train cuda-build cuda-run
 
 setup:
 	@scripts/setup_torch.sh
+	@scripts/setup_data.sh || echo "setup: continuing with the shipped 1,000-image sample"
 
 demo: setup
+	cargo run --quiet -- infer --model weights/fmnist_sc.json --model weights/fmnist_plain.json
 	cargo run --quiet -- parity
 
 # The parity tests record their tables in target/parity-reports/.
@@ -15,6 +19,17 @@ test: setup
 # Rewrites the committed fixtures from the Python reference (byte-for-byte reproducible).
 fixtures: setup
 	.venv/bin/python parity/generate_fixtures.py --out weights/parity
+
+# Rewrites the committed whole-network fixtures of the trained networks.
+model-fixtures: setup
+	.venv/bin/python parity/generate_model_fixtures.py --out weights/parity-models --cases trained
+
+# The shipped sample (first 1,000 test images) and the training run that produced weights/fmnist_*.
+sample: setup
+	.venv/bin/python scripts/make_sample.py
+
+train: setup
+	.venv/bin/python scripts/train.py
 
 # The CUDA suite: build here, then run on a machine with a GPU and PyTorch 2.11 (see README).
 cuda-build: setup

@@ -46,7 +46,7 @@ run() {
         env "${env[@]}" .device/bin/scconv-tch parity --device cuda 2>&1 | tee "$out/cli_parity_cuda_tf32_$tf32.txt" || status=1
     done
     # The CPU suites run there too: the same binaries against the GPU machine's libtorch.
-    for t in parity_cpu bad_input cli scconv_tch; do
+    for t in parity_cpu model_parity bad_input cli scconv_tch; do
         [ -x ".device/bin/$t" ] && { .device/bin/$t --test-threads=2 2>&1 | tail -3 | tee "$out/$t.log" || status=1; }
     done
     cp -r target/parity-reports "$out/" 2>/dev/null || true

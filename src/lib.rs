@@ -18,6 +18,7 @@ pub mod cru;
 pub mod data;
 pub mod error;
 pub mod group_batchnorm;
+pub mod infer;
 pub mod input;
 pub mod model_parity;
 pub mod models;

@@ -1,8 +1,12 @@
-//! `scconv-tch`: command-line access to the crate. `parity` runs the parity fixtures.
+//! `scconv-tch`: command-line access to the crate. `parity` runs the parity fixtures, `infer`
+//! classifies images with PyTorch-trained networks.
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use scconv_tch::data::{self, Images};
+use scconv_tch::infer::{class_name, score, Classifier, Scores};
 use scconv_tch::parity::{self, Manifest, Policy};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::Device;
 
@@ -25,6 +29,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Classify Fashion-MNIST images with PyTorch-trained networks and compare with PyTorch's predictions.
+    Infer {
+        /// A network's training record (e.g. weights/fmnist_sc.json); several print side by side.
+        #[arg(long = "model", required = true)]
+        models: Vec<PathBuf>,
+        /// `auto` (the full test set if Debian's dataset-fashion-mnist is installed, else the sample),
+        /// `sample` (the shipped first 1,000 test images), `full` (all 10,000), or an IDX folder.
+        #[arg(long, default_value = "auto")]
+        data: String,
+        /// Classify the PNG images of this folder instead (converted to 28x28 grayscale).
+        #[arg(long, conflicts_with = "data")]
+        png: Option<PathBuf>,
+        #[arg(long, default_value_t = 250)]
+        batch: i64,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -36,19 +60,27 @@ enum DeviceArg {
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
         Command::Parity { dir, device, json } => {
-            run_parity(dir.unwrap_or_else(parity::committed_fixtures), device, json)
+            run_parity(dir.unwrap_or_else(parity::committed_fixtures), device.resolve()?, json)
+        }
+        Command::Infer { models, data, png, batch, device, json } => {
+            run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
         }
     }
 }
 
-fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
-    let device = match device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => {
-            bail!("--device cuda: libtorch sees no CUDA device (tch::Cuda::is_available() is false)")
+impl DeviceArg {
+    fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda => {
+                bail!("--device cuda: libtorch sees no CUDA device (tch::Cuda::is_available() is false)")
+            }
         }
-    };
+    }
+}
+
+fn run_parity(dir: PathBuf, device: Device, json: bool) -> Result<ExitCode> {
     let manifest: Manifest =
         Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
     let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
@@ -80,4 +112,124 @@ fn run_parity(dir: PathBuf, device: DeviceArg, json: bool) -> Result<ExitCode> {
         println!("{} of {} cases pass", reports.iter().filter(|r| r.passed(&policy)).count(), reports.len());
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The images to classify and whether they are the test set in file order (then PyTorch's recorded
+/// predictions apply).
+fn load_images(data: &str, png: Option<&Path>) -> Result<(Images, String, bool)> {
+    if let Some(dir) = png {
+        return Ok((data::read_png_folder(dir, 28)?, format!("PNG images in {}", dir.display()), false));
+    }
+    let debian = Path::new(data::DEBIAN_DIR);
+    let (dir, test_set) = match data {
+        "auto" if debian.is_dir() => (debian.to_path_buf(), true),
+        "auto" | "sample" => (data::sample_dir(), true),
+        "full" if debian.is_dir() => (debian.to_path_buf(), true),
+        "full" => bail!(
+            "--data full needs Debian's dataset-fashion-mnist in {} (apt-get install dataset-fashion-mnist)",
+            data::DEBIAN_DIR
+        ),
+        other => (PathBuf::from(other), false),
+    };
+    let images =
+        data::read_idx_split(&dir).with_context(|| format!("reading images in {}", dir.display()))?;
+    Ok((images, format!("Fashion-MNIST test images in {}", dir.display()), test_set))
+}
+
+struct Run {
+    classifier: Classifier,
+    predictions: Vec<i64>,
+    scores: Scores,
+    images_per_second: f64,
+}
+
+fn run_infer(
+    models: &[PathBuf],
+    data: &str,
+    png: Option<&Path>,
+    batch: i64,
+    device: Device,
+    json: bool,
+) -> Result<ExitCode> {
+    let (images, source, test_set) = load_images(data, png)?;
+    let n = images.pixels.size()[0] as u64;
+    let mut runs = Vec::new();
+    for path in models {
+        let classifier =
+            Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
+        let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(classifier.record.name.clone());
+        let (predictions, elapsed) = classifier.classify(&images, batch, |k| bar.inc(k))?;
+        bar.finish_and_clear();
+        let pytorch = test_set.then(|| {
+            &classifier.record.test_predictions
+                [..predictions.len().min(classifier.record.test_predictions.len())]
+        });
+        let scores = score(&predictions, images.labels.as_deref(), pytorch);
+        let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
+        runs.push(Run { classifier, predictions, scores, images_per_second });
+    }
+    if json {
+        return print_json(&runs, &source, device);
+    }
+    println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
+    print!("{}", infer_table(&runs));
+    if png.is_some() {
+        for (i, name) in images.names.iter().enumerate() {
+            let classes: Vec<&str> = runs.iter().map(|r| class_name(r.predictions[i])).collect();
+            println!("{name}: {}", classes.join(" | "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
+    let rows: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.classifier.record.name, "parameters": r.classifier.parameters(),
+                "pytorch_test_accuracy": r.classifier.record.test_accuracy, "scores": r.scores,
+                "images_per_second": r.images_per_second, "predictions": r.predictions,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({ "source": source, "device": format!("{device:?}"), "runs": rows });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn infer_table(runs: &[Run]) -> String {
+    let mut out = format!(
+        "{:<14} {:>11} {:>10} {:>20} {:>10}\n",
+        "network", "parameters", "accuracy", "agrees with PyTorch", "images/s"
+    );
+    for r in runs {
+        let s = &r.scores;
+        let accuracy =
+            s.correct.map_or("-".into(), |c| format!("{:.2}%", 100.0 * c as f64 / s.images as f64));
+        let agreement = s
+            .agreeing
+            .map_or("-".into(), |a| format!("{a}/{} ({:.2}%)", s.images, 100.0 * a as f64 / s.images as f64));
+        out += &format!(
+            "{:<14} {:>11} {:>10} {:>20} {:>10.0}\n",
+            r.classifier.record.name,
+            r.classifier.parameters(),
+            accuracy,
+            agreement,
+            r.images_per_second
+        );
+        for (index, rust, torch) in &s.disagreements {
+            out += &format!(
+                "    image {index}: Rust says {}, PyTorch said {}\n",
+                class_name(*rust),
+                class_name(*torch)
+            );
+        }
+    }
+    out
 }

@@ -67,3 +67,11 @@ fn resnet18_34_101_parameter_counts_match_pytorch() {
     assert_eq!((count("resnet34", false), count("resnet34", true)), (21_797_672, 6_214_440));
     assert_eq!((count("resnet101", false), count("resnet101", true)), (44_549_160, 27_527_784));
 }
+
+#[test]
+fn the_trained_fashion_mnist_networks_match_pytorch_on_real_images() {
+    let dir = crate_dir().join("weights/parity-models");
+    let reports = assert_models(&dir, "models-trained-cpu");
+    let names: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["fmnist_plain", "fmnist_sc"]);
+}

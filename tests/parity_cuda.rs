@@ -52,3 +52,45 @@ fn committed_cpu_fixtures_match_on_the_gpu_in_layers() {
         println!("{}: {} positions in the gate band, {} flipped", r.name, r.gate.in_band, r.gate.flips());
     }
 }
+
+#[test]
+fn networks_match_pytorch_on_the_same_gpu() {
+    use scconv_tch::model_parity;
+    let device = gpu();
+    let dir = scratch_dir(&format!("models-cuda-{}", tf32_label()));
+    let status = std::process::Command::new(common::python())
+        .arg(common::crate_dir().join("parity/generate_model_fixtures.py"))
+        .args(["--out".as_ref(), dir.as_os_str()])
+        .args(["--cases", "random", "--device", "cuda"])
+        .status()
+        .expect("cannot start the model fixture generator");
+    assert!(status.success(), "generate_model_fixtures.py failed on the GPU");
+    let policy = Policy::for_run("cuda", device, tf32());
+    let reports = model_parity::run_all(&dir, device, &policy).unwrap();
+    println!("{}", model_parity::table(&reports, &policy));
+    assert!(reports.iter().all(|r| r.passed(&policy)), "{}", model_parity::table(&reports, &policy));
+}
+
+#[test]
+fn trained_networks_on_the_gpu_predict_the_cpu_fixtures_classes() {
+    use scconv_tch::model_parity;
+    let device = gpu();
+    let dir = common::crate_dir().join("weights/parity-models");
+    let policy = Policy::for_run("cpu", device, tf32());
+    let reports = model_parity::run_all(&dir, device, &policy).unwrap();
+    let table = model_parity::table(&reports, &policy);
+    println!("trained networks, CUDA vs CPU fixtures ({}):\n{table}", tf32_label());
+    for r in &reports {
+        for layer in &r.layers {
+            println!(
+                "{} {}: {} in band, {} flipped",
+                r.name,
+                layer.layer,
+                layer.gate.in_band,
+                layer.gate.flips()
+            );
+        }
+        assert_eq!(r.class_disagreements, 0, "{table}");
+        assert!(r.passed(&policy), "{table}");
+    }
+}

@@ -12,6 +12,11 @@ pub const STD: f64 = 0.3530;
 /// Where Debian's `dataset-fashion-mnist` puts the files.
 pub const DEBIAN_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
+/// The shipped sample: the first 1,000 Fashion-MNIST test images and labels.
+pub fn sample_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("fashion-mnist-sample")
+}
+
 /// Grayscale images (N, 28, 28) as bytes, and their labels when known.
 #[derive(Debug)]
 pub struct Images {

@@ -1,0 +1,133 @@
+//! Classification with a trained network: its JSON record (written by `scripts/train.py`: config,
+//! weights file, PyTorch's test predictions), batching, and agreement with PyTorch.
+use crate::data::{normalize, Images};
+use crate::error::ScConvError;
+use crate::models::{resnet, ResNet, ResNetConfig};
+use crate::weights;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::{nn::VarStore, Device};
+
+/// Fashion-MNIST's class names, by label.
+pub const CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// The class name of a label, or "?" for a label outside Fashion-MNIST's ten.
+pub fn class_name(label: i64) -> &'static str {
+    usize::try_from(label).ok().and_then(|l| CLASSES.get(l)).copied().unwrap_or("?")
+}
+
+/// The training record of a network (`weights/fmnist_*.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub config: ResNetConfig,
+    /// The safetensors state dict, relative to the record.
+    pub weights: String,
+    pub test_accuracy: f64,
+    pub parameters: i64,
+    pub torch_version: String,
+    /// PyTorch's predicted class for each test image, in file order.
+    pub test_predictions: Vec<i64>,
+}
+
+/// A network ready for inference, with its record.
+pub struct Classifier {
+    pub record: ModelRecord,
+    pub model: ResNet,
+    pub vs: VarStore,
+}
+
+impl Classifier {
+    /// Reads the record at `path`, builds its network on `device` and loads its weights strictly.
+    pub fn load(path: &Path, device: Device) -> Result<Classifier, ScConvError> {
+        let error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        let record: ModelRecord = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
+        let mut vs = VarStore::new(device);
+        let model = resnet(vs.root(), &record.config)?;
+        let weights_path: PathBuf = path.parent().unwrap_or(Path::new(".")).join(&record.weights);
+        weights::load(&mut vs, weights_path)?;
+        Ok(Classifier { record, model, vs })
+    }
+
+    pub fn parameters(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Predicted classes of all `images`, `batch` at a time; `progress` is told how many are done.
+    /// The duration covers the forward passes only (normalisation and transfer included, not loading).
+    pub fn classify(
+        &self,
+        images: &Images,
+        batch: i64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<(Vec<i64>, Duration), ScConvError> {
+        let n = images.pixels.size()[0];
+        let device = self.vs.device();
+        let mut predictions = Vec::with_capacity(n as usize);
+        let start = Instant::now();
+        for begin in (0..n).step_by(batch.max(1) as usize) {
+            let end = (begin + batch).min(n);
+            let x = normalize(&images.pixels.narrow(0, begin, end - begin)).to_device(device);
+            let logits = tch::no_grad(|| self.model.try_forward(&x))?;
+            let classes = Vec::<i64>::try_from(logits.argmax(1, false).to_device(Device::Cpu))?;
+            predictions.extend(classes);
+            progress((end - begin) as u64);
+        }
+        // Each batch's classes are copied to the host, which waits for the device: the time is real.
+        Ok((predictions, start.elapsed()))
+    }
+}
+
+/// Accuracy against labels, and agreement with PyTorch's predictions (same image order).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scores {
+    pub images: usize,
+    pub correct: Option<usize>,
+    pub agreeing: Option<usize>,
+    /// (image index, Rust class, PyTorch class) for every disagreement.
+    pub disagreements: Vec<(usize, i64, i64)>,
+}
+
+pub fn score(predictions: &[i64], labels: Option<&[i64]>, pytorch: Option<&[i64]>) -> Scores {
+    let correct = labels.map(|l| predictions.iter().zip(l).filter(|(p, l)| p == l).count());
+    let disagreements: Vec<(usize, i64, i64)> = pytorch
+        .map(|t| {
+            predictions
+                .iter()
+                .zip(t)
+                .enumerate()
+                .filter(|(_, (r, t))| r != t)
+                .map(|(i, (&r, &t))| (i, r, t))
+                .collect()
+        })
+        .unwrap_or_default();
+    let agreeing = pytorch.map(|_| predictions.len() - disagreements.len());
+    Scores { images: predictions.len(), correct, agreeing, disagreements }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_count_accuracy_and_disagreements() {
+        let s = score(&[1, 2, 3, 4], Some(&[1, 2, 0, 4]), Some(&[1, 9, 3, 4]));
+        assert_eq!((s.correct, s.agreeing), (Some(3), Some(3)));
+        assert_eq!(s.disagreements, vec![(1, 2, 9)]);
+        let unlabeled = score(&[1], None, None);
+        assert_eq!((unlabeled.correct, unlabeled.agreeing), (None, None));
+    }
+}

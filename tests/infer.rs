@@ -1,0 +1,100 @@
+//! `scconv-tch infer` with the PyTorch-trained Fashion-MNIST networks in weights/.
+mod common;
+
+use common::{crate_dir, scratch_dir};
+use scconv_tch::data;
+use std::process::{Command, Output};
+
+fn scconv_tch(args: &[&str]) -> Output {
+    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    Command::new(bin).current_dir(crate_dir()).args(args).output().expect("cannot run scconv-tch")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn both_networks_agree_with_pytorch_on_every_sample_image() {
+    let out = scconv_tch(&[
+        "infer",
+        "--model",
+        "weights/fmnist_sc.json",
+        "--model",
+        "weights/fmnist_plain.json",
+        "--data",
+        "sample",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("1000 images"), "{t}");
+    assert_eq!(t.matches("1000/1000 (100.00%)").count(), 2, "100% agreement for both networks:\n{t}");
+    assert!(!t.contains("Rust says"), "no disagreement may be listed:\n{t}");
+}
+
+#[test]
+fn json_output_carries_accuracy_and_agreement() {
+    let out = scconv_tch(&["infer", "--model", "weights/fmnist_sc.json", "--data", "sample", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let run = &json["runs"][0];
+    assert_eq!(run["scores"]["images"], 1000);
+    assert_eq!(run["scores"]["agreeing"], 1000);
+    assert_eq!(run["predictions"].as_array().unwrap().len(), 1000);
+}
+
+#[test]
+fn png_images_get_the_same_classes_as_the_idx_pixels() {
+    let sample = data::read_idx_split(&data::sample_dir()).unwrap();
+    let dir = scratch_dir("png");
+    for i in 0..5i64 {
+        let pixels = Vec::<u8>::try_from(sample.pixels.get(i).flatten(0, -1)).unwrap();
+        let image = image::GrayImage::from_raw(28, 28, pixels).unwrap();
+        image.save(dir.join(format!("img{i}.png"))).unwrap();
+    }
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = scconv_tch(args);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let png =
+        json_of(&["infer", "--model", "weights/fmnist_sc.json", "--png", dir.to_str().unwrap(), "--json"]);
+    let idx = json_of(&["infer", "--model", "weights/fmnist_sc.json", "--data", "sample", "--json"]);
+    let first5: Vec<_> = idx["runs"][0]["predictions"].as_array().unwrap()[..5].to_vec();
+    assert_eq!(png["runs"][0]["predictions"].as_array().unwrap(), &first5);
+    let table =
+        text(&scconv_tch(&["infer", "--model", "weights/fmnist_sc.json", "--png", dir.to_str().unwrap()]));
+    assert!(table.contains("img0.png: ") && table.contains("img4.png: "), "{table}");
+}
+
+#[test]
+fn a_missing_record_or_image_folder_is_a_clear_error() {
+    let out = scconv_tch(&["infer", "--model", "weights/nope.json", "--data", "sample"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("loading weights/nope.json"), "{}", text(&out));
+    let out = scconv_tch(&["infer", "--model", "weights/fmnist_sc.json", "--data", "/nonexistent"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("reading images in /nonexistent"), "{}", text(&out));
+    let empty = scratch_dir("png-empty");
+    let out = scconv_tch(&["infer", "--model", "weights/fmnist_sc.json", "--png", empty.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no .png files"), "{}", text(&out));
+}
+
+#[test]
+fn the_full_test_set_agrees_with_pytorch_on_at_least_99_9_percent() {
+    assert!(
+        std::path::Path::new(data::DEBIAN_DIR).join("t10k-images-idx3-ubyte.gz").exists(),
+        "the full test set needs Debian's dataset-fashion-mnist: run scripts/setup_data.sh (make test does)"
+    );
+    for model in ["weights/fmnist_sc.json", "weights/fmnist_plain.json"] {
+        let out = scconv_tch(&["infer", "--model", model, "--data", "full", "--json", "--batch", "500"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let scores = &json["runs"][0]["scores"];
+        let agreeing = scores["agreeing"].as_u64().unwrap();
+        println!("{model}: {agreeing}/10000 agree with PyTorch; disagreements {}", scores["disagreements"]);
+        assert_eq!(scores["images"], 10000);
+        assert!(agreeing >= 9990, "{model}: only {agreeing}/10000 agree with PyTorch");
+    }
+}
