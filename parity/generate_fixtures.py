@@ -172,7 +172,11 @@ def main():
             "params_without_grad": without_grad,
         })
         print(f"{name}: input {list(tensors['input'].shape)}, params without grad: {without_grad}")
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+    write_manifest(manifest, args.out)
+
+
+def write_manifest(manifest, out):
+    with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
 

@@ -23,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from generate_fixtures import write  # noqa: E402
+from generate_fixtures import save_file, write, write_manifest  # noqa: E402
 from models import build  # noqa: E402
 from reference_scconv import ScConv  # noqa: E402
 
@@ -94,7 +94,6 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--format", choices=["safetensors", "pt"], default=None)
     args = parser.parse_args()
-    from generate_fixtures import save_file
     fmt = args.format or ("safetensors" if save_file else "pt")
     os.makedirs(args.out, exist_ok=True)
     manifest = {"generator": "parity/generate_model_fixtures.py", "torch_version": torch.__version__,
@@ -116,7 +115,7 @@ def main():
             with open(os.path.join(ROOT, "weights", f"{name}.json")) as f:
                 record = json.load(f)
             model = build(record["config"])
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # trained weights are safetensors; only this mode needs it
             model.load_state_dict(load_file(os.path.join(ROOT, "weights", record["weights"])))
             tensors = run(model, sample_images(TRAINED_BATCH), args.device)
             manifest["cases"].append({"name": name, "config": full_config(record["config"]),
@@ -124,9 +123,7 @@ def main():
                                                                     os.path.abspath(args.out)),
                                       "tensors": write(tensors, args.out, f"{name}.tensors", fmt)})
             print(f"{name}: logits {list(tensors['logits'].shape)}")
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
+    write_manifest(manifest, args.out)
 
 
 if __name__ == "__main__":

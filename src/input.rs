@@ -3,16 +3,23 @@
 use crate::error::ScConvError;
 use tch::{Device, Kind, Tensor};
 
-/// What the model expects of its input.
+/// What a model expects of its input.
 #[derive(Debug, Clone, Copy)]
 pub struct Expected {
     pub channels: i64,
-    pub group_num: i64,
     pub kind: Kind,
     pub device: Device,
 }
 
-pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
+impl Expected {
+    /// The channels a model takes, with the dtype and device of one of its parameters.
+    pub fn of(channels: i64, parameter: &Tensor) -> Expected {
+        Expected { channels, kind: parameter.kind(), device: parameter.device() }
+    }
+}
+
+/// Checks rank, channels, dtype, device and emptiness; returns the (N, C, H, W) sizes.
+pub fn check(x: &Tensor, expected: &Expected) -> Result<[i64; 4], ScConvError> {
     let size = x.size();
     let invalid = |message: String| Err(ScConvError::InvalidInput(message));
     let &[n, c, h, w] = size.as_slice() else {
@@ -40,13 +47,18 @@ pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
     if n == 0 || h == 0 || w == 0 {
         return invalid(format!("expected a non-empty batch and spatial size, got shape {size:?}"));
     }
-    // GroupBatchnorm2d takes the unbiased std over each group: one value gives NaN.
-    let per_group = c / expected.group_num * h * w;
+    Ok([n, c, h, w])
+}
+
+/// GroupBatchnorm2d takes the unbiased std over each group: a group of one value gives NaN.
+pub fn check_group_size(nchw: [i64; 4], group_num: i64) -> Result<(), ScConvError> {
+    let [_, c, h, w] = nchw;
+    let per_group = c / group_num * h * w;
     if per_group < 2 {
-        return invalid(format!(
-            "each of the {} groups needs at least 2 values for its unbiased std, got {per_group} (shape {size:?})",
-            expected.group_num
-        ));
+        return Err(ScConvError::InvalidInput(format!(
+            "each of the {group_num} groups needs at least 2 values for its unbiased std, got {per_group} \
+             (shape {nchw:?})"
+        )));
     }
     Ok(())
 }
@@ -55,11 +67,11 @@ pub fn check(x: &Tensor, expected: &Expected) -> Result<(), ScConvError> {
 mod tests {
     use super::*;
 
-    const EXPECTED: Expected =
-        Expected { channels: 16, group_num: 16, kind: Kind::Float, device: Device::Cpu };
+    const EXPECTED: Expected = Expected { channels: 16, kind: Kind::Float, device: Device::Cpu };
 
+    /// The checks `ScConv::try_forward` makes with 16 channels in 16 groups.
     fn message(x: &Tensor) -> String {
-        match check(x, &EXPECTED) {
+        match check(x, &EXPECTED).and_then(|nchw| check_group_size(nchw, 16)) {
             Err(ScConvError::InvalidInput(message)) => message,
             other => panic!("expected InvalidInput, got {other:?}"),
         }

@@ -66,14 +66,8 @@ impl ScConv {
     }
 
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
-        let gamma = &self.SRU.gn.gamma;
-        let expected = Expected {
-            channels: self.config.op_channel,
-            group_num: self.config.group_num,
-            kind: gamma.kind(),
-            device: gamma.device(),
-        };
-        input::check(x, &expected)
+        let nchw = input::check(x, &Expected::of(self.config.op_channel, &self.SRU.gn.gamma))?;
+        input::check_group_size(nchw, self.config.group_num)
     }
 }
 

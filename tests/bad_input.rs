@@ -152,3 +152,51 @@ fn loading_reports_missing_and_unexpected_keys_together() {
     assert!(m.contains("missing keys: CRU.GWC.bias, SRU.gn.beta"), "{m}");
     assert!(m.contains("unexpected keys: CRU.GWC.bias_typo, SRU.gn.running_mean"), "{m}");
 }
+
+fn small_resnet(sc: bool) -> scconv_tch::models::ResNet {
+    use scconv_tch::models::{resnet, BlockKind, ResNetConfig};
+    let config = ResNetConfig {
+        block: BlockKind::Basic,
+        layers: vec![1, 1],
+        widths: vec![32, 32],
+        num_classes: 10,
+        in_channels: 3,
+        sc,
+        small_input: true,
+    };
+    resnet(VarStore::new(Device::Cpu).root(), &config).unwrap()
+}
+
+#[test]
+fn a_network_rejects_an_odd_size_where_an_scconv_pools() {
+    let x = Tensor::zeros([1, 3, 15, 15], (Kind::Float, Device::Cpu));
+    let m = small_resnet(true).try_forward(&x).unwrap_err().to_string();
+    assert!(
+        m.contains("layer2 halves a 15x15 map with ScConv and a 2x2 average pool, which needs even sizes"),
+        "{m}"
+    );
+    // The plain twin downsamples with strided convs only and takes it.
+    assert_eq!(small_resnet(false).try_forward(&x).unwrap().size(), [1, 10]);
+    assert_eq!(
+        small_resnet(true)
+            .try_forward(&Tensor::zeros([1, 3, 16, 16], (Kind::Float, Device::Cpu)))
+            .unwrap()
+            .size(),
+        [1, 10]
+    );
+}
+
+#[test]
+fn a_network_rejects_wrong_channels_and_dtype() {
+    let model = small_resnet(true);
+    let m = model
+        .try_forward(&Tensor::zeros([1, 1, 16, 16], (Kind::Float, Device::Cpu)))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(m, "invalid input: expected 3 channels (dim 1), got 1 in shape [1, 1, 16, 16]");
+    let m = model
+        .try_forward(&Tensor::zeros([1, 3, 16, 16], (Kind::Uint8, Device::Cpu)))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(m, "invalid input: expected dtype Float (the model's), got Uint8");
+}

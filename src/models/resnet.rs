@@ -2,6 +2,7 @@
 use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog};
 use super::config::{BlockKind, ResNetConfig};
 use crate::error::ScConvError;
+use crate::input::{self, Expected};
 use crate::sru::Gate;
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 
@@ -74,33 +75,7 @@ impl ResNet {
     }
 
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
-        let invalid = |m: String| Err(ScConvError::InvalidInput(m));
-        let size = x.size();
-        let &[n, c, h, w] = size.as_slice() else {
-            return invalid(format!(
-                "expected a 4-d (N, C, H, W) tensor, got {}-d with shape {size:?}",
-                size.len()
-            ));
-        };
-        let (want_kind, want_device) = (self.fc.ws.kind(), self.fc.ws.device());
-        if c != self.config.in_channels {
-            return invalid(format!(
-                "expected {} channels (dim 1), got {c} in shape {size:?}",
-                self.config.in_channels
-            ));
-        }
-        if x.kind() != want_kind {
-            return invalid(format!("expected dtype {want_kind:?} (the model's), got {:?}", x.kind()));
-        }
-        if x.device() != want_device {
-            return invalid(format!(
-                "expected a tensor on {want_device:?} (the model's device), got {:?}",
-                x.device()
-            ));
-        }
-        if n == 0 || h == 0 || w == 0 {
-            return invalid(format!("expected a non-empty batch and spatial size, got shape {size:?}"));
-        }
+        let [_, _, h, w] = input::check(x, &Expected::of(self.config.in_channels, &self.fc.ws))?;
         self.check_spatial(h, w)
     }
 
