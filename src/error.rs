@@ -22,6 +22,9 @@ pub enum ScConvError {
     #[error("cannot read {path}: {reason}")]
     WeightsFile { path: String, reason: String },
 
+    #[error("cannot write {path}: {reason}")]
+    Write { path: String, reason: String },
+
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

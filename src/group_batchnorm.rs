@@ -24,12 +24,14 @@ pub fn group_batchnorm2d(p: nn::Path, c_num: i64, group_num: i64, eps: f64) -> G
 
 impl nn::Module for GroupBatchnorm2d {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let nchw = x.size();
-        let x = x.view([nchw[0], self.group_num, -1]);
-        let mean = x.mean_dim(2, true, None);
-        let std = x.std_dim(2, true, true);
-        let x = (x - mean) / (std + self.eps);
-        let x = x.view(nchw.as_slice());
+        // The reference's `x.view(N, G, -1)`, written through the group dimension (C unflattened into
+        // G groups, the rest flattened) so that a traced module keeps N, H and W free. Same shape, same
+        // memory, same arithmetic.
+        let grouped = x.unflatten(1, [self.group_num, -1]).flatten(2, -1);
+        let mean = grouped.mean_dim(2, true, None);
+        let std = grouped.std_dim(2, true, true);
+        let grouped = (grouped - mean) / (std + self.eps);
+        let x = grouped.view_as(x);
         x * &self.gamma + &self.beta
     }
 }

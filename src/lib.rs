@@ -17,6 +17,7 @@ pub mod config;
 pub mod cru;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod group_batchnorm;
 pub mod infer;
 pub mod input;

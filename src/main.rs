@@ -6,9 +6,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::data::{self, Images};
 use scconv_tch::infer::{class_name, score, Classifier, Scores};
 use scconv_tch::parity::{self, Manifest, Policy};
+use scconv_tch::{export, scconv, ScConvConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tch::nn::{Module, ModuleT, VarStore};
 use tch::Device;
+use tch::{Kind, Tensor};
 
 #[derive(Parser)]
 #[command(name = "scconv-tch", version, about = "SCConv on tch: PyTorch parity, models and tools")]
@@ -28,6 +31,24 @@ enum Command {
         /// Print the reports as JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a block or a trained network as TorchScript (traced; any batch and size it accepts works).
+    Export {
+        /// A trained network's record (e.g. weights/fmnist_sc.json).
+        #[arg(long, conflicts_with = "scconv", required_unless_present = "scconv")]
+        model: Option<PathBuf>,
+        /// A single ScConv block: its ScConvConfig as JSON (e.g. {"op_channel": 64}).
+        #[arg(long)]
+        scconv: Option<PathBuf>,
+        /// The block's PyTorch state dict (.safetensors or .pt); without it, a fresh initialisation.
+        #[arg(long, requires = "scconv")]
+        weights: Option<PathBuf>,
+        /// The TorchScript file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Classify Fashion-MNIST images with PyTorch-trained networks and compare with PyTorch's predictions.
     Infer {
@@ -61,6 +82,9 @@ fn main() -> Result<ExitCode> {
     match Cli::parse().command {
         Command::Parity { dir, device, json } => {
             run_parity(dir.unwrap_or_else(parity::committed_fixtures), device.resolve()?, json)
+        }
+        Command::Export { model, scconv, weights, out, force } => {
+            run_export(model.as_deref(), scconv.as_deref(), weights.as_deref(), &out, force)
         }
         Command::Infer { models, data, png, batch, device, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
@@ -112,6 +136,43 @@ fn run_parity(dir: PathBuf, device: Device, json: bool) -> Result<ExitCode> {
         println!("{} of {} cases pass", reports.iter().filter(|r| r.passed(&policy)).count(), reports.len());
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn run_export(
+    model: Option<&Path>,
+    block: Option<&Path>,
+    weights: Option<&Path>,
+    out: &Path,
+    force: bool,
+) -> Result<ExitCode> {
+    let (module, example) = if let Some(record) = model {
+        let mut classifier =
+            Classifier::load(record, Device::Cpu).with_context(|| format!("loading {}", record.display()))?;
+        let config = classifier.model.config();
+        let side = if config.small_input { 28 } else { 224 };
+        let example = Tensor::zeros([1, config.in_channels, side, side], (Kind::Float, Device::Cpu));
+        let network = &classifier.model;
+        (export::trace(&mut classifier.vs, &example, |x| network.forward_t(x, false))?, example)
+    } else {
+        let path = block.context("give --model or --scconv")?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: ScConvConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut vs = VarStore::new(Device::Cpu);
+        let block = scconv(vs.root(), &config)?;
+        if let Some(weights) = weights {
+            scconv_tch::weights::load(&mut vs, weights)?;
+        }
+        let example = Tensor::zeros([1, config.op_channel, 16, 16], (Kind::Float, Device::Cpu));
+        (export::trace(&mut vs, &example, |x| block.forward(x))?, example)
+    };
+    export::save(&module, out, force)?;
+    println!(
+        "wrote {} (traced at {:?}; runs at any batch and size the module accepts)",
+        out.display(),
+        example.size()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The images to classify and whether they are the test set in file order (then PyTorch's recorded

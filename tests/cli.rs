@@ -100,3 +100,19 @@ fn help_lists_the_parity_subcommand() {
     assert!(out.status.success());
     assert!(stdout(&out).contains("parity"), "{}", stdout(&out));
 }
+
+#[test]
+fn export_writes_torchscript_and_refuses_to_overwrite_without_force() {
+    let out = common::scratch_dir("cli-export").join("fmnist_sc.pt");
+    let record = common::crate_dir().join("weights/fmnist_sc.json");
+    let args = ["export", "--model", record.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let first = scconv_tch(&args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stdout(&first).contains("traced at [1, 1, 28, 28]"), "{}", stdout(&first));
+    assert!(tch::CModule::load(&out).is_ok());
+    let second = scconv_tch(&args);
+    assert!(!second.status.success());
+    assert!(stderr(&second).contains("the file exists; pass --force"), "{}", stderr(&second));
+    let forced = scconv_tch(&[&args[..], &["--force"]].concat());
+    assert!(forced.status.success(), "{}", stderr(&forced));
+}

@@ -94,3 +94,24 @@ fn trained_networks_on_the_gpu_predict_the_cpu_fixtures_classes() {
         assert!(r.passed(&policy), "{table}");
     }
 }
+
+#[test]
+fn an_exported_block_runs_on_the_gpu_like_the_rust_block() {
+    use scconv_tch::{export, scconv, weights, ScConvConfig};
+    use tch::{nn::Module, nn::VarStore, CModule, Kind, Tensor};
+    let device = gpu();
+    let mut vs = VarStore::new(device);
+    let block = scconv(vs.root(), &ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }).unwrap();
+    weights::load(&mut vs, committed_fixtures().join("group_num_4.safetensors")).unwrap();
+    let example = Tensor::randn([1, 32, 12, 12], (Kind::Float, device));
+    let module = export::trace(&mut vs, &example, |x| block.forward(x)).unwrap();
+    let path = scratch_dir("export-cuda").join("block.pt");
+    export::save(&module, &path, true).unwrap();
+    let x = Tensor::randn([3, 32, 10, 14], (Kind::Float, device));
+    let expected = tch::no_grad(|| block.forward(&x));
+    let loaded = CModule::load_on_device(&path, device).unwrap();
+    let actual = tch::no_grad(|| loaded.forward_ts(&[&x])).unwrap();
+    let c = scconv_tch::parity::compare(&actual, &expected, scconv_tch::parity::Tolerance::FP32).unwrap();
+    println!("exported block on the GPU: max abs error {:.3e}", c.max_abs_err);
+    assert!(c.passed(), "{c:?}");
+}
