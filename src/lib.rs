@@ -20,6 +20,7 @@ pub mod error;
 pub mod export;
 pub mod group_batchnorm;
 pub mod infer;
+pub mod info;
 pub mod input;
 pub mod model_parity;
 pub mod models;

@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::data::{self, Images};
 use scconv_tch::infer::{class_name, score, Classifier, Scores};
 use scconv_tch::parity::{self, Manifest, Policy};
-use scconv_tch::{export, scconv, ScConvConfig};
+use scconv_tch::{export, info, scconv, ScConvConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::nn::{Module, ModuleT, VarStore};
@@ -50,6 +50,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Parameters and multiply-adds of an ScConv block, layer by layer, against the 3x3 conv it replaces.
+    Info {
+        /// The block's ScConvConfig as JSON.
+        #[arg(long, conflicts_with = "channels", required_unless_present = "channels")]
+        scconv: Option<PathBuf>,
+        /// Or just its channel count, with the reference's defaults.
+        #[arg(long)]
+        channels: Option<i64>,
+        /// Feature-map size for the multiply-add totals.
+        #[arg(long, default_value_t = 56)]
+        height: i64,
+        #[arg(long, default_value_t = 56)]
+        width: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Classify Fashion-MNIST images with PyTorch-trained networks and compare with PyTorch's predictions.
     Infer {
         /// A network's training record (e.g. weights/fmnist_sc.json); several print side by side.
@@ -85,6 +101,9 @@ fn main() -> Result<ExitCode> {
         }
         Command::Export { model, scconv, weights, out, force } => {
             run_export(model.as_deref(), scconv.as_deref(), weights.as_deref(), &out, force)
+        }
+        Command::Info { scconv, channels, height, width, json } => {
+            run_info(scconv.as_deref(), channels, height * width, json)
         }
         Command::Infer { models, data, png, batch, device, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
@@ -172,6 +191,39 @@ fn run_export(
         out.display(),
         example.size()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_info(config: Option<&Path>, channels: Option<i64>, positions: i64, json: bool) -> Result<ExitCode> {
+    let config = match (config, channels) {
+        (Some(path), _) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        (None, Some(c)) => ScConvConfig::new(c),
+        (None, None) => bail!("give --scconv CONFIG.json or --channels C"),
+    };
+    config.validate().map_err(scconv_tch::ScConvError::from)?;
+    let layers = info::scconv_costs(&config);
+    let (total, plain) = (info::total(&layers), info::conv3x3_cost(config.op_channel));
+    if json {
+        let value = serde_json::json!({ "config": config, "positions": positions, "layers": layers,
+            "total": total, "conv3x3": plain, "convention": "MACs of convolutions per output position" });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("ScConv {config:?}, {positions} output positions");
+    println!("{:<14} {:>12} {:>16}", "layer", "parameters", "multiply-adds");
+    for l in layers.iter().chain([&total, &plain]) {
+        println!("{:<14} {:>12} {:>16}", l.name, l.parameters, l.macs_per_position * positions);
+    }
+    println!(
+        "ScConv / conv3x3: {:.3}x the parameters, {:.3}x the multiply-adds",
+        total.parameters as f64 / plain.parameters as f64,
+        total.macs_per_position as f64 / plain.macs_per_position as f64
+    );
+    println!("multiply-adds: convolutions only (FLOPs ~ 2x); GroupNorm, gate, softmax, pooling and element-wise work, O(C) per position, are not counted");
     Ok(ExitCode::SUCCESS)
 }
 
