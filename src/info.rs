@@ -74,3 +74,118 @@ mod tests {
         assert_eq!((total(&layers).parameters, conv3x3_cost(64).parameters), (7_616, 36_864));
     }
 }
+
+/// One row of a network's table: a residual 3x3 conv position (SC and plain side by side), or the
+/// layers both variants share.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetworkRow {
+    pub name: String,
+    pub parameters: i64,
+    pub macs: i64,
+    pub plain_parameters: i64,
+    pub plain_macs: i64,
+}
+
+/// Walks a network, collecting the rows.
+struct Walker {
+    sc: bool,
+    rows: Vec<NetworkRow>,
+    shared: NetworkRow,
+}
+
+/// The output size of a conv or pool along one axis.
+fn out_size(size: i64, kernel: i64, stride: i64, padding: i64) -> i64 {
+    (size + 2 * padding - kernel) / stride + 1
+}
+
+impl Walker {
+    fn shared(&mut self, parameters: i64, macs: i64) {
+        self.shared.parameters += parameters;
+        self.shared.plain_parameters += parameters;
+        self.shared.macs += macs;
+        self.shared.plain_macs += macs;
+    }
+
+    fn batch_norm(&mut self, channels: i64) {
+        self.shared(2 * channels, 0);
+    }
+
+    fn conv1x1(&mut self, cin: i64, cout: i64, out: (i64, i64)) {
+        self.shared(cin * cout, cin * cout * out.0 * out.1);
+    }
+
+    /// A residual 3x3 conv on an `input`-sized map: an ScConv row where it keeps its channels in the
+    /// SC variant (run at the input resolution, pooled after a stride 2), else shared.
+    fn residual(&mut self, name: String, cin: i64, cout: i64, input: (i64, i64), stride: i64) {
+        let out = (out_size(input.0, 3, stride, 1), out_size(input.1, 3, stride, 1));
+        let (plain_parameters, plain_macs) = (9 * cin * cout, 9 * cin * cout * out.0 * out.1);
+        if self.sc && cin == cout {
+            let sc = total(&scconv_costs(&ScConvConfig::new(cout)));
+            let macs = sc.macs_per_position * input.0 * input.1;
+            self.rows.push(NetworkRow {
+                name,
+                parameters: sc.parameters,
+                macs,
+                plain_parameters,
+                plain_macs,
+            });
+        } else {
+            self.shared(plain_parameters, plain_macs);
+        }
+    }
+}
+
+/// Per-layer costs of `config` (assumed valid) on `height` x `width` inputs, against its plain twin.
+pub fn network_costs(config: &crate::models::ResNetConfig, height: i64, width: i64) -> Vec<NetworkRow> {
+    use crate::models::BlockKind;
+    let shared = NetworkRow {
+        name: "shared layers".into(),
+        parameters: 0,
+        macs: 0,
+        plain_parameters: 0,
+        plain_macs: 0,
+    };
+    let mut walk = Walker { sc: config.sc, rows: Vec::new(), shared };
+    let (w0, cin) = (config.widths[0], config.in_channels);
+    let (k, stride, pad) = if config.small_input { (3, 1, 1) } else { (7, 2, 3) };
+    let mut size = (out_size(height, k, stride, pad), out_size(width, k, stride, pad));
+    walk.shared(w0 * cin * k * k, w0 * cin * k * k * size.0 * size.1);
+    walk.batch_norm(w0);
+    if !config.small_input {
+        size = (out_size(size.0, 3, 2, 1), out_size(size.1, 3, 2, 1));
+    }
+    let expansion = config.block.expansion();
+    let mut in_planes = w0;
+    for (index, (&planes, &blocks)) in config.widths.iter().zip(&config.layers).enumerate() {
+        for b in 0..blocks {
+            let stride = if index > 0 && b == 0 { 2 } else { 1 };
+            let out = (out_size(size.0, 1, stride, 0), out_size(size.1, 1, stride, 0));
+            let name = |conv: &str| format!("layer{}.{b}.{conv}", index + 1);
+            match config.block {
+                BlockKind::Basic => {
+                    walk.residual(name("conv1"), in_planes, planes, size, stride);
+                    walk.batch_norm(planes);
+                    walk.residual(name("conv2"), planes, planes, out, 1);
+                    walk.batch_norm(planes);
+                }
+                BlockKind::Bottleneck => {
+                    walk.conv1x1(in_planes, planes, size);
+                    walk.batch_norm(planes);
+                    walk.residual(name("conv2"), planes, planes, size, stride);
+                    walk.batch_norm(planes);
+                    walk.conv1x1(planes, planes * expansion, out);
+                    walk.batch_norm(planes * expansion);
+                }
+            }
+            if b == 0 && (stride != 1 || in_planes != planes * expansion) {
+                walk.conv1x1(in_planes, planes * expansion, out);
+                walk.batch_norm(planes * expansion);
+            }
+            in_planes = planes * expansion;
+            size = out;
+        }
+    }
+    walk.shared(in_planes * config.num_classes + config.num_classes, in_planes * config.num_classes);
+    walk.rows.push(walk.shared.clone());
+    walk.rows
+}

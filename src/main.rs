@@ -4,7 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::data::{self, Images};
-use scconv_tch::infer::{class_name, score, Classifier, Scores};
+use scconv_tch::infer::{class_name, score, Classifier, ModelRecord, Scores};
+use scconv_tch::models::ResNetConfig;
 use scconv_tch::parity::{self, Manifest, Policy};
 use scconv_tch::{export, info, scconv, ScConvConfig};
 use std::path::{Path, PathBuf};
@@ -50,19 +51,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Parameters and multiply-adds of an ScConv block, layer by layer, against the 3x3 conv it replaces.
+    /// Parameters and multiply-adds, layer by layer, against the plain 3x3-conv version: of an ScConv
+    /// block (--scconv / --channels) or of a network (--arch / --model).
     Info {
-        /// The block's ScConvConfig as JSON.
-        #[arg(long, conflicts_with = "channels", required_unless_present = "channels")]
+        /// A block's ScConvConfig as JSON.
+        #[arg(long, group = "what")]
         scconv: Option<PathBuf>,
-        /// Or just its channel count, with the reference's defaults.
-        #[arg(long)]
+        /// A block with this many channels and the reference's defaults.
+        #[arg(long, group = "what")]
         channels: Option<i64>,
-        /// Feature-map size for the multiply-add totals.
-        #[arg(long, default_value_t = 56)]
-        height: i64,
-        #[arg(long, default_value_t = 56)]
-        width: i64,
+        /// A named network: resnet18, resnet34, resnet50, resnet101 (with --sc: its SC twin).
+        #[arg(long, group = "what")]
+        arch: Option<String>,
+        #[arg(long, requires = "arch")]
+        sc: bool,
+        /// A trained network's record (e.g. weights/fmnist_sc.json).
+        #[arg(long, group = "what")]
+        model: Option<PathBuf>,
+        /// Input size (default: 56 for a block, 224 for a network, 28 for a small-image network).
+        #[arg(long)]
+        size: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -102,9 +110,17 @@ fn main() -> Result<ExitCode> {
         Command::Export { model, scconv, weights, out, force } => {
             run_export(model.as_deref(), scconv.as_deref(), weights.as_deref(), &out, force)
         }
-        Command::Info { scconv, channels, height, width, json } => {
-            run_info(scconv.as_deref(), channels, height * width, json)
-        }
+        Command::Info { scconv, channels, arch, sc, model, size, json } => match (arch, model) {
+            (Some(arch), _) => run_network_info(&ResNetConfig::named(&arch, sc)?, size, json),
+            (None, Some(record)) => {
+                let text = std::fs::read_to_string(&record)
+                    .with_context(|| format!("reading {}", record.display()))?;
+                let record: ModelRecord =
+                    serde_json::from_str(&text).with_context(|| format!("parsing {}", record.display()))?;
+                run_network_info(&record.config, size, json)
+            }
+            (None, None) => run_info(scconv.as_deref(), channels, size.unwrap_or(56).pow(2), json),
+        },
         Command::Infer { models, data, png, batch, device, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
         }
@@ -224,6 +240,39 @@ fn run_info(config: Option<&Path>, channels: Option<i64>, positions: i64, json: 
         total.macs_per_position as f64 / plain.macs_per_position as f64
     );
     println!("multiply-adds: convolutions only (FLOPs ~ 2x); GroupNorm, gate, softmax, pooling and element-wise work, O(C) per position, are not counted");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_network_info(config: &ResNetConfig, size: Option<i64>, json: bool) -> Result<ExitCode> {
+    config.validate()?;
+    let side = size.unwrap_or(if config.small_input { 28 } else { 224 });
+    let rows = info::network_costs(config, side, side);
+    let sum = |f: fn(&info::NetworkRow) -> i64| rows.iter().map(f).sum::<i64>();
+    let totals = [sum(|r| r.parameters), sum(|r| r.macs), sum(|r| r.plain_parameters), sum(|r| r.plain_macs)];
+    if json {
+        let value = serde_json::json!({ "config": config, "input": [side, side], "rows": rows, "totals": totals,
+            "convention": "MACs of convolutions and linear layers for one image" });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("network on one {side}x{side} image; SC columns: this config, plain: its twin with 3x3 convs");
+    println!(
+        "{:<22} {:>12} {:>15} {:>12} {:>15}",
+        "layer", "parameters", "multiply-adds", "plain params", "plain MACs"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:>12} {:>15} {:>12} {:>15}",
+            r.name, r.parameters, r.macs, r.plain_parameters, r.plain_macs
+        );
+    }
+    println!("{:<22} {:>12} {:>15} {:>12} {:>15}", "total", totals[0], totals[1], totals[2], totals[3]);
+    println!(
+        "against plain: {:.3}x the parameters, {:.3}x the multiply-adds",
+        totals[0] as f64 / totals[2] as f64,
+        totals[1] as f64 / totals[3] as f64
+    );
+    println!("multiply-adds: convolutions and linear layers (FLOPs ~ 2x); an ScConv replacing a stride-2 conv runs at the input resolution, then pools");
     Ok(ExitCode::SUCCESS)
 }
 

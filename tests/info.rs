@@ -44,3 +44,41 @@ fn the_cli_prints_the_table_and_json() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("divisible by group_num"));
 }
+
+fn totals(rows: &[info::NetworkRow]) -> (i64, i64, i64, i64) {
+    rows.iter().fold((0, 0, 0, 0), |t, r| {
+        (t.0 + r.parameters, t.1 + r.macs, t.2 + r.plain_parameters, t.3 + r.plain_macs)
+    })
+}
+
+#[test]
+fn network_counts_match_pytorch_and_the_built_networks() {
+    use scconv_tch::models::{resnet, ResNetConfig};
+    // Multiply-adds from parity/../scripts/count_macs.py (hooks on PyTorch's conv and linear layers).
+    let cases = [
+        ("resnet50", 16_530_280, 2_821_537_792, 25_557_032, 4_089_184_256),
+        ("resnet18", 4_161_704, 613_863_424, 11_689_512, 1_814_073_344),
+    ];
+    for (arch, params, macs, plain_params, plain_macs) in cases {
+        let config = ResNetConfig::named(arch, true).unwrap();
+        let rows = info::network_costs(&config, 224, 224);
+        assert_eq!(totals(&rows), (params, macs, plain_params, plain_macs), "{arch}");
+        let vs = VarStore::new(Device::Cpu);
+        resnet(vs.root(), &config).unwrap();
+        let built: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(built, params, "{arch}: info and the built network agree");
+    }
+}
+
+#[test]
+fn the_cli_prints_a_network_table_against_its_plain_twin() {
+    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let out = Command::new(&bin).args(["info", "--arch", "resnet50", "--sc"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("layer4.0.conv2"), "{text}");
+    let total = text.lines().find(|l| l.starts_with("total")).unwrap();
+    let numbers: Vec<&str> = total.split_whitespace().skip(1).collect();
+    assert_eq!(numbers, ["16530280", "2821537792", "25557032", "4089184256"]);
+    assert!(text.contains("0.647x the parameters"), "{text}");
+}
