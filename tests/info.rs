@@ -34,7 +34,7 @@ fn the_cli_prints_the_table_and_json() {
     assert!(text.contains("conv3x3               36864        115605504"), "{text}");
     assert!(text.contains("0.207x the parameters"), "{text}");
     let out = Command::new(&bin)
-        .args(["info", "--channels", "128", "--height", "28", "--width", "28", "--json"])
+        .args(["info", "--channels", "128", "--size", "28", "--json"])
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
