@@ -13,6 +13,7 @@
 //! let y = tch::no_grad(|| block.try_forward(&x))?;
 //! # Ok(()) }
 //! ```
+pub mod bench;
 pub mod config;
 pub mod cru;
 pub mod data;

@@ -7,7 +7,7 @@ use scconv_tch::data::{self, Images};
 use scconv_tch::infer::{class_name, score, Classifier, ModelRecord, Scores};
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::parity::{self, Manifest, Policy};
-use scconv_tch::{export, info, scconv, ScConvConfig};
+use scconv_tch::{bench, export, info, scconv, ScConvConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::nn::{Module, ModuleT, VarStore};
@@ -74,6 +74,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time Rust ScConv against a 3x3 conv at the ResNet-50 shapes, and networks in images/s.
+    Bench {
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+        /// Batch sizes (default: 1 and 8 on the CPU, 1 and 64 on CUDA).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<i64>,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Skip the networks (ResNet-50 plain vs SC at 224x224, the Fashion-MNIST pair).
+        #[arg(long)]
+        no_models: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Classify Fashion-MNIST images with PyTorch-trained networks and compare with PyTorch's predictions.
     Infer {
         /// A network's training record (e.g. weights/fmnist_sc.json); several print side by side.
@@ -121,6 +138,9 @@ fn main() -> Result<ExitCode> {
             }
             (None, None) => run_info(scconv.as_deref(), channels, size.unwrap_or(56).pow(2), json),
         },
+        Command::Bench { device, batches, warmup, runs, no_models, json } => {
+            run_bench(device.resolve()?, batches, warmup, runs, !no_models, json)
+        }
         Command::Infer { models, data, png, batch, device, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
         }
@@ -274,6 +294,94 @@ fn run_network_info(config: &ResNetConfig, size: Option<i64>, json: bool) -> Res
     );
     println!("multiply-adds: convolutions and linear layers (FLOPs ~ 2x); an ScConv replacing a stride-2 conv runs at the input resolution, then pools");
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_bench(
+    device: Device,
+    batches: Vec<i64>,
+    warmup: usize,
+    runs: usize,
+    models: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let batches = if !batches.is_empty() {
+        batches
+    } else if device.is_cuda() {
+        vec![1, 64]
+    } else {
+        vec![1, 8]
+    };
+    let mut blocks = Vec::new();
+    for &batch in &batches {
+        for (channels, size) in bench::RESNET50_SHAPES {
+            blocks.push(bench::bench_block(channels, size, batch, device, warmup, runs)?);
+        }
+    }
+    let networks = if models { bench_networks(device, warmup, runs)? } else { Vec::new() };
+    if json {
+        let value = serde_json::json!({ "device": format!("{device:?}"), "threads": tch::get_num_threads(),
+            "blocks": blocks, "networks": networks });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{device:?}, {} threads, forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        tch::get_num_threads()
+    );
+    println!(
+        "{:<10} {:>5} {:>24} {:>24} {:>9}",
+        "shape", "batch", "Rust ScConv ms", "Rust conv3x3 ms", "ratio"
+    );
+    for b in &blocks {
+        let cell = |t: &bench::Timing| format!("{:.3} ({:.3}-{:.3})", t.median_ms, t.min_ms, t.max_ms);
+        println!(
+            "{:<10} {:>5} {:>24} {:>24} {:>8.2}x",
+            format!("{}@{}", b.channels, b.size),
+            b.batch,
+            cell(&b.scconv),
+            cell(&b.conv3x3),
+            b.scconv.median_ms / b.conv3x3.median_ms
+        );
+    }
+    for n in &networks {
+        println!("{:<28} batch {:>3}: {:>9.1} images/s", n.name, n.batch, n.images_per_second);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct NetworkBench {
+    name: String,
+    batch: i64,
+    timing: bench::Timing,
+    images_per_second: f64,
+}
+
+/// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28).
+fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<NetworkBench>> {
+    let big_batch = if device.is_cuda() { 64 } else { 8 };
+    let mut configs = vec![
+        ("resnet50".to_string(), ResNetConfig::named("resnet50", false)?, big_batch, 224),
+        ("sc_resnet50".to_string(), ResNetConfig::named("resnet50", true)?, big_batch, 224),
+    ];
+    for name in ["fmnist_plain", "fmnist_sc"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("weights/{name}.json"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let record: ModelRecord = serde_json::from_str(&text)?;
+            configs.push((name.to_string(), record.config, 256, 28));
+        }
+    }
+    let (warmup, runs) = (warmup.min(2), runs.clamp(1, 5));
+    let mut out = Vec::new();
+    for (name, config, batch, side) in configs {
+        let vs = VarStore::new(device);
+        let model = scconv_tch::models::resnet(vs.root(), &config)?;
+        let x = Tensor::randn([batch, config.in_channels, side, side], (Kind::Float, device));
+        let timing = tch::no_grad(|| bench::time(device, warmup, runs, || model.forward_t(&x, false)));
+        let images_per_second = batch as f64 / (timing.median_ms / 1e3);
+        out.push(NetworkBench { name, batch, timing, images_per_second });
+    }
+    Ok(out)
 }
 
 /// The images to classify and whether they are the test set in file order (then PyTorch's recorded

@@ -33,10 +33,8 @@ fn the_cli_prints_the_table_and_json() {
     assert!(text.contains("total                  7616"), "{text}");
     assert!(text.contains("conv3x3               36864        115605504"), "{text}");
     assert!(text.contains("0.207x the parameters"), "{text}");
-    let out = Command::new(&bin)
-        .args(["info", "--channels", "128", "--size", "28", "--json"])
-        .output()
-        .unwrap();
+    let out =
+        Command::new(&bin).args(["info", "--channels", "128", "--size", "28", "--json"]).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["conv3x3"]["parameters"], 9 * 128 * 128);
     assert_eq!(json["positions"], 784);
@@ -81,4 +79,22 @@ fn the_cli_prints_a_network_table_against_its_plain_twin() {
     let numbers: Vec<&str> = total.split_whitespace().skip(1).collect();
     assert_eq!(numbers, ["16530280", "2821537792", "25557032", "4089184256"]);
     assert!(text.contains("0.647x the parameters"), "{text}");
+}
+
+#[test]
+fn bench_reports_every_resnet50_shape_as_json() {
+    // Structure only: timings are measurements, never assertions.
+    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let args = ["bench", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-models", "--json"];
+    let out = Command::new(&bin).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shapes: Vec<(i64, i64)> = json["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["channels"].as_i64().unwrap(), b["size"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(shapes, [(64, 56), (128, 28), (256, 14), (512, 7)]);
+    assert!(json["blocks"][0]["scconv"]["median_ms"].as_f64().is_some());
 }

@@ -1,0 +1,42 @@
+"""Runs `scconv-tch bench` and scripts/bench_reference.py one after the other on this machine and prints
+the ratios side by side: Rust ScConv / Python ScConv, and ScConv / conv3x3 on each side.
+
+    .venv/bin/python scripts/bench_compare.py [--device cpu|cuda] [--runs 20] [--binary target/debug/scconv-tch]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", default="20")
+    parser.add_argument("--warmup", default="5")
+    parser.add_argument("--binary", default=os.path.join(ROOT, "target", "debug", "scconv-tch"))
+    args = parser.parse_args()
+    common = ["--device", args.device, "--runs", args.runs, "--warmup", args.warmup]
+    rust = json.loads(subprocess.run([args.binary, "bench", "--json", *common], check=True, capture_output=True,
+                                     text=True).stdout)
+    python = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_reference.py"), *common],
+                                       check=True, capture_output=True, text=True).stdout)
+    print(f"{args.device}, Rust {rust['threads']} threads, PyTorch {python['torch_version']} {python['threads']} threads; "
+          "median ms, forward only")
+    print(f"{'shape':<9} {'batch':>5} {'Rust ScConv':>12} {'Py ScConv':>10} {'Rust conv':>10} {'Py conv':>8} "
+          f"{'Rust/Py ScConv':>15} {'ScConv/conv Rust':>17} {'ScConv/conv Py':>15}")
+    for r, p in zip(rust["blocks"], python["blocks"]):
+        assert (r["channels"], r["size"], r["batch"]) == (p["channels"], p["size"], p["batch"])
+        rs, ps = r["scconv"]["median_ms"], p["scconv"]["median_ms"]
+        rc, pc = r["conv3x3"]["median_ms"], p["conv3x3"]["median_ms"]
+        print(f"{r['channels']}@{r['size']:<6} {r['batch']:>5} {rs:>12.3f} {ps:>10.3f} {rc:>10.3f} {pc:>8.3f} "
+              f"{rs / ps:>14.2f}x {rs / rc:>16.2f}x {ps / pc:>14.2f}x")
+    for n in rust.get("networks", []):
+        print(f"{n['name']:<14} batch {n['batch']:>3}: {n['images_per_second']:>9.1f} images/s (Rust)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+//! Timing of the Rust ScConv against a plain 3x3 conv, and of whole networks (images/s): warm-up, then
+//! several timed runs; median and spread. CUDA runs are synchronised before each clock read.
+//! Timings are measurements, never test assertions.
+use crate::error::ScConvError;
+use crate::{scconv, ScConvConfig};
+use serde::Serialize;
+use std::time::Instant;
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// The four ResNet-50 shapes a 3x3 residual conv sees: (channels, height = width).
+pub const RESNET50_SHAPES: [(i64, i64); 4] = [(64, 56), (128, 28), (256, 14), (512, 7)];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub runs: usize,
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Times `f` `runs` times after `warmup` untimed calls.
+pub fn time(device: Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Tensor) -> Timing {
+    for _ in 0..warmup {
+        let _ = f();
+    }
+    sync(device);
+    let mut ms: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let _ = f();
+            sync(device);
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], runs: ms.len() }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockBench {
+    pub channels: i64,
+    pub size: i64,
+    pub batch: i64,
+    pub scconv: Timing,
+    pub conv3x3: Timing,
+}
+
+/// Rust ScConv (reference defaults, fresh weights) and a bias-free 3x3 conv on one shape, forward only.
+pub fn bench_block(
+    channels: i64,
+    size: i64,
+    batch: i64,
+    device: Device,
+    warmup: usize,
+    runs: usize,
+) -> Result<BlockBench, ScConvError> {
+    let vs = nn::VarStore::new(device);
+    let block = scconv(vs.root() / "scconv", &ScConvConfig::new(channels))?;
+    let conv_config = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
+    let conv = nn::conv2d(vs.root() / "conv3x3", channels, channels, 3, conv_config);
+    let x = Tensor::randn([batch, channels, size, size], (Kind::Float, device));
+    tch::no_grad(|| {
+        let scconv = time(device, warmup, runs, || block.forward(&x));
+        let conv3x3 = time(device, warmup, runs, || conv.forward(&x));
+        Ok(BlockBench { channels, size, batch, scconv, conv3x3 })
+    })
+}
