@@ -1,0 +1,98 @@
+//! `scconv-tch bench`: timings.
+use anyhow::Result;
+use scconv_tch::bench;
+use scconv_tch::infer::ModelRecord;
+use scconv_tch::models::ResNetConfig;
+use std::path::Path;
+use std::process::ExitCode;
+use tch::nn::{ModuleT, VarStore};
+use tch::Device;
+use tch::{Kind, Tensor};
+
+pub fn run_bench(
+    device: Device,
+    batches: Vec<i64>,
+    warmup: usize,
+    runs: usize,
+    models: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let batches = if !batches.is_empty() {
+        batches
+    } else if device.is_cuda() {
+        vec![1, 64]
+    } else {
+        vec![1, 8]
+    };
+    let mut blocks = Vec::new();
+    for &batch in &batches {
+        for (channels, size) in bench::RESNET50_SHAPES {
+            blocks.push(bench::bench_block(channels, size, batch, device, warmup, runs)?);
+        }
+    }
+    let networks = if models { bench_networks(device, warmup, runs)? } else { Vec::new() };
+    if json {
+        let value = serde_json::json!({ "device": format!("{device:?}"), "threads": tch::get_num_threads(),
+            "blocks": blocks, "networks": networks });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{device:?}, {} threads, forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        tch::get_num_threads()
+    );
+    println!(
+        "{:<10} {:>5} {:>24} {:>24} {:>9}",
+        "shape", "batch", "Rust ScConv ms", "Rust conv3x3 ms", "ratio"
+    );
+    for b in &blocks {
+        let cell = |t: &bench::Timing| format!("{:.3} ({:.3}-{:.3})", t.median_ms, t.min_ms, t.max_ms);
+        println!(
+            "{:<10} {:>5} {:>24} {:>24} {:>8.2}x",
+            format!("{}@{}", b.channels, b.size),
+            b.batch,
+            cell(&b.scconv),
+            cell(&b.conv3x3),
+            b.scconv.median_ms / b.conv3x3.median_ms
+        );
+    }
+    for n in &networks {
+        println!("{:<28} batch {:>3}: {:>9.1} images/s", n.name, n.batch, n.images_per_second);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct NetworkBench {
+    name: String,
+    batch: i64,
+    timing: bench::Timing,
+    images_per_second: f64,
+}
+
+/// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28).
+fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<NetworkBench>> {
+    let big_batch = if device.is_cuda() { 64 } else { 8 };
+    let mut configs = vec![
+        ("resnet50".to_string(), ResNetConfig::named("resnet50", false)?, big_batch, 224),
+        ("sc_resnet50".to_string(), ResNetConfig::named("resnet50", true)?, big_batch, 224),
+    ];
+    for name in ["fmnist_plain", "fmnist_sc"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("weights/{name}.json"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let record: ModelRecord = serde_json::from_str(&text)?;
+            configs.push((name.to_string(), record.config, 256, 28));
+        }
+    }
+    let (warmup, runs) = (warmup.min(2), runs.clamp(1, 5));
+    let mut out = Vec::new();
+    for (name, config, batch, side) in configs {
+        let vs = VarStore::new(device);
+        let model = scconv_tch::models::resnet(vs.root(), &config)?;
+        let x = Tensor::randn([batch, config.in_channels, side, side], (Kind::Float, device));
+        let timing = tch::no_grad(|| bench::time(device, warmup, runs, || model.forward_t(&x, false)));
+        let images_per_second = batch as f64 / (timing.median_ms / 1e3);
+        out.push(NetworkBench { name, batch, timing, images_per_second });
+    }
+    Ok(out)
+}

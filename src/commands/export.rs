@@ -1,0 +1,46 @@
+//! `scconv-tch export`: TorchScript.
+use anyhow::{Context, Result};
+use scconv_tch::infer::Classifier;
+use scconv_tch::{export, scconv, ScConvConfig};
+use std::path::Path;
+use std::process::ExitCode;
+use tch::nn::{Module, ModuleT, VarStore};
+use tch::Device;
+use tch::{Kind, Tensor};
+
+pub fn run_export(
+    model: Option<&Path>,
+    block: Option<&Path>,
+    weights: Option<&Path>,
+    out: &Path,
+    force: bool,
+) -> Result<ExitCode> {
+    let (module, example) = if let Some(record) = model {
+        let mut classifier =
+            Classifier::load(record, Device::Cpu).with_context(|| format!("loading {}", record.display()))?;
+        let config = classifier.model.config();
+        let side = if config.small_input { 28 } else { 224 };
+        let example = Tensor::zeros([1, config.in_channels, side, side], (Kind::Float, Device::Cpu));
+        let network = &classifier.model;
+        (export::trace(&mut classifier.vs, &example, |x| network.forward_t(x, false))?, example)
+    } else {
+        let path = block.context("give --model or --scconv")?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: ScConvConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let mut vs = VarStore::new(Device::Cpu);
+        let block = scconv(vs.root(), &config)?;
+        if let Some(weights) = weights {
+            scconv_tch::weights::load(&mut vs, weights)?;
+        }
+        let example = Tensor::zeros([1, config.op_channel, 16, 16], (Kind::Float, Device::Cpu));
+        (export::trace(&mut vs, &example, |x| block.forward(x))?, example)
+    };
+    export::save(&module, out, force)?;
+    println!(
+        "wrote {} (traced at {:?}; runs at any batch and size the module accepts)",
+        out.display(),
+        example.size()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,128 @@
+//! `scconv-tch infer`: classification with trained networks.
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use scconv_tch::data::{self, Images};
+use scconv_tch::infer::{class_name, score, Classifier, Scores};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tch::Device;
+
+/// The images to classify and whether they are the test set in file order (then PyTorch's recorded
+/// predictions apply).
+fn load_images(data: &str, png: Option<&Path>) -> Result<(Images, String, bool)> {
+    if let Some(dir) = png {
+        return Ok((data::read_png_folder(dir, 28)?, format!("PNG images in {}", dir.display()), false));
+    }
+    let debian = Path::new(data::DEBIAN_DIR);
+    let (dir, test_set) = match data {
+        "auto" if debian.is_dir() => (debian.to_path_buf(), true),
+        "auto" | "sample" => (data::sample_dir(), true),
+        "full" if debian.is_dir() => (debian.to_path_buf(), true),
+        "full" => bail!(
+            "--data full needs Debian's dataset-fashion-mnist in {} (apt-get install dataset-fashion-mnist)",
+            data::DEBIAN_DIR
+        ),
+        other => (PathBuf::from(other), false),
+    };
+    let images =
+        data::read_idx_split(&dir).with_context(|| format!("reading images in {}", dir.display()))?;
+    Ok((images, format!("Fashion-MNIST test images in {}", dir.display()), test_set))
+}
+
+struct Run {
+    classifier: Classifier,
+    predictions: Vec<i64>,
+    scores: Scores,
+    images_per_second: f64,
+}
+
+pub fn run_infer(
+    models: &[PathBuf],
+    data: &str,
+    png: Option<&Path>,
+    batch: i64,
+    device: Device,
+    json: bool,
+) -> Result<ExitCode> {
+    let (images, source, test_set) = load_images(data, png)?;
+    let n = images.pixels.size()[0] as u64;
+    let mut runs = Vec::new();
+    for path in models {
+        let classifier =
+            Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
+        let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(classifier.record.name.clone());
+        let (predictions, elapsed) = classifier.classify(&images, batch, |k| bar.inc(k))?;
+        bar.finish_and_clear();
+        let pytorch = test_set.then(|| {
+            &classifier.record.test_predictions
+                [..predictions.len().min(classifier.record.test_predictions.len())]
+        });
+        let scores = score(&predictions, images.labels.as_deref(), pytorch);
+        let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
+        runs.push(Run { classifier, predictions, scores, images_per_second });
+    }
+    if json {
+        return print_json(&runs, &source, device);
+    }
+    println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
+    print!("{}", infer_table(&runs));
+    if png.is_some() {
+        for (i, name) in images.names.iter().enumerate() {
+            let classes: Vec<&str> = runs.iter().map(|r| class_name(r.predictions[i])).collect();
+            println!("{name}: {}", classes.join(" | "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
+    let rows: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.classifier.record.name, "parameters": r.classifier.parameters(),
+                "pytorch_test_accuracy": r.classifier.record.test_accuracy, "scores": r.scores,
+                "images_per_second": r.images_per_second, "predictions": r.predictions,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({ "source": source, "device": format!("{device:?}"), "runs": rows });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn infer_table(runs: &[Run]) -> String {
+    let mut out = format!(
+        "{:<14} {:>11} {:>10} {:>20} {:>10}\n",
+        "network", "parameters", "accuracy", "agrees with PyTorch", "images/s"
+    );
+    for r in runs {
+        let s = &r.scores;
+        let accuracy =
+            s.correct.map_or("-".into(), |c| format!("{:.2}%", 100.0 * c as f64 / s.images as f64));
+        let agreement = s
+            .agreeing
+            .map_or("-".into(), |a| format!("{a}/{} ({:.2}%)", s.images, 100.0 * a as f64 / s.images as f64));
+        out += &format!(
+            "{:<14} {:>11} {:>10} {:>20} {:>10.0}\n",
+            r.classifier.record.name,
+            r.classifier.parameters(),
+            accuracy,
+            agreement,
+            r.images_per_second
+        );
+        for (index, rust, torch) in &s.disagreements {
+            out += &format!(
+                "    image {index}: Rust says {}, PyTorch said {}\n",
+                class_name(*rust),
+                class_name(*torch)
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,6 @@
+//! One module per subcommand of `scconv-tch`.
+pub mod bench;
+pub mod export;
+pub mod infer;
+pub mod info;
+pub mod parity;
