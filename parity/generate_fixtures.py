@@ -140,39 +140,45 @@ def main():
     if args.format == "safetensors" and save_file is None:
         parser.error("--format safetensors needs the safetensors package (pip install safetensors)")
 
-    os.makedirs(args.out, exist_ok=True)
+    generate(CASES, args.out, args.seed, args.device, args.format)
+
+
+def generate(cases, out, seed, device, fmt, generator="parity/generate_fixtures.py", verbose=True):
+    """Writes `cases` ((name, op_channel, (N, H, W), overrides, weights_from) each) and the manifest."""
+    os.makedirs(out, exist_ok=True)
     manifest = {
-        "generator": "parity/generate_fixtures.py",
+        "generator": generator,
         "reference": "parity/reference_scconv.py (seed document 000_8c60a6467fa50790.txt)",
         "torch_version": torch.__version__,
-        "device": args.device,
-        "seed": args.seed,
+        "device": device,
+        "seed": seed,
         "loss": "sum(output * cos(0.7 * arange(numel)).reshape(output.shape))",
         "cases": [],
     }
-    names = [case[0] for case in CASES]
-    for index, (name, op_channel, nhw, overrides, weights_from) in enumerate(CASES):
-        model_seed = args.seed + names.index(weights_from or name)
-        input_seed = args.seed + 1000 + index
+    names = [case[0] for case in cases]
+    for index, (name, op_channel, nhw, overrides, weights_from) in enumerate(cases):
+        model_seed = seed + names.index(weights_from or name)
+        input_seed = seed + 1000 + index
         config, state_dict, tensors, without_grad = run_case(
-            op_channel, nhw, overrides, model_seed, input_seed, args.device)
+            op_channel, nhw, overrides, model_seed, input_seed, device)
         if weights_from is None:
-            write(state_dict, args.out, name, args.format)
-        tensors_file = write(tensors, args.out, f"{name}.tensors", args.format)
+            write(state_dict, out, name, fmt)
+        tensors_file = write(tensors, out, f"{name}.tensors", fmt)
         if name == PT_CASE:
-            torch.save(to_cpu_contiguous(state_dict), os.path.join(args.out, f"{name}.pt"))
+            torch.save(to_cpu_contiguous(state_dict), os.path.join(out, f"{name}.pt"))
         manifest["cases"].append({
             "name": name,
             "config": config,
             "input_shape": list(tensors["input"].shape),
             "model_seed": model_seed,
             "input_seed": input_seed,
-            "state_dict": f"{weights_from or name}.{args.format}",
+            "state_dict": f"{weights_from or name}.{fmt}",
             "tensors": tensors_file,
             "params_without_grad": without_grad,
         })
-        print(f"{name}: input {list(tensors['input'].shape)}, params without grad: {without_grad}")
-    write_manifest(manifest, args.out)
+        if verbose:
+            print(f"{name}: input {list(tensors['input'].shape)}, params without grad: {without_grad}")
+    write_manifest(manifest, out)
 
 
 def write_manifest(manifest, out):
