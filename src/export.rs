@@ -21,11 +21,22 @@ pub fn trace(
     Ok(module?)
 }
 
-/// Writes `module` to `path`; an existing file is kept unless `overwrite`.
+/// Writes `module` to `path`; an existing file is kept unless `overwrite`. The module goes to a
+/// temporary file beside `path` first and is renamed into place, so a failed write leaves nothing behind.
 pub fn save(module: &CModule, path: &Path, overwrite: bool) -> Result<(), ScConvError> {
     let error = |reason: String| ScConvError::Write { path: path.display().to_string(), reason };
     if path.exists() && !overwrite {
         return Err(error("the file exists; pass --force (overwrite = true) to replace it".into()));
     }
-    module.save(path).map_err(|e| error(e.to_string()))
+    let name = path.file_name().ok_or_else(|| error("not a file path".into()))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        return Err(error(format!("the folder {} does not exist", parent.display())));
+    }
+    let partial = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let written = module.save(&partial).map_err(|e| error(e.to_string()));
+    let renamed = written.and_then(|()| std::fs::rename(&partial, path).map_err(|e| error(e.to_string())));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    renamed
 }

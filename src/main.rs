@@ -114,8 +114,29 @@ enum DeviceArg {
     Cuda,
 }
 
-fn main() -> Result<ExitCode> {
-    match Cli::parse().command {
+/// Errors print on one line (the cause chain joined by ": "), with no backtrace, and exit with 2;
+/// a failed check (`parity`) exits with 1.
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&format!("{error:#}")));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Joins a multi-line message (e.g. a state-dict report) with "; " and drops the C++ stack frames that
+/// libtorch appends to its errors.
+fn one_line(message: &str) -> String {
+    let noise = |l: &&str| l.starts_with("Exception raised from") || l.starts_with("frame #");
+    let lines: Vec<&str> =
+        message.lines().map(str::trim).filter(|l| !l.is_empty()).filter(|l| !noise(l)).collect();
+    lines.join("; ")
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
         Command::Parity { dir, device, json } => {
             run_parity(dir.unwrap_or_else(scconv_tch::parity::committed_fixtures), device.resolve()?, json)
         }

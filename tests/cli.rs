@@ -116,3 +116,52 @@ fn export_writes_torchscript_and_refuses_to_overwrite_without_force() {
     let forced = scconv_tch(&[&args[..], &["--force"]].concat());
     assert!(forced.status.success(), "{}", stderr(&forced));
 }
+
+#[test]
+fn errors_are_one_line_without_stack_frames_and_exit_2() {
+    let dir = common::scratch_dir("cli-errors");
+    let config = dir.join("c128.json");
+    std::fs::write(&config, r#"{"op_channel": 128}"#).unwrap();
+    let weights = committed_fixtures().join("c64_56x56_b1.safetensors");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "export".into(),
+                "--model".into(),
+                "weights/fmnist_sc.json".into(),
+                "--out".into(),
+                "/nonexistent/dir/x.pt".into(),
+            ],
+            "the folder /nonexistent/dir does not exist",
+        ),
+        (
+            vec![
+                "export".into(),
+                "--scconv".into(),
+                config.display().to_string(),
+                "--weights".into(),
+                weights.display().to_string(),
+                "--out".into(),
+                dir.join("b.pt").display().to_string(),
+            ],
+            "size mismatch for CRU.GWC.weight: the model has [128, 16, 3, 3], the state dict [64, 8, 3, 3]",
+        ),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = Command::new(
+            std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").into()),
+        )
+        .current_dir(common::crate_dir())
+        .args(&args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("error: ") && err.contains(expected), "{err}");
+        assert!(!err.contains("frame #"), "{err}");
+    }
+    assert!(!dir.join("b.pt").exists() && !dir.join(".b.pt.partial").exists(), "nothing half-written");
+}
