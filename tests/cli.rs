@@ -7,9 +7,8 @@ use scconv_tch::weights;
 use std::process::{Command, Output};
 use tch::Tensor;
 
-/// The binary cargo built, or `$SCCONV_BIN` when the tests run from a copy (the GPU machine).
 fn scconv_tch(args: &[&str]) -> Output {
-    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let bin = common::bin();
     Command::new(bin).args(args).output().expect("cannot run scconv-tch")
 }
 
@@ -149,14 +148,12 @@ fn errors_are_one_line_without_stack_frames_and_exit_2() {
     ];
     for (args, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = Command::new(
-            std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").into()),
-        )
-        .current_dir(common::crate_dir())
-        .args(&args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
+        let out = Command::new(common::bin())
+            .current_dir(common::crate_dir())
+            .args(&args)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");

@@ -6,7 +6,7 @@ use scconv_tch::data;
 use std::process::{Command, Output};
 
 fn scconv_tch(args: &[&str]) -> Output {
-    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let bin = common::bin();
     Command::new(bin).current_dir(crate_dir()).args(args).output().expect("cannot run scconv-tch")
 }
 

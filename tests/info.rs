@@ -26,7 +26,7 @@ fn per_layer_parameters_equal_the_built_modules_for_every_fixture_config() {
 
 #[test]
 fn the_cli_prints_the_table_and_json() {
-    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let bin = common::bin();
     let out = Command::new(&bin).args(["info", "--channels", "64"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
@@ -70,7 +70,7 @@ fn network_counts_match_pytorch_and_the_built_networks() {
 
 #[test]
 fn the_cli_prints_a_network_table_against_its_plain_twin() {
-    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let bin = common::bin();
     let out = Command::new(&bin).args(["info", "--arch", "resnet50", "--sc"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -84,7 +84,7 @@ fn the_cli_prints_a_network_table_against_its_plain_twin() {
 #[test]
 fn bench_reports_every_resnet50_shape_as_json() {
     // Structure only: timings are measurements, never assertions.
-    let bin = std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string());
+    let bin = common::bin();
     let args = ["bench", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-models", "--json"];
     let out = Command::new(&bin).args(args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

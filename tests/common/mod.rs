@@ -13,6 +13,11 @@ pub fn crate_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// The `scconv-tch` binary cargo built, or `$SCCONV_BIN` when the tests run from a copy (the GPU machine).
+pub fn bin() -> String {
+    std::env::var("SCCONV_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scconv-tch").to_string())
+}
+
 /// The Python of the environment `scripts/setup_torch.sh` made (`$SCCONV_PYTHON` overrides it).
 pub fn python() -> PathBuf {
     let python = std::env::var_os("SCCONV_PYTHON")
