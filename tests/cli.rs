@@ -162,3 +162,37 @@ fn errors_are_one_line_without_stack_frames_and_exit_2() {
     }
     assert!(!dir.join("b.pt").exists() && !dir.join(".b.pt.partial").exists(), "nothing half-written");
 }
+
+#[test]
+fn bad_config_and_weights_files_name_the_problem() {
+    let dir = common::scratch_dir("cli-bad-files");
+    let write = |name: &str, text: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let missing = write("missing.json", br#"{"alpha": 0.5}"#);
+    let unknown = write("unknown.json", br#"{"op_channel": 64, "squeeze_ratio": 2}"#);
+    let ill_typed = write("ill_typed.json", br#"{"op_channel": "64"}"#);
+    let good = write("good.json", br#"{"op_channel": 64}"#);
+    let full = std::fs::read(committed_fixtures().join("c64_56x56_b1.safetensors")).unwrap();
+    let truncated = write("truncated.safetensors", &full[..full.len() / 2]);
+    let out_file = dir.join("x.pt").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["info", "--scconv", &missing], "missing field `op_channel`"),
+        (vec!["info", "--scconv", &unknown], "unknown field `squeeze_ratio`"),
+        (vec!["info", "--scconv", &ill_typed], "invalid type: string \"64\", expected i64"),
+        (
+            vec!["export", "--scconv", &good, "--weights", &truncated, "--out", &out_file],
+            "truncated.safetensors",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = scconv_tch(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    assert!(!dir.join("x.pt").exists());
+}

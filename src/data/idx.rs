@@ -28,7 +28,15 @@ pub fn read(path: &Path) -> Result<IdxArray, ScConvError> {
 
 /// Parses the IDX layout: two zero bytes, type 0x08 (unsigned byte), the rank, big-endian u32 sizes.
 pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
-    let [0, 0, kind, rank, ..] = *bytes else { return Err("not an IDX file (too short)".into()) };
+    if bytes.len() < 4 {
+        return Err(format!("not an IDX file: {} bytes, shorter than the 4-byte magic number", bytes.len()));
+    }
+    let [0, 0, kind, rank, ..] = *bytes else {
+        return Err(format!(
+            "not an IDX file: magic number {:02x?} does not start with two zero bytes",
+            &bytes[..4]
+        ));
+    };
     if kind != 0x08 {
         return Err(format!("IDX element type 0x{kind:02x} is not unsigned byte (0x08)"));
     }
@@ -77,6 +85,7 @@ mod tests {
     fn rejects_wrong_type_and_truncated_data() {
         assert!(parse(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 0, 0, 0, 0]).unwrap_err().contains("not unsigned byte"));
         assert!(parse(&[0, 0, 0x08, 1, 0, 0, 0, 3, 7]).unwrap_err().contains("need 3 bytes"));
-        assert!(parse(&[0, 0]).unwrap_err().contains("too short"));
+        assert!(parse(&[0, 0]).unwrap_err().contains("shorter than the 4-byte magic number"));
+        assert!(parse(&[0x1f, 0x8b, 8, 0, 1, 2]).unwrap_err().contains("does not start with two zero bytes"));
     }
 }
