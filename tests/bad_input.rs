@@ -200,3 +200,13 @@ fn a_network_rejects_wrong_channels_and_dtype() {
         .to_string();
     assert_eq!(m, "invalid input: expected dtype Float (the model's), got Uint8");
 }
+
+#[test]
+fn nan_input_propagates_instead_of_being_rejected() {
+    // Documented behaviour (README, "Errors and guarantees"): as in the reference, NaN flows through.
+    let block = build(ScConvConfig::new(32)).unwrap();
+    let x = Tensor::randn([1, 32, 6, 6], (Kind::Float, Device::Cpu));
+    let _ = x.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+    let y = tch::no_grad(|| block.try_forward(&x)).unwrap();
+    assert!(y.isnan().any().int64_value(&[]) == 1, "NaN must propagate");
+}
