@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from generate_fixtures import save_file, write, write_manifest  # noqa: E402
-from models import build  # noqa: E402
+from models import ARCHS, build  # noqa: E402
 from reference_scconv import ScConv  # noqa: E402
 
 RANDOM_CASES = [
@@ -41,11 +41,9 @@ MEAN, STD = 0.2860, 0.3530
 
 def full_config(config):
     """The config with the architecture spelt out, as the Rust `ResNetConfig` reads it."""
-    archs = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
-             "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}
     config = dict(config)
     if "arch" in config:
-        config["block"], config["layers"] = archs[config.pop("arch")]
+        config["block"], config["layers"] = ARCHS[config.pop("arch")]
     return config
 
 

@@ -42,6 +42,12 @@ pub struct ModelRecord {
     pub test_predictions: Vec<i64>,
 }
 
+impl ModelRecord {
+    pub fn read(path: &Path) -> Result<ModelRecord, ScConvError> {
+        crate::json::read(path)
+    }
+}
+
 /// A network ready for inference, with its record.
 pub struct Classifier {
     pub record: ModelRecord,
@@ -52,9 +58,7 @@ pub struct Classifier {
 impl Classifier {
     /// Reads the record at `path`, builds its network on `device` and loads its weights strictly.
     pub fn load(path: &Path, device: Device) -> Result<Classifier, ScConvError> {
-        let error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-        let record: ModelRecord = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
+        let record = ModelRecord::read(path)?;
         let mut vs = VarStore::new(device);
         let model = resnet(vs.root(), &record.config)?;
         let weights_path: PathBuf = path.parent().unwrap_or(Path::new(".")).join(&record.weights);

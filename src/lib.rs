@@ -23,6 +23,7 @@ pub mod group_batchnorm;
 pub mod infer;
 pub mod info;
 pub mod input;
+pub mod json;
 pub mod model_parity;
 pub mod models;
 pub mod parity;

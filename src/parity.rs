@@ -148,11 +148,7 @@ pub struct CaseSpec {
 
 impl<C: serde::de::DeserializeOwned> Manifest<C> {
     pub fn read(dir: &Path) -> Result<Manifest<C>, ScConvError> {
-        let path = dir.join("manifest.json");
-        let file_error =
-            |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(&path).map_err(|e| file_error(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| file_error(e.to_string()))
+        crate::json::read(&dir.join("manifest.json"))
     }
 }
 

@@ -79,9 +79,8 @@ fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<Netw
     ];
     for name in ["fmnist_plain", "fmnist_sc"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("weights/{name}.json"));
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let record: ModelRecord = serde_json::from_str(&text)?;
-            configs.push((name.to_string(), record.config, 256, 28));
+        if path.exists() {
+            configs.push((name.to_string(), ModelRecord::read(&path)?.config, 256, 28));
         }
     }
     let (warmup, runs) = (warmup.min(2), runs.clamp(1, 5));

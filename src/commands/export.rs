@@ -25,9 +25,7 @@ pub fn run_export(
         (export::trace(&mut classifier.vs, &example, |x| network.forward_t(x, false))?, example)
     } else {
         let path = block.context("give --model or --scconv")?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: ScConvConfig =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let config: ScConvConfig = scconv_tch::json::read(path)?;
         let mut vs = VarStore::new(Device::Cpu);
         let block = scconv(vs.root(), &config)?;
         if let Some(weights) = weights {

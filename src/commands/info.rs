@@ -1,9 +1,9 @@
 //! `scconv-tch info`: parameters and multiply-adds.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use scconv_tch::infer::ModelRecord;
-use scconv_tch::info;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::ScConvConfig;
+use scconv_tch::{info, json};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -14,11 +14,7 @@ pub fn run_info(
     json: bool,
 ) -> Result<ExitCode> {
     let config = match (config, channels) {
-        (Some(path), _) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
+        (Some(path), _) => json::read::<ScConvConfig>(path)?,
         (None, Some(c)) => ScConvConfig::new(c),
         (None, None) => bail!("give --scconv CONFIG.json or --channels C"),
     };
@@ -47,10 +43,7 @@ pub fn run_info(
 
 /// The network of a trained record (its config).
 pub fn run_record_info(record: &Path, size: Option<i64>, json: bool) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(record).with_context(|| format!("reading {}", record.display()))?;
-    let record: ModelRecord =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", record.display()))?;
-    run_network_info(&record.config, size, json)
+    run_network_info(&ModelRecord::read(record)?.config, size, json)
 }
 
 pub fn run_network_info(config: &ResNetConfig, size: Option<i64>, json: bool) -> Result<ExitCode> {

@@ -78,6 +78,14 @@ impl ModuleT for Downsample {
     }
 }
 
+/// The residual branch: `downsample(x)` where the block has one, else `x`.
+fn shortcut(downsample: &Option<Downsample>, x: &Tensor, train: bool) -> Tensor {
+    match downsample {
+        Some(d) => d.forward_t(x, train),
+        None => x.shallow_clone(),
+    }
+}
+
 /// The arguments every block takes.
 pub struct BlockSpec {
     pub in_planes: i64,
@@ -110,10 +118,7 @@ impl BasicBlock {
     pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
         let out = self.conv1.forward(x, gates).apply_t(&self.bn1, train).relu();
         let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train);
-        let identity = match &self.downsample {
-            Some(d) => d.forward_t(x, train),
-            None => x.shallow_clone(),
-        };
+        let identity = shortcut(&self.downsample, x, train);
         (out + identity).relu()
     }
 }
@@ -147,10 +152,7 @@ impl Bottleneck {
         let out = self.conv1.forward(x).apply_t(&self.bn1, train).relu();
         let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train).relu();
         let out = self.conv3.forward(&out).apply_t(&self.bn3, train);
-        let identity = match &self.downsample {
-            Some(d) => d.forward_t(x, train),
-            None => x.shallow_clone(),
-        };
+        let identity = shortcut(&self.downsample, x, train);
         (out + identity).relu()
     }
 }
