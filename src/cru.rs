@@ -8,8 +8,8 @@ use tch::{nn, nn::Module, Tensor};
 #[derive(Debug)]
 #[allow(non_snake_case)]
 pub struct Cru {
-    up_channel: i64,
-    low_channel: i64,
+    pub(crate) up_channel: i64,
+    pub(crate) low_channel: i64,
     pub squeeze1: nn::Conv2D,
     pub squeeze2: nn::Conv2D,
     pub GWC: nn::Conv2D,

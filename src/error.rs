@@ -25,6 +25,10 @@ pub enum ScConvError {
     #[error("cannot write {path}: {reason}")]
     Write { path: String, reason: String },
 
+    /// The fast path's cheap gate `z >= z_t` cannot stand in for `sigmoid(z) >= t` on this device.
+    #[error("no exact fast gate for gate_treshold {threshold}: {why}")]
+    GateThreshold { threshold: f64, why: String },
+
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

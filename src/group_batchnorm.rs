@@ -8,8 +8,8 @@ pub struct GroupBatchnorm2d {
     pub gamma: Tensor,
     /// `(C, 1, 1)`, initialised with zeros.
     pub beta: Tensor,
-    group_num: i64,
-    eps: f64,
+    pub(crate) group_num: i64,
+    pub(crate) eps: f64,
 }
 
 /// Variables `gamma` and `beta` under `p`; the caller has checked `c_num % group_num == 0`.

@@ -19,6 +19,8 @@ pub mod cru;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod fast;
+pub mod fast_parity;
 pub mod group_batchnorm;
 pub mod infer;
 pub mod info;
@@ -33,5 +35,6 @@ pub mod weights;
 
 pub use config::ScConvConfig;
 pub use error::{ConfigError, ScConvError};
+pub use fast::Execution;
 pub use scconv::{scconv, ScConv};
 pub use sru::{Gate, GateDecisions};

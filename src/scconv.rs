@@ -3,6 +3,7 @@
 use crate::config::ScConvConfig;
 use crate::cru::{cru, Cru};
 use crate::error::ScConvError;
+use crate::fast::{Execution, FastPath};
 use crate::input::{self, Expected};
 use crate::sru::{sru, Gate, GateDecisions, Sru};
 use tch::{nn, nn::Module, Tensor};
@@ -13,17 +14,47 @@ pub struct ScConv {
     pub SRU: Sru,
     pub CRU: Cru,
     config: ScConvConfig,
+    /// Present when the fast path is enabled (`set_execution`).
+    fast: Option<FastPath>,
+    execution: Execution,
 }
 
 /// Builds an ScConv under `p` after validating `config`; every invalid setting is a typed error.
 pub fn scconv(p: nn::Path, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
     config.validate()?;
-    Ok(ScConv { SRU: sru(&p / "SRU", config), CRU: cru(&p / "CRU", config), config: config.clone() })
+    Ok(ScConv {
+        SRU: sru(&p / "SRU", config),
+        CRU: cru(&p / "CRU", config),
+        config: config.clone(),
+        fast: None,
+        execution: Execution::Reference,
+    })
 }
 
 impl ScConv {
     pub fn config(&self) -> &ScConvConfig {
         &self.config
+    }
+
+    /// Chooses the forward pass: `Reference` (the default) or a fast path. A fast path is for inference
+    /// (its output carries no gradient); enable it after loading weights, since it keeps constants
+    /// derived from them (a later change to `gamma` or `beta` is noticed and handled, at some cost).
+    pub fn set_execution(&mut self, execution: Execution) -> Result<(), ScConvError> {
+        self.fast = match execution {
+            Execution::Reference => None,
+            fast => Some(FastPath::new(&self.SRU, fast)?),
+        };
+        self.execution = execution;
+        Ok(())
+    }
+
+    pub fn execution(&self) -> Execution {
+        self.execution
+    }
+
+    /// The reference's forward, whatever the execution mode (what the fast path is checked against).
+    pub fn forward_reference(&self, x: &Tensor) -> Tensor {
+        self.CRU.forward(&self.SRU.forward(x))
     }
 
     /// `forward` after checking rank, channels, dtype, device and size: bad input is an error.
@@ -58,6 +89,12 @@ impl ScConv {
         Ok(self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions)))
     }
 
+    /// The informative mask the fast path decides on `x`; `None` in `Reference` mode.
+    pub fn try_fast_info_mask(&self, x: &Tensor) -> Result<Option<Tensor>, ScConvError> {
+        self.check_input(x)?;
+        Ok(self.fast.as_ref().and_then(|fast| fast.info_mask(&self.SRU, x)))
+    }
+
     /// `forward`, also returning the gate it used (for per-layer gate reports in whole networks).
     pub fn forward_recording_gate(&self, x: &Tensor) -> (Tensor, Gate) {
         let gate = self.SRU.gate(x);
@@ -72,8 +109,13 @@ impl ScConv {
 }
 
 impl Module for ScConv {
-    /// The reference's forward. Panics (as tch modules do) on input `try_forward` would reject.
+    /// The forward pass of the chosen execution mode. Panics (as tch modules do) on input
+    /// `try_forward` would reject.
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.CRU.forward(&self.SRU.forward(x))
+        let Some(fast) = &self.fast else { return self.forward_reference(x) };
+        tch::no_grad(|| match fast.sru(&self.SRU, x) {
+            Some(sru_out) => self.CRU.forward_fused(&sru_out),
+            None => self.forward_reference(x),
+        })
     }
 }

@@ -7,7 +7,7 @@ use tch::{nn, nn::Module, Tensor};
 #[derive(Debug)]
 pub struct Sru {
     pub gn: GroupBatchnorm2d,
-    gate_treshold: f64,
+    pub(crate) gate_treshold: f64,
 }
 
 /// The gate's two hard masks (bool, `x`'s shape). They come from comparisons, so nothing upstream of

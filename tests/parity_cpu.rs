@@ -2,9 +2,9 @@
 //! Same libtorch kernels on both sides, so no gate decision may flip.
 mod common;
 
-use common::{assert_parity, fresh_seed, generate_fixtures, scratch_dir};
+use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
 use scconv_tch::parity::{committed_fixtures, Manifest, Policy};
-use scconv_tch::{scconv, weights, ScConvConfig};
+use scconv_tch::{scconv, weights, Execution, ScConvConfig};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Device};
 
@@ -26,6 +26,9 @@ fn fresh_fixtures_from_the_python_reference_match_on_cpu() {
     generate_fixtures(&dir, seed, "cpu");
     println!("fresh fixtures with seed {seed} (SCCONV_FRESH_SEED={seed} reproduces them)");
     assert_parity(&dir, Device::Cpu, &cpu_policy(), "cpu-fresh");
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        assert_fast_parity(&dir, Device::Cpu, execution, &cpu_policy(), "cpu-fresh");
+    }
 }
 
 #[test]

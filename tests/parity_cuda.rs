@@ -6,11 +6,14 @@
 //!   tolerance and zero flipped gate decisions.
 //! - Against the committed CPU fixtures: flips allowed inside the gate band only, everything downstream
 //!   checked with the reference's decisions fed in; tolerance fp32 with TF32 off, the TF32 one with it on.
+//! - The fast path on both fixture sets (decisions equal to the reference mode's on the GPU), the
+//!   cheap gate over every fp32 value with the GPU's sigmoid, and the trained network's classes.
 #![cfg(feature = "cuda")]
 mod common;
 
-use common::{assert_parity, fresh_seed, generate_fixtures, scratch_dir};
+use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
 use scconv_tch::parity::{committed_fixtures, tf32_enabled as tf32, Policy};
+use scconv_tch::Execution;
 use tch::Device;
 
 fn gpu() -> Device {
@@ -40,6 +43,9 @@ fn fixtures_made_by_pytorch_on_the_same_gpu_match_exactly() {
     let policy = Policy::for_run("cuda", device, tf32());
     let reports = assert_parity(&dir, device, &policy, &format!("cuda-vs-cuda-{}", tf32_label()));
     assert!(reports.iter().all(|r| r.gate.flips() == 0));
+    let fast =
+        assert_fast_parity(&dir, device, Execution::Fast, &policy, &format!("cuda-vs-cuda-{}", tf32_label()));
+    assert!(fast.iter().all(|r| r.gate.flips() == 0 && r.differing_from_same_device == 0));
 }
 
 #[test]
@@ -51,6 +57,36 @@ fn committed_cpu_fixtures_match_on_the_gpu_in_layers() {
     for r in &reports {
         println!("{}: {} positions in the gate band, {} flipped", r.name, r.gate.in_band, r.gate.flips());
     }
+    assert_fast_parity(
+        &committed_fixtures(),
+        device,
+        Execution::Fast,
+        &policy,
+        &format!("cuda-vs-cpu-{}", tf32_label()),
+    );
+}
+
+#[test]
+fn the_cheap_gate_equals_the_sigmoid_gate_for_every_fp32_value_on_the_gpu() {
+    common::sweep_every_fp32(gpu(), 0.5);
+}
+
+#[test]
+fn the_trained_network_predicts_the_same_classes_on_the_gpu_fast_path() {
+    use scconv_tch::data::{normalize, read_idx_split, sample_dir};
+    use scconv_tch::infer::Classifier;
+    let device = gpu();
+    let mut classifier =
+        Classifier::load(&common::crate_dir().join("weights/fmnist_sc.json"), device).unwrap();
+    let x = normalize(&read_idx_split(&sample_dir()).unwrap().pixels).to_device(device);
+    let reference = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
+    classifier.model.set_scconv_execution(Execution::Fast).unwrap();
+    let fast = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
+    let tol = if tf32() { scconv_tch::parity::Tolerance::TF32 } else { scconv_tch::parity::Tolerance::FP32 };
+    let c = scconv_tch::parity::compare(&fast, &reference, tol).unwrap();
+    println!("GPU fast vs reference, 1,000 images ({}): {c:?}", tf32_label());
+    assert!(c.passed(), "{c:?}");
+    assert!(fast.argmax(1, false).equal(&reference.argmax(1, false)));
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Randomized parity: 200 valid random configurations and shapes, fixtures made now by the Python
 //! reference with a fresh seed (printed; SCCONV_FRESH_SEED replays it), checked with the CPU policy; and
 //! random invalid configurations, which the Rust side must reject whatever the reference does with them.
+//! The fast paths are checked on the same fixtures.
 mod common;
 
-use common::{assert_parity, crate_dir, fresh_seed, python, scratch_dir};
+use common::{assert_fast_parity, assert_parity, crate_dir, fresh_seed, python, scratch_dir};
 use scconv_tch::parity::Policy;
-use scconv_tch::ScConvConfig;
+use scconv_tch::{Execution, ScConvConfig};
 use std::process::Command;
 use tch::Device;
 
@@ -28,8 +29,13 @@ fn random_configs_match_the_reference_and_invalid_ones_are_rejected() {
     assert!(status.success(), "the random fixture generator failed for seed {seed}");
     println!("random fixtures with seed {seed} (SCCONV_FRESH_SEED={seed} replays them)");
 
-    let reports = assert_parity(&dir, Device::Cpu, &Policy::for_run("cpu", Device::Cpu, false), "cpu-random");
+    let policy = Policy::for_run("cpu", Device::Cpu, false);
+    let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-random");
     assert_eq!(reports.len(), 200);
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        let fast = assert_fast_parity(&dir, Device::Cpu, execution, &policy, "cpu-random");
+        assert_eq!(fast.len(), 200);
+    }
 
     let text = std::fs::read_to_string(dir.join("invalid.json")).unwrap();
     let invalid: Vec<InvalidCase> = serde_json::from_str(&text).unwrap();

@@ -32,7 +32,8 @@ pub fn conv3x3(
 }
 
 impl Conv3x3 {
-    fn forward(&self, x: &Tensor, gates: &mut GateLog) -> Tensor {
+    /// In training the ScConv runs its reference mode, the one with gradients, whatever its execution.
+    fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
         match self {
             Conv3x3::Plain(conv) => conv.forward(x),
             Conv3x3::Sc { scconv, pool, path } => {
@@ -42,6 +43,7 @@ impl Conv3x3 {
                         log.push((path.clone(), gate));
                         y
                     }
+                    None if train => scconv.forward_reference(x),
                     None => scconv.forward(x),
                 };
                 if *pool {
@@ -50,6 +52,15 @@ impl Conv3x3 {
                     y
                 }
             }
+        }
+    }
+}
+
+impl Conv3x3 {
+    fn scconv_mut(&mut self) -> Option<&mut ScConv> {
+        match self {
+            Conv3x3::Plain(_) => None,
+            Conv3x3::Sc { scconv, .. } => Some(scconv),
         }
     }
 }
@@ -116,8 +127,8 @@ pub fn basic_block(p: nn::Path, s: &BlockSpec) -> Result<BasicBlock, ScConvError
 
 impl BasicBlock {
     pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
-        let out = self.conv1.forward(x, gates).apply_t(&self.bn1, train).relu();
-        let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train);
+        let out = self.conv1.forward(x, train, gates).apply_t(&self.bn1, train).relu();
+        let out = self.conv2.forward(&out, train, gates).apply_t(&self.bn2, train);
         let identity = shortcut(&self.downsample, x, train);
         (out + identity).relu()
     }
@@ -150,7 +161,7 @@ pub fn bottleneck(p: nn::Path, s: &BlockSpec) -> Result<Bottleneck, ScConvError>
 impl Bottleneck {
     pub fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
         let out = self.conv1.forward(x).apply_t(&self.bn1, train).relu();
-        let out = self.conv2.forward(&out, gates).apply_t(&self.bn2, train).relu();
+        let out = self.conv2.forward(&out, train, gates).apply_t(&self.bn2, train).relu();
         let out = self.conv3.forward(&out).apply_t(&self.bn3, train);
         let identity = shortcut(&self.downsample, x, train);
         (out + identity).relu()
@@ -169,6 +180,16 @@ impl Block {
         match self {
             Block::Basic(b) => b.forward(x, train, gates),
             Block::Bottleneck(b) => b.forward(x, train, gates),
+        }
+    }
+
+    /// The block's ScConvs (none in a plain network).
+    pub fn scconvs_mut(&mut self) -> Vec<&mut ScConv> {
+        match self {
+            Block::Basic(b) => {
+                [&mut b.conv1, &mut b.conv2].into_iter().filter_map(Conv3x3::scconv_mut).collect()
+            }
+            Block::Bottleneck(b) => b.conv2.scconv_mut().into_iter().collect(),
         }
     }
 }

@@ -2,6 +2,7 @@
 use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog};
 use super::config::{BlockKind, ResNetConfig};
 use crate::error::ScConvError;
+use crate::fast::Execution;
 use crate::input::{self, Expected};
 use crate::sru::Gate;
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
@@ -48,6 +49,17 @@ pub fn resnet(p: nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError>
 impl ResNet {
     pub fn config(&self) -> &ResNetConfig {
         &self.config
+    }
+
+    /// Sets the execution mode of every ScConv (see `ScConv::set_execution`): enable a fast path after
+    /// loading weights. Training (`forward_t(.., true)`) always runs the reference mode.
+    pub fn set_scconv_execution(&mut self, execution: Execution) -> Result<(), ScConvError> {
+        for block in self.stages.iter_mut().flatten() {
+            for scconv in block.scconvs_mut() {
+                scconv.set_execution(execution)?;
+            }
+        }
+        Ok(())
     }
 
     fn run(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {

@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+use scconv_tch::fast_parity::{self, FastCaseReport};
 use scconv_tch::parity::{self, CaseReport, Policy};
+use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 /// The crate's folder: `$SCCONV_ROOT` when the test binary runs from a copy elsewhere (the GPU
 /// machine), else where it was built.
@@ -57,19 +59,39 @@ pub fn fresh_seed() -> u64 {
 /// printed and recorded in `target/parity-reports/<label>.txt`.
 pub fn assert_parity(dir: &Path, device: Device, policy: &Policy, label: &str) -> Vec<CaseReport> {
     let reports = parity::run_all(dir, device, policy).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let table = format!(
-        "{label}: {} on {device:?}, policy {policy:?}\n{}",
-        dir.display(),
-        parity::table(&reports, policy)
-    );
+    let table = record_table(label, dir, device, policy, &parity::table(&reports, policy));
+    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
+    assert!(failed.is_empty(), "{label}: cases failing parity: {failed:?}\n{table}");
+    reports
+}
+
+/// As `assert_parity`, for the fast path `execution` (forward only); its decisions must be the
+/// reference mode's on the same device at every position.
+pub fn assert_fast_parity(
+    dir: &Path,
+    device: Device,
+    execution: Execution,
+    policy: &Policy,
+    label: &str,
+) -> Vec<FastCaseReport> {
+    let label = format!("{label}-{execution:?}");
+    let reports =
+        fast_parity::run_all(dir, device, execution, policy).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let table = record_table(&label, dir, device, policy, &fast_parity::table(&reports, policy));
+    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
+    assert!(failed.is_empty(), "{label}: cases failing fast-path parity: {failed:?}\n{table}");
+    reports
+}
+
+/// Prints a parity table and records it in `target/parity-reports/<label>.txt`; it must have rows.
+fn record_table(label: &str, dir: &Path, device: Device, policy: &Policy, rows: &str) -> String {
+    let table = format!("{label}: {} on {device:?}, policy {policy:?}\n{rows}", dir.display());
     println!("{table}");
     let record_dir = crate_dir().join("target/parity-reports");
     std::fs::create_dir_all(&record_dir).expect("cannot create target/parity-reports");
     std::fs::write(record_dir.join(format!("{label}.txt")), &table).expect("cannot record the parity table");
-    assert!(!reports.is_empty(), "{label}: no cases in {}", dir.display());
-    let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
-    assert!(failed.is_empty(), "{label}: cases failing parity: {failed:?}\n{table}");
-    reports
+    assert!(rows.lines().count() > 1, "{label}: no cases in {}", dir.display());
+    table
 }
 
 /// A scratch folder under target/ that is emptied first.
@@ -78,4 +100,38 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("cannot create a scratch folder");
     dir
+}
+
+// The exhaustive check of the fast path's cheap gate (tests/gate_threshold.rs, and on CUDA in
+// tests/parity_cuda.rs).
+
+const SWEEP_CHUNK: i64 = 1 << 20;
+
+/// Positions in `z` where the cheap gate and the sigmoid disagree, for either comparison.
+pub fn disagreements(z: &Tensor, t: f64, z_t: f64) -> i64 {
+    let s = z.sigmoid();
+    let ge = s.ge(t).logical_xor(&z.ge(z_t));
+    let lt = s.lt(t).logical_xor(&z.lt(z_t));
+    ge.logical_or(&lt).sum(Kind::Int64).int64_value(&[])
+}
+
+pub fn sweep_every_fp32(device: Device, t: f64) {
+    let z_t = scconv_tch::fast::threshold::calibrate(t, device).unwrap() as f64;
+    let (mut checked, mut bad_vector, mut bad_scalar) = (0i64, 0i64, 0i64);
+    let mut start = i64::from(i32::MIN);
+    while start <= i64::from(i32::MAX) {
+        let end = (start + SWEEP_CHUNK).min(i64::from(i32::MAX) + 1);
+        let bits = Tensor::arange_start(start, end, (Kind::Int, device));
+        let z = bits.view_dtype(Kind::Float);
+        bad_vector += disagreements(&z, t, z_t);
+        // Every other value through a stride-2 view: libtorch's scalar loop (the tail path of a
+        // contiguous tensor); the interleaving covers all values across the two halves.
+        let pairs = z.view([-1, 2]);
+        bad_scalar += disagreements(&pairs.select(1, 0), t, z_t) + disagreements(&pairs.select(1, 1), t, z_t);
+        checked += end - start;
+        start = end;
+    }
+    assert_eq!(checked, 1i64 << 32);
+    assert_eq!((bad_vector, bad_scalar), (0, 0), "t {t}, z_t {z_t:e}, {device:?}");
+    println!("{device:?}: all 2^32 fp32 values agree for t = {t} (z_t = {z_t:e})");
 }

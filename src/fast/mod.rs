@@ -1,0 +1,239 @@
+//! The fast execution path: the same function as the line-for-line reference, in fewer kernels and
+//! fewer passes over memory, for inference. Enabled per module with
+//! `ScConv::set_execution(Execution::Fast)`; `Execution::Reference` (the default) stays the spec.
+//!
+//! What it changes, and why the gate's decisions stay the reference's bit for bit:
+//! - `w_gamma = gamma / sum(gamma)` is computed once, with the reference's left-to-right sum;
+//! - the statistics are libtorch's `mean` and unbiased `std`, as in the reference;
+//! - on the CPU one Rust pass computes `z` with the reference's five fp32 operations in its order
+//!   (`sru_kernel`), gates with `z >= z_t` (`threshold`: the exact fp32 point where the sigmoid
+//!   passes the threshold, calibrated on the device) and writes the cross-reconstruction; elsewhere
+//!   the same steps run as libtorch operations (`z` by the reference's operations, one roll instead of
+//!   the splits and the cat);
+//! - the CRU pools its branches separately instead of concatenating 2C channels (`cru`).
+mod cru;
+pub mod sru_kernel;
+pub mod threshold;
+mod welford;
+
+use crate::error::ScConvError;
+use crate::sru::Sru;
+use sru_kernel::GateConstants;
+use std::borrow::Cow;
+use tch::{nn::Module, Device, Kind, Tensor};
+
+/// How an `ScConv` runs its forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Execution {
+    /// The reference's operations, one for one (the default; the only mode with gradients).
+    #[default]
+    Reference,
+    /// The fast path: the fused CPU kernel on CPU float tensors, libtorch operations elsewhere.
+    Fast,
+    /// The fast path through libtorch operations only (what runs on CUDA; selectable on the CPU to
+    /// test it there).
+    FastTensorOps,
+}
+
+/// The fast path's constants, taken from the SRU's parameters when it was enabled.
+#[derive(Debug)]
+pub struct FastPath {
+    use_cpu_kernel: bool,
+    device: Device,
+    z_t: f32,
+    channels: ChannelConstants,
+}
+
+/// `gamma`, `beta` (kept to notice a later weight change) and the reference's `w_gamma`.
+#[derive(Debug)]
+struct ChannelConstants {
+    gamma: Tensor,
+    beta: Tensor,
+    w_gamma: Tensor,
+}
+
+/// Needed by `Cow`; shares the tensors (they are never modified).
+impl Clone for ChannelConstants {
+    fn clone(&self) -> Self {
+        ChannelConstants {
+            gamma: self.gamma.shallow_clone(),
+            beta: self.beta.shallow_clone(),
+            w_gamma: self.w_gamma.shallow_clone(),
+        }
+    }
+}
+
+impl ChannelConstants {
+    fn of(sru: &Sru) -> Self {
+        tch::no_grad(|| ChannelConstants {
+            gamma: sru.gn.gamma.detach().copy(),
+            beta: sru.gn.beta.detach().copy(),
+            w_gamma: sru.w_gamma().detach(),
+        })
+    }
+
+    fn still_match(&self, sru: &Sru) -> bool {
+        self.gamma.device() == sru.gn.gamma.device()
+            && self.gamma.equal(&sru.gn.gamma)
+            && self.beta.equal(&sru.gn.beta)
+    }
+}
+
+impl FastPath {
+    pub fn new(sru: &Sru, execution: Execution) -> Result<FastPath, ScConvError> {
+        let device = sru.gn.gamma.device();
+        Ok(FastPath {
+            use_cpu_kernel: execution == Execution::Fast,
+            device,
+            z_t: threshold::calibrate(sru.gate_treshold, device)?,
+            channels: ChannelConstants::of(sru),
+        })
+    }
+
+    /// The fast SRU on `x` (already checked like the reference's input), or `None` when the module
+    /// moved to another device since the path was enabled (the caller then runs the reference).
+    pub fn sru(&self, sru: &Sru, x: &Tensor) -> Option<Tensor> {
+        let (channels, cpu_kernel) = self.prepare(sru, x)?;
+        Some(match cpu_kernel {
+            true => sru_kernel::fused_gate_reconstruct(x, &self.gate_constants(sru, &channels, x)),
+            false => self.sru_tensor_ops(&channels, sru, x),
+        })
+    }
+
+    /// The constants to use (re-derived if `gamma` or `beta` changed since) and whether the CPU kernel
+    /// runs; `None` when the module or `x` is on another device than the one calibrated for.
+    fn prepare<'a>(&'a self, sru: &Sru, x: &Tensor) -> Option<(Cow<'a, ChannelConstants>, bool)> {
+        if x.device() != self.device || sru.gn.gamma.device() != self.device {
+            return None;
+        }
+        let channels = match self.channels.still_match(sru) {
+            true => Cow::Borrowed(&self.channels),
+            false => Cow::Owned(ChannelConstants::of(sru)),
+        };
+        let cpu_float =
+            self.device == Device::Cpu && x.kind() == Kind::Float && sru.gn.gamma.kind() == Kind::Float;
+        Some((channels, self.use_cpu_kernel && cpu_float))
+    }
+
+    /// The fast path's informative mask on `x` (bool, `x`'s shape): the decisions `sru` makes.
+    pub fn info_mask(&self, sru: &Sru, x: &Tensor) -> Option<Tensor> {
+        let (channels, cpu_kernel) = self.prepare(sru, x)?;
+        Some(tch::no_grad(|| match cpu_kernel {
+            true => sru_kernel::info_mask(x, &self.gate_constants(sru, &channels, x)),
+            false => (sru.gn.forward(x) * &channels.w_gamma).ge(self.z_t as f64),
+        }))
+    }
+
+    /// The reference's GroupBatchnorm2d and `z`, then the cheap gate and one roll for the
+    /// cross-reconstruction: `x_1 + roll(x_2)` is `[x_11 + x_22, x_12 + x_21]`.
+    fn sru_tensor_ops(&self, channels: &ChannelConstants, sru: &Sru, x: &Tensor) -> Tensor {
+        let z = sru.gn.forward(x) * &channels.w_gamma;
+        let x_1 = z.ge(self.z_t as f64) * x;
+        let x_2 = z.lt(self.z_t as f64) * x;
+        x_1 + x_2.roll([x.size()[1] / 2], [1])
+    }
+
+    /// libtorch's unbiased std of each group, computed faster (`welford`), or `None` where only
+    /// libtorch itself reproduces it.
+    fn std_rows(&self, grouped: &Tensor) -> Option<Vec<f32>> {
+        let grouped = grouped.contiguous();
+        let [rows, len] = [grouped.size()[0] * grouped.size()[1], grouped.size()[2]].map(|v| v as usize);
+        // SAFETY: a contiguous fp32 CPU tensor of rows * len elements, alive for this call.
+        let data = unsafe { std::slice::from_raw_parts(grouped.data_ptr() as *const f32, rows * len) };
+        welford::rows_std(data, rows, len)
+    }
+
+    /// Statistics by libtorch (the reference's `mean` and `std`) and the per-channel constants, as
+    /// plain values for the one-pass CPU kernel.
+    fn gate_constants(&self, sru: &Sru, channels: &ChannelConstants, x: &Tensor) -> GateConstants {
+        let grouped = x.unflatten(1, [sru.gn.group_num, -1]).flatten(2, -1);
+        let mean = grouped.mean_dim(2, true, None);
+        let values = |t: &Tensor| {
+            Vec::<f32>::try_from(t.flatten(0, -1)).expect("fp32 CPU tensors convert to Vec<f32>")
+        };
+        let eps = sru.gn.eps as f32; // libtorch adds a Python float to an fp32 tensor in fp32
+        let denom = match self.std_rows(&grouped) {
+            Some(std) => std.into_iter().map(|s| s + eps).collect(),
+            None => values(&(grouped.std_dim(2, true, true) + sru.gn.eps)),
+        };
+        GateConstants {
+            mean: values(&mean),
+            denom,
+            gamma: values(&channels.gamma),
+            beta: values(&channels.beta),
+            w_gamma: values(&channels.w_gamma),
+            group_num: sru.gn.group_num as usize,
+            z_t: self.z_t,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{scconv, ScConvConfig};
+    use tch::nn::VarStore;
+
+    /// Inputs with the values that test rounding and propagation: exact zeros of both signs, NaN,
+    /// infinities, huge and tiny magnitudes, and many values at a group's mean (z near 0).
+    fn awkward_input(shape: [i64; 4]) -> Tensor {
+        let x = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let flat = x.view([-1]);
+        for (i, v) in
+            [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, 1e-40].iter().enumerate()
+        {
+            let _ = flat.narrow(0, 7 * i as i64 + 3, 1).fill_(*v as f64);
+        }
+        x
+    }
+
+    #[test]
+    fn fast_sru_is_the_reference_sru_bit_for_bit() {
+        let configs = [
+            ScConvConfig::new(64),
+            ScConvConfig { group_num: 4, ..ScConvConfig::new(32) },
+            ScConvConfig { group_num: 1, gate_treshold: 0.3, ..ScConvConfig::new(8) },
+        ];
+        for (i, config) in configs.iter().enumerate() {
+            let vs = VarStore::new(Device::Cpu);
+            let mut model = scconv(vs.root(), config).unwrap();
+            tch::no_grad(|| {
+                let _ = model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+            });
+            for shape in [[2, config.op_channel, 9, 7], [1, config.op_channel, 5, 5]] {
+                let x = if i == 0 {
+                    awkward_input(shape)
+                } else {
+                    Tensor::randn(shape, (Kind::Float, Device::Cpu))
+                };
+                let reference = tch::no_grad(|| model.SRU.forward(&x));
+                let reference_info = tch::no_grad(|| model.SRU.gate(&x).decisions.info_mask);
+                for execution in [Execution::Fast, Execution::FastTensorOps] {
+                    let fast = FastPath::new(&model.SRU, execution).unwrap();
+                    let out = tch::no_grad(|| fast.sru(&model.SRU, &x)).unwrap();
+                    let same =
+                        out.isnan().logical_and(&reference.isnan()).logical_or(&out.eq_tensor(&reference));
+                    assert!(same.all().int64_value(&[]) == 1, "{config:?} {shape:?} {execution:?}");
+                    let info = fast.info_mask(&model.SRU, &x).unwrap();
+                    assert!(
+                        info.equal(&reference_info),
+                        "{config:?} {shape:?} {execution:?}: decisions differ"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_change_after_enabling_is_picked_up() {
+        let vs = VarStore::new(Device::Cpu);
+        let mut model = scconv(vs.root(), &ScConvConfig::new(32)).unwrap();
+        let fast = FastPath::new(&model.SRU, Execution::Fast).unwrap();
+        tch::no_grad(|| {
+            let _ = model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma));
+        });
+        let x = Tensor::randn([2, 32, 6, 6], (Kind::Float, Device::Cpu));
+        let reference = tch::no_grad(|| model.SRU.forward(&x));
+        assert!(tch::no_grad(|| fast.sru(&model.SRU, &x)).unwrap().equal(&reference));
+    }
+}

@@ -1,0 +1,126 @@
+//! The gate's cheap form. The reference decides `sigmoid(z) >= t`; the fast path decides `z >= z_t`,
+//! where `z_t` is the smallest fp32 value whose sigmoid, computed by libtorch on the same device,
+//! passes. The two agree for every fp32 `z` exactly when that sigmoid is monotone, which
+//! `tests/gate_threshold.rs` checks over every fp32 value; here `z_t` is found by bisection and its
+//! neighbourhood checked on both of libtorch's CPU code paths (vectorised and scalar).
+use crate::error::ScConvError;
+use tch::{Device, Tensor};
+
+/// A position on the fp32 number line: consecutive floats get consecutive keys, -0 just below +0.
+pub fn key(f: f32) -> i64 {
+    let bits = f.to_bits();
+    if bits >> 31 == 0 {
+        bits as i64
+    } else {
+        -((bits & 0x7fff_ffff) as i64) - 1
+    }
+}
+
+/// The float at a key (`key`'s inverse).
+pub fn from_key(k: i64) -> f32 {
+    if k >= 0 {
+        f32::from_bits(k as u32)
+    } else {
+        f32::from_bits((-(k + 1)) as u32 | 0x8000_0000)
+    }
+}
+
+/// The reference's decision `sigmoid(z) >= t` for each of `z`, as libtorch computes it on `device`.
+pub fn reference_decisions(z: &[f32], t: f64, device: Device) -> Vec<bool> {
+    let z = Tensor::from_slice(z).to_device(device);
+    Vec::<bool>::try_from(z.sigmoid().ge(t).to_device(Device::Cpu)).unwrap_or_default()
+}
+
+/// As `reference_decisions`, through libtorch's scalar code path (a strided, non-contiguous view).
+fn reference_decisions_strided(z: &[f32], t: f64, device: Device) -> Vec<bool> {
+    let z = Tensor::from_slice(z).to_device(device);
+    let strided = Tensor::stack(&[&z, &z], 1).select(1, 0);
+    Vec::<bool>::try_from(strided.sigmoid().ge(t).to_device(Device::Cpu)).unwrap_or_default()
+}
+
+/// Candidates per bisection step: 4 steps cover the 2^32 floats.
+const STEP: i64 = 511;
+/// Floats either side of `z_t` on which both code paths must agree with `z >= z_t`.
+const NEIGHBOURHOOD: i64 = 4096;
+
+/// `z_t` for threshold `t` on `device`: `sigmoid(z) >= t` exactly when `z >= z_t`.
+pub fn calibrate(t: f64, device: Device) -> Result<f32, ScConvError> {
+    let fails = |why: String| ScConvError::GateThreshold { threshold: t, why };
+    let (mut below, mut at) = (key(f32::NEG_INFINITY), key(f32::INFINITY));
+    while at - below > 1 {
+        let span = at - below;
+        let keys: Vec<i64> = (1..=STEP).map(|i| below + span * i / (STEP + 1)).collect();
+        let keys: Vec<i64> = keys.into_iter().filter(|&k| k > below && k < at).collect();
+        let z: Vec<f32> = keys.iter().map(|&k| from_key(k)).collect();
+        let pass = reference_decisions(&z, t, device);
+        if pass.len() != z.len() {
+            return Err(fails("libtorch returned no decisions".into()));
+        }
+        match pass.iter().position(|&p| p) {
+            Some(0) => at = keys[0],
+            Some(i) => (below, at) = (keys[i - 1], keys[i]),
+            // `span >= 2` puts at least `below + 1` among the keys.
+            None => below = keys[keys.len() - 1],
+        }
+    }
+    let z_t = from_key(at);
+    check_neighbourhood(z_t, t, device).map_err(fails)?;
+    Ok(z_t)
+}
+
+/// Both code paths agree with `z >= z_t` on the `NEIGHBOURHOOD` floats either side of `z_t`.
+fn check_neighbourhood(z_t: f32, t: f64, device: Device) -> Result<(), String> {
+    let around = key(z_t);
+    let lo = (around - NEIGHBOURHOOD).max(key(f32::NEG_INFINITY));
+    let hi = (around + NEIGHBOURHOOD).min(key(f32::INFINITY));
+    let z: Vec<f32> = (lo..=hi).map(from_key).collect();
+    let expected: Vec<bool> = z.iter().map(|&v| v >= z_t).collect();
+    for (path, got) in [
+        ("vectorised", reference_decisions(&z, t, device)),
+        ("scalar", reference_decisions_strided(&z, t, device)),
+    ] {
+        if let Some(i) = (0..z.len()).find(|&i| got.get(i) != Some(&expected[i])) {
+            return Err(format!(
+                "the {path} sigmoid is not monotone near {z_t:e}: sigmoid({:e}) >= t is {:?}",
+                z[i],
+                got.get(i)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_consecutive_and_ordered() {
+        for f in [f32::NEG_INFINITY, -1.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, f32::INFINITY] {
+            assert_eq!(from_key(key(f)).to_bits(), f.to_bits());
+        }
+        assert_eq!(key(0.0) - key(-0.0), 1);
+        assert_eq!(key(1e-45) - key(0.0), 1);
+        assert_eq!(key(-1e-45) - key(-0.0), -1);
+        assert!(key(-2.0) < key(-1.0) && key(1.0) < key(2.0));
+        assert_eq!(key(f32::from_bits(0x3f80_0001)) - key(1.0), 1);
+    }
+
+    #[test]
+    fn half_threshold_on_cpu_is_where_the_sigmoid_leaves_one_half() {
+        // fp32's sigmoid(z) rounds to exactly 0.5 down to z = -0x1.7ffffcp-23 = -1.7881390e-7, two floats
+        // above -1.5 * 2^-23 (libtorch 2.11, CPU; the same value a Python sweep found).
+        let z_t = calibrate(0.5, Device::Cpu).unwrap();
+        assert_eq!(z_t.to_bits(), 0xb43f_fffe, "{z_t:e}");
+        assert_eq!(reference_decisions(&[z_t, from_key(key(z_t) - 1)], 0.5, Device::Cpu), [true, false]);
+    }
+
+    #[test]
+    fn other_thresholds_calibrate_near_the_logit() {
+        for t in [0.1, 0.3, 0.7, 0.9] {
+            let z_t = calibrate(t, Device::Cpu).unwrap();
+            let logit = (t / (1.0 - t)).ln();
+            assert!((z_t as f64 - logit).abs() < 1e-6, "t {t}: z_t {z_t} vs logit {logit}");
+        }
+    }
+}

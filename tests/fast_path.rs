@@ -1,0 +1,47 @@
+//! The fast path against the reference: every committed fixture through both fast executions on the
+//! CPU, decisions identical to the reference's, outputs within the fp32 parity tolerance.
+mod common;
+
+use common::assert_fast_parity;
+use scconv_tch::parity::{committed_fixtures, Policy};
+use scconv_tch::Execution;
+use tch::Device;
+
+#[test]
+fn committed_fixtures_match_on_both_fast_paths() {
+    let policy = Policy::for_run("cpu", Device::Cpu, false);
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        let reports =
+            assert_fast_parity(&committed_fixtures(), Device::Cpu, execution, &policy, "cpu-committed");
+        assert!(reports.len() >= 10);
+    }
+}
+
+/// The trained SC network on the 1,000 sample images: fast logits within the fp32 parity tolerance of
+/// the reference mode's, every prediction the same.
+#[test]
+fn the_trained_network_predicts_the_same_classes_on_the_fast_path() {
+    use scconv_tch::data::normalize;
+    use scconv_tch::infer::Classifier;
+    use scconv_tch::parity::{compare, Tolerance};
+    let mut classifier =
+        Classifier::load(&common::crate_dir().join("weights/fmnist_sc.json"), Device::Cpu).unwrap();
+    let images = scconv_tch::data::read_idx_split(&scconv_tch::data::sample_dir()).unwrap();
+    let x = normalize(&images.pixels);
+    let reference = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
+    classifier.model.set_scconv_execution(Execution::Fast).unwrap();
+    let fast = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
+    let c = compare(&fast, &reference, Tolerance::FP32).unwrap();
+    assert!(c.passed(), "{c:?}");
+    assert!(fast.argmax(1, false).equal(&reference.argmax(1, false)));
+    println!("1,000 images: max |Δlogit| {:.3e} of max {:.3}", c.max_abs_err, c.max_abs_ref);
+}
+
+#[test]
+fn the_cli_checks_the_fast_path_against_the_committed_fixtures() {
+    let out =
+        std::process::Command::new(common::bin()).args(["parity", "--execution", "fast"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Rust Fast on Cpu") && text.contains("14 of 14 cases pass"), "{text}");
+}
