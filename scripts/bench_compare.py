@@ -1,5 +1,6 @@
 """Runs `scconv-tch bench` and scripts/bench_reference.py one after the other on this machine and prints
-the ratios side by side: Rust ScConv / Python ScConv, and ScConv / conv3x3 on each side.
+the ratios side by side: the seed's Python ScConv / the fast Rust ScConv (the speed-up), and each ScConv /
+PyTorch's conv3x3. Environment variables (e.g. MALLOC_MMAP_THRESHOLD_) reach both processes.
 
     .venv/bin/python scripts/bench_compare.py [--device cpu|cuda] [--runs 20] [--binary target/debug/scconv-tch]
 """
@@ -26,14 +27,14 @@ def main():
                                        check=True, capture_output=True, text=True).stdout)
     print(f"{args.device}, Rust {rust['threads']} threads, PyTorch {python['torch_version']} {python['threads']} threads; "
           "median ms, forward only")
-    print(f"{'shape':<9} {'batch':>5} {'Rust ScConv':>12} {'Py ScConv':>10} {'Rust conv':>10} {'Py conv':>8} "
-          f"{'Rust/Py ScConv':>15} {'ScConv/conv Rust':>17} {'ScConv/conv Py':>15}")
+    print(f"{'shape':<9} {'batch':>5} {'Py ScConv':>10} {'Rust ref':>9} {'Rust fast':>10} {'Py conv':>8} "
+          f"{'Py/fast':>8} {'Py/ref':>7} {'Py ScConv/conv':>15} {'fast/conv':>10}")
     for r, p in zip(rust["blocks"], python["blocks"]):
         assert (r["channels"], r["size"], r["batch"]) == (p["channels"], p["size"], p["batch"])
-        rs, ps = r["scconv"]["median_ms"], p["scconv"]["median_ms"]
-        rc, pc = r["conv3x3"]["median_ms"], p["conv3x3"]["median_ms"]
-        print(f"{r['channels']}@{r['size']:<6} {r['batch']:>5} {rs:>12.3f} {ps:>10.3f} {rc:>10.3f} {pc:>8.3f} "
-              f"{rs / ps:>14.2f}x {rs / rc:>16.2f}x {ps / pc:>14.2f}x")
+        ps, pc = p["scconv"]["median_ms"], p["conv3x3"]["median_ms"]
+        rs, rf = r["scconv"]["median_ms"], r["scconv_fast"]["median_ms"]
+        print(f"{r['channels']}@{r['size']:<6} {r['batch']:>5} {ps:>10.3f} {rs:>9.3f} {rf:>10.3f} {pc:>8.3f} "
+              f"{ps / rf:>7.2f}x {ps / rs:>6.2f}x {ps / pc:>14.2f}x {rf / pc:>9.2f}x")
     for n in rust.get("networks", []):
         print(f"{n['name']:<14} batch {n['batch']:>3}: {n['images_per_second']:>9.1f} images/s (Rust)")
 

@@ -44,9 +44,15 @@ run() {
         echo "=== TF32 $tf32 ==="
         env "${env[@]}" .device/bin/parity_cuda --test-threads=1 --nocapture 2>&1 | tee "$out/parity_cuda_tf32_$tf32.log" || status=1
         env "${env[@]}" .device/bin/scconv-tch parity --device cuda 2>&1 | tee "$out/cli_parity_cuda_tf32_$tf32.txt" || status=1
+        env "${env[@]}" .device/bin/scconv-tch parity --device cuda --execution fast 2>&1 \
+            | tee "$out/cli_parity_cuda_fast_tf32_$tf32.txt" || status=1
     done
-    # The CPU suites run there too: the same binaries against the GPU machine's libtorch.
-    for t in parity_cpu model_parity bad_input cli scconv_tch; do
+    # Timings: Rust (reference and fast) and the seed's Python ScConv, PyTorch's conv3x3, networks.
+    python3 scripts/bench_compare.py --device cuda --runs 30 --binary .device/bin/scconv-tch 2>&1 \
+        | tee "$out/bench_compare_cuda.txt" || status=1
+    .device/bin/scconv-tch bench --device cuda --runs 30 --json > "$out/bench_cuda.json" 2>&1 || status=1
+    # The CPU parity suites run there too: the same binaries against the GPU machine's libtorch.
+    for t in parity_cpu fast_path; do
         [ -x ".device/bin/$t" ] && { .device/bin/$t --test-threads=2 2>&1 | tail -3 | tee "$out/$t.log" || status=1; }
     done
     cp -r target/parity-reports "$out/" 2>/dev/null || true

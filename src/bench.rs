@@ -2,7 +2,7 @@
 //! several timed runs; median and spread. CUDA runs are synchronised before each clock read.
 //! Timings are measurements, never test assertions.
 use crate::error::ScConvError;
-use crate::{scconv, ScConvConfig};
+use crate::{scconv, Execution, ScConvConfig};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -47,11 +47,15 @@ pub struct BlockBench {
     pub channels: i64,
     pub size: i64,
     pub batch: i64,
+    /// The reference mode (line for line).
     pub scconv: Timing,
+    /// `Execution::Fast`.
+    pub scconv_fast: Timing,
     pub conv3x3: Timing,
 }
 
-/// Rust ScConv (reference defaults, fresh weights) and a bias-free 3x3 conv on one shape, forward only.
+/// Rust ScConv (reference defaults, fresh weights) in reference and fast mode, and a bias-free 3x3 conv
+/// on one shape, forward only.
 pub fn bench_block(
     channels: i64,
     size: i64,
@@ -61,13 +65,15 @@ pub fn bench_block(
     runs: usize,
 ) -> Result<BlockBench, ScConvError> {
     let vs = nn::VarStore::new(device);
-    let block = scconv(vs.root() / "scconv", &ScConvConfig::new(channels))?;
+    let mut block = scconv(vs.root() / "scconv", &ScConvConfig::new(channels))?;
     let conv_config = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
     let conv = nn::conv2d(vs.root() / "conv3x3", channels, channels, 3, conv_config);
     let x = Tensor::randn([batch, channels, size, size], (Kind::Float, device));
     tch::no_grad(|| {
         let scconv = time(device, warmup, runs, || block.forward(&x));
         let conv3x3 = time(device, warmup, runs, || conv.forward(&x));
-        Ok(BlockBench { channels, size, batch, scconv, conv3x3 })
+        block.set_execution(Execution::Fast)?;
+        let scconv_fast = time(device, warmup, runs, || block.forward(&x));
+        Ok(BlockBench { channels, size, batch, scconv, scconv_fast, conv3x3 })
     })
 }

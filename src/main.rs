@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use commands::{bench::run_bench, export::run_export, infer::run_infer, info, parity::run_parity};
 use scconv_tch::models::ResNetConfig;
+use scconv_tch::Execution;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tch::Device;
@@ -24,6 +25,10 @@ enum Command {
         dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// Which forward pass to check: the line-for-line reference (forward and gradients) or a fast
+        /// path (forward; its gate decisions must equal the reference mode's on the same device).
+        #[arg(long, value_enum, default_value_t = ExecutionArg::Reference)]
+        execution: ExecutionArg,
         /// Print the reports as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -102,10 +107,30 @@ enum Command {
         batch: i64,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// How the ScConvs run: the line-for-line reference or the fast path.
+        #[arg(long, value_enum, default_value_t = ExecutionArg::Reference)]
+        execution: ExecutionArg,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExecutionArg {
+    Reference,
+    Fast,
+    FastTensorOps,
+}
+
+impl From<ExecutionArg> for Execution {
+    fn from(arg: ExecutionArg) -> Execution {
+        match arg {
+            ExecutionArg::Reference => Execution::Reference,
+            ExecutionArg::Fast => Execution::Fast,
+            ExecutionArg::FastTensorOps => Execution::FastTensorOps,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,8 +162,9 @@ fn one_line(message: &str) -> String {
 
 fn run(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Parity { dir, device, json } => {
-            run_parity(dir.unwrap_or_else(scconv_tch::parity::committed_fixtures), device.resolve()?, json)
+        Command::Parity { dir, device, execution, json } => {
+            let dir = dir.unwrap_or_else(scconv_tch::parity::committed_fixtures);
+            run_parity(dir, device.resolve()?, execution.into(), json)
         }
         Command::Export { model, scconv, weights, out, force } => {
             run_export(model.as_deref(), scconv.as_deref(), weights.as_deref(), &out, force)
@@ -151,8 +177,8 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Bench { device, batches, warmup, runs, no_models, json } => {
             run_bench(device.resolve()?, batches, warmup, runs, !no_models, json)
         }
-        Command::Infer { models, data, png, batch, device, json } => {
-            run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, json)
+        Command::Infer { models, data, png, batch, device, execution, json } => {
+            run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, execution.into(), json)
         }
     }
 }

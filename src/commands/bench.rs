@@ -1,8 +1,8 @@
 //! `scconv-tch bench`: timings.
 use anyhow::Result;
-use scconv_tch::bench;
 use scconv_tch::infer::ModelRecord;
 use scconv_tch::models::ResNetConfig;
+use scconv_tch::{bench, Execution};
 use std::path::Path;
 use std::process::ExitCode;
 use tch::nn::{ModuleT, VarStore};
@@ -42,18 +42,20 @@ pub fn run_bench(
         tch::get_num_threads()
     );
     println!(
-        "{:<10} {:>5} {:>24} {:>24} {:>9}",
-        "shape", "batch", "Rust ScConv ms", "Rust conv3x3 ms", "ratio"
+        "{:<10} {:>5} {:>24} {:>24} {:>24} {:>10} {:>10}",
+        "shape", "batch", "ScConv reference ms", "ScConv fast ms", "conv3x3 ms", "ref/conv", "fast/conv"
     );
     for b in &blocks {
         let cell = |t: &bench::Timing| format!("{:.3} ({:.3}-{:.3})", t.median_ms, t.min_ms, t.max_ms);
         println!(
-            "{:<10} {:>5} {:>24} {:>24} {:>8.2}x",
+            "{:<10} {:>5} {:>24} {:>24} {:>24} {:>9.2}x {:>9.2}x",
             format!("{}@{}", b.channels, b.size),
             b.batch,
             cell(&b.scconv),
+            cell(&b.scconv_fast),
             cell(&b.conv3x3),
-            b.scconv.median_ms / b.conv3x3.median_ms
+            b.scconv.median_ms / b.conv3x3.median_ms,
+            b.scconv_fast.median_ms / b.conv3x3.median_ms
         );
     }
     for n in &networks {
@@ -70,7 +72,8 @@ struct NetworkBench {
     images_per_second: f64,
 }
 
-/// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28).
+/// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28);
+/// each SC network in reference and fast mode.
 fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<NetworkBench>> {
     let big_batch = if device.is_cuda() { 64 } else { 8 };
     let mut configs = vec![
@@ -87,11 +90,17 @@ fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<Netw
     let mut out = Vec::new();
     for (name, config, batch, side) in configs {
         let vs = VarStore::new(device);
-        let model = scconv_tch::models::resnet(vs.root(), &config)?;
+        let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         let x = Tensor::randn([batch, config.in_channels, side, side], (Kind::Float, device));
-        let timing = tch::no_grad(|| bench::time(device, warmup, runs, || model.forward_t(&x, false)));
-        let images_per_second = batch as f64 / (timing.median_ms / 1e3);
-        out.push(NetworkBench { name, batch, timing, images_per_second });
+        let executions: &[Execution] =
+            if config.sc { &[Execution::Reference, Execution::Fast] } else { &[Execution::Reference] };
+        for &execution in executions {
+            model.set_scconv_execution(execution)?;
+            let timing = tch::no_grad(|| bench::time(device, warmup, runs, || model.forward_t(&x, false)));
+            let images_per_second = batch as f64 / (timing.median_ms / 1e3);
+            let name = if execution == Execution::Fast { format!("{name} (fast)") } else { name.clone() };
+            out.push(NetworkBench { name, batch, timing, images_per_second });
+        }
     }
     Ok(out)
 }

@@ -3,6 +3,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::data::{self, Images};
 use scconv_tch::infer::{class_name, score, Classifier, Scores};
+use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::Device;
@@ -42,14 +43,16 @@ pub fn run_infer(
     png: Option<&Path>,
     batch: i64,
     device: Device,
+    execution: Execution,
     json: bool,
 ) -> Result<ExitCode> {
     let (images, source, test_set) = load_images(data, png)?;
     let n = images.pixels.size()[0] as u64;
     let mut runs = Vec::new();
     for path in models {
-        let classifier =
+        let mut classifier =
             Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
+        classifier.model.set_scconv_execution(execution)?;
         let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")

@@ -1,26 +1,36 @@
 //! `scconv-tch parity`: the block parity table.
 use anyhow::{Context, Result};
 use scconv_tch::parity::{self, Manifest, Policy};
+use scconv_tch::{fast_parity, Execution};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tch::Device;
 
-pub fn run_parity(dir: PathBuf, device: Device, json: bool) -> Result<ExitCode> {
+pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool) -> Result<ExitCode> {
     let manifest: Manifest =
         Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
     let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
-    let reports = parity::run_all(&dir, device, &policy)?;
-    let passed = reports.iter().all(|r| r.passed(&policy));
+    let (table, verdicts, value) = if execution == Execution::Reference {
+        let reports = parity::run_all(&dir, device, &policy)?;
+        let verdicts: Vec<bool> = reports.iter().map(|r| r.passed(&policy)).collect();
+        (parity::table(&reports, &policy), verdicts, serde_json::to_value(&reports)?)
+    } else {
+        let reports = fast_parity::run_all(&dir, device, execution, &policy)?;
+        let verdicts: Vec<bool> = reports.iter().map(|r| r.passed(&policy)).collect();
+        (fast_parity::table(&reports, &policy), verdicts, serde_json::to_value(&reports)?)
+    };
+    let passed = verdicts.iter().all(|&v| v);
     if json {
+        let execution = format!("{execution:?}");
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "policy": policy, "cases": reports, "passed": passed })
+                &serde_json::json!({ "policy": policy, "execution": execution, "cases": value, "passed": passed })
             )?
         );
     } else {
         println!(
-            "fixtures {} (PyTorch {} on {}, seed {}), Rust on {device:?}, rtol {} atol {} x max|ref|, {}",
+            "fixtures {} (PyTorch {} on {}, seed {}), Rust {execution:?} on {device:?}, rtol {} atol {} x max|ref|, {}",
             dir.display(),
             manifest.torch_version,
             manifest.device,
@@ -33,8 +43,8 @@ pub fn run_parity(dir: PathBuf, device: Device, json: bool) -> Result<ExitCode> 
                 "across devices: flips allowed in the gate band only"
             }
         );
-        print!("{}", parity::table(&reports, &policy));
-        println!("{} of {} cases pass", reports.iter().filter(|r| r.passed(&policy)).count(), reports.len());
+        print!("{table}");
+        println!("{} of {} cases pass", verdicts.iter().filter(|&&v| v).count(), verdicts.len());
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
