@@ -55,6 +55,14 @@ CASES = [
 PT_CASE = "group_num_4"
 
 
+def cpu_kernels(device):
+    """For CPU fixtures, which CPU kernels made them (instruction set, threads), as the Rust side's
+    `parity::cpu_kernels()` prints it: fixtures from another kind of CPU are not bit-for-bit comparable."""
+    if device != "cpu":
+        return {}
+    return {"cpu_kernels": f"{torch.backends.cpu.get_cpu_capability()}/{torch.get_num_threads()} threads"}
+
+
 def loss_weight(shape, device):
     """cos(0.7 * k) at flat position k. The Rust parity code computes the same (src/parity.rs)."""
     numel = 1
@@ -151,6 +159,7 @@ def generate(cases, out, seed, device, fmt, generator="parity/generate_fixtures.
         "reference": "parity/reference_scconv.py (seed document 000_8c60a6467fa50790.txt)",
         "torch_version": torch.__version__,
         "device": device,
+        **cpu_kernels(device),
         "seed": seed,
         "loss": "sum(output * cos(0.7 * arange(numel)).reshape(output.shape))",
         "cases": [],

@@ -23,7 +23,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from generate_fixtures import save_file, write, write_manifest  # noqa: E402
+from generate_fixtures import cpu_kernels, save_file, write, write_manifest  # noqa: E402
 from models import ARCHS, build  # noqa: E402
 from reference_scconv import ScConv  # noqa: E402
 
@@ -95,7 +95,7 @@ def main():
     fmt = args.format or ("safetensors" if save_file else "pt")
     os.makedirs(args.out, exist_ok=True)
     manifest = {"generator": "parity/generate_model_fixtures.py", "torch_version": torch.__version__,
-                "device": args.device, "seed": args.seed, "cases": []}
+                "device": args.device, **cpu_kernels(args.device), "seed": args.seed, "cases": []}
     if args.cases == "random":
         for index, (name, config, shape) in enumerate(RANDOM_CASES):
             torch.manual_seed(args.seed + index)

@@ -19,12 +19,18 @@ def main():
     parser.add_argument("--runs", default="20")
     parser.add_argument("--warmup", default="5")
     parser.add_argument("--binary", default=os.path.join(ROOT, "target", "debug", "scconv-tch"))
+    parser.add_argument("--save", default=None, help="folder to keep both raw JSON outputs in")
     args = parser.parse_args()
     common = ["--device", args.device, "--runs", args.runs, "--warmup", args.warmup]
     rust = json.loads(subprocess.run([args.binary, "bench", "--json", *common], check=True, capture_output=True,
                                      text=True).stdout)
     python = json.loads(subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_reference.py"), *common],
                                        check=True, capture_output=True, text=True).stdout)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        for name, value in [("rust", rust), ("python", python)]:
+            with open(os.path.join(args.save, f"bench_{name}_{args.device}.json"), "w") as f:
+                json.dump(value, f, indent=1)
     print(f"{args.device}, Rust {rust['threads']} threads, PyTorch {python['torch_version']} {python['threads']} threads; "
           "median ms, forward only")
     print(f"{'shape':<9} {'batch':>5} {'Py ScConv':>10} {'Rust ref':>9} {'Rust fast':>10} {'Py conv':>8} "

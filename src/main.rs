@@ -88,6 +88,9 @@ enum Command {
         /// Skip the networks (ResNet-50 plain vs SC at 224x224, the Fashion-MNIST pair).
         #[arg(long)]
         no_models: bool,
+        /// Let cuDNN time its convolution algorithms and keep the fastest (torch.backends.cudnn.benchmark).
+        #[arg(long)]
+        cudnn_benchmark: bool,
         #[arg(long)]
         json: bool,
     },
@@ -174,7 +177,8 @@ fn run(command: Command) -> Result<ExitCode> {
             (None, Some(record)) => info::run_record_info(&record, size, json),
             (None, None) => info::run_info(scconv.as_deref(), channels, size.unwrap_or(56).pow(2), json),
         },
-        Command::Bench { device, batches, warmup, runs, no_models, json } => {
+        Command::Bench { device, batches, warmup, runs, no_models, cudnn_benchmark, json } => {
+            tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
             run_bench(device.resolve()?, batches, warmup, runs, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, json } => {

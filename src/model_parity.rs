@@ -1,9 +1,12 @@
 //! Parity for whole networks (fixtures of `parity/generate_model_fixtures.py`): eval-mode logits within
 //! the tolerance and, for every ScConv, the gate decisions against PyTorch's. On the same kernels no
-//! decision may flip; across devices flips are reported per layer and the predicted classes must agree.
+//! decision may flip; across devices flips are reported per layer, the first flipping layer may flip only
+//! inside the fp32 band, and the predicted classes must agree.
 use crate::error::ScConvError;
 use crate::models::{resnet, ResNetConfig};
-use crate::parity::{compare, compare_gate, fixture, read_tensors, Comparison, GateReport, Manifest, Policy};
+use crate::parity::{
+    compare, compare_gate, fixture, read_tensors, Comparison, GateReport, Manifest, Policy, Tolerance,
+};
 use crate::weights;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -44,12 +47,22 @@ impl ModelCaseReport {
     }
 
     pub fn passed(&self, policy: &Policy) -> bool {
-        let outside_band = self.layers.iter().any(|l| l.gate.flips_outside_band > 0);
         if policy.same_kernels {
-            self.flips() == 0 && self.logits.passed() && self.class_disagreements == 0
-        } else {
-            !outside_band && self.class_disagreements == 0 && (self.flips() > 0 || self.logits.passed())
+            return self.flips() == 0 && self.logits.passed() && self.class_disagreements == 0;
         }
+        // With TF32 the convolutions before the first ScConv already change its input by ~1e-3, far more
+        // than the band: its decisions may then differ anywhere (seen on an H200), and only the classes
+        // and, without flips, the logits can be held to the reference.
+        let gates_ok = policy.tolerance == Tolerance::TF32 || self.first_flips_in_band();
+        gates_ok && self.class_disagreements == 0 && (self.flips() > 0 || self.logits.passed())
+    }
+
+    /// Across devices, the first layer (in forward order) whose decisions differ may differ only inside
+    /// the fp32 band. Its flips move values between channel halves, so every later layer sees other
+    /// inputs and may then decide differently anywhere (seen on an H200: 4 in-band flips in
+    /// `layer1.0.conv2`, then flips outside the band further down, same classes).
+    pub fn first_flips_in_band(&self) -> bool {
+        self.layers.iter().find(|l| l.gate.flips() > 0).is_none_or(|l| l.gate.flips_outside_band == 0)
     }
 }
 

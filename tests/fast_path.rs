@@ -3,13 +3,13 @@
 mod common;
 
 use common::assert_fast_parity;
-use scconv_tch::parity::{committed_fixtures, Policy};
+use scconv_tch::parity::{committed_fixtures, CaseSpec, Manifest};
 use scconv_tch::Execution;
 use tch::Device;
 
 #[test]
 fn committed_fixtures_match_on_both_fast_paths() {
-    let policy = Policy::for_run("cpu", Device::Cpu, false);
+    let policy = Manifest::<CaseSpec>::read(&committed_fixtures()).unwrap().policy(Device::Cpu, false);
     for execution in [Execution::Fast, Execution::FastTensorOps] {
         let reports =
             assert_fast_parity(&committed_fixtures(), Device::Cpu, execution, &policy, "cpu-committed");

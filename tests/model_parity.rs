@@ -3,9 +3,10 @@
 mod common;
 
 use common::{crate_dir, python, scratch_dir};
+use scconv_tch::model_parity::ModelCaseSpec;
 use scconv_tch::model_parity::{self, ModelCaseReport};
 use scconv_tch::models::{resnet, ResNetConfig};
-use scconv_tch::parity::Policy;
+use scconv_tch::parity::Manifest;
 use std::path::Path;
 use std::process::Command;
 use tch::{nn::VarStore, Device};
@@ -21,7 +22,7 @@ fn generate(out: &Path, cases: &str) {
 }
 
 fn assert_models(dir: &Path, label: &str) -> Vec<ModelCaseReport> {
-    let policy = Policy::for_run("cpu", Device::Cpu, false);
+    let policy = Manifest::<ModelCaseSpec>::read(dir).unwrap().policy(Device::Cpu, false);
     let reports = model_parity::run_all(dir, Device::Cpu, &policy).unwrap_or_else(|e| panic!("{label}: {e}"));
     let table = model_parity::table(&reports, &policy);
     println!("{label}\n{table}");

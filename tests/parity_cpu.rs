@@ -12,11 +12,15 @@ fn cpu_policy() -> Policy {
     Policy::for_run("cpu", Device::Cpu, false)
 }
 
+/// On a CPU like the one that made them (recorded in the manifest) bit for bit, with no flipped
+/// decision; on another kind of CPU with the across-devices policy.
 #[test]
 fn committed_fixtures_match_the_reference_on_cpu() {
-    let reports = assert_parity(&committed_fixtures(), Device::Cpu, &cpu_policy(), "cpu-committed");
+    let dir = committed_fixtures();
+    let policy = Manifest::<scconv_tch::parity::CaseSpec>::read(&dir).unwrap().policy(Device::Cpu, false);
+    let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-committed");
     assert!(reports.len() >= 10, "at least 10 cases, found {}", reports.len());
-    assert!(reports.iter().all(|r| r.gate.flips() == 0));
+    assert!(!policy.same_kernels || reports.iter().all(|r| r.gate.flips() == 0));
 }
 
 #[test]

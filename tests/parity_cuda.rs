@@ -12,7 +12,7 @@
 mod common;
 
 use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::parity::{committed_fixtures, tf32_enabled as tf32, Policy};
+use scconv_tch::parity::{committed_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -51,7 +51,7 @@ fn fixtures_made_by_pytorch_on_the_same_gpu_match_exactly() {
 #[test]
 fn committed_cpu_fixtures_match_on_the_gpu_in_layers() {
     let device = gpu();
-    let policy = Policy::for_run("cpu", device, tf32());
+    let policy = Manifest::<CaseSpec>::read(&committed_fixtures()).unwrap().policy(device, tf32());
     let reports =
         assert_parity(&committed_fixtures(), device, &policy, &format!("cuda-vs-cpu-{}", tf32_label()));
     for r in &reports {

@@ -1,6 +1,6 @@
 //! `scconv-tch parity`: the block parity table.
 use anyhow::{Context, Result};
-use scconv_tch::parity::{self, Manifest, Policy};
+use scconv_tch::parity::{self, Manifest};
 use scconv_tch::{fast_parity, Execution};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use tch::Device;
 pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool) -> Result<ExitCode> {
     let manifest: Manifest =
         Manifest::read(&dir).with_context(|| format!("reading fixtures in {}", dir.display()))?;
-    let policy = Policy::for_run(&manifest.device, device, parity::tf32_enabled());
+    let policy = manifest.policy(device, parity::tf32_enabled());
     let (table, verdicts, value) = if execution == Execution::Reference {
         let reports = parity::run_all(&dir, device, &policy)?;
         let verdicts: Vec<bool> = reports.iter().map(|r| r.passed(&policy)).collect();
