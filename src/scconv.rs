@@ -113,7 +113,7 @@ impl Module for ScConv {
     /// `try_forward` would reject.
     fn forward(&self, x: &Tensor) -> Tensor {
         let Some(fast) = &self.fast else { return self.forward_reference(x) };
-        tch::no_grad(|| match fast.sru(&self.SRU, x) {
+        tch::no_grad(|| match fast.sru_into_kept_buffer(&self.SRU, x) {
             Some(sru_out) => self.CRU.forward_fused(&sru_out),
             None => self.forward_reference(x),
         })

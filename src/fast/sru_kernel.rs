@@ -54,14 +54,20 @@ impl ChannelGate {
     }
 }
 
-/// The SRU output for a contiguous fp32 CPU tensor `x` of shape `(N, C, H, W)`.
-pub fn fused_gate_reconstruct(x: &Tensor, k: &GateConstants) -> Tensor {
+/// The SRU output for a contiguous fp32 CPU tensor `x` of shape `(N, C, H, W)`, written into `reuse`
+/// when that is a buffer of the same shape (the caller guarantees nothing else reads it meanwhile), else
+/// into a new tensor.
+pub fn fused_gate_reconstruct(x: &Tensor, k: &GateConstants, reuse: Option<Tensor>) -> Tensor {
     let x = x.contiguous();
     let [n, c, h, w] = <[i64; 4]>::try_from(x.size()).expect("caller checked the rank");
     let (n, c, plane) = (n as usize, c as usize, (h * w) as usize);
-    let out = Tensor::empty([n as i64, c as i64, h, w], (Kind::Float, Device::Cpu));
+    let fits = |t: &Tensor| t.size() == x.size() && t.is_contiguous() && t.kind() == Kind::Float;
+    let out = match reuse {
+        Some(buffer) if fits(&buffer) && buffer.device() == Device::Cpu => buffer,
+        _ => Tensor::empty([n as i64, c as i64, h, w], (Kind::Float, Device::Cpu)),
+    };
     // SAFETY: both tensors are contiguous fp32 on the CPU with n * c * plane elements; `x` and `out`
-    // live until the end of this function, and `out` is a fresh allocation no one else sees yet.
+    // live until the end of this function, and `out` is fresh or a buffer no one reads meanwhile.
     let (xs, os) = unsafe {
         let len = n * c * plane;
         (
