@@ -4,8 +4,9 @@ use crate::weights::LoadReport;
 #[derive(Debug, thiserror::Error)]
 pub enum ScConvError {
     /// A hyper-parameter combination that the reference would crash on or silently mishandle.
+    /// (Not `#[from]`: that would also make it the error's source, and a cause chain would repeat it.)
     #[error("invalid ScConv config: {0}")]
-    InvalidConfig(#[from] ConfigError),
+    InvalidConfig(ConfigError),
 
     /// A model config the network cannot be built from.
     #[error("invalid model config: {0}")]
@@ -25,12 +26,22 @@ pub enum ScConvError {
     #[error("cannot write {path}: {reason}")]
     Write { path: String, reason: String },
 
+    /// libtorch failed while running a checked input (e.g. out of memory for a huge one).
+    #[error("libtorch failed: {0}")]
+    Runtime(String),
+
     /// The fast path's cheap gate `z >= z_t` cannot stand in for `sigmoid(z) >= t` on this device.
     #[error("no exact fast gate for gate_treshold {threshold}: {why}")]
     GateThreshold { threshold: f64, why: String },
 
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+}
+
+impl From<ConfigError> for ScConvError {
+    fn from(error: ConfigError) -> Self {
+        ScConvError::InvalidConfig(error)
+    }
 }
 
 /// One variant per way a config can be wrong; each names the offending values.

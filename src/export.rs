@@ -25,6 +25,9 @@ pub fn trace(
 /// temporary file beside `path` first and is renamed into place, so a failed write leaves nothing behind.
 pub fn save(module: &CModule, path: &Path, overwrite: bool) -> Result<(), ScConvError> {
     let error = |reason: String| ScConvError::Write { path: path.display().to_string(), reason };
+    if path.is_dir() {
+        return Err(error("is a folder; give a file path such as model.pt".into()));
+    }
     if path.exists() && !overwrite {
         return Err(error("the file exists; pass --force (overwrite = true) to replace it".into()));
     }

@@ -114,3 +114,18 @@ mod tests {
         assert!(m.contains("needs at least 2 values for its unbiased std, got 1"), "{m}");
     }
 }
+
+/// Runs a forward pass, turning a libtorch failure into an error. tch's operators panic when libtorch
+/// throws (e.g. an allocation that fails for a huge input); caught here, the caller gets
+/// `ScConvError::Runtime` instead of an unwinding panic. (The default panic hook still prints the
+/// panic; the `scconv-tch` binary installs a quiet one.)
+pub fn guard(forward: impl FnOnce() -> Tensor) -> Result<Tensor, ScConvError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown failure".into());
+        ScConvError::Runtime(message)
+    })
+}

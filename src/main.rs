@@ -145,6 +145,7 @@ enum DeviceArg {
 /// Errors print on one line (the cause chain joined by ": "), with no backtrace, and exit with 2;
 /// a failed check (`parity`) exits with 1.
 fn main() -> ExitCode {
+    quiet_libtorch_panics();
     match run(Cli::parse().command) {
         Ok(code) => code,
         Err(error) => {
@@ -154,13 +155,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// tch panics when libtorch throws; the library catches those where it runs user input
+/// (`try_forward`) and returns the message as an error, which `main` prints. Any other panic is a bug:
+/// it is reported on one line.
+fn quiet_libtorch_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        if !message.contains("Torch(") {
+            eprintln!("internal error: {}", one_line(&message));
+        }
+    }));
+}
+
 /// Joins a multi-line message (e.g. a state-dict report) with "; " and drops the C++ stack frames that
 /// libtorch appends to its errors.
 fn one_line(message: &str) -> String {
     let noise = |l: &&str| l.starts_with("Exception raised from") || l.starts_with("frame #");
-    let lines: Vec<&str> =
-        message.lines().map(str::trim).filter(|l| !l.is_empty()).filter(|l| !noise(l)).collect();
-    lines.join("; ")
+    let lines = message.lines().map(str::trim).filter(|l| !l.is_empty()).filter(|l| !noise(l));
+    let mut out = String::new();
+    for line in lines {
+        if !out.is_empty() {
+            out += if out.ends_with(':') { " " } else { "; " };
+        }
+        out += line;
+    }
+    out
 }
 
 fn run(command: Command) -> Result<ExitCode> {

@@ -60,7 +60,7 @@ impl ScConv {
     /// `forward` after checking rank, channels, dtype, device and size: bad input is an error.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
         self.check_input(x)?;
-        Ok(self.forward(x))
+        input::guard(|| self.forward(x))
     }
 
     /// The SRU gate on `x` (its `z = gn_x * w_gamma` and decisions).

@@ -20,11 +20,18 @@ pub struct LoadReport {
     pub missing: Vec<String>,
     pub unexpected: Vec<String>,
     pub mismatched: Vec<ShapeMismatch>,
+    /// Keys whose tensor is not floating point (its dtype named), for a floating-point variable.
+    /// PyTorch's `copy_` would convert integers silently; a state dict with integer weights is almost
+    /// surely the wrong file, so it is rejected. Other float dtypes convert, as in PyTorch.
+    pub wrong_dtype: Vec<(String, String)>,
 }
 
 impl LoadReport {
     pub fn is_clean(&self) -> bool {
-        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.mismatched.is_empty()
+            && self.wrong_dtype.is_empty()
     }
 }
 
@@ -43,6 +50,12 @@ impl fmt::Display for LoadReport {
                 m.key, m.expected, m.found
             )?;
         }
+        for (key, kind) in &self.wrong_dtype {
+            writeln!(
+                f,
+                "  wrong dtype for {key}: {kind} in the state dict, a floating-point tensor is needed"
+            )?;
+        }
         Ok(())
     }
 }
@@ -50,6 +63,9 @@ impl fmt::Display for LoadReport {
 /// Reads a flat `name -> tensor` file: `.safetensors`, or a `torch.save` pickle (`.pt`, `.pth`, `.bin`).
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, ScConvError> {
     let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
+    if path.is_dir() {
+        return Err(file_error("is a folder, not a weights file".into()));
+    }
     if !path.is_file() {
         return Err(file_error("no such file".into()));
     }
@@ -84,6 +100,9 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
                 expected: var.size(),
                 found: t.size(),
             }),
+            Some(t) if var.is_floating_point() && !t.is_floating_point() => {
+                report.wrong_dtype.push((key.clone(), format!("{:?}", t.kind())))
+            }
             Some(_) => {}
         }
     }
@@ -173,6 +192,26 @@ mod tests {
         let c = (vs.root() / "c").get("weight").unwrap();
         assert_eq!((c.kind(), c.double_value(&[0])), (Kind::Float, 7.0));
         assert_eq!((vs.root() / "a").get("weight").unwrap().kind(), Kind::Float);
+    }
+
+    #[test]
+    fn integer_and_bool_tensors_are_rejected_half_precision_converts() {
+        let mut vs = store();
+        let tensors = vec![
+            ("a.weight".to_string(), t(&[2, 3]).to_kind(Kind::Int64)),
+            ("b.bias".to_string(), t(&[4]).to_kind(Kind::Bool)),
+            ("c.weight".to_string(), t(&[1]).to_kind(Kind::Half)),
+        ];
+        let err = load_tensors(&mut vs, tensors).unwrap_err().to_string();
+        assert!(err.contains("wrong dtype for a.weight: Int64"), "{err}");
+        assert!(err.contains("wrong dtype for b.bias: Bool"), "{err}");
+        assert!(!err.contains("c.weight"), "{err}");
+        let half = vec![
+            ("a.weight".to_string(), t(&[2, 3]).to_kind(Kind::BFloat16)),
+            ("b.bias".to_string(), t(&[4]).to_kind(Kind::Half)),
+            ("c.weight".to_string(), t(&[1]) * 3.0),
+        ];
+        load_tensors(&mut vs, half).unwrap();
     }
 
     #[test]

@@ -210,3 +210,13 @@ fn nan_input_propagates_instead_of_being_rejected() {
     let y = tch::no_grad(|| block.try_forward(&x)).unwrap();
     assert!(y.isnan().any().int64_value(&[]) == 1, "NaN must propagate");
 }
+
+#[test]
+fn a_huge_input_is_an_error_not_a_crash() {
+    // 1 x 3 x 2^20 x 2^20 as a zero-stride view: tiny in memory, but the stem convolution needs 4 TiB.
+    let model = small_resnet(true);
+    let x = Tensor::zeros([1, 1, 1, 1], (Kind::Float, Device::Cpu)).expand([1, 3, 1 << 20, 1 << 20], false);
+    let err = tch::no_grad(|| model.try_forward(&x)).unwrap_err();
+    assert!(matches!(err, ScConvError::Runtime(_)), "{err}");
+    assert!(err.to_string().contains("libtorch failed"), "{err}");
+}

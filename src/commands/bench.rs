@@ -1,5 +1,5 @@
 //! `scconv-tch bench`: timings.
-use anyhow::Result;
+use anyhow::{bail, Result};
 use scconv_tch::infer::ModelRecord;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::{bench, Execution};
@@ -17,6 +17,9 @@ pub fn run_bench(
     models: bool,
     json: bool,
 ) -> Result<ExitCode> {
+    if let Some(bad) = batches.iter().find(|&&b| b < 1) {
+        bail!("--batches: every batch size must be at least 1, got {bad}");
+    }
     let batches = if !batches.is_empty() {
         batches
     } else if device.is_cuda() {

@@ -46,6 +46,9 @@ pub fn run_infer(
     execution: Execution,
     json: bool,
 ) -> Result<ExitCode> {
+    if batch < 1 {
+        bail!("--batch must be at least 1, got {batch}");
+    }
     let (images, source, test_set) = load_images(data, png)?;
     let n = images.pixels.size()[0] as u64;
     let mut runs = Vec::new();

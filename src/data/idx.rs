@@ -44,7 +44,11 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     let size_bytes = bytes.get(4..header).ok_or("IDX header is truncated")?;
     let dims: Vec<usize> =
         size_bytes.chunks(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
-    let count: usize = dims.iter().product();
+    // Checked: a header can claim sizes whose product overflows (found by tests/fuzz_readers.rs).
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("IDX dimensions {dims:?} overflow: no file holds that many bytes"))?;
     let data = &bytes[header..];
     if data.len() != count {
         return Err(format!(

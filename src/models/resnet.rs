@@ -75,7 +75,7 @@ impl ResNet {
     /// Eval-mode logits after checking the input (rank, channels, dtype, device, sizes).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
         self.check_input(x)?;
-        Ok(self.run(x, false, &mut None))
+        input::guard(|| self.run(x, false, &mut None))
     }
 
     /// Eval-mode logits and the gate of every ScConv, keyed by its path (`layer1.0.conv2`, ...).

@@ -1,0 +1,267 @@
+//! Property-based fuzzing of the readers a user feeds files to: safetensors weights, IDX images, and
+//! the ScConv / ResNet config JSON. Inputs are valid files mutated (truncated, bytes overwritten,
+//! garbage spliced in, header fields rewritten) or generated from their grammar; the property is that
+//! reading returns `Ok` or `Err` and never panics, and that whatever is accepted can be used (loaded into
+//! a model, run) without a panic either.
+//!
+//! `make test` runs `SCCONV_FUZZ_CASES` cases per reader (default 200). A long run:
+//! `SCCONV_FUZZ_CASES=20000 cargo test --release --test fuzz_readers`. Failing inputs proptest finds
+//! are kept in `tests/fuzz_readers.proptest-regressions` and replayed first on every run.
+mod common;
+
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use scconv_tch::data::idx;
+use scconv_tch::models::ResNetConfig;
+use scconv_tch::{scconv, weights, ScConvConfig};
+use std::path::PathBuf;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// Where proptest keeps the failing inputs it finds (relative to the crate root, the tests' folder).
+const REGRESSIONS: &str = "tests/fuzz_readers.proptest-regressions";
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("SCCONV_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// One edit of a byte string.
+#[derive(Debug, Clone)]
+enum Edit {
+    Truncate(usize),
+    Overwrite(usize, u8),
+    Insert(usize, Vec<u8>),
+}
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    let edit = prop_oneof![
+        any::<usize>().prop_map(Edit::Truncate),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Overwrite(i, b)),
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16)).prop_map(|(i, b)| Edit::Insert(i, b)),
+    ];
+    proptest::collection::vec(edit, 0..6)
+}
+
+fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+    for edit in edits {
+        let len = bytes.len().max(1);
+        match edit {
+            Edit::Truncate(i) => bytes.truncate(i % len),
+            Edit::Overwrite(i, b) if !bytes.is_empty() => bytes[i % len] = *b,
+            Edit::Overwrite(..) => {}
+            Edit::Insert(i, b) => {
+                let at = (i % len).min(bytes.len());
+                bytes.splice(at..at, b.iter().copied());
+            }
+        }
+    }
+    bytes
+}
+
+fn scratch_file(name: &str) -> PathBuf {
+    let dir = common::crate_dir().join("target/test-scratch/fuzz");
+    std::fs::create_dir_all(&dir).expect("cannot create the fuzz scratch folder");
+    dir.join(format!("{}-{name}", std::process::id()))
+}
+
+/// A small valid safetensors file (the group_num_4 fixture: 8 tensors, 8 KB).
+fn safetensors_seed() -> Vec<u8> {
+    std::fs::read(common::crate_dir().join("weights/parity/group_num_4.safetensors")).unwrap()
+}
+
+/// A safetensors file from a generated header: any dtype name, shape and offsets, with a data section
+/// that may or may not be long enough.
+fn generated_safetensors() -> impl Strategy<Value = Vec<u8>> {
+    let dtype = prop_oneof![
+        Just("F32"),
+        Just("F16"),
+        Just("BF16"),
+        Just("F64"),
+        Just("I64"),
+        Just("U8"),
+        Just("BOOL"),
+        Just("F8_E4M3"),
+        Just("XYZ")
+    ];
+    let dim = prop_oneof![0u64..5, Just(u32::MAX as u64), Just(u64::MAX / 2), Just(1 << 40)];
+    let entry = (dtype, proptest::collection::vec(dim, 0..5), any::<u16>(), any::<u16>());
+    (proptest::collection::vec(entry, 0..4), 0usize..256).prop_map(|(entries, data_len)| {
+        let mut header = serde_json::Map::new();
+        for (i, (dtype, shape, begin, end)) in entries.into_iter().enumerate() {
+            let (begin, end) = (begin as usize % 300, end as usize % 300);
+            header.insert(
+                format!("t{i}"),
+                serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [begin, end] }),
+            );
+        }
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend(std::iter::repeat_n(0x3f, data_len));
+        bytes
+    })
+}
+
+/// Reading must not panic; what is read must load into a store (or be refused) without a panic.
+fn check_weights(bytes: &[u8]) {
+    let path = scratch_file("w.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    if let Ok(tensors) = weights::read(&path) {
+        let mut vs = VarStore::new(Device::Cpu);
+        let _model = scconv(vs.root(), &ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }).unwrap();
+        let _ = weights::load_tensors(&mut vs, tensors);
+    }
+}
+
+/// A valid IDX image file (3 images of 4x5) and a label file.
+fn idx_seed() -> Vec<u8> {
+    let mut bytes = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 5];
+    bytes.extend((0..60).map(|i| i as u8));
+    bytes
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Parsing must not panic; an accepted image file must make a readable split with matching labels.
+fn check_idx(bytes: &[u8], gzipped: bool) {
+    let dir = scratch_file("idx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let images = if gzipped { gzip(bytes) } else { bytes.to_vec() };
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), images).unwrap();
+    let _ = idx::parse(bytes);
+    if let Ok(array) = idx::read(&dir.join("t10k-images-idx3-ubyte")) {
+        let n = array.dims.first().copied().unwrap_or(0).min(1 << 16);
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend((n as u32).to_be_bytes());
+        labels.extend(std::iter::repeat_n(1u8, n));
+        std::fs::write(dir.join("t10k-labels-idx1-ubyte"), labels).unwrap();
+        let _ = scconv_tch::data::read_idx_split(&dir);
+    }
+}
+
+/// Config JSON from the grammar: the reference's keys (and a stray one) with values of any JSON type,
+/// including huge and negative numbers.
+fn config_json() -> impl Strategy<Value = String> {
+    let number = prop_oneof![-3i64..70, Just(1i64 << 40), Just(i64::MAX), Just(i64::MIN), Just(1 << 20),]
+        .prop_map(|v| serde_json::json!(v));
+    let value = prop_oneof![
+        number,
+        (-2.0f64..2.0).prop_map(|v| serde_json::json!(v)),
+        Just(serde_json::json!("64")),
+        Just(serde_json::json!(null)),
+        Just(serde_json::json!([1, 2])),
+        Just(serde_json::json!(1e300)),
+    ];
+    let key = prop_oneof![
+        Just("op_channel"),
+        Just("group_num"),
+        Just("gate_treshold"),
+        Just("alpha"),
+        Just("squeeze_radio"),
+        Just("group_size"),
+        Just("group_kernel_size"),
+        Just("squeeze_ratio"),
+    ];
+    proptest::collection::vec((key, value), 0..8).prop_map(|pairs| {
+        let map: serde_json::Map<String, serde_json::Value> =
+            pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        serde_json::Value::Object(map).to_string()
+    })
+}
+
+/// Parsing and validation must not panic; an accepted config small enough to try must build and run.
+fn check_config(text: &str) {
+    let Ok(config) = serde_json::from_str::<ScConvConfig>(text) else { return };
+    if config.validate().is_err() || config.op_channel > 256 || config.group_kernel_size > 9 {
+        return;
+    }
+    let vs = VarStore::new(Device::Cpu);
+    let model = scconv(vs.root(), &config).expect("a validated config builds");
+    let x = Tensor::randn([1, config.op_channel, 4, 4], (Kind::Float, Device::Cpu));
+    let _ = tch::no_grad(|| model.try_forward(&x));
+}
+
+fn resnet_json() -> impl Strategy<Value = String> {
+    let list = proptest::collection::vec(prop_oneof![-1i64..4, Just(1 << 40)], 0..5);
+    let widths = proptest::collection::vec(prop_oneof![-1i64..80, Just(1 << 40)], 0..5);
+    (any::<bool>(), list, widths, -1i64..12, -1i64..4, any::<bool>(), any::<bool>()).prop_map(
+        |(basic, layers, widths, classes, channels, sc, small)| {
+            serde_json::json!({
+                "block": if basic { "basic" } else { "bottleneck" },
+                "layers": layers, "widths": widths, "num_classes": classes,
+                "in_channels": channels, "sc": sc, "small_input": small,
+            })
+            .to_string()
+        },
+    )
+}
+
+fn check_resnet(text: &str) {
+    let Ok(config) = serde_json::from_str::<ResNetConfig>(text) else { return };
+    if config.validate().is_err()
+        || config.widths.iter().any(|&w| w > 256)
+        || config.layers.iter().sum::<i64>() > 8
+    {
+        return;
+    }
+    let vs = VarStore::new(Device::Cpu);
+    let model = scconv_tch::models::resnet(vs.root(), &config).expect("a validated config builds");
+    let x = Tensor::randn([1, config.in_channels, 16, 16], (Kind::Float, Device::Cpu));
+    let _ = tch::no_grad(|| model.try_forward(&x));
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn mutated_safetensors_never_panic(edits in edits()) {
+        check_weights(&apply(safetensors_seed(), &edits));
+    }
+
+    #[test]
+    fn generated_safetensors_headers_never_panic(bytes in generated_safetensors()) {
+        check_weights(&bytes);
+    }
+
+    #[test]
+    fn mutated_idx_files_never_panic(edits in edits(), gzipped in any::<bool>()) {
+        check_idx(&apply(idx_seed(), &edits), gzipped);
+    }
+
+    #[test]
+    fn idx_headers_with_any_sizes_never_panic(rank in 0u8..6, sizes in proptest::collection::vec(any::<u32>(), 0..6), data in 0usize..64) {
+        let mut bytes = vec![0, 0, 8, rank];
+        for s in sizes { bytes.extend(s.to_be_bytes()); }
+        bytes.extend(std::iter::repeat_n(7u8, data));
+        check_idx(&bytes, false);
+    }
+
+    #[test]
+    fn scconv_config_json_never_panics(text in config_json()) {
+        check_config(&text);
+    }
+
+    #[test]
+    fn resnet_config_json_never_panics(text in resnet_json()) {
+        check_resnet(&text);
+    }
+}
+
+/// The crashers found so far, kept as plain tests.
+#[test]
+fn found_idx_sizes_whose_product_overflows() {
+    // rank 3 with the sizes read from the data bytes: 0x07070707^3 overflows usize.
+    let mut bytes = vec![0, 0, 8, 3];
+    bytes.extend(std::iter::repeat_n(7u8, 12));
+    let err = idx::parse(&bytes).unwrap_err();
+    assert!(err.contains("overflow"), "{err}");
+}
