@@ -8,9 +8,11 @@ setup:
 	@scripts/setup_torch.sh
 	@scripts/setup_data.sh || echo "setup: continuing with the shipped 1,000-image sample"
 
+# Release build: the fast path's Rust kernels are slow unoptimised.
 demo: setup
-	cargo run --quiet -- infer --model weights/fmnist_sc.json --model weights/fmnist_plain.json
-	cargo run --quiet -- parity
+	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --model weights/fmnist_plain.json
+	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --execution fast
+	cargo run --release --quiet -- parity --execution fast
 
 # The parity tests record their tables in target/parity-reports/.
 test: setup

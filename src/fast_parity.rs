@@ -6,7 +6,7 @@ use crate::fast::Execution;
 use crate::parity::{
     compare, compare_gate, fixture, read_tensors, CaseSpec, Comparison, GateReport, Manifest,
 };
-use crate::parity::{Policy, Tolerance};
+use crate::parity::{verdict, Policy, Tolerance};
 use crate::{scconv, weights};
 use serde::Serialize;
 use std::path::Path;
@@ -92,12 +92,12 @@ pub fn table(reports: &[FastCaseReport], policy: &Policy) -> String {
             "{:<22} {:>12.3e} {:>12.3e} {:>12.3e} {:>8} {:>6} {:>9}  {}\n",
             r.name,
             r.output.max_abs_err,
-            r.output.max_abs_err / r.output.max_abs_ref,
-            r.output_vs_same_device.max_abs_err / r.output_vs_same_device.max_abs_ref,
+            r.output.relative(),
+            r.output_vs_same_device.relative(),
             r.gate.in_band,
             r.gate.flips(),
             r.differing_from_same_device,
-            if r.passed(policy) { "pass" } else { "FAIL" }
+            verdict(r.passed(policy))
         );
     }
     out

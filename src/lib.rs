@@ -2,13 +2,14 @@
 //! reference line for line so that its `state_dict` loads unchanged.
 //!
 //! ```no_run
-//! use scconv_tch::{scconv, weights, ScConvConfig};
+//! use scconv_tch::{scconv, weights, Execution, ScConvConfig};
 //! use tch::{nn::VarStore, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), scconv_tch::ScConvError> {
 //! let mut vs = VarStore::new(Device::Cpu);
-//! let block = scconv(vs.root(), &ScConvConfig::new(64))?;
+//! let mut block = scconv(vs.root(), &ScConvConfig::new(64))?;
 //! weights::load(&mut vs, "scconv.safetensors")?; // a PyTorch state_dict, keys as saved
+//! block.set_execution(Execution::Fast)?; // optional: the fast path, same gate decisions
 //! let x = Tensor::randn([1, 64, 56, 56], (Kind::Float, Device::Cpu));
 //! let y = tch::no_grad(|| block.try_forward(&x))?;
 //! # Ok(()) }

@@ -5,7 +5,8 @@
 use crate::error::ScConvError;
 use crate::models::{resnet, ResNetConfig};
 use crate::parity::{
-    compare, compare_gate, fixture, read_tensors, Comparison, GateReport, Manifest, Policy, Tolerance,
+    compare, compare_gate, fixture, read_tensors, verdict, Comparison, GateReport, Manifest, Policy,
+    Tolerance,
 };
 use crate::weights;
 use serde::{Deserialize, Serialize};
@@ -119,7 +120,7 @@ pub fn table(reports: &[ModelCaseReport], policy: &Policy) -> String {
             "{:<22} {:>12.3e} {:>12.3e} {:>9.3} {:>8} {:>6} {:>8}  {}\n",
             r.name,
             r.logits.max_abs_err,
-            r.logits.max_abs_err / r.logits.max_abs_ref,
+            r.logits.relative(),
             r.logits.tolerance_used,
             r.in_band(),
             r.flips(),
@@ -128,7 +129,7 @@ pub fn table(reports: &[ModelCaseReport], policy: &Policy) -> String {
             } else {
                 format!("{} differ", r.class_disagreements)
             },
-            if r.passed(policy) { "pass" } else { "FAIL" }
+            verdict(r.passed(policy))
         );
         for l in r.layers.iter().filter(|l| l.gate.flips() > 0) {
             out += &format!("    {:<24} {} in band, {} flipped\n", l.layer, l.gate.in_band, l.gate.flips());

@@ -117,6 +117,20 @@ impl Comparison {
     pub fn passed(&self) -> bool {
         self.tolerance_used <= 1.0
     }
+
+    /// The largest error relative to the reference's largest value.
+    pub fn relative(&self) -> f64 {
+        self.max_abs_err / self.max_abs_ref
+    }
+}
+
+/// A table's verdict column.
+pub fn verdict(passed: bool) -> &'static str {
+    if passed {
+        "pass"
+    } else {
+        "FAIL"
+    }
 }
 
 pub fn compare(actual: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<Comparison, ScConvError> {
@@ -373,11 +387,11 @@ pub fn table(reports: &[CaseReport], policy: &Policy) -> String {
             "{:<22} {:>12.3e} {:>12.3e} {:>9.3} {:>8} {:>6}  {}\n",
             r.name,
             output.max_abs_err,
-            output.max_abs_err / output.max_abs_ref,
+            output.relative(),
             r.worst_tolerance_used(),
             r.gate.in_band,
             r.gate.flips(),
-            if r.passed(policy) { "pass" } else { "FAIL" }
+            verdict(r.passed(policy))
         );
         for p in &r.problems {
             out += &format!("    problem: {p}\n");
