@@ -4,7 +4,8 @@
 //!
 //! What it changes, and why the gate's decisions stay the reference's bit for bit:
 //! - `w_gamma = gamma / sum(gamma)` is computed once, with the reference's left-to-right sum;
-//! - the statistics are libtorch's `mean` and unbiased `std`, as in the reference;
+//! - the statistics are libtorch's `mean` and its unbiased `std`, the latter on the CPU reproduced bit
+//!   for bit by a faster replica of libtorch's own recurrence (`welford`);
 //! - on the CPU one Rust pass computes `z` with the reference's five fp32 operations in its order
 //!   (`sru_kernel`), gates with `z >= z_t` (`threshold`: the exact fp32 point where the sigmoid
 //!   passes the threshold, calibrated on the device) and writes the cross-reconstruction; elsewhere
