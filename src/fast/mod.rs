@@ -83,7 +83,15 @@ impl ChannelConstants {
 }
 
 impl FastPath {
+    /// For an fp32 module: the cheap gate's threshold is calibrated on fp32 sigmoids (a float64 module's
+    /// band is elsewhere), so other dtypes are refused and keep the reference mode.
     pub fn new(sru: &Sru, execution: Execution) -> Result<FastPath, ScConvError> {
+        let kind = sru.gn.gamma.kind();
+        if kind != Kind::Float {
+            return Err(ScConvError::InvalidInput(format!(
+                "the fast path runs fp32 modules; this one is {kind:?} (use Execution::Reference)"
+            )));
+        }
         let device = sru.gn.gamma.device();
         Ok(FastPath {
             use_cpu_kernel: execution == Execution::Fast,
@@ -241,6 +249,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_double_precision_module_is_refused() {
+        let mut vs = VarStore::new(Device::Cpu);
+        let mut model = scconv(vs.root(), &ScConvConfig::new(32)).unwrap();
+        vs.double();
+        let err = model.set_execution(Execution::Fast).unwrap_err().to_string();
+        assert!(err.contains("fp32 modules; this one is Double"), "{err}");
+        assert_eq!(model.execution(), Execution::Reference);
     }
 
     #[test]
