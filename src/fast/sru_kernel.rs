@@ -75,36 +75,19 @@ pub fn fused_gate_reconstruct(x: &Tensor, k: &GateConstants, reuse: Option<Tenso
             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, len),
         )
     };
+    // On the calling thread: threads of our own were measured slower and erratic on a 2-core machine,
+    // as libtorch's OpenMP workers keep spinning after each of its parallel operations (medians up to
+    // 2x worse, outliers of 15 ms).
     let half = c / 2;
-    let mut jobs = Vec::with_capacity(n * half);
     for (s, (o, x)) in os.chunks_mut(c * plane).zip(xs.chunks(c * plane)).enumerate() {
         let (o_lo, o_hi) = o.split_at_mut(half * plane);
         for (ch, (o_lo, o_hi)) in o_lo.chunks_mut(plane).zip(o_hi.chunks_mut(plane)).enumerate() {
             let (x_lo, x_hi) = (&x[ch * plane..][..plane], &x[(ch + half) * plane..][..plane]);
-            let gates = (ChannelGate::new(k, s, ch, c), ChannelGate::new(k, s, ch + half, c));
-            jobs.push(PairJob { x_lo, x_hi, gates, o_lo, o_hi });
+            let (g_lo, g_hi) = (ChannelGate::new(k, s, ch, c), ChannelGate::new(k, s, ch + half, c));
+            reconstruct_pair(x_lo, x_hi, g_lo, g_hi, o_lo, o_hi);
         }
     }
-    run_split(jobs);
     out
-}
-
-/// One channel pair of one sample: inputs, gates and the two output planes.
-struct PairJob<'a> {
-    x_lo: &'a [f32],
-    x_hi: &'a [f32],
-    gates: (ChannelGate, ChannelGate),
-    o_lo: &'a mut [f32],
-    o_hi: &'a mut [f32],
-}
-
-/// On the calling thread. Extra threads of our own were measured slower and erratic on a 2-core machine:
-/// libtorch's OpenMP workers keep spinning for a while after each of its parallel operations and compete
-/// with them (medians up to 2x worse, outliers of 15 ms).
-fn run_split(jobs: Vec<PairJob>) {
-    for job in jobs {
-        reconstruct_pair(job.x_lo, job.x_hi, job.gates.0, job.gates.1, job.o_lo, job.o_hi);
-    }
 }
 
 /// `[x_11 + x_22, x_12 + x_21]` for one channel `lo` of the first half and its partner `hi`:

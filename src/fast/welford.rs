@@ -38,7 +38,7 @@ impl Welford {
 }
 
 /// The unbiased std of each of `rows` consecutive rows of `len` values, as libtorch computes it; `None`
-/// for a single row (see the module comment). On the calling thread (see `sru_kernel::run_split`).
+/// for a single row (see the module comment). On the calling thread (see `sru_kernel::fused_gate_reconstruct`).
 pub fn rows_std(data: &[f32], rows: usize, len: usize) -> Option<Vec<f32>> {
     if rows * len != data.len() || rows < 2 {
         return None;
