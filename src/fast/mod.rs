@@ -105,11 +105,7 @@ impl FastPath {
     /// The fast SRU on `x` (already checked like the reference's input), or `None` when the module
     /// moved to another device since the path was enabled (the caller then runs the reference).
     pub fn sru(&self, sru: &Sru, x: &Tensor) -> Option<Tensor> {
-        let (channels, cpu_kernel) = self.prepare(sru, x)?;
-        Some(match cpu_kernel {
-            true => sru_kernel::fused_gate_reconstruct(x, &self.gate_constants(sru, &channels, x), None),
-            false => self.sru_tensor_ops(&channels, sru, x),
-        })
+        self.run_sru(sru, x, false)
     }
 
     /// As `sru`, but the CPU kernel writes into the buffer of the previous call (kept here): a large
@@ -117,13 +113,20 @@ impl FastPath {
     /// of batch 8 at 64@56 on this 2-core VM). Only for `ScConv::forward`, which drops the result
     /// (consumed by the CRU) before the next call can write into it again.
     pub(crate) fn sru_into_kept_buffer(&self, sru: &Sru, x: &Tensor) -> Option<Tensor> {
+        self.run_sru(sru, x, true)
+    }
+
+    fn run_sru(&self, sru: &Sru, x: &Tensor, keep_buffer: bool) -> Option<Tensor> {
         let (channels, cpu_kernel) = self.prepare(sru, x)?;
         if !cpu_kernel {
             return Some(self.sru_tensor_ops(&channels, sru, x));
         }
         let constants = self.gate_constants(sru, &channels, x);
-        let out = sru_kernel::fused_gate_reconstruct(x, &constants, self.buffer.take());
-        self.buffer.replace(Some(out.shallow_clone()));
+        let reuse = if keep_buffer { self.buffer.take() } else { None };
+        let out = sru_kernel::fused_gate_reconstruct(x, &constants, reuse);
+        if keep_buffer {
+            self.buffer.replace(Some(out.shallow_clone()));
+        }
         Some(out)
     }
 
