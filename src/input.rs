@@ -120,12 +120,15 @@ mod tests {
 /// `ScConvError::Runtime` instead of an unwinding panic. (The default panic hook still prints the
 /// panic; the `scconv-tch` binary installs a quiet one.)
 pub fn guard(forward: impl FnOnce() -> Tensor) -> Result<Tensor, ScConvError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown failure".into());
-        ScConvError::Runtime(message)
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward))
+        .map_err(|payload| ScConvError::Runtime(panic_message(payload.as_ref())))
+}
+
+/// The text a panic carries (`panic!` with a format string gives a `String`, with a literal a `&str`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown failure".into())
 }

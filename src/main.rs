@@ -160,12 +160,7 @@ fn main() -> ExitCode {
 /// it is reported on one line.
 fn quiet_libtorch_panics() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let message = scconv_tch::input::panic_message(info.payload());
         if !message.contains("Torch(") {
             eprintln!("internal error: {}", one_line(&message));
         }
