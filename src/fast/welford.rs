@@ -103,11 +103,19 @@ mod tests {
 
     #[test]
     fn a_single_row_is_left_to_libtorch() {
-        // libtorch's full reduction differs from its per-row Welford in the last f64 bits.
-        let x = Tensor::randn([1, 500], (Kind::Double, Device::Cpu));
-        let full = x.std_dim(1, true, false).double_value(&[0]);
-        let per_row = Tensor::cat(&[&x, &x], 0).std_dim(1, true, false).double_value(&[0]);
-        assert_ne!(full.to_bits(), per_row.to_bits(), "the two libtorch paths agree now: revisit `rows_std`");
+        // libtorch's full reduction differs from its per-row Welford in the last f64 bits for some rows
+        // (not all: both are accurate, and often round alike), so count over several seeded rows.
+        tch::manual_seed(11);
+        let differing = (0..32)
+            .filter(|_| {
+                let x = Tensor::randn([1, 500], (Kind::Double, Device::Cpu));
+                let full = x.std_dim(1, true, false).double_value(&[0]);
+                let per_row = Tensor::cat(&[&x, &x], 0).std_dim(1, true, false).double_value(&[0]);
+                full.to_bits() != per_row.to_bits()
+            })
+            .count();
+        assert!(differing > 0, "the two libtorch paths agree on 32 rows now: revisit `rows_std`");
+        println!("{differing} of 32 rows differ between libtorch's full and per-row std");
         assert!(rows_std(&[0.0; 500], 1, 500).is_none());
         assert!(rows_std(&[1.0, 2.0], 2, 3).is_none(), "length mismatch");
     }
