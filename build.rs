@@ -4,7 +4,12 @@
 //! - `--no-as-needed -ltorch_cuda` when that library exists: nothing references it by symbol, so the
 //!   linker would drop it and `tch::Cuda::is_available()` would say false even on a GPU machine.
 //!
-//! It also checks that the libtorch found is the PyTorch version tch 0.24 was written for.
+//! It also checks that the libtorch found is the PyTorch version tch 0.24 was written for, and hands
+//! the folder on to the build scripts of projects that depend on this crate (`links = "scconv_tch"`
+//! turns `cargo:libtorch_lib=...` into their `DEP_SCCONV_TCH_LIBTORCH_LIB`), which emit the same two
+//! link arguments for their own binaries: see `scripts/link_dependent.sh` and the README.
+//!
+//! With the `doc-only` feature (docs.rs, which has no libtorch) it does nothing.
 use std::path::{Path, PathBuf};
 
 const TORCH_VERSION: &str = "2.11.0";
@@ -12,11 +17,17 @@ const TORCH_VERSION: &str = "2.11.0";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let lib_dir = PathBuf::from(
-        std::env::var("DEP_TCH_LIBTORCH_LIB")
-            .expect("torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB)"),
-    );
+    if std::env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
+        return;
+    }
+    let lib_dir = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_else(|_| {
+        panic!(
+            "torch-sys did not report its libtorch folder (DEP_TCH_LIBTORCH_LIB); \
+             build with the `doc-only` feature to document the crate without libtorch"
+        )
+    }));
     check_torch_version(&lib_dir);
+    println!("cargo:libtorch_lib={}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed", lib_dir.display());

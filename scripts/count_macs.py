@@ -6,6 +6,7 @@ softmax, pooling and element-wise work are not counted: they are O(C H W), not O
 
     .venv/bin/python scripts/count_macs.py weights/fmnist_plain.json weights/fmnist_sc.json
 """
+import argparse
 import json
 import os
 import sys
@@ -37,7 +38,11 @@ def macs(model, shape):
 
 
 def main():
-    for path in sys.argv[1:]:
+    parser = argparse.ArgumentParser(
+        description="Parameters and multiply-adds per 28x28 image of trained networks (PyTorch side).")
+    parser.add_argument("records", nargs="+", metavar="RECORD.json",
+                        help="a training record, e.g. weights/fmnist_sc.json")
+    for path in parser.parse_args().records:
         with open(path) as f:
             record = json.load(f)
         model = build(record["config"])

@@ -3,20 +3,30 @@
 use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
 
+/// The arguments of the reference's `ScConv(op_channel, group_num=16, gate_treshold=0.5, alpha=1/2,
+/// squeeze_radio=2, group_size=2, group_kernel_size=3)`. As JSON, every field but `op_channel` may be
+/// left out (the reference's default applies) and unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScConvConfig {
+    /// Channels in and out (`C`); even, and divisible by `group_num`.
     pub op_channel: i64,
+    /// Groups of the SRU's GroupBatchnorm2d statistics (default 16).
     #[serde(default = "defaults::group_num")]
     pub group_num: i64,
+    /// The SRU gate's threshold on `sigmoid(gn_x * w_gamma)`, strictly between 0 and 1 (default 0.5).
     #[serde(default = "defaults::gate_treshold")]
     pub gate_treshold: f64,
+    /// The CRU's split: `int(alpha * op_channel)` channels go to the upper part (default 0.5).
     #[serde(default = "defaults::alpha")]
     pub alpha: f64,
+    /// The CRU's squeeze ratio: both parts are squeezed by this factor with 1x1 convs (default 2).
     #[serde(default = "defaults::squeeze_radio")]
     pub squeeze_radio: i64,
+    /// Groups of the CRU's group-wise conv `GWC` (default 2).
     #[serde(default = "defaults::group_size")]
     pub group_size: i64,
+    /// Kernel size of `GWC`, odd (default 3).
     #[serde(default = "defaults::group_kernel_size")]
     pub group_kernel_size: i64,
 }
@@ -64,6 +74,7 @@ impl ScConvConfig {
         (self.alpha * self.op_channel as f64) as i64
     }
 
+    /// `op_channel - up_channel`: the CRU's lower part.
     pub fn low_channel(&self) -> i64 {
         self.op_channel - self.up_channel()
     }

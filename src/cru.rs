@@ -2,6 +2,7 @@
 //! the upper part with a group-wise (`GWC`) plus a point-wise (`PWC1`) conv, reuse the lower part
 //! (`cat(PWC2(low), low)`), and fuse with one softmax over all 2C pooled channels.
 use crate::config::ScConvConfig;
+use std::borrow::Borrow;
 use tch::{nn, nn::Module, Tensor};
 
 /// Field names are the reference's, since they are its state-dict keys (`CRU.GWC.weight`, ...).
@@ -10,15 +11,21 @@ use tch::{nn, nn::Module, Tensor};
 pub struct Cru {
     pub(crate) up_channel: i64,
     pub(crate) low_channel: i64,
+    /// 1x1 conv squeezing the upper part: `up_channel -> up_channel / squeeze_radio`.
     pub squeeze1: nn::Conv2D,
+    /// 1x1 conv squeezing the lower part: `low_channel -> low_channel / squeeze_radio`.
     pub squeeze2: nn::Conv2D,
+    /// Group-wise `group_kernel_size` conv on the squeezed upper part, to `op_channel` (with bias).
     pub GWC: nn::Conv2D,
+    /// Point-wise conv on the squeezed upper part, to `op_channel`; added to `GWC`'s output.
     pub PWC1: nn::Conv2D,
+    /// Point-wise conv on the squeezed lower part, to `op_channel - low_channel / squeeze_radio`.
     pub PWC2: nn::Conv2D,
 }
 
-/// The layers of `config` under `p`; the caller has validated `config`.
-pub fn cru(p: nn::Path, config: &ScConvConfig) -> Cru {
+/// The layers of `config` under `p`; the caller has validated `config` (as `scconv` does).
+pub fn cru<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Cru {
+    let p = p.borrow();
     let c = config.op_channel;
     let (up, low) = (config.squeezed_up(), config.squeezed_low());
     let k = config.group_kernel_size;
@@ -26,11 +33,11 @@ pub fn cru(p: nn::Path, config: &ScConvConfig) -> Cru {
     Cru {
         up_channel: config.up_channel(),
         low_channel: config.low_channel(),
-        squeeze1: conv(&p / "squeeze1", config.up_channel(), up, ConvSpec::pointwise()),
-        squeeze2: conv(&p / "squeeze2", config.low_channel(), low, ConvSpec::pointwise()),
-        GWC: conv(&p / "GWC", up, c, gwc),
-        PWC1: conv(&p / "PWC1", up, c, ConvSpec::pointwise()),
-        PWC2: conv(&p / "PWC2", low, c - low, ConvSpec::pointwise()),
+        squeeze1: conv(p / "squeeze1", config.up_channel(), up, ConvSpec::pointwise()),
+        squeeze2: conv(p / "squeeze2", config.low_channel(), low, ConvSpec::pointwise()),
+        GWC: conv(p / "GWC", up, c, gwc),
+        PWC1: conv(p / "PWC1", up, c, ConvSpec::pointwise()),
+        PWC2: conv(p / "PWC2", low, c - low, ConvSpec::pointwise()),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `GroupBatchnorm2d` of the reference: per-group statistics with the **unbiased** std, `eps` added to
 //! the std (not under a square root), then a per-channel affine `x * gamma + beta`.
+use std::borrow::Borrow;
 use tch::{nn, Tensor};
 
+/// The reference's `GroupBatchnorm2d(c_num, group_num, eps)`; `forward` normalises `(N, C, H, W)`.
 #[derive(Debug)]
 pub struct GroupBatchnorm2d {
     /// `(C, 1, 1)`, initialised with `randn` as in the reference.
@@ -13,7 +15,13 @@ pub struct GroupBatchnorm2d {
 }
 
 /// Variables `gamma` and `beta` under `p`; the caller has checked `c_num % group_num == 0`.
-pub fn group_batchnorm2d(p: nn::Path, c_num: i64, group_num: i64, eps: f64) -> GroupBatchnorm2d {
+pub fn group_batchnorm2d<'a>(
+    p: impl Borrow<nn::Path<'a>>,
+    c_num: i64,
+    group_num: i64,
+    eps: f64,
+) -> GroupBatchnorm2d {
+    let p = p.borrow();
     GroupBatchnorm2d {
         gamma: p.randn_standard("gamma", &[c_num, 1, 1]),
         beta: p.zeros("beta", &[c_num, 1, 1]),

@@ -8,10 +8,12 @@
 use crate::ScConvConfig;
 use serde::Serialize;
 
+/// One layer's cost.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerCost {
     /// The layer's state-dict prefix (`CRU.GWC`, ...).
     pub name: String,
+    /// Learnable values (weights and biases).
     pub parameters: i64,
     /// Multiply-adds per output position (multiply by H x W for the layer's total).
     pub macs_per_position: i64,
@@ -43,6 +45,7 @@ pub fn conv3x3_cost(channels: i64) -> LayerCost {
     conv("conv3x3", channels, channels, 3, 1, false)
 }
 
+/// The sum of `layers`, named `total`.
 pub fn total(layers: &[LayerCost]) -> LayerCost {
     LayerCost {
         name: "total".into(),
@@ -79,10 +82,15 @@ mod tests {
 /// layers both variants share.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetworkRow {
+    /// The position (`layer1.0.conv2`) or the shared layers' name.
     pub name: String,
+    /// Parameters in the SC network.
     pub parameters: i64,
+    /// Multiply-adds of one image in the SC network.
     pub macs: i64,
+    /// Parameters in the plain network.
     pub plain_parameters: i64,
+    /// Multiply-adds of one image in the plain network.
     pub plain_macs: i64,
 }
 

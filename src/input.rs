@@ -63,6 +63,24 @@ pub fn check_group_size(nchw: [i64; 4], group_num: i64) -> Result<(), ScConvErro
     Ok(())
 }
 
+/// Runs a forward pass, turning a libtorch failure into an error. tch's operators panic when libtorch
+/// throws (e.g. an allocation that fails for a huge input); caught here, the caller gets
+/// `ScConvError::Runtime` instead of an unwinding panic. (The default panic hook still prints the
+/// panic; the `scconv-tch` binary installs a quiet one.)
+pub fn guard(forward: impl FnOnce() -> Tensor) -> Result<Tensor, ScConvError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward))
+        .map_err(|payload| ScConvError::Runtime(panic_message(payload.as_ref())))
+}
+
+/// The text a panic carries (`panic!` with a format string gives a `String`, with a literal a `&str`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown failure".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,22 +131,4 @@ mod tests {
         let m = message(&Tensor::zeros([1, 16, 1, 1], (Kind::Float, Device::Cpu)));
         assert!(m.contains("needs at least 2 values for its unbiased std, got 1"), "{m}");
     }
-}
-
-/// Runs a forward pass, turning a libtorch failure into an error. tch's operators panic when libtorch
-/// throws (e.g. an allocation that fails for a huge input); caught here, the caller gets
-/// `ScConvError::Runtime` instead of an unwinding panic. (The default panic hook still prints the
-/// panic; the `scconv-tch` binary installs a quiet one.)
-pub fn guard(forward: impl FnOnce() -> Tensor) -> Result<Tensor, ScConvError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward))
-        .map_err(|payload| ScConvError::Runtime(panic_message(payload.as_ref())))
-}
-
-/// The text a panic carries (`panic!` with a format string gives a `String`, with a literal a `&str`).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown failure".into())
 }

@@ -14,25 +14,23 @@
 //! let y = tch::no_grad(|| block.try_forward(&x))?;
 //! # Ok(()) }
 //! ```
-pub mod bench;
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod cru;
-pub mod data;
 pub mod error;
 pub mod export;
 pub mod fast;
-pub mod fast_parity;
 pub mod group_batchnorm;
-pub mod infer;
 pub mod info;
-pub mod input;
-pub mod json;
-pub mod model_parity;
 pub mod models;
-pub mod parity;
 pub mod scconv;
 pub mod sru;
 pub mod weights;
+
+#[doc(hidden)]
+pub mod harness;
+mod input;
 
 pub use config::ScConvConfig;
 pub use error::{ConfigError, ScConvError};

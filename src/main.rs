@@ -23,6 +23,7 @@ enum Command {
     Parity {
         /// Fixture folder with a manifest.json (default: the committed weights/parity).
         dir: Option<PathBuf>,
+        /// Where to run: cpu, or cuda (the first GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// Which forward pass to check: the line-for-line reference (forward and gradients) or a fast
@@ -38,7 +39,8 @@ enum Command {
         /// A trained network's record (e.g. weights/fmnist_sc.json).
         #[arg(long, conflicts_with = "scconv", required_unless_present = "scconv")]
         model: Option<PathBuf>,
-        /// A single ScConv block: its ScConvConfig as JSON (e.g. {"op_channel": 64}).
+        /// A single ScConv block: a JSON file with its ScConvConfig (e.g. a file holding
+        /// {"op_channel": 64}).
         #[arg(long)]
         scconv: Option<PathBuf>,
         /// The block's PyTorch state dict (.safetensors or .pt); without it, a fresh initialisation.
@@ -54,7 +56,7 @@ enum Command {
     /// Parameters and multiply-adds, layer by layer, against the plain 3x3-conv version: of an ScConv
     /// block (--scconv / --channels) or of a network (--arch / --model).
     Info {
-        /// A block's ScConvConfig as JSON.
+        /// A block: a JSON file with its ScConvConfig.
         #[arg(long, group = "what")]
         scconv: Option<PathBuf>,
         /// A block with this many channels and the reference's defaults.
@@ -63,6 +65,7 @@ enum Command {
         /// A named network: resnet18, resnet34, resnet50, resnet101 (with --sc: its SC twin).
         #[arg(long, group = "what")]
         arch: Option<String>,
+        /// With --arch: the SC twin (ScConv in place of the residual 3x3 convs).
         #[arg(long, requires = "arch")]
         sc: bool,
         /// A trained network's record (e.g. weights/fmnist_sc.json).
@@ -71,18 +74,22 @@ enum Command {
         /// Input size (default: 56 for a block, 224 for a network, 28 for a small-image network).
         #[arg(long)]
         size: Option<i64>,
+        /// Print the table as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Time Rust ScConv against a 3x3 conv at the ResNet-50 shapes, and networks in images/s.
     Bench {
+        /// Where to run: cpu, or cuda (the first GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// Batch sizes (default: 1 and 8 on the CPU, 1 and 64 on CUDA).
         #[arg(long, value_delimiter = ',')]
         batches: Vec<i64>,
+        /// Untimed runs before timing each case.
         #[arg(long, default_value_t = 5)]
         warmup: usize,
+        /// Timed runs per case; the median is reported.
         #[arg(long, default_value_t = 20)]
         runs: usize,
         /// Skip the networks (ResNet-50 plain vs SC at 224x224, the Fashion-MNIST pair).
@@ -91,6 +98,7 @@ enum Command {
         /// Let cuDNN time its convolution algorithms and keep the fastest (torch.backends.cudnn.benchmark).
         #[arg(long)]
         cudnn_benchmark: bool,
+        /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -106,8 +114,10 @@ enum Command {
         /// Classify the PNG images of this folder instead (converted to 28x28 grayscale).
         #[arg(long, conflicts_with = "data")]
         png: Option<PathBuf>,
+        /// Images per forward pass.
         #[arg(long, default_value_t = 250)]
         batch: i64,
+        /// Where to run: cpu, or cuda (the first GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// How the ScConvs run: the line-for-line reference or the fast path.
@@ -119,10 +129,14 @@ enum Command {
     },
 }
 
+/// `Execution`, as a command-line value.
 #[derive(Clone, Copy, ValueEnum)]
 enum ExecutionArg {
+    /// The reference's operations, one for one (forward and gradients).
     Reference,
+    /// The fast path: the fused Rust kernel on the CPU, libtorch operations on CUDA.
     Fast,
+    /// The fast path through libtorch operations only (what runs on CUDA), to test it on the CPU.
     FastTensorOps,
 }
 
@@ -138,7 +152,9 @@ impl From<ExecutionArg> for Execution {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceArg {
+    /// The CPU.
     Cpu,
+    /// The first CUDA device (an error when libtorch sees none).
     Cuda,
 }
 
@@ -160,7 +176,7 @@ fn main() -> ExitCode {
 /// it is reported on one line.
 fn quiet_libtorch_panics() {
     std::panic::set_hook(Box::new(|info| {
-        let message = scconv_tch::input::panic_message(info.payload());
+        let message = scconv_tch::harness::panic_message(info.payload());
         if !message.contains("Torch(") {
             eprintln!("internal error: {}", one_line(&message));
         }
@@ -185,7 +201,7 @@ fn one_line(message: &str) -> String {
 fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Parity { dir, device, execution, json } => {
-            let dir = dir.unwrap_or_else(scconv_tch::parity::committed_fixtures);
+            let dir = dir.unwrap_or_else(scconv_tch::harness::parity::committed_fixtures);
             run_parity(dir, device.resolve()?, execution.into(), json)
         }
         Command::Export { model, scconv, weights, out, force } => {

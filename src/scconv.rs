@@ -6,12 +6,16 @@ use crate::error::ScConvError;
 use crate::fast::{Execution, FastPath};
 use crate::input::{self, Expected};
 use crate::sru::{sru, Gate, GateDecisions, Sru};
+use std::borrow::Borrow;
 use tch::{nn, nn::Module, Tensor};
 
+/// The reference's `ScConv`: `CRU(SRU(x))`, same shape in and out. Built by [`scconv`].
 #[derive(Debug)]
 #[allow(non_snake_case)]
 pub struct ScConv {
+    /// The Spatial Reconstruction Unit (state-dict keys `SRU.gn.*`).
     pub SRU: Sru,
+    /// The Channel Reconstruction Unit (state-dict keys `CRU.*`).
     pub CRU: Cru,
     config: ScConvConfig,
     /// Present when the fast path is enabled (`set_execution`).
@@ -20,11 +24,12 @@ pub struct ScConv {
 }
 
 /// Builds an ScConv under `p` after validating `config`; every invalid setting is a typed error.
-pub fn scconv(p: nn::Path, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
+pub fn scconv<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
+    let p = p.borrow();
     config.validate()?;
     Ok(ScConv {
-        SRU: sru(&p / "SRU", config),
-        CRU: cru(&p / "CRU", config),
+        SRU: sru(p / "SRU", config),
+        CRU: cru(p / "CRU", config),
         config: config.clone(),
         fast: None,
         execution: Execution::Reference,
@@ -32,6 +37,7 @@ pub fn scconv(p: nn::Path, config: &ScConvConfig) -> Result<ScConv, ScConvError>
 }
 
 impl ScConv {
+    /// The config it was built from.
     pub fn config(&self) -> &ScConvConfig {
         &self.config
     }
@@ -48,6 +54,7 @@ impl ScConv {
         Ok(())
     }
 
+    /// The execution mode chosen by `set_execution`.
     pub fn execution(&self) -> Execution {
         self.execution
     }

@@ -2,10 +2,13 @@
 //! non-informative parts, which are cross-added half by half.
 use crate::config::{ScConvConfig, GN_EPS};
 use crate::group_batchnorm::{group_batchnorm2d, GroupBatchnorm2d};
+use std::borrow::Borrow;
 use tch::{nn, nn::Module, Tensor};
 
+/// The reference's `SRU`: `GroupBatchnorm2d` statistics, the gate and the cross-reconstruction.
 #[derive(Debug)]
 pub struct Sru {
+    /// Its normalisation (state-dict keys `SRU.gn.gamma`, `SRU.gn.beta`).
     pub gn: GroupBatchnorm2d,
     pub(crate) gate_treshold: f64,
 }
@@ -14,7 +17,9 @@ pub struct Sru {
 /// them (gamma, beta) gets a gradient.
 #[derive(Debug)]
 pub struct GateDecisions {
+    /// `sigmoid(z) >= gate_treshold`: the positions kept in `x_1`.
     pub info_mask: Tensor,
+    /// `sigmoid(z) < gate_treshold`: the positions kept in `x_2`.
     pub noninfo_mask: Tensor,
 }
 
@@ -26,6 +31,7 @@ impl GateDecisions {
         GateDecisions { noninfo_mask: info_mask.logical_not(), info_mask }
     }
 
+    /// Both masks moved to `device`.
     pub fn to_device(&self, device: tch::Device) -> GateDecisions {
         GateDecisions {
             info_mask: self.info_mask.to_device(device),
@@ -37,13 +43,16 @@ impl GateDecisions {
 /// The gate of one forward pass: the sigmoid's input `z = gn_x * w_gamma` and its decisions.
 #[derive(Debug)]
 pub struct Gate {
+    /// `gn_x * w_gamma`, the sigmoid's input.
     pub z: Tensor,
+    /// The masks decided from `z`.
     pub decisions: GateDecisions,
 }
 
-pub fn sru(p: nn::Path, config: &ScConvConfig) -> Sru {
+/// The SRU of `config` under `p` (its `gn` under `p / "gn"`); the caller has validated `config`.
+pub fn sru<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Sru {
     Sru {
-        gn: group_batchnorm2d(&p / "gn", config.op_channel, config.group_num, GN_EPS),
+        gn: group_batchnorm2d(p.borrow() / "gn", config.op_channel, config.group_num, GN_EPS),
         gate_treshold: config.gate_treshold,
     }
 }

@@ -7,18 +7,25 @@ use std::fmt;
 use std::path::Path;
 use tch::{nn::VarStore, Tensor};
 
+/// A key whose tensor has another shape than the model's variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapeMismatch {
+    /// The state-dict key.
     pub key: String,
+    /// The variable's shape.
     pub expected: Vec<i64>,
+    /// The file's shape.
     pub found: Vec<i64>,
 }
 
 /// What differs between a state dict and a model; empty when they match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
+    /// The model's variables the file has no tensor for.
     pub missing: Vec<String>,
+    /// The file's tensors the model has no variable for.
     pub unexpected: Vec<String>,
+    /// Keys in both, with different shapes.
     pub mismatched: Vec<ShapeMismatch>,
     /// Keys whose tensor is not floating point (its dtype named), for a floating-point variable.
     /// PyTorch's `copy_` would convert integers silently; a state dict with integer weights is almost
@@ -27,6 +34,7 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Nothing differs: the file loads.
     pub fn is_clean(&self) -> bool {
         self.missing.is_empty()
             && self.unexpected.is_empty()
@@ -61,7 +69,8 @@ impl fmt::Display for LoadReport {
 }
 
 /// Reads a flat `name -> tensor` file: `.safetensors`, or a `torch.save` pickle (`.pt`, `.pth`, `.bin`).
-pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, ScConvError> {
+pub fn read(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>, ScConvError> {
+    let path = path.as_ref();
     let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
     if path.is_dir() {
         return Err(file_error("is a folder, not a weights file".into()));
@@ -129,7 +138,7 @@ pub fn load_tensors(vs: &mut VarStore, tensors: Vec<(String, Tensor)>) -> Result
 
 /// `read` then `load_tensors`: the path a user takes to load PyTorch weights.
 pub fn load(vs: &mut VarStore, path: impl AsRef<Path>) -> Result<(), ScConvError> {
-    load_tensors(vs, read(path.as_ref())?)
+    load_tensors(vs, read(path)?)
 }
 
 #[cfg(test)]

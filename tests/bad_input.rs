@@ -3,7 +3,7 @@
 mod common;
 
 use common::scratch_dir;
-use scconv_tch::parity::committed_fixtures;
+use scconv_tch::harness::parity::committed_fixtures;
 use scconv_tch::{scconv, weights, ConfigError, ScConvConfig, ScConvError};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -140,7 +140,7 @@ fn loading_reports_every_shape_mismatch_at_once() {
 #[test]
 fn loading_reports_missing_and_unexpected_keys_together() {
     let source = committed_fixtures().join("c64_56x56_b1.safetensors");
-    let mut tensors = weights::read(&source).unwrap();
+    let mut tensors = weights::read(source).unwrap();
     for (key, _) in tensors.iter_mut().filter(|(k, _)| k == "CRU.GWC.bias") {
         *key = "CRU.GWC.bias_typo".into();
     }

@@ -4,7 +4,7 @@
 //! (Library-level cases are in tests/bad_input.rs, fuzzing in tests/fuzz_readers.rs.)
 mod common;
 
-use scconv_tch::parity::committed_fixtures;
+use scconv_tch::harness::parity::committed_fixtures;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,7 +38,7 @@ impl Corpus {
     fn state_dict(&self, name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> String {
         let fixture = committed_fixtures().join("group_num_4.safetensors");
         let mut tensors: BTreeMap<String, Tensor> =
-            scconv_tch::weights::read(&fixture).unwrap().into_iter().collect();
+            scconv_tch::weights::read(fixture).unwrap().into_iter().collect();
         edit(&mut tensors);
         let path = self.dir.join(name);
         let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

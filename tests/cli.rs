@@ -2,7 +2,7 @@
 mod common;
 
 use common::scratch_dir;
-use scconv_tch::parity::committed_fixtures;
+use scconv_tch::harness::parity::committed_fixtures;
 use scconv_tch::weights;
 use std::process::{Command, Output};
 use tch::Tensor;
@@ -66,7 +66,7 @@ fn parity_fails_with_a_non_zero_exit_when_an_output_is_off() {
     let case =
         manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == "group_num_4").unwrap().clone();
     std::fs::copy(source.join("group_num_4.safetensors"), dir.join("group_num_4.safetensors")).unwrap();
-    let mut tensors = weights::read(&source.join("group_num_4.tensors.safetensors")).unwrap();
+    let mut tensors = weights::read(source.join("group_num_4.tensors.safetensors")).unwrap();
     let output = tensors.iter_mut().find(|(k, _)| k == "output").map(|(_, t)| t).unwrap();
     let shift = output.abs().max().double_value(&[]) * 1e-4;
     *output = &*output + shift;

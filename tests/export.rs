@@ -3,8 +3,8 @@
 mod common;
 
 use common::{crate_dir, python, scratch_dir};
-use scconv_tch::infer::Classifier;
-use scconv_tch::parity::{committed_fixtures, compare, Tolerance};
+use scconv_tch::harness::infer::Classifier;
+use scconv_tch::harness::parity::{committed_fixtures, compare, Tolerance};
 use scconv_tch::{export, scconv, weights, ScConvConfig};
 use std::path::Path;
 use std::process::Command;
@@ -20,7 +20,7 @@ fn run_in_python(module: &Path, x: &Tensor) -> Tensor {
         .status()
         .expect("cannot start Python");
     assert!(status.success(), "parity/run_torchscript.py failed ({status})");
-    weights::read(&output).unwrap().into_iter().find(|(k, _)| k == "output").unwrap().1
+    weights::read(output).unwrap().into_iter().find(|(k, _)| k == "output").unwrap().1
 }
 
 fn assert_close(label: &str, actual: &Tensor, expected: &Tensor) {

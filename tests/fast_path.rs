@@ -3,7 +3,7 @@
 mod common;
 
 use common::assert_fast_parity;
-use scconv_tch::parity::{committed_fixtures, CaseSpec, Manifest};
+use scconv_tch::harness::parity::{committed_fixtures, CaseSpec, Manifest};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -21,12 +21,12 @@ fn committed_fixtures_match_on_both_fast_paths() {
 /// the reference mode's, every prediction the same.
 #[test]
 fn the_trained_network_predicts_the_same_classes_on_the_fast_path() {
-    use scconv_tch::data::normalize;
-    use scconv_tch::infer::Classifier;
-    use scconv_tch::parity::{compare, Tolerance};
+    use scconv_tch::harness::data::normalize;
+    use scconv_tch::harness::infer::Classifier;
+    use scconv_tch::harness::parity::{compare, Tolerance};
     let mut classifier =
         Classifier::load(&common::crate_dir().join("weights/fmnist_sc.json"), Device::Cpu).unwrap();
-    let images = scconv_tch::data::read_idx_split(&scconv_tch::data::sample_dir()).unwrap();
+    let images = scconv_tch::harness::data::read_idx_split(&scconv_tch::harness::data::sample_dir()).unwrap();
     let x = normalize(&images.pixels);
     let reference = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
     classifier.model.set_scconv_execution(Execution::Fast).unwrap();

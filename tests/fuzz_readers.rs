@@ -11,7 +11,7 @@ mod common;
 
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
-use scconv_tch::data::idx;
+use scconv_tch::harness::data::idx;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::{scconv, weights, ScConvConfig};
 use std::path::PathBuf;
@@ -110,7 +110,7 @@ fn generated_safetensors() -> impl Strategy<Value = Vec<u8>> {
 fn check_weights(bytes: &[u8]) {
     let path = scratch_file("w.safetensors");
     std::fs::write(&path, bytes).unwrap();
-    if let Ok(tensors) = weights::read(&path) {
+    if let Ok(tensors) = weights::read(path) {
         let mut vs = VarStore::new(Device::Cpu);
         let _model = scconv(vs.root(), &ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }).unwrap();
         let _ = weights::load_tensors(&mut vs, tensors);
@@ -144,7 +144,7 @@ fn check_idx(bytes: &[u8], gzipped: bool) {
         labels.extend((n as u32).to_be_bytes());
         labels.extend(std::iter::repeat_n(1u8, n));
         std::fs::write(dir.join("t10k-labels-idx1-ubyte"), labels).unwrap();
-        let _ = scconv_tch::data::read_idx_split(&dir);
+        let _ = scconv_tch::harness::data::read_idx_split(&dir);
     }
 }
 

@@ -2,7 +2,7 @@
 mod common;
 
 use common::{crate_dir, scratch_dir};
-use scconv_tch::data;
+use scconv_tch::harness::data;
 use std::process::{Command, Output};
 
 fn scconv_tch(args: &[&str]) -> Output {

@@ -1,7 +1,7 @@
 //! `info`'s counts against the real modules and the closed forms.
 mod common;
 
-use scconv_tch::parity::{committed_fixtures, Manifest};
+use scconv_tch::harness::parity::{committed_fixtures, Manifest};
 use scconv_tch::{info, scconv};
 use std::process::Command;
 use tch::{nn::VarStore, Device};

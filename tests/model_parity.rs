@@ -3,10 +3,10 @@
 mod common;
 
 use common::{crate_dir, python, scratch_dir};
-use scconv_tch::model_parity::ModelCaseSpec;
-use scconv_tch::model_parity::{self, ModelCaseReport};
+use scconv_tch::harness::model_parity::ModelCaseSpec;
+use scconv_tch::harness::model_parity::{self, ModelCaseReport};
+use scconv_tch::harness::parity::Manifest;
 use scconv_tch::models::{resnet, ResNetConfig};
-use scconv_tch::parity::Manifest;
 use std::path::Path;
 use std::process::Command;
 use tch::{nn::VarStore, Device};

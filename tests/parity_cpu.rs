@@ -3,7 +3,7 @@
 mod common;
 
 use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::parity::{committed_fixtures, Manifest, Policy};
+use scconv_tch::harness::parity::{committed_fixtures, Manifest, Policy};
 use scconv_tch::{scconv, weights, Execution, ScConvConfig};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Device};
@@ -17,7 +17,8 @@ fn cpu_policy() -> Policy {
 #[test]
 fn committed_fixtures_match_the_reference_on_cpu() {
     let dir = committed_fixtures();
-    let policy = Manifest::<scconv_tch::parity::CaseSpec>::read(&dir).unwrap().policy(Device::Cpu, false);
+    let policy =
+        Manifest::<scconv_tch::harness::parity::CaseSpec>::read(&dir).unwrap().policy(Device::Cpu, false);
     let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-committed");
     assert!(reports.len() >= 10, "at least 10 cases, found {}", reports.len());
     assert!(!policy.same_kernels || reports.iter().all(|r| r.gate.flips() == 0));
@@ -43,7 +44,7 @@ fn every_state_dict_loads_with_exactly_the_pytorch_keys() {
         let mut vs = VarStore::new(Device::Cpu);
         scconv(vs.root(), &case.config).unwrap();
         let tensors: BTreeMap<_, _> =
-            weights::read(&dir.join(&case.state_dict)).unwrap().into_iter().collect();
+            weights::read(dir.join(&case.state_dict)).unwrap().into_iter().collect();
         let report = weights::check(&vs, &tensors);
         assert!(report.is_clean(), "{}: {report}", case.name);
         let keys: Vec<&String> = tensors.keys().collect();
@@ -84,7 +85,7 @@ fn the_fixtures_exercise_the_fp32_gate_band() {
     // A port that decided `z >= 0` instead of `sigmoid(z) >= 0.5` would differ from the reference here.
     let dir = committed_fixtures();
     let tensors: BTreeMap<_, _> =
-        weights::read(&dir.join("c512_7x7_b4.tensors.safetensors")).unwrap().into_iter().collect();
+        weights::read(dir.join("c512_7x7_b4.tensors.safetensors")).unwrap().into_iter().collect();
     let sign_decision = tensors["gate.z"].ge(0.0);
     let differing =
         sign_decision.logical_xor(&tensors["gate.info_mask"]).sum(tch::Kind::Int64).int64_value(&[]);

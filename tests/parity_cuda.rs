@@ -12,7 +12,7 @@
 mod common;
 
 use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::parity::{committed_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy};
+use scconv_tch::harness::parity::{committed_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -73,8 +73,8 @@ fn the_cheap_gate_equals_the_sigmoid_gate_for_every_fp32_value_on_the_gpu() {
 
 #[test]
 fn the_trained_network_predicts_the_same_classes_on_the_gpu_fast_path() {
-    use scconv_tch::data::{normalize, read_idx_split, sample_dir};
-    use scconv_tch::infer::Classifier;
+    use scconv_tch::harness::data::{normalize, read_idx_split, sample_dir};
+    use scconv_tch::harness::infer::Classifier;
     let device = gpu();
     let mut classifier =
         Classifier::load(&common::crate_dir().join("weights/fmnist_sc.json"), device).unwrap();
@@ -82,8 +82,12 @@ fn the_trained_network_predicts_the_same_classes_on_the_gpu_fast_path() {
     let reference = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
     classifier.model.set_scconv_execution(Execution::Fast).unwrap();
     let fast = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
-    let tol = if tf32() { scconv_tch::parity::Tolerance::TF32 } else { scconv_tch::parity::Tolerance::FP32 };
-    let c = scconv_tch::parity::compare(&fast, &reference, tol).unwrap();
+    let tol = if tf32() {
+        scconv_tch::harness::parity::Tolerance::TF32
+    } else {
+        scconv_tch::harness::parity::Tolerance::FP32
+    };
+    let c = scconv_tch::harness::parity::compare(&fast, &reference, tol).unwrap();
     println!("GPU fast vs reference, 1,000 images ({}): {c:?}", tf32_label());
     assert!(c.passed(), "{c:?}");
     assert!(fast.argmax(1, false).equal(&reference.argmax(1, false)));
@@ -91,7 +95,7 @@ fn the_trained_network_predicts_the_same_classes_on_the_gpu_fast_path() {
 
 #[test]
 fn networks_match_pytorch_on_the_same_gpu() {
-    use scconv_tch::model_parity;
+    use scconv_tch::harness::model_parity;
     let device = gpu();
     let dir = scratch_dir(&format!("models-cuda-{}", tf32_label()));
     let status = std::process::Command::new(common::python())
@@ -109,7 +113,7 @@ fn networks_match_pytorch_on_the_same_gpu() {
 
 #[test]
 fn trained_networks_on_the_gpu_predict_the_cpu_fixtures_classes() {
-    use scconv_tch::model_parity;
+    use scconv_tch::harness::model_parity;
     let device = gpu();
     let dir = common::crate_dir().join("weights/parity-models");
     let policy = Policy::for_run("cpu", device, tf32());
@@ -147,7 +151,12 @@ fn an_exported_block_runs_on_the_gpu_like_the_rust_block() {
     let expected = tch::no_grad(|| block.forward(&x));
     let loaded = CModule::load_on_device(&path, device).unwrap();
     let actual = tch::no_grad(|| loaded.forward_ts(&[&x])).unwrap();
-    let c = scconv_tch::parity::compare(&actual, &expected, scconv_tch::parity::Tolerance::FP32).unwrap();
+    let c = scconv_tch::harness::parity::compare(
+        &actual,
+        &expected,
+        scconv_tch::harness::parity::Tolerance::FP32,
+    )
+    .unwrap();
     println!("exported block on the GPU: max abs error {:.3e}", c.max_abs_err);
     assert!(c.passed(), "{c:?}");
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_fast_parity, assert_parity, crate_dir, fresh_seed, python, scratch_dir};
-use scconv_tch::parity::Policy;
+use scconv_tch::harness::parity::Policy;
 use scconv_tch::{Execution, ScConvConfig};
 use std::process::Command;
 use tch::Device;

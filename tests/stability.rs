@@ -6,7 +6,7 @@ mod common;
 
 use common::{crate_dir, scratch_dir};
 use scconv_tch::export;
-use scconv_tch::infer::Classifier;
+use scconv_tch::harness::infer::Classifier;
 use std::sync::Arc;
 use tch::{nn::ModuleT, CModule, Device, Kind, Tensor};
 

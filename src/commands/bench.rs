@@ -1,8 +1,9 @@
 //! `scconv-tch bench`: timings.
 use anyhow::{bail, Result};
-use scconv_tch::infer::ModelRecord;
+use scconv_tch::harness::bench;
+use scconv_tch::harness::infer::ModelRecord;
 use scconv_tch::models::ResNetConfig;
-use scconv_tch::{bench, Execution};
+use scconv_tch::Execution;
 use std::path::Path;
 use std::process::ExitCode;
 use tch::nn::{ModuleT, VarStore};

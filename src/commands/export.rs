@@ -1,6 +1,6 @@
 //! `scconv-tch export`: TorchScript.
 use anyhow::{Context, Result};
-use scconv_tch::infer::Classifier;
+use scconv_tch::harness::infer::Classifier;
 use scconv_tch::{export, scconv, ScConvConfig};
 use std::path::Path;
 use std::process::ExitCode;
@@ -25,7 +25,7 @@ pub fn run_export(
         (export::trace(&mut classifier.vs, &example, |x| network.forward_t(x, false))?, example)
     } else {
         let path = block.context("give --model or --scconv")?;
-        let config: ScConvConfig = scconv_tch::json::read(path)?;
+        let config: ScConvConfig = scconv_tch::harness::json::read(path)?;
         let mut vs = VarStore::new(Device::Cpu);
         let block = scconv(vs.root(), &config)?;
         if let Some(weights) = weights {

@@ -1,8 +1,8 @@
 //! `scconv-tch infer`: classification with trained networks.
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use scconv_tch::data::{self, Images};
-use scconv_tch::infer::{class_name, score, Classifier, Scores};
+use scconv_tch::harness::data::{self, Images};
+use scconv_tch::harness::infer::{class_name, score, Classifier, Scores};
 use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,9 +1,10 @@
 //! `scconv-tch info`: parameters and multiply-adds.
 use anyhow::{bail, Result};
-use scconv_tch::infer::ModelRecord;
+use scconv_tch::harness::infer::ModelRecord;
+use scconv_tch::harness::json;
+use scconv_tch::info;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::ScConvConfig;
-use scconv_tch::{info, json};
 use std::path::Path;
 use std::process::ExitCode;
 

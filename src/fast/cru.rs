@@ -6,7 +6,7 @@ use crate::cru::Cru;
 use tch::{nn::Module, Tensor};
 
 impl Cru {
-    pub fn forward_fused(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward_fused(&self, x: &Tensor) -> Tensor {
         let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
         let (up, low) = (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]));
         // In place where the reference allocates: every large allocation is a fresh run of page faults.

@@ -13,7 +13,7 @@
 //!   the splits and the cat);
 //! - the CRU pools its branches separately instead of concatenating 2C channels (`cru`).
 mod cru;
-pub mod sru_kernel;
+mod sru_kernel;
 pub mod threshold;
 mod welford;
 
@@ -228,7 +228,7 @@ mod tests {
             let vs = VarStore::new(Device::Cpu);
             let mut model = scconv(vs.root(), config).unwrap();
             tch::no_grad(|| {
-                let _ = model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+                model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
             });
             for shape in [[2, config.op_channel, 9, 7], [1, config.op_channel, 5, 5]] {
                 let x = if i == 0 {
@@ -270,7 +270,7 @@ mod tests {
         let mut model = scconv(vs.root(), &ScConvConfig::new(32)).unwrap();
         let fast = FastPath::new(&model.SRU, Execution::Fast).unwrap();
         tch::no_grad(|| {
-            let _ = model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma));
+            model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma));
         });
         let x = Tensor::randn([2, 32, 6, 6], (Kind::Float, Device::Cpu));
         let reference = tch::no_grad(|| model.SRU.forward(&x));

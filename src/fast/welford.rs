@@ -55,6 +55,8 @@ fn std_of_rows(data: &[f32], len: usize, out: &mut [f32]) {
         if out.len() == LANES {
             let rows: [&[f32]; LANES] = std::array::from_fn(|r| &data[r * len..][..len]);
             let mut state = [Welford::default(); LANES];
+            // Index i walks the LANES rows in lockstep (the interleaving that makes this fast).
+            #[allow(clippy::needless_range_loop)]
             for i in 0..len {
                 for r in 0..LANES {
                     state[r].push(rows[r][i]);

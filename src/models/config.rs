@@ -3,6 +3,7 @@ use crate::error::ScConvError;
 use crate::ScConvConfig;
 use serde::{Deserialize, Serialize};
 
+/// torchvision's two residual blocks (`"basic"`, `"bottleneck"` in JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BlockKind {
@@ -13,6 +14,7 @@ pub enum BlockKind {
 }
 
 impl BlockKind {
+    /// Output channels per `planes` (torchvision's `expansion`).
     pub fn expansion(self) -> i64 {
         match self {
             BlockKind::Basic => 1,
@@ -26,16 +28,23 @@ impl BlockKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
+    /// The residual block.
     pub block: BlockKind,
+    /// Blocks per stage (ResNet-50: `[3, 4, 6, 3]`).
     pub layers: Vec<i64>,
+    /// `planes` per stage (default `[64, 128, 256, 512]`).
     #[serde(default = "imagenet_widths")]
     pub widths: Vec<i64>,
+    /// Outputs of the final `fc` (default 1000).
     #[serde(default = "imagenet_classes")]
     pub num_classes: i64,
+    /// Channels of the input image (default 3).
     #[serde(default = "rgb")]
     pub in_channels: i64,
+    /// ScConv in place of every residual 3x3 conv that keeps its channel count (default false).
     #[serde(default)]
     pub sc: bool,
+    /// A 3x3 stride-1 stem without max pool, for 28x28 or 32x32 images (default false).
     #[serde(default)]
     pub small_input: bool,
 }

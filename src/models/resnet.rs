@@ -5,8 +5,11 @@ use crate::error::ScConvError;
 use crate::fast::Execution;
 use crate::input::{self, Expected};
 use crate::sru::Gate;
+use std::borrow::Borrow;
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 
+/// A torchvision-layout ResNet, plain or SC (see `ResNetConfig`). `forward_t` is torchvision's
+/// forward; `nn::ModuleT` with `train = false` is inference.
 #[derive(Debug)]
 pub struct ResNet {
     conv1: nn::Conv2D,
@@ -18,17 +21,18 @@ pub struct ResNet {
 
 /// Builds the network of `config` under `p` (keys as torchvision's: `conv1.weight`, `layer1.0.bn1.bias`,
 /// `fc.weight`, ...), after validating it.
-pub fn resnet(p: nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
+pub fn resnet<'a>(p: impl Borrow<nn::Path<'a>>, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
+    let p = p.borrow();
     config.validate()?;
     let (kernel, stride, padding) = if config.small_input { (3, 1, 1) } else { (7, 2, 3) };
     let stem = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
     let mut in_planes = config.widths[0];
-    let conv1 = nn::conv2d(&p / "conv1", config.in_channels, in_planes, kernel, stem);
-    let bn1 = nn::batch_norm2d(&p / "bn1", in_planes, Default::default());
+    let conv1 = nn::conv2d(p / "conv1", config.in_channels, in_planes, kernel, stem);
+    let bn1 = nn::batch_norm2d(p / "bn1", in_planes, Default::default());
     let expansion = config.block.expansion();
     let mut stages = Vec::new();
     for (index, (&planes, &blocks)) in config.widths.iter().zip(&config.layers).enumerate() {
-        let layer = &p / format!("layer{}", index + 1);
+        let layer = p / format!("layer{}", index + 1);
         let mut stage = Vec::new();
         for b in 0..blocks {
             let stride = if index > 0 && b == 0 { 2 } else { 1 };
@@ -42,11 +46,12 @@ pub fn resnet(p: nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError>
         }
         stages.push(stage);
     }
-    let fc = nn::linear(&p / "fc", in_planes, config.num_classes, Default::default());
+    let fc = nn::linear(p / "fc", in_planes, config.num_classes, Default::default());
     Ok(ResNet { conv1, bn1, stages, fc, config: config.clone() })
 }
 
 impl ResNet {
+    /// The config it was built from.
     pub fn config(&self) -> &ResNetConfig {
         &self.config
     }

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
-use scconv_tch::fast_parity::{self, FastCaseReport};
-use scconv_tch::parity::{self, CaseReport, Policy};
+use scconv_tch::harness::fast_parity::{self, FastCaseReport};
+use scconv_tch::harness::parity::{self, CaseReport, Policy};
 use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::Command;

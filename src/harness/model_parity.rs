@@ -3,11 +3,11 @@
 //! decision may flip; across devices flips are reported per layer, the first flipping layer may flip only
 //! inside the fp32 band, and the predicted classes must agree.
 use crate::error::ScConvError;
-use crate::models::{resnet, ResNetConfig};
-use crate::parity::{
+use crate::harness::parity::{
     compare, compare_gate, fixture, read_tensors, verdict, Comparison, GateReport, Manifest, Policy,
     Tolerance,
 };
+use crate::models::{resnet, ResNetConfig};
 use crate::weights;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -187,6 +187,9 @@ pub fn compare_gate(reference_z: &Tensor, reference_info: &Tensor, actual_info: 
 /// `model_parity::ModelCaseSpec` for whole networks).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest<C = CaseSpec> {
+    /// The script that wrote the folder (`parity/generate_model_fixtures.py` for networks).
+    #[serde(default)]
+    pub generator: Option<String>,
     pub torch_version: String,
     pub device: String,
     /// `cpu_kernels()` of the machine that made CPU fixtures.
@@ -211,7 +214,7 @@ pub struct CaseSpec {
 
 impl<C: serde::de::DeserializeOwned> Manifest<C> {
     pub fn read(dir: &Path) -> Result<Manifest<C>, ScConvError> {
-        crate::json::read(&dir.join("manifest.json"))
+        crate::harness::json::read(&dir.join("manifest.json"))
     }
 
     /// The policy for checking these fixtures on `device` (`Policy::for_fixtures`).

@@ -1,7 +1,7 @@
 //! Classification with a trained network: its JSON record (written by `scripts/train.py`: config,
 //! weights file, PyTorch's test predictions), batching, and agreement with PyTorch.
-use crate::data::{normalize, Images};
 use crate::error::ScConvError;
+use crate::harness::data::{normalize, Images};
 use crate::models::{resnet, ResNet, ResNetConfig};
 use crate::weights;
 use serde::Deserialize;
@@ -44,7 +44,7 @@ pub struct ModelRecord {
 
 impl ModelRecord {
     pub fn read(path: &Path) -> Result<ModelRecord, ScConvError> {
-        crate::json::read(path)
+        crate::harness::json::read(path)
     }
 }
 

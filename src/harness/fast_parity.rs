@@ -3,10 +3,10 @@
 //! device, whose decisions it must reproduce exactly. Forward only: the fast path is for inference.
 use crate::error::ScConvError;
 use crate::fast::Execution;
-use crate::parity::{
+use crate::harness::parity::{
     compare, compare_gate, fixture, read_tensors, CaseSpec, Comparison, GateReport, Manifest,
 };
-use crate::parity::{verdict, Policy, Tolerance};
+use crate::harness::parity::{verdict, Policy, Tolerance};
 use crate::{scconv, weights};
 use serde::Serialize;
 use std::path::Path;
