@@ -14,11 +14,19 @@ demo: setup
 	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --execution fast
 	cargo run --release --quiet -- parity --execution fast
 
-# The parity tests record their tables in target/parity-reports/.
+# The parity tests record their tables in target/parity-reports/. Then: the README's commands and a
+# fresh project that depends on the crate (check_readme.sh), formatting and lints, and the package as
+# crates.io and docs.rs take it (check_package.sh; last, since it cleans this crate's build artifacts).
 test: setup
 	cargo test
+	scripts/check_readme.sh
+	cargo fmt --check
+	cargo clippy --quiet --all-targets -- -D warnings
+	cargo clippy --quiet --lib --no-default-features -- -D warnings
+	scripts/check_package.sh
 
-# Rewrites the committed fixtures from the Python reference (byte-for-byte reproducible).
+# Rewrites the committed fixtures from the Python reference (byte-for-byte on the same kind of CPU:
+# see the README).
 fixtures: setup
 	.venv/bin/python parity/generate_fixtures.py --out weights/parity
 

@@ -8,7 +8,7 @@
 # Usage: scripts/link_dependent.sh PROJECT_DIR
 set -euo pipefail
 project="${1:?usage: scripts/link_dependent.sh PROJECT_DIR}"
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 libtorch="${LIBTORCH:-$repo_root/.libtorch}"
 if [ ! -f "$project/Cargo.toml" ]; then
     echo "link_dependent: $project has no Cargo.toml" >&2

@@ -3,11 +3,12 @@ use std::collections::HashMap;
 use tch::{nn::VarStore, Device, Tensor};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let fixture = "../scconv-tch/weights/parity/c64_56x56_b1";
     let mut vs = VarStore::new(Device::Cpu);
     let block = scconv(&vs.root(), &ScConvConfig::new(64))?; // PyTorch: ScConv(64)
-    weights::load(&mut vs, "weights/parity/c64_56x56_b1.safetensors")?; // its state_dict
+    weights::load(&mut vs, format!("{fixture}.safetensors"))?; // its state_dict
     let recorded: HashMap<String, Tensor> =
-        Tensor::read_safetensors("weights/parity/c64_56x56_b1.tensors.safetensors")?.into_iter().collect();
+        Tensor::read_safetensors(format!("{fixture}.tensors.safetensors"))?.into_iter().collect();
     let (x, expected) = (&recorded["input"], &recorded["output"]); // PyTorch's input and output
     let y = tch::no_grad(|| block.try_forward(x))?;
     let worst = (&y - expected).abs().max().double_value(&[]);
