@@ -29,6 +29,7 @@ test: setup
 # see the README).
 fixtures: setup
 	.venv/bin/python parity/generate_fixtures.py --out weights/parity
+	.venv/bin/python parity/generate_fixtures.py --set versions --out weights/parity-versions
 
 # Rewrites the committed whole-network fixtures of the trained networks.
 model-fixtures: setup

@@ -2,6 +2,8 @@
 the gradients of a fixed scalar loss, and the reference's gate (its `gn_x * w_gamma` and decisions).
 
     python parity/generate_fixtures.py --out weights/parity            # the committed fixtures
+    python parity/generate_fixtures.py --set versions --out weights/parity-versions
+                                                                      # the later versions, the paper's fuse
     python parity/generate_fixtures.py --out DIR --seed N --device cuda  # fresh ones, on a GPU
 
 Per case NAME the output folder gets
@@ -27,7 +29,7 @@ except ImportError:  # e.g. a GPU machine without network: fall back to torch.sa
     save_file = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_scconv import ScConv  # noqa: E402
+import scconv_versions  # noqa: E402
 
 DEFAULTS = dict(group_num=16, gate_treshold=0.5, alpha=0.5, squeeze_radio=2, group_size=2, group_kernel_size=3)
 
@@ -51,6 +53,26 @@ CASES = [
     ("non_square_12x20", 64, (2, 12, 20), {}, None),
 ]
 
+# The published later versions of the reference and the paper's fuse (`--set versions`): each version
+# with its own defaults (group_num 4; torch_gn off, or on for 2023-10-19) and the other GroupNorm, the
+# paper's fuse on three versions. All but `v2023_10_19_init` get trained-looking GroupNorm parameters.
+VERSION_CASES = [
+    ("v2023_09_12", 64, (2, 12, 12), {"variant": "2023-09-12"}, None),
+    ("v2023_09_12_torch_gn", 64, (2, 12, 12), {"variant": "2023-09-12", "torch_gn": True}, None),
+    ("v2023_09_14", 64, (2, 12, 12), {"variant": "2023-09-14"}, None),
+    ("v2023_09_14_torch_gn_c128", 128, (1, 14, 14), {"variant": "2023-09-14", "torch_gn": True}, None),
+    ("v2023_10_19", 64, (2, 12, 12), {"variant": "2023-10-19"}, None),
+    ("v2023_10_19_init", 64, (2, 12, 12), {"variant": "2023-10-19", "init": True}, None),
+    ("v2023_10_19_own_gn", 64, (2, 12, 12), {"variant": "2023-10-19", "torch_gn": False}, None),
+    ("v2023_10_19_c256_7x7", 256, (2, 7, 7), {"variant": "2023-10-19"}, None),
+    ("paper_fuse", 64, (2, 12, 12), {"fuse": "paper"}, None),
+    ("paper_fuse_v2023_10_19", 64, (2, 12, 12), {"variant": "2023-10-19", "fuse": "paper"}, None),
+    ("paper_fuse_v2023_09_14_alpha", 64, (2, 10, 14),
+     {"variant": "2023-09-14", "fuse": "paper", "alpha": 0.25}, None),
+]
+
+CASE_SETS = {"seed": CASES, "versions": VERSION_CASES}
+
 # The smallest case is also written as a `torch.save` pickle, to test loading `.pt` files.
 PT_CASE = "group_num_4"
 
@@ -71,12 +93,25 @@ def loss_weight(shape, device):
     return torch.cos(torch.arange(numel, dtype=torch.float32, device=device) * 0.7).reshape(shape)
 
 
-def randomize_trained_like(model):
+def randomize_trained_like(model, config):
     """A trained SRU has a non-zero beta; the reference initialises it to zeros. The cases that vary a
     setting get one, so that the `+ beta` is exercised; the default cases keep the reference's own
-    initialisation, whose beta = 0 puts many more gate values z near 0 (inside the fp32 band)."""
+    initialisation, whose beta = 0 puts many more gate values z near 0 (inside the fp32 band).
+    `nn.GroupNorm` starts with weight 1 (every `w_gamma` equal): trained, it is spread around 1."""
     with torch.no_grad():
-        model.SRU.gn.beta.normal_(0.0, 0.1)
+        scconv_versions.gn_shift(model).normal_(0.0, 0.1)
+        if config.get("torch_gn"):
+            scconv_versions.gn_scale(model).normal_(1.0, 0.3)
+
+
+def resolve(op_channel, overrides):
+    """The full config of a case: the chosen version's defaults, then the overrides."""
+    variant = overrides.get("variant", "2023-07-27")
+    config = dict(DEFAULTS, op_channel=op_channel)
+    if variant != "2023-07-27":
+        config.update(variant=variant, group_num=4, torch_gn=variant == "2023-10-19")
+    config.update({k: v for k, v in overrides.items() if k != "init"})
+    return config
 
 
 def capture_gate(model):
@@ -92,11 +127,11 @@ def capture_gate(model):
 
 
 def run_case(op_channel, nhw, overrides, model_seed, input_seed, device):
-    config = dict(DEFAULTS, **overrides, op_channel=op_channel)
+    config = resolve(op_channel, overrides)
     torch.manual_seed(model_seed)
-    model = ScConv(**config)
-    if overrides:
-        randomize_trained_like(model)
+    model = scconv_versions.build(config)
+    if overrides and not overrides.get("init"):
+        randomize_trained_like(model, config)
     model = model.to(device)
     gate = capture_gate(model)
     n, h, w = nhw
@@ -110,7 +145,8 @@ def run_case(op_channel, nhw, overrides, model_seed, input_seed, device):
         "output": y.detach(),
         "grad.input": x.grad,
         "gate.z": gate["z"],
-        "gate.info_mask": gate["reweigts"] >= config["gate_treshold"],
+        "gate.info_mask": (gate["reweigts"] > config["gate_treshold"]) if scconv_versions.soft_gate(config)
+        else (gate["reweigts"] >= config["gate_treshold"]),
     }
     without_grad = []
     for key, param in model.named_parameters():
@@ -142,13 +178,15 @@ def main():
     parser.add_argument("--seed", type=int, default=20231128,
                         help="base seed: case i builds its model with seed + i and its input with seed + 1000 + i")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--set", choices=sorted(CASE_SETS), default="seed",
+                        help="which cases: the seed version's (default) or the later versions and the paper's fuse")
     parser.add_argument("--format", choices=["safetensors", "pt"], default="safetensors" if save_file else "pt",
                         help="file format (default: safetensors when the package is installed, else pt)")
     args = parser.parse_args()
     if args.format == "safetensors" and save_file is None:
         parser.error("--format safetensors needs the safetensors package (pip install safetensors)")
 
-    generate(CASES, args.out, args.seed, args.device, args.format)
+    generate(CASE_SETS[args.set], args.out, args.seed, args.device, args.format)
 
 
 def generate(cases, out, seed, device, fmt, generator="parity/generate_fixtures.py", verbose=True):
@@ -156,7 +194,8 @@ def generate(cases, out, seed, device, fmt, generator="parity/generate_fixtures.
     os.makedirs(out, exist_ok=True)
     manifest = {
         "generator": generator,
-        "reference": "parity/reference_scconv.py (seed document 000_8c60a6467fa50790.txt)",
+        "reference": "parity/reference_scconv.py (seed document 000_8c60a6467fa50790.txt) and, by the "
+                     "config's variant, parity/reference_scconv_2023_*.py (parity/scconv_versions.py)",
         "torch_version": torch.__version__,
         "device": device,
         **cpu_kernels(device),

@@ -20,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_fixtures import generate, save_file  # noqa: E402
 from reference_scconv import ScConv  # noqa: E402
 
+# Each valid draw picks a version of the reference (the seed half of the time) and, for one in four,
+# the paper's fuse; `torch_gn` is drawn where the version has it.
+VARIANTS = ["2023-07-27", "2023-07-27", "2023-07-27", "2023-09-12", "2023-09-14", "2023-10-19"]
+
 
 def is_valid(c):
     up = int(c["alpha"] * c["op_channel"])
@@ -58,6 +62,11 @@ def valid_cases(rng, count):
             continue
         nhw = (rng.randint(1, 3), rng.randint(2, 9), rng.randint(2, 9))
         overrides = {k: v for k, v in config.items() if k != "op_channel"}
+        variant = rng.choice(VARIANTS)
+        if variant != "2023-07-27":
+            overrides.update(variant=variant, torch_gn=rng.random() < 0.5)
+        if rng.random() < 0.25:
+            overrides["fuse"] = "paper"
         cases.append((f"random_{len(cases):03d}", config["op_channel"], nhw, overrides, None))
     return cases
 

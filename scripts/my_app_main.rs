@@ -5,7 +5,7 @@ use tch::{nn::VarStore, Device, Tensor};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fixture = "../scconv-tch/weights/parity/c64_56x56_b1";
     let mut vs = VarStore::new(Device::Cpu);
-    let block = scconv(&vs.root(), &ScConvConfig::new(64))?; // PyTorch: ScConv(64)
+    let block = scconv(vs.root(), &ScConvConfig::new(64))?; // PyTorch: ScConv(64)
     weights::load(&mut vs, format!("{fixture}.safetensors"))?; // its state_dict
     let recorded: HashMap<String, Tensor> =
         Tensor::read_safetensors(format!("{fixture}.tensors.safetensors"))?.into_iter().collect();

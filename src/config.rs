@@ -1,72 +1,193 @@
 //! `ScConvConfig`: the reference constructor's arguments, with its defaults and names
-//! (`gate_treshold` and `squeeze_radio` are spelt as in the reference so configs read alike).
+//! (`gate_treshold` and `squeeze_radio` are spelt as in the reference so configs read alike), plus
+//! which published version of the reference to follow (`variant`, `torch_gn`) and which CRU fuse.
 use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
 
+/// The published states of the unofficial reference (`cheng-haha/ScConv`) this crate follows, each
+/// mirrored by a PyTorch twin in `parity/`. JSON: `"2023-07-27"`, `"2023-09-12"`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub enum Variant {
+    /// bebf345, the seed: `GroupBatchnorm2d` with `gamma`/`beta`, hard masks on `x`, builtin `sum`.
+    #[default]
+    #[serde(rename = "2023-07-27")]
+    V20230727,
+    /// 0305aed: the GroupNorm's parameters renamed `weight`/`bias`, an optional `nn.GroupNorm`
+    /// (`torch_gn`, default off), the hard masks applied to `gn_x`, `ScConv`'s `group_num` default 4.
+    #[serde(rename = "2023-09-12")]
+    V20230912,
+    /// 4caff96: as 2023-09-12 with `torch.sum` for `w_gamma`'s denominator.
+    #[serde(rename = "2023-09-14")]
+    V20230914,
+    /// cf3b372: `torch_gn` on by default, builtin `sum` again, and a soft gate on `x`:
+    /// `w1 = where(r > t, 1, r)`, `w2 = where(r > t, 0, r)`.
+    #[serde(rename = "2023-10-19")]
+    V20231019,
+}
+
+impl Variant {
+    /// Every variant, oldest first.
+    pub const ALL: [Variant; 4] =
+        [Variant::V20230727, Variant::V20230912, Variant::V20230914, Variant::V20231019];
+
+    /// The name used in JSON and messages (`"2023-07-27"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::V20230727 => "2023-07-27",
+            Variant::V20230912 => "2023-09-12",
+            Variant::V20230914 => "2023-09-14",
+            Variant::V20231019 => "2023-10-19",
+        }
+    }
+
+    /// `ScConv`'s default `group_num` in this version.
+    pub fn default_group_num(self) -> i64 {
+        match self {
+            Variant::V20230727 => 16,
+            _ => 4,
+        }
+    }
+
+    /// `SRU`'s default `torch_gn` in this version; `None` where the option does not exist.
+    pub fn default_torch_gn(self) -> Option<bool> {
+        match self {
+            Variant::V20230727 => None,
+            Variant::V20230912 | Variant::V20230914 => Some(false),
+            Variant::V20231019 => Some(true),
+        }
+    }
+
+    /// The GroupNorm's parameter names in the state dict (scale, shift).
+    pub fn norm_names(self) -> (&'static str, &'static str) {
+        match self {
+            Variant::V20230727 => ("gamma", "beta"),
+            _ => ("weight", "bias"),
+        }
+    }
+}
+
+/// How the CRU fuses its two branches `Y1`, `Y2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fuse {
+    /// The code's: one softmax over all 2C pooled channels of `cat(Y1, Y2)`, then the two halves of
+    /// the weighted concatenation added.
+    #[default]
+    Global,
+    /// The paper's (SKNet-style): per channel, `beta1 = e^S1 / (e^S1 + e^S2)` with `S = GAP(Y)`,
+    /// and `Y = beta1 * Y1 + beta2 * Y2`.
+    Paper,
+}
+
 /// The arguments of the reference's `ScConv(op_channel, group_num=16, gate_treshold=0.5, alpha=1/2,
-/// squeeze_radio=2, group_size=2, group_kernel_size=3)`. As JSON, every field but `op_channel` may be
-/// left out (the reference's default applies) and unknown fields are an error.
+/// squeeze_radio=2, group_size=2, group_kernel_size=3)`, the version it follows and its fuse. As JSON,
+/// every field but `op_channel` may be left out (the chosen variant's default applies: `group_num` is
+/// 16 for 2023-07-27 and 4 later; `torch_gn` exists from 2023-09-12 on) and unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "RawConfig")]
 pub struct ScConvConfig {
     /// Channels in and out (`C`); even, and divisible by `group_num`.
     pub op_channel: i64,
-    /// Groups of the SRU's GroupBatchnorm2d statistics (default 16).
-    #[serde(default = "defaults::group_num")]
+    /// Which published version of the reference (default 2023-07-27, the seed).
+    pub variant: Variant,
+    /// PyTorch's `nn.GroupNorm` (eps 1e-5, biased variance, parameters of shape `[C]`) in place of
+    /// the reference's `GroupBatchnorm2d`; from 2023-09-12 on (default: the variant's).
+    pub torch_gn: bool,
+    /// The CRU fuse (default `global`, the code's).
+    pub fuse: Fuse,
+    /// Groups of the SRU's GroupNorm statistics (default 16, or 4 from 2023-09-12 on).
     pub group_num: i64,
     /// The SRU gate's threshold on `sigmoid(gn_x * w_gamma)`, strictly between 0 and 1 (default 0.5).
-    #[serde(default = "defaults::gate_treshold")]
     pub gate_treshold: f64,
     /// The CRU's split: `int(alpha * op_channel)` channels go to the upper part (default 0.5).
-    #[serde(default = "defaults::alpha")]
     pub alpha: f64,
     /// The CRU's squeeze ratio: both parts are squeezed by this factor with 1x1 convs (default 2).
-    #[serde(default = "defaults::squeeze_radio")]
     pub squeeze_radio: i64,
     /// Groups of the CRU's group-wise conv `GWC` (default 2).
-    #[serde(default = "defaults::group_size")]
     pub group_size: i64,
     /// Kernel size of `GWC`, odd (default 3).
-    #[serde(default = "defaults::group_kernel_size")]
     pub group_kernel_size: i64,
 }
 
-mod defaults {
-    pub fn group_num() -> i64 {
-        16
-    }
-    pub fn gate_treshold() -> f64 {
-        0.5
-    }
-    pub fn alpha() -> f64 {
-        0.5
-    }
-    pub fn squeeze_radio() -> i64 {
-        2
-    }
-    pub fn group_size() -> i64 {
-        2
-    }
-    pub fn group_kernel_size() -> i64 {
-        3
+/// What JSON may hold: every setting but `op_channel` optional, resolved against the variant.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    op_channel: i64,
+    #[serde(default)]
+    variant: Variant,
+    torch_gn: Option<bool>,
+    #[serde(default)]
+    fuse: Fuse,
+    group_num: Option<i64>,
+    gate_treshold: Option<f64>,
+    alpha: Option<f64>,
+    squeeze_radio: Option<i64>,
+    group_size: Option<i64>,
+    group_kernel_size: Option<i64>,
+}
+
+impl TryFrom<RawConfig> for ScConvConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let variant = raw.variant;
+        let torch_gn = match (raw.torch_gn, variant.default_torch_gn()) {
+            (Some(true), None) => return Err(ConfigError::TorchGnNotInVariant(variant.name())),
+            (Some(value), _) => value,
+            (None, default) => default.unwrap_or(false),
+        };
+        let defaults = ScConvConfig::for_variant(raw.op_channel, variant);
+        Ok(ScConvConfig {
+            torch_gn,
+            fuse: raw.fuse,
+            group_num: raw.group_num.unwrap_or(defaults.group_num),
+            gate_treshold: raw.gate_treshold.unwrap_or(defaults.gate_treshold),
+            alpha: raw.alpha.unwrap_or(defaults.alpha),
+            squeeze_radio: raw.squeeze_radio.unwrap_or(defaults.squeeze_radio),
+            group_size: raw.group_size.unwrap_or(defaults.group_size),
+            group_kernel_size: raw.group_kernel_size.unwrap_or(defaults.group_kernel_size),
+            ..defaults
+        })
     }
 }
 
 /// The GroupBatchnorm2d epsilon, added to the std (not inside a square root), as in the reference.
 pub const GN_EPS: f64 = 1e-10;
 
+/// `nn.GroupNorm`'s default epsilon, under the square root (`torch_gn`).
+pub const TORCH_GN_EPS: f64 = 1e-5;
+
 impl ScConvConfig {
-    /// The reference's defaults for `op_channel` channels.
+    /// The seed reference's (2023-07-27) defaults for `op_channel` channels.
     pub fn new(op_channel: i64) -> Self {
+        Self::for_variant(op_channel, Variant::V20230727)
+    }
+
+    /// `variant`'s defaults for `op_channel` channels (its `group_num` and `torch_gn`), the code's fuse.
+    pub fn for_variant(op_channel: i64, variant: Variant) -> Self {
         Self {
             op_channel,
-            group_num: defaults::group_num(),
-            gate_treshold: defaults::gate_treshold(),
-            alpha: defaults::alpha(),
-            squeeze_radio: defaults::squeeze_radio(),
-            group_size: defaults::group_size(),
-            group_kernel_size: defaults::group_kernel_size(),
+            variant,
+            torch_gn: variant.default_torch_gn().unwrap_or(false),
+            fuse: Fuse::Global,
+            group_num: variant.default_group_num(),
+            gate_treshold: 0.5,
+            alpha: 0.5,
+            squeeze_radio: 2,
+            group_size: 2,
+            group_kernel_size: 3,
         }
+    }
+
+    /// The same config with another fuse.
+    pub fn with_fuse(self, fuse: Fuse) -> Self {
+        Self { fuse, ..self }
+    }
+
+    /// Whether `Execution::Fast` can run this config: the 2023-07-27 variant with the global fuse.
+    pub fn fast_path_covers(&self) -> bool {
+        self.variant == Variant::V20230727 && self.fuse == Fuse::Global
     }
 
     /// `int(alpha * op_channel)`: Python's `int` truncates toward zero, as `as i64` does.
@@ -96,6 +217,9 @@ impl ScConvConfig {
     }
 
     fn validate_sru(&self) -> Result<(), ConfigError> {
+        if self.torch_gn && self.variant.default_torch_gn().is_none() {
+            return Err(ConfigError::TorchGnNotInVariant(self.variant.name()));
+        }
         let (op_channel, group_num) = (self.op_channel, self.group_num);
         if group_num <= 0 {
             return Err(ConfigError::NonPositiveGroupNum(group_num));
@@ -168,6 +292,30 @@ mod tests {
         assert_eq!(config.alpha, 0.5);
         assert_eq!((config.squeeze_radio, config.group_size, config.group_kernel_size), (2, 2, 3));
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn defaults_follow_the_chosen_variant() {
+        let parse = |json: &str| serde_json::from_str::<ScConvConfig>(json);
+        let seed = parse(r#"{"op_channel": 64}"#).unwrap();
+        assert_eq!(
+            (seed.variant, seed.group_num, seed.torch_gn, seed.fuse),
+            (Variant::V20230727, 16, false, Fuse::Global)
+        );
+        let later = parse(r#"{"op_channel": 64, "variant": "2023-09-12"}"#).unwrap();
+        assert_eq!((later.group_num, later.torch_gn), (4, false));
+        let head = parse(r#"{"op_channel": 64, "variant": "2023-10-19", "fuse": "paper"}"#).unwrap();
+        assert_eq!((head.group_num, head.torch_gn, head.fuse), (4, true, Fuse::Paper));
+        let explicit =
+            parse(r#"{"op_channel": 64, "variant": "2023-10-19", "group_num": 8, "torch_gn": false}"#);
+        assert_eq!(explicit.map(|c| (c.group_num, c.torch_gn)).unwrap(), (8, false));
+        assert_eq!(ScConvConfig::for_variant(64, Variant::V20231019), head.clone().with_fuse(Fuse::Global));
+        let err = parse(r#"{"op_channel": 64, "torch_gn": true}"#).unwrap_err().to_string();
+        assert!(err.contains("torch_gn does not exist in variant 2023-07-27"), "{err}");
+        let err = parse(r#"{"op_channel": 64, "variant": "2023-11-01"}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `2023-11-01`"), "{err}");
+        let round_trip: ScConvConfig = serde_json::from_value(serde_json::to_value(&head).unwrap()).unwrap();
+        assert_eq!(round_trip, head);
     }
 
     #[test]

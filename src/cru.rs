@@ -1,7 +1,8 @@
 //! `CRU`, the Channel Reconstruction Unit: split channels (alpha), squeeze both parts (1x1), transform
 //! the upper part with a group-wise (`GWC`) plus a point-wise (`PWC1`) conv, reuse the lower part
-//! (`cat(PWC2(low), low)`), and fuse with one softmax over all 2C pooled channels.
-use crate::config::ScConvConfig;
+//! (`cat(PWC2(low), low)`), and fuse with one softmax over all 2C pooled channels (the code's fuse), or
+//! per channel over the two branches (the paper's, `Fuse::Paper`).
+use crate::config::{Fuse, ScConvConfig};
 use std::borrow::Borrow;
 use tch::{nn, nn::Module, Tensor};
 
@@ -11,6 +12,7 @@ use tch::{nn, nn::Module, Tensor};
 pub struct Cru {
     pub(crate) up_channel: i64,
     pub(crate) low_channel: i64,
+    pub(crate) fuse: Fuse,
     /// 1x1 conv squeezing the upper part: `up_channel -> up_channel / squeeze_radio`.
     pub squeeze1: nn::Conv2D,
     /// 1x1 conv squeezing the lower part: `low_channel -> low_channel / squeeze_radio`.
@@ -33,6 +35,7 @@ pub fn cru<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Cru {
     Cru {
         up_channel: config.up_channel(),
         low_channel: config.low_channel(),
+        fuse: config.fuse,
         squeeze1: conv(p / "squeeze1", config.up_channel(), up, ConvSpec::pointwise()),
         squeeze2: conv(p / "squeeze2", config.low_channel(), low, ConvSpec::pointwise()),
         GWC: conv(p / "GWC", up, c, gwc),
@@ -47,11 +50,24 @@ impl Module for Cru {
         let (up, low) = (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]));
         let y1 = self.GWC.forward(&up) + self.PWC1.forward(&up);
         let y2 = Tensor::cat(&[self.PWC2.forward(&low), low], 1);
-        let out = Tensor::cat(&[y1, y2], 1);
-        let out = out.adaptive_avg_pool2d([1, 1]).softmax(1, None) * &out;
-        let halves = out.split(out.size()[1] / 2, 1);
-        &halves[0] + &halves[1]
+        match self.fuse {
+            Fuse::Global => {
+                let out = Tensor::cat(&[y1, y2], 1);
+                let out = out.adaptive_avg_pool2d([1, 1]).softmax(1, None) * &out;
+                let halves = out.split(out.size()[1] / 2, 1);
+                &halves[0] + &halves[1]
+            }
+            Fuse::Paper => paper_fuse(&y1, &y2),
+        }
     }
+}
+
+/// The paper's fuse, as `parity/paper_fuse.py` writes it: `S1, S2 = GAP(Y1), GAP(Y2)`, a softmax over
+/// the two branches per channel (`beta = softmax(stack([S1, S2]), 0)`), `Y = beta1 * Y1 + beta2 * Y2`.
+fn paper_fuse(y1: &Tensor, y2: &Tensor) -> Tensor {
+    let (s1, s2) = (y1.adaptive_avg_pool2d([1, 1]), y2.adaptive_avg_pool2d([1, 1]));
+    let beta = Tensor::stack(&[s1, s2], 0).softmax(0, None);
+    beta.get(0) * y1 + beta.get(1) * y2
 }
 
 /// The `nn.Conv2d` arguments the CRU uses (stride 1, dilation 1 throughout).

@@ -52,6 +52,11 @@ pub enum ScConvError {
         why: String,
     },
 
+    /// The fast path was asked for a configuration it does not cover (it covers the 2023-07-27
+    /// variant with the global fuse, in fp32).
+    #[error("the fast path does not cover {0}; use Execution::Reference")]
+    FastPathUnsupported(String),
+
     /// Any other libtorch error, passed through.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
@@ -100,6 +105,9 @@ pub enum ConfigError {
     /// `group_size` does not divide `GWC`'s `"input"` or `"output"` channels.
     #[error("group_size ({group_size}) must divide the grouped conv's {which} channels ({channels})")]
     GroupSizeDoesNotDivide { group_size: i64, which: &'static str, channels: i64 },
+    /// `torch_gn` set for a variant that has no such option.
+    #[error("torch_gn does not exist in variant {0} (it came with 2023-09-12)")]
+    TorchGnNotInVariant(&'static str),
     /// `group_kernel_size` is even or not positive.
     #[error("group_kernel_size must be odd and positive (padding k // 2 keeps the size only then), got {0}")]
     BadGroupKernelSize(i64),

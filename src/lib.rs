@@ -7,7 +7,7 @@
 //!
 //! # fn main() -> Result<(), scconv_tch::ScConvError> {
 //! let mut vs = VarStore::new(Device::Cpu);
-//! let mut block = scconv(&vs.root(), &ScConvConfig::new(64))?;
+//! let mut block = scconv(vs.root(), &ScConvConfig::new(64))?;
 //! weights::load(&mut vs, "scconv.safetensors")?; // a PyTorch state_dict, keys as saved
 //! block.set_execution(Execution::Fast)?; // optional: the fast path, same gate decisions
 //! let x = Tensor::randn([1, 64, 56, 56], (Kind::Float, Device::Cpu));
@@ -32,7 +32,7 @@ pub mod weights;
 pub mod harness;
 mod input;
 
-pub use config::ScConvConfig;
+pub use config::{Fuse, ScConvConfig, Variant};
 pub use error::{ConfigError, ScConvError};
 pub use fast::Execution;
 pub use scconv::{scconv, ScConv};

@@ -1,7 +1,11 @@
 //! `SRU`, the Spatial Reconstruction Unit: a GroupNorm-gamma gate splits `x` into informative and
-//! non-informative parts, which are cross-added half by half.
-use crate::config::{ScConvConfig, GN_EPS};
-use crate::group_batchnorm::{group_batchnorm2d, GroupBatchnorm2d};
+//! non-informative parts, which are cross-added half by half. What each published version changes
+//! (`Variant`): the GroupNorm (names, `torch_gn`), the sum in `w_gamma`, what the masks multiply
+//! (`x` or `gn_x`), and hard masks or the soft gate of 2023-10-19.
+use crate::config::{ScConvConfig, Variant, GN_EPS};
+use crate::group_batchnorm::{
+    group_batchnorm2d, group_batchnorm2d_named, torch_group_norm, GroupBatchnorm2d,
+};
 use std::borrow::Borrow;
 use tch::{nn, nn::Module, Tensor};
 
@@ -11,15 +15,18 @@ pub struct Sru {
     /// Its normalisation (state-dict keys `SRU.gn.gamma`, `SRU.gn.beta`).
     pub gn: GroupBatchnorm2d,
     pub(crate) gate_treshold: f64,
+    pub(crate) variant: Variant,
 }
 
-/// The gate's two hard masks (bool, `x`'s shape). They come from comparisons, so nothing upstream of
-/// them (gamma, beta) gets a gradient.
+/// The gate's decisions (bool, `x`'s shape): `sigmoid(z) >= t` and `<` for the hard masks; for the
+/// soft gate of 2023-10-19, `sigmoid(z) > t` (weight 1 in `x_1`, 0 in `x_2`) and its complement (the
+/// sigmoid's value in both). Hard masks come from comparisons, so through them nothing upstream
+/// (gamma, beta) gets a gradient.
 #[derive(Debug)]
 pub struct GateDecisions {
-    /// `sigmoid(z) >= gate_treshold`: the positions kept in `x_1`.
+    /// `sigmoid(z) >= gate_treshold` (soft gate: `>`): the positions kept whole in `x_1`.
     pub info_mask: Tensor,
-    /// `sigmoid(z) < gate_treshold`: the positions kept in `x_2`.
+    /// The complement: the positions kept in `x_2` (soft gate: weighted by the sigmoid in both).
     pub noninfo_mask: Tensor,
 }
 
@@ -51,47 +58,91 @@ pub struct Gate {
 
 /// The SRU of `config` under `p` (its `gn` under `p / "gn"`); the caller has validated `config`.
 pub fn sru<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Sru {
-    Sru {
-        gn: group_batchnorm2d(p.borrow() / "gn", config.op_channel, config.group_num, GN_EPS),
-        gate_treshold: config.gate_treshold,
-    }
+    let gn = p.borrow() / "gn";
+    let (c, groups) = (config.op_channel, config.group_num);
+    let gn = match config.variant {
+        _ if config.torch_gn => torch_group_norm(&gn, c, groups),
+        Variant::V20230727 => group_batchnorm2d(gn, c, groups, GN_EPS),
+        later => group_batchnorm2d_named(&gn, c, groups, later.norm_names()),
+    };
+    Sru { gn, gate_treshold: config.gate_treshold, variant: config.variant }
 }
 
 impl Sru {
-    /// `w_gamma = self.gn.gamma / sum(self.gn.gamma)`.
+    /// `w_gamma = self.gn.gamma / sum(self.gn.gamma)` (2023-09-14: `torch.sum`), viewed as
+    /// `(1, C, 1, 1)` where the parameter is `[C]` (`torch_gn`).
     pub fn w_gamma(&self) -> Tensor {
-        &self.gn.gamma / builtin_sum(&self.gn.gamma)
+        let gamma = &self.gn.gamma;
+        let sum = match self.variant {
+            Variant::V20230914 => gamma.sum(gamma.kind()),
+            _ => builtin_sum(gamma),
+        };
+        let w_gamma = gamma / sum;
+        if w_gamma.dim() == 1 {
+            w_gamma.view([1, -1, 1, 1])
+        } else {
+            w_gamma
+        }
     }
 
     /// The gate on `x`: `z = gn_x * w_gamma` and its decisions.
     pub fn gate(&self, x: &Tensor) -> Gate {
-        let gn_x = self.gn.forward(x);
-        let z = gn_x * self.w_gamma();
-        let (info_mask, noninfo_mask) = decide(&z, self.gate_treshold);
-        let decisions = GateDecisions { info_mask, noninfo_mask };
-        Gate { z, decisions }
+        self.gate_of_gn_x(&self.gn.forward(x))
     }
 
-    /// Everything after the gate's decisions: mask, then cross-reconstruct.
+    fn gate_of_gn_x(&self, gn_x: &Tensor) -> Gate {
+        let z = gn_x * self.w_gamma();
+        let (info_mask, noninfo_mask) = decide(&z, self.gate_treshold, self.soft_gate());
+        Gate { z, decisions: GateDecisions { info_mask, noninfo_mask } }
+    }
+
+    /// Everything after the gate's decisions: mask (or weigh), then cross-reconstruct.
     pub fn forward_with_decisions(&self, x: &Tensor, decisions: &GateDecisions) -> Tensor {
-        let x_1 = &decisions.info_mask * x;
-        let x_2 = &decisions.noninfo_mask * x;
+        let gn_x = (self.variant != Variant::V20230727).then(|| self.gn.forward(x));
+        self.apply(x, gn_x.as_ref(), decisions)
+    }
+
+    /// `x_1`, `x_2` from the decisions, then `reconstruct`; `gn_x` is needed from 2023-09-12 on.
+    fn apply(&self, x: &Tensor, gn_x: Option<&Tensor>, decisions: &GateDecisions) -> Tensor {
+        let (info, noninfo) = (&decisions.info_mask, &decisions.noninfo_mask);
+        let (x_1, x_2) = match (self.variant, gn_x) {
+            (Variant::V20230912 | Variant::V20230914, Some(gn_x)) => (info * gn_x, noninfo * gn_x),
+            (Variant::V20231019, Some(gn_x)) => {
+                // w1 = where(r > t, 1, r), w2 = where(r > t, 0, r), with the decisions given.
+                let reweigts = (gn_x * self.w_gamma()).sigmoid();
+                let w1 = reweigts.ones_like().where_self(info, &reweigts);
+                let w2 = reweigts.zeros_like().where_self(info, &reweigts);
+                (w1 * x, w2 * x)
+            }
+            _ => (info * x, noninfo * x),
+        };
         reconstruct(&x_1, &x_2)
+    }
+
+    /// The 2023-10-19 gate: `r > t` decides between the weight 1 (0) and `r` itself.
+    fn soft_gate(&self) -> bool {
+        self.variant == Variant::V20231019
     }
 }
 
 impl nn::Module for Sru {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_with_decisions(x, &self.gate(x).decisions)
+        let gn_x = self.gn.forward(x);
+        let gate = self.gate_of_gn_x(&gn_x);
+        self.apply(x, Some(&gn_x), &gate.decisions)
     }
 }
 
-/// `reweigts = sigmoid(z)`, then `>=` / `<` the threshold. The sigmoid is computed, never replaced by
-/// `z >= 0`: in fp32 it rounds to exactly 0.5 for |z| below about 1.2e-7, so small negative z count as
-/// informative in the reference.
-fn decide(z: &Tensor, gate_treshold: f64) -> (Tensor, Tensor) {
+/// `reweigts = sigmoid(z)`, then `>=` / `<` the threshold (the soft gate: `>` / `<=`). The sigmoid is
+/// computed, never replaced by `z >= 0`: in fp32 it rounds to exactly 0.5 for |z| below about 1.2e-7,
+/// so small negative z count as informative in the reference.
+fn decide(z: &Tensor, gate_treshold: f64, soft: bool) -> (Tensor, Tensor) {
     let reweigts = z.sigmoid();
-    (reweigts.ge(gate_treshold), reweigts.lt(gate_treshold))
+    if soft {
+        (reweigts.gt(gate_treshold), reweigts.le(gate_treshold))
+    } else {
+        (reweigts.ge(gate_treshold), reweigts.lt(gate_treshold))
+    }
 }
 
 /// Python's builtin `sum(gamma)` as the reference calls it: the C slices `gamma[i]` added one at a
@@ -136,7 +187,7 @@ mod tests {
         // sigmoid(-1e-8) rounds to exactly 0.5 in fp32, so the reference calls it informative;
         // the sign shortcut `z >= 0` would not.
         let z = Tensor::from_slice(&[-1e-8f32, -1e-3, 0.0, 1e-8]);
-        let (info, noninfo) = decide(&z, 0.5);
+        let (info, noninfo) = decide(&z, 0.5, false);
         assert_eq!(Vec::<bool>::try_from(&info).unwrap(), vec![true, false, true, true]);
         assert_eq!(Vec::<bool>::try_from(&noninfo).unwrap(), vec![false, true, false, false]);
     }

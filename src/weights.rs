@@ -31,6 +31,8 @@ pub struct LoadReport {
     /// PyTorch's `copy_` would convert integers silently; a state dict with integer weights is almost
     /// surely the wrong file, so it is rejected. Other float dtypes convert, as in PyTorch.
     pub wrong_dtype: Vec<(String, String)>,
+    /// What the keys suggest, when they do not match: another version of the reference.
+    pub hint: Option<String>,
 }
 
 impl LoadReport {
@@ -63,6 +65,9 @@ impl fmt::Display for LoadReport {
                 f,
                 "  wrong dtype for {key}: {kind} in the state dict, a floating-point tensor is needed"
             )?;
+        }
+        if let Some(hint) = &self.hint {
+            writeln!(f, "  hint: {hint}")?;
         }
         Ok(())
     }
@@ -117,7 +122,34 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
     }
     report.unexpected =
         tensors.keys().filter(|k| !variables.contains_key(*k) && !is_ignored(k)).cloned().collect();
+    if !report.is_clean() {
+        report.hint = version_hint(&variables, tensors);
+    }
     report
+}
+
+/// Which version of the reference an SRU's GroupNorm keys belong to: `gamma`/`beta` (2023-07-27),
+/// `weight`/`bias` of shape `(C, 1, 1)` (the reference's own GroupBatchnorm2d, 2023-09-12 on) or `[C]`
+/// (`nn.GroupNorm`: `torch_gn`, 2023-10-19's default).
+fn norm_version(key: &str, tensor: &Tensor) -> Option<&'static str> {
+    match key.rsplit_once("SRU.gn.")?.1 {
+        "gamma" => Some("2023-07-27 (SRU.gn.gamma/beta)"),
+        "weight" if tensor.dim() == 1 => Some("2023-09-12 or later with torch_gn (SRU.gn.weight of shape [C]; 2023-10-19's default)"),
+        "weight" => Some("2023-09-12 or later without torch_gn (SRU.gn.weight of shape [C, 1, 1]; the default before 2023-10-19)"),
+        _ => None,
+    }
+}
+
+/// A hint when the file's ScConv keys belong to another version than the model's.
+fn version_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String, Tensor>) -> Option<String> {
+    let first = |map: &BTreeMap<String, Tensor>| map.iter().find_map(|(k, t)| norm_version(k, t));
+    let (model, file) = (first(variables)?, first(tensors)?);
+    (model != file).then(|| {
+        format!(
+            "the state dict's keys look like ScConv {file}, the model is {model}: \
+             set \"variant\" (and \"torch_gn\") in the ScConv config to the version that saved it"
+        )
+    })
 }
 
 /// Copies `tensors` into the store's variables (converted to each variable's dtype and device, as

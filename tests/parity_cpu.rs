@@ -2,8 +2,10 @@
 //! Same libtorch kernels on both sides, so no gate decision may flip.
 mod common;
 
-use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::harness::parity::{committed_fixtures, Manifest, Policy};
+use common::{
+    assert_fast_parity, assert_parity, fresh_seed, generate_fixture_set, generate_fixtures, scratch_dir,
+};
+use scconv_tch::harness::parity::{committed_fixtures, committed_version_fixtures, Manifest, Policy};
 use scconv_tch::{scconv, weights, Execution, ScConvConfig};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Device};
@@ -22,6 +24,32 @@ fn committed_fixtures_match_the_reference_on_cpu() {
     let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-committed");
     assert!(reports.len() >= 10, "at least 10 cases, found {}", reports.len());
     assert!(!policy.same_kernels || reports.iter().all(|r| r.gate.flips() == 0));
+}
+
+/// The later versions of the reference (2023-09-12, 2023-09-14, 2023-10-19, with and without
+/// `torch_gn`) and the paper's fuse, against their PyTorch twins: the same three layers.
+#[test]
+fn committed_version_fixtures_match_their_twins_on_cpu() {
+    let dir = committed_version_fixtures();
+    let manifest = Manifest::<scconv_tch::harness::parity::CaseSpec>::read(&dir).unwrap();
+    let policy = manifest.policy(Device::Cpu, false);
+    let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-committed-versions");
+    let variants: std::collections::BTreeSet<_> = manifest.cases.iter().map(|c| c.config.variant).collect();
+    assert_eq!(variants.len(), 4, "every variant has cases");
+    assert!(manifest.cases.iter().any(|c| c.config.fuse == scconv_tch::Fuse::Paper));
+    assert!(
+        manifest.cases.iter().any(|c| c.config.torch_gn) && manifest.cases.iter().any(|c| !c.config.torch_gn)
+    );
+    assert!(!policy.same_kernels || reports.iter().all(|r| r.gate.flips() == 0));
+}
+
+#[test]
+fn fresh_version_fixtures_match_their_twins_on_cpu() {
+    let seed = fresh_seed();
+    let dir = scratch_dir("fresh-cpu-versions");
+    generate_fixture_set(&dir, seed, "cpu", "versions");
+    println!("fresh version fixtures with seed {seed} (SCCONV_FRESH_SEED={seed} reproduces them)");
+    assert_parity(&dir, Device::Cpu, &cpu_policy(), "cpu-fresh-versions");
 }
 
 #[test]

@@ -410,6 +410,12 @@ pub fn committed_fixtures() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity"))
 }
 
+/// The committed fixtures of the later reference versions and the paper's fuse
+/// (`parity/generate_fixtures.py --set versions`).
+pub fn committed_version_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity-versions")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,10 +35,15 @@ pub fn python() -> PathBuf {
 
 /// Runs the reference's fixture generator into `out` with `seed` on `device` ("cpu" or "cuda").
 pub fn generate_fixtures(out: &Path, seed: u64, device: &str) {
+    generate_fixture_set(out, seed, device, "seed");
+}
+
+/// The same for a case set of the generator (`seed`, or `versions`: the later versions, the paper's fuse).
+pub fn generate_fixture_set(out: &Path, seed: u64, device: &str, set: &str) {
     let status = Command::new(python())
         .arg(crate_dir().join("parity/generate_fixtures.py"))
         .args(["--out".as_ref(), out.as_os_str()])
-        .args(["--seed", &seed.to_string(), "--device", device])
+        .args(["--seed", &seed.to_string(), "--device", device, "--set", set])
         .status()
         .expect("cannot start the Python fixture generator");
     assert!(status.success(), "parity/generate_fixtures.py failed ({status}) for seed {seed}");
