@@ -19,7 +19,7 @@ pub enum ScConvError {
 
     /// A state dict that does not match the module (every problem at once).
     #[error("state dict does not match the model:\n{0}")]
-    StateDict(LoadReport),
+    StateDict(Box<LoadReport>),
 
     /// A file that cannot be read as what it should be (weights, a config, a record).
     #[error("cannot read {path}: {reason}")]

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use commands::{bench::run_bench, export::run_export, infer::run_infer, info, parity::run_parity};
 use scconv_tch::models::ResNetConfig;
+use scconv_tch::weights::LoadOptions;
 use scconv_tch::Execution;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,9 +44,17 @@ enum Command {
         /// {"op_channel": 64}).
         #[arg(long)]
         scconv: Option<PathBuf>,
-        /// The block's PyTorch state dict (.safetensors or .pt); without it, a fresh initialisation.
+        /// The block's PyTorch weights: a state dict or a training checkpoint (.safetensors, .pt, .pth,
+        /// .bin); without it, a fresh initialisation.
         #[arg(long, requires = "scconv")]
         weights: Option<PathBuf>,
+        /// Use only the weights under this key prefix, removed: `module.` (DataParallel), `model.`
+        /// (a checkpoint's {"model": ...}), or the block's path in a larger network.
+        #[arg(long, requires = "weights")]
+        select: Option<String>,
+        /// Skip weights the block has no use for (listed) instead of refusing the file.
+        #[arg(long, requires = "weights")]
+        allow_unused: bool,
         /// The TorchScript file to write.
         #[arg(long)]
         out: PathBuf,
@@ -204,8 +213,10 @@ fn run(command: Command) -> Result<ExitCode> {
             let dir = dir.unwrap_or_else(scconv_tch::harness::parity::committed_fixtures);
             run_parity(dir, device.resolve()?, execution.into(), json)
         }
-        Command::Export { model, scconv, weights, out, force } => {
-            run_export(model.as_deref(), scconv.as_deref(), weights.as_deref(), &out, force)
+        Command::Export { model, scconv, weights, select, allow_unused, out, force } => {
+            let options = LoadOptions { select, strict: !allow_unused };
+            let weights = weights.as_deref().map(|path| (path, &options));
+            run_export(model.as_deref(), scconv.as_deref(), weights, &out, force)
         }
         Command::Info { scconv, channels, arch, sc, model, size, json } => match (arch, model) {
             (Some(arch), _) => info::run_network_info(&ResNetConfig::named(&arch, sc)?, size, json),

@@ -46,6 +46,18 @@ impl Corpus {
         path.display().to_string()
     }
 
+    /// A `torch.save`-style zip archive whose `data.pkl` is `pickle`.
+    fn pt_with_pickle(&self, name: &str, pickle: &[u8]) -> String {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let stored = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("archive/data.pkl", stored).unwrap();
+        zip.write_all(pickle).unwrap();
+        zip.finish().unwrap();
+        path.display().to_string()
+    }
+
     /// An IDX split folder with these image-file bytes and 3 valid labels.
     fn idx_folder(&self, name: &str, images: &[u8]) -> String {
         let dir = self.folder(name);
@@ -324,7 +336,68 @@ fn every_subcommand_rejects_bad_input_on_one_line() {
             "fmnist_sc.safetensors".into(),
         ),
     ];
-    assert!(cases.len() >= 25, "{} cases", cases.len());
+    let mut cases = cases;
+    let export_weights = |weights: String, extra: &[&str]| {
+        let mut args: Vec<String> = vec!["export".into(), "--scconv".into(), good_config.clone()];
+        args.extend(["--weights".into(), weights, "--out".into(), out.clone()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let pt_fixture = std::fs::read(committed_fixtures().join("group_num_4.pt")).unwrap();
+    let later_version =
+        scconv_tch::harness::parity::committed_version_fixtures().join("v2023_10_19.safetensors");
+    cases.extend([
+        (
+            "export: weights of another ScConv version",
+            export_weights(later_version.display().to_string(), &[]),
+            "look like ScConv 2023-09-12 or later with torch_gn".to_string(),
+        ),
+        (
+            "export: a pickle asking for a function",
+            export_weights(
+                c.pt_with_pickle("shell.pt", b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00ls\x85R."),
+                &[],
+            ),
+            "asks for `posix.system`".into(),
+        ),
+        (
+            "export: a whole pickled model",
+            export_weights(
+                c.pt_with_pickle("model.pt", b"\x80\x02cmodels.yolo\nDetectionModel\n)\x81."),
+                &[],
+            ),
+            "pickled Python object of class `models.yolo.DetectionModel`".into(),
+        ),
+        (
+            "export: --select matches no key",
+            export_weights(
+                committed_fixtures().join("group_num_4.safetensors").display().to_string(),
+                &["--select", "backbone."],
+            ),
+            "no key starts with `backbone.`".into(),
+        ),
+        (
+            "export: a DataParallel state dict without --select",
+            export_weights(
+                c.state_dict("dataparallel.safetensors", |t| {
+                    *t = std::mem::take(t).into_iter().map(|(k, v)| (format!("module.{k}"), v)).collect();
+                }),
+                &[],
+            ),
+            "--select module.".into(),
+        ),
+        (
+            "export: a truncated .pt file",
+            export_weights(c.file("truncated.pt", &pt_fixture[..pt_fixture.len() / 2]), &[]),
+            "truncated.pt".into(),
+        ),
+        (
+            "export: a .pt holding a list, not a dict",
+            export_weights(c.pt_with_pickle("list.pt", b"\x80\x02]q\x00(K\x01K\x02e."), &[]),
+            "holds no dict at the top".into(),
+        ),
+    ]);
+    assert!(cases.len() >= 32, "{} cases", cases.len());
     for (name, args, expected) in &cases {
         let output = Command::new(common::bin())
             .current_dir(common::crate_dir())

@@ -117,6 +117,48 @@ fn check_weights(bytes: &[u8]) {
     }
 }
 
+/// A small valid `torch.save` archive (the group_num_4 fixture's state dict as a dict of tensors).
+fn torch_save_seed() -> Vec<u8> {
+    std::fs::read(common::crate_dir().join("weights/parity/group_num_4.pt")).unwrap()
+}
+
+/// The seed archive with its `data.pkl` replaced by `pickle` (the storages kept).
+fn with_pickle(pickle: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut source = zip::ZipArchive::new(std::io::Cursor::new(torch_save_seed())).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..source.len() {
+        let mut entry = source.by_index(i).unwrap();
+        let name = entry.name().to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        out.start_file(name.as_str(), stored).unwrap();
+        out.write_all(if name.ends_with("data.pkl") { pickle } else { &bytes }).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+fn seed_pickle() -> Vec<u8> {
+    use std::io::Read;
+    let mut source = zip::ZipArchive::new(std::io::Cursor::new(torch_save_seed())).unwrap();
+    let name = source.file_names().find(|n| n.ends_with("data.pkl")).unwrap().to_string();
+    let mut bytes = Vec::new();
+    source.by_name(&name).unwrap().read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+/// As `check_weights`, for a `torch.save` file read by the crate's own reader.
+fn check_torch_save(bytes: &[u8]) {
+    let path = scratch_file("w.pt");
+    std::fs::write(&path, bytes).unwrap();
+    if let Ok(tensors) = weights::read(path) {
+        let mut vs = VarStore::new(Device::Cpu);
+        let _model = scconv(vs.root(), &ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }).unwrap();
+        let _ = weights::load_tensors(&mut vs, tensors);
+    }
+}
+
 /// A valid IDX image file (3 images of 4x5) and a label file.
 fn idx_seed() -> Vec<u8> {
     let mut bytes = vec![0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 5];
@@ -230,6 +272,16 @@ proptest! {
     #[test]
     fn generated_safetensors_headers_never_panic(bytes in generated_safetensors()) {
         check_weights(&bytes);
+    }
+
+    #[test]
+    fn mutated_torch_save_archives_never_panic(edits in edits()) {
+        check_torch_save(&apply(torch_save_seed(), &edits));
+    }
+
+    #[test]
+    fn mutated_pickles_in_a_valid_archive_never_panic(edits in edits()) {
+        check_torch_save(&with_pickle(&apply(seed_pickle(), &edits)));
     }
 
     #[test]

@@ -11,8 +11,12 @@
 #![cfg(feature = "cuda")]
 mod common;
 
-use common::{assert_fast_parity, assert_parity, fresh_seed, generate_fixtures, scratch_dir};
-use scconv_tch::harness::parity::{committed_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy};
+use common::{
+    assert_fast_parity, assert_parity, fresh_seed, generate_fixture_set, generate_fixtures, scratch_dir,
+};
+use scconv_tch::harness::parity::{
+    committed_fixtures, committed_version_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy,
+};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -46,6 +50,22 @@ fn fixtures_made_by_pytorch_on_the_same_gpu_match_exactly() {
     let fast =
         assert_fast_parity(&dir, device, Execution::Fast, &policy, &format!("cuda-vs-cuda-{}", tf32_label()));
     assert!(fast.iter().all(|r| r.gate.flips() == 0 && r.differing_from_same_device == 0));
+}
+
+/// The later reference versions and the paper's fuse: against their twins on the same GPU (zero flips),
+/// and against the committed CPU fixtures in layers.
+#[test]
+fn version_fixtures_match_their_twins_on_the_gpu() {
+    let device = gpu();
+    let dir = scratch_dir(&format!("fresh-cuda-versions-{}", tf32_label()));
+    let seed = fresh_seed();
+    generate_fixture_set(&dir, seed, "cuda", "versions");
+    let policy = Policy::for_run("cuda", device, tf32());
+    let reports = assert_parity(&dir, device, &policy, &format!("cuda-vs-cuda-versions-{}", tf32_label()));
+    assert!(reports.iter().all(|r| r.gate.flips() == 0));
+    let committed = committed_version_fixtures();
+    let policy = Manifest::<CaseSpec>::read(&committed).unwrap().policy(device, tf32());
+    assert_parity(&committed, device, &policy, &format!("cuda-vs-cpu-versions-{}", tf32_label()));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `scconv-tch export`: TorchScript.
 use anyhow::{Context, Result};
 use scconv_tch::harness::infer::Classifier;
+use scconv_tch::weights::LoadOptions;
 use scconv_tch::{export, scconv, ScConvConfig};
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use tch::{Kind, Tensor};
 pub fn run_export(
     model: Option<&Path>,
     block: Option<&Path>,
-    weights: Option<&Path>,
+    weights: Option<(&Path, &LoadOptions)>,
     out: &Path,
     force: bool,
 ) -> Result<ExitCode> {
@@ -28,8 +29,15 @@ pub fn run_export(
         let config: ScConvConfig = scconv_tch::harness::json::read(path)?;
         let mut vs = VarStore::new(Device::Cpu);
         let block = scconv(vs.root(), &config)?;
-        if let Some(weights) = weights {
-            scconv_tch::weights::load(&mut vs, weights)?;
+        if let Some((weights, options)) = weights {
+            let report = scconv_tch::weights::load_with(&mut vs, weights, options)?;
+            if !report.unexpected.is_empty() {
+                let skipped = report.unexpected.len();
+                eprintln!(
+                    "skipped {skipped} weights the block does not use: {}",
+                    report.unexpected.join(", ")
+                );
+            }
         }
         let example = Tensor::zeros([1, config.op_channel, 16, 16], (Kind::Float, Device::Cpu));
         (export::trace(&mut vs, &example, |x| block.forward(x))?, example)

@@ -1,6 +1,16 @@
 //! Loading a PyTorch `state_dict` into a `VarStore`, strictly, like PyTorch's `load_state_dict`:
 //! every missing key, unexpected key and shape mismatch is reported at once, and nothing is copied
 //! unless everything matches. (`VarStore::load` ignores extra keys and stops at the first problem.)
+//!
+//! Files: `.safetensors`, and `torch.save` archives (`.pt`, `.pth`, `.bin`) read natively, with no
+//! Python and without running pickled code: a state dict (`OrderedDict` or dict), or a training
+//! checkpoint whose nested dicts flatten to dotted keys (`model.layer1.0.conv2.SRU.gn.gamma`). Any
+//! floating dtype converts to the model's, as PyTorch's `copy_` does. `load_with` takes a part of a
+//! file (`select` a prefix: `module.` of DataParallel, or one layer of a larger network) and can
+//! tolerate unused keys (`strict: false`).
+mod checkpoint;
+mod pickle;
+
 use crate::error::ScConvError;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,11 +41,22 @@ pub struct LoadReport {
     /// PyTorch's `copy_` would convert integers silently; a state dict with integer weights is almost
     /// surely the wrong file, so it is rejected. Other float dtypes convert, as in PyTorch.
     pub wrong_dtype: Vec<(String, String)>,
-    /// What the keys suggest, when they do not match: another version of the reference.
+    /// What the keys suggest, when they do not match: a prefix to select, another version.
     pub hint: Option<String>,
+    /// The keys copied into the model (after a successful load).
+    pub loaded: Vec<String>,
 }
 
 impl LoadReport {
+    /// Nothing stands in the way of loading: no missing key, no mismatched shape or dtype, and no
+    /// unexpected key unless they are tolerated (`strict: false`).
+    pub fn loads(&self, strict: bool) -> bool {
+        self.missing.is_empty()
+            && self.mismatched.is_empty()
+            && self.wrong_dtype.is_empty()
+            && (self.unexpected.is_empty() || !strict)
+    }
+
     /// Nothing differs: the file loads.
     pub fn is_clean(&self) -> bool {
         self.missing.is_empty()
@@ -48,10 +69,10 @@ impl LoadReport {
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.missing.is_empty() {
-            writeln!(f, "  missing keys: {}", self.missing.join(", "))?;
+            writeln!(f, "  missing keys: {}", abridged(&self.missing))?;
         }
         if !self.unexpected.is_empty() {
-            writeln!(f, "  unexpected keys: {}", self.unexpected.join(", "))?;
+            writeln!(f, "  unexpected keys: {}", abridged(&self.unexpected))?;
         }
         for m in &self.mismatched {
             writeln!(
@@ -73,6 +94,16 @@ impl fmt::Display for LoadReport {
     }
 }
 
+/// Up to 12 keys, then how many more: a whole network's list would bury the hint.
+fn abridged(keys: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if keys.len() > SHOWN {
+        text += &format!(" and {} more", keys.len() - SHOWN);
+    }
+    text
+}
+
 /// Reads a flat `name -> tensor` file: `.safetensors`, or a `torch.save` pickle (`.pt`, `.pth`, `.bin`).
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>, ScConvError> {
     let path = path.as_ref();
@@ -84,16 +115,13 @@ pub fn read(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>, ScConvError
         return Err(file_error("no such file".into()));
     }
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let tensors = match extension {
-        "safetensors" => Tensor::read_safetensors(path),
-        "pt" | "pth" | "bin" => Tensor::loadz_multi(path),
+    match extension {
+        "safetensors" => Tensor::read_safetensors(path).map_err(|e| file_error(e.to_string())),
+        "pt" | "pth" | "bin" => checkpoint::read(path).map_err(file_error),
         other => {
-            return Err(file_error(format!(
-                "unknown weights format `.{other}`; use .safetensors, .pt, .pth or .bin"
-            )))
+            Err(file_error(format!("unknown weights format `.{other}`; use .safetensors, .pt, .pth or .bin")))
         }
-    };
-    tensors.map_err(|e| file_error(e.to_string()))
+    }
 }
 
 /// State-dict entries with no Rust counterpart, skipped on load: BatchNorm's `num_batches_tracked`
@@ -123,9 +151,26 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
     report.unexpected =
         tensors.keys().filter(|k| !variables.contains_key(*k) && !is_ignored(k)).cloned().collect();
     if !report.is_clean() {
-        report.hint = version_hint(&variables, tensors);
+        report.hint = prefix_hint(&variables, tensors).or_else(|| version_hint(&variables, tensors));
     }
     report
+}
+
+/// When every variable's key is in the file under one common prefix (`module.` of DataParallel, or
+/// the ScConv's path in a larger network), a hint naming it.
+fn prefix_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String, Tensor>) -> Option<String> {
+    let first = variables.keys().next()?;
+    tensors
+        .keys()
+        .filter_map(|key| key.strip_suffix(first.as_str()))
+        .filter(|prefix| !prefix.is_empty())
+        .find(|prefix| variables.keys().all(|k| tensors.contains_key(&format!("{prefix}{k}"))))
+        .map(|prefix| {
+            format!(
+                "every key of the model is in the file under the prefix `{prefix}`: load that part with \
+                 LoadOptions {{ select: Some(\"{prefix}\"), .. }} (CLI: --select {prefix})"
+            )
+        })
 }
 
 /// Which version of the reference an SRU's GroupNorm keys belong to: `gamma`/`beta` (2023-07-27),
@@ -155,22 +200,86 @@ fn version_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String,
 /// Copies `tensors` into the store's variables (converted to each variable's dtype and device, as
 /// PyTorch's `copy_` does) if and only if the keys and shapes match exactly.
 pub fn load_tensors(vs: &mut VarStore, tensors: Vec<(String, Tensor)>) -> Result<(), ScConvError> {
+    load_tensors_with(vs, tensors, true).map(drop)
+}
+
+fn load_tensors_with(
+    vs: &mut VarStore,
+    tensors: Vec<(String, Tensor)>,
+    strict: bool,
+) -> Result<LoadReport, ScConvError> {
     let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-    let report = check(vs, &tensors);
-    if !report.is_clean() {
-        return Err(ScConvError::StateDict(report));
+    let mut report = check(vs, &tensors);
+    if !report.loads(strict) {
+        return Err(ScConvError::StateDict(Box::new(report)));
     }
     tch::no_grad(|| {
         for (key, mut var) in vs.variables() {
             var.f_copy_(&tensors[&key])?;
+            report.loaded.push(key);
         }
-        Ok(())
-    })
+        Ok::<_, ScConvError>(())
+    })?;
+    report.loaded.sort();
+    report.hint = None;
+    Ok(report)
 }
 
 /// `read` then `load_tensors`: the path a user takes to load PyTorch weights.
 pub fn load(vs: &mut VarStore, path: impl AsRef<Path>) -> Result<(), ScConvError> {
     load_tensors(vs, read(path)?)
+}
+
+/// How `load_with` takes a file's tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Use only the keys that start with this prefix, the prefix removed: `"module."` for a
+    /// DataParallel checkpoint, `"model.2.m.0.cv2."` for one ScConv of a larger network, `"model."`
+    /// for a training checkpoint's `{"model": state_dict, ...}`. `None`: every key.
+    pub select: Option<String>,
+    /// Every (selected) key must belong to the model (default). When false, unused keys are
+    /// reported in `LoadReport::unexpected` and skipped. Missing keys are an error either way.
+    pub strict: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { select: None, strict: true }
+    }
+}
+
+/// `read`, then the part `options` selects, loaded like `load_tensors` (unused keys tolerated when
+/// not strict). Returns what was loaded and what was skipped.
+pub fn load_with(
+    vs: &mut VarStore,
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+) -> Result<LoadReport, ScConvError> {
+    let path = path.as_ref();
+    let mut tensors = read(path)?;
+    if let Some(prefix) = &options.select {
+        tensors = select(tensors, prefix)
+            .map_err(|reason| ScConvError::WeightsFile { path: path.display().to_string(), reason })?;
+    }
+    load_tensors_with(vs, tensors, options.strict)
+}
+
+/// The tensors under `prefix`, renamed without it; an error listing what is there when none is.
+fn select(tensors: Vec<(String, Tensor)>, prefix: &str) -> Result<Vec<(String, Tensor)>, String> {
+    let top_level: std::collections::BTreeSet<String> =
+        tensors.iter().map(|(k, _)| k.split('.').next().unwrap_or("").to_string() + ".").collect();
+    let selected: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .filter_map(|(key, t)| key.strip_prefix(prefix).map(|rest| (rest.to_string(), t)))
+        .collect();
+    if selected.is_empty() {
+        let shown: Vec<&str> = top_level.iter().map(String::as_str).take(8).collect();
+        return Err(format!(
+            "no key starts with `{prefix}` (--select); the file's keys start with: {}",
+            shown.join(", ")
+        ));
+    }
+    Ok(selected)
 }
 
 #[cfg(test)]

@@ -1,0 +1,176 @@
+//! PyTorch files as people save them, written now by `parity/write_checkpoints.py` and read natively:
+//! `torch.save(model.state_dict())` of every reference version, a nested training checkpoint, a
+//! DataParallel state dict, half / bfloat16 / double weights; and what is refused, with what it says:
+//! a whole pickled model, a pickle asking for a function, a prefix that selects nothing, truncated files.
+mod common;
+
+use common::{bin, crate_dir, python, scratch_dir};
+use scconv_tch::weights::{self, LoadOptions};
+use scconv_tch::{scconv, ScConv, ScConvConfig, ScConvError};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tch::{nn::VarStore, Device, Tensor};
+
+/// The files, written once per test run.
+fn files() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch_dir("checkpoints");
+        let status = Command::new(python())
+            .arg(crate_dir().join("parity/write_checkpoints.py"))
+            .args(["--out".as_ref(), dir.as_os_str()])
+            .status()
+            .expect("cannot start parity/write_checkpoints.py");
+        assert!(status.success(), "parity/write_checkpoints.py failed");
+        dir
+    })
+}
+
+fn config(version: &str) -> ScConvConfig {
+    let manifest: BTreeMap<String, ScConvConfig> =
+        serde_json::from_str(&std::fs::read_to_string(files().join("manifest.json")).unwrap()).unwrap();
+    manifest[version].clone()
+}
+
+fn block(config: &ScConvConfig) -> (VarStore, ScConv) {
+    let vs = VarStore::new(Device::Cpu);
+    let block = scconv(vs.root(), config).unwrap();
+    (vs, block)
+}
+
+/// The block's output on the recorded input equals PyTorch's, bit for bit (same CPU kernels).
+fn assert_matches_pytorch(block: &ScConv, expected: &str) {
+    let recorded: HashMap<String, Tensor> =
+        Tensor::read_safetensors(files().join(expected)).unwrap().into_iter().collect();
+    let y = tch::no_grad(|| block.try_forward(&recorded["input"])).unwrap();
+    let worst = (&y - &recorded["output"]).abs().max().double_value(&[]);
+    assert_eq!(worst, 0.0, "{expected}: max |Rust - PyTorch| = {worst:e}");
+}
+
+fn load_error(config: &ScConvConfig, file: &Path, options: &LoadOptions) -> String {
+    let (mut vs, _block) = block(config);
+    weights::load_with(&mut vs, file, options).expect_err("must be refused").to_string()
+}
+
+#[test]
+fn a_torch_save_state_dict_of_every_version_loads_and_matches_pytorch() {
+    for version in ["2023-07-27", "2023-09-12", "2023-09-14", "2023-10-19"] {
+        let (mut vs, block) = block(&config(version));
+        weights::load(&mut vs, files().join(format!("state_dict_{version}.pt"))).unwrap();
+        assert_matches_pytorch(&block, &format!("expected_{version}.safetensors"));
+    }
+}
+
+#[test]
+fn a_training_checkpoint_loads_its_model_part_with_select() {
+    let config = config("2023-10-19");
+    let file = files().join("checkpoint.pt");
+    let err = load_error(&config, &file, &LoadOptions::default());
+    assert!(err.contains("under the prefix `model.`") && err.contains("--select model."), "{err}");
+    let (mut vs, block) = block(&config);
+    let options = LoadOptions { select: Some("model.".into()), ..LoadOptions::default() };
+    let report = weights::load_with(&mut vs, &file, &options).unwrap();
+    assert_eq!(report.loaded.len(), 8, "{report:?}");
+    assert!(report.unexpected.is_empty());
+    assert_matches_pytorch(&block, "expected_checkpoint.safetensors");
+    // The whole file, keys flattened: the optimizer's tensors are there as well.
+    let keys: Vec<String> = weights::read(&file).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"model.SRU.gn.weight".to_string()), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("optimizer.state.")), "{keys:?}");
+}
+
+#[test]
+fn a_dataparallel_state_dict_says_which_prefix_to_select() {
+    let config = config("2023-10-19");
+    let file = files().join("dataparallel.pt");
+    let err = load_error(&config, &file, &LoadOptions::default());
+    assert!(err.contains("under the prefix `module.`"), "{err}");
+    let (mut vs, block) = block(&config);
+    let options = LoadOptions { select: Some("module.".into()), strict: true };
+    weights::load_with(&mut vs, &file, &options).unwrap();
+    assert_matches_pytorch(&block, "expected_checkpoint.safetensors"); // saved after the same step
+}
+
+#[test]
+fn unused_keys_are_reported_not_fatal_when_not_strict() {
+    let config = config("2023-10-19");
+    let (mut vs, block) = block(&config);
+    let file = files().join("checkpoint.pt");
+    let options = LoadOptions { select: None, strict: false };
+    let err = weights::load_with(&mut vs, &file, &options).unwrap_err().to_string();
+    assert!(err.contains("missing keys"), "missing keys stay fatal: {err}");
+    // A state dict with extra entries: select the model and keep the optimizer out of it by strictness.
+    let options = LoadOptions { select: Some("model.".into()), strict: false };
+    let report = weights::load_with(&mut vs, &file, &options).unwrap();
+    assert!(report.unexpected.is_empty() && report.loaded.len() == 8);
+    let everything = LoadOptions { select: Some("".into()), strict: false };
+    let err = weights::load_with(&mut vs, &file, &everything).unwrap_err().to_string();
+    assert!(err.contains("missing keys"), "{err}");
+    assert_matches_pytorch(&block, "expected_checkpoint.safetensors");
+}
+
+#[test]
+fn half_bfloat16_and_double_weights_convert_as_copy_does() {
+    for name in ["half", "bfloat16", "double"] {
+        let (mut vs, block) = block(&config("2023-10-19"));
+        weights::load(&mut vs, files().join(format!("{name}.pt"))).unwrap();
+        assert_matches_pytorch(&block, &format!("expected_{name}.safetensors"));
+    }
+}
+
+#[test]
+fn a_whole_pickled_model_and_a_foreign_global_are_refused_by_name() {
+    let config = config("2023-10-19");
+    let err = load_error(&config, &files().join("whole_model.pt"), &LoadOptions::default());
+    assert!(err.contains("pickled Python object of class `reference_scconv_2023_10_19.ScConv`"), "{err}");
+    assert!(err.contains(".state_dict(), \"state_dict.pt\")"), "{err}");
+    let err = load_error(&config, &files().join("foreign_global.pt"), &LoadOptions::default());
+    assert!(err.contains("asks for `posix.system`") && err.contains("refused"), "{err}");
+}
+
+#[test]
+fn a_prefix_that_selects_nothing_lists_the_keys_there_are() {
+    let options = LoadOptions { select: Some("backbone.".into()), strict: true };
+    let err = load_error(&config("2023-10-19"), &files().join("checkpoint.pt"), &options);
+    assert!(err.contains("no key starts with `backbone.`"), "{err}");
+    assert!(err.contains("model.") && err.contains("optimizer."), "{err}");
+}
+
+#[test]
+fn truncated_archives_are_errors_at_every_cut() {
+    let whole = std::fs::read(files().join("state_dict_2023-07-27.pt")).unwrap();
+    let dir = scratch_dir("checkpoints-truncated");
+    let cuts: Vec<usize> = (0..64).map(|i| i * whole.len() / 64).collect();
+    for cut in cuts {
+        let file = dir.join(format!("cut_{cut}.pt"));
+        std::fs::write(&file, &whole[..cut]).unwrap();
+        let result = weights::read(&file);
+        assert!(matches!(result, Err(ScConvError::WeightsFile { .. })), "cut at {cut}: {result:?}");
+    }
+}
+
+#[test]
+fn the_cli_exports_from_a_checkpoint_with_select_and_explains_a_prefix() {
+    let dir = scratch_dir("checkpoints-cli");
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, serde_json::to_string(&config("2023-10-19")).unwrap()).unwrap();
+    let export = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["export", "--scconv", cfg.to_str().unwrap(), "--out", dir.join("b.pt").to_str().unwrap()])
+            .args(["--force", "--weights"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let checkpoint = files().join("checkpoint.pt");
+    let ok = export(&[checkpoint.to_str().unwrap(), "--select", "model."]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let dataparallel = files().join("dataparallel.pt");
+    let refused = export(&[dataparallel.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--select module.") && stderr.lines().count() == 1, "{stderr}");
+    assert!(stderr.len() < 1200, "the message stays short: {} characters: {stderr}", stderr.len());
+}
