@@ -174,3 +174,31 @@ fn the_cli_exports_from_a_checkpoint_with_select_and_explains_a_prefix() {
     assert!(stderr.contains("--select module.") && stderr.lines().count() == 1, "{stderr}");
     assert!(stderr.len() < 1200, "the message stays short: {} characters: {stderr}", stderr.len());
 }
+
+/// Through the CLI: each version's `torch.save(model.state_dict())` exported to TorchScript, which
+/// then gives PyTorch's output on the recorded input.
+#[test]
+fn the_cli_exports_every_version_from_its_torch_save_state_dict() {
+    let dir = scratch_dir("checkpoints-cli-versions");
+    for version in ["2023-07-27", "2023-09-12", "2023-09-14", "2023-10-19"] {
+        let cfg = dir.join(format!("{version}.json"));
+        std::fs::write(&cfg, serde_json::to_string(&config(version)).unwrap()).unwrap();
+        let module = dir.join(format!("{version}.pt"));
+        let state_dict = files().join(format!("state_dict_{version}.pt"));
+        let output = Command::new(bin())
+            .args(["export", "--scconv", cfg.to_str().unwrap(), "--weights", state_dict.to_str().unwrap()])
+            .args(["--out", module.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{version}: {}", String::from_utf8_lossy(&output.stderr));
+        let recorded: HashMap<String, Tensor> =
+            Tensor::read_safetensors(files().join(format!("expected_{version}.safetensors")))
+                .unwrap()
+                .into_iter()
+                .collect();
+        let exported = tch::CModule::load(&module).unwrap();
+        let y = tch::no_grad(|| exported.forward_ts(&[&recorded["input"]])).unwrap();
+        let worst = (&y - &recorded["output"]).abs().max().double_value(&[]);
+        assert_eq!(worst, 0.0, "{version}: the exported module differs from PyTorch by {worst:e}");
+    }
+}
