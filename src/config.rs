@@ -155,6 +155,10 @@ impl TryFrom<RawConfig> for ScConvConfig {
 /// The GroupBatchnorm2d epsilon, added to the std (not inside a square root), as in the reference.
 pub const GN_EPS: f64 = 1e-10;
 
+/// The most channels a block may have: its CRU alone then holds 7.8e9 weights (31 GB in fp32), and
+/// every count `info` makes still fits in an `i64`.
+pub const MAX_CHANNELS: i64 = 65536;
+
 /// `nn.GroupNorm`'s default epsilon, under the square root (`torch_gn`).
 pub const TORCH_GN_EPS: f64 = 1e-5;
 
@@ -221,6 +225,9 @@ impl ScConvConfig {
             return Err(ConfigError::TorchGnNotInVariant(self.variant.name()));
         }
         let (op_channel, group_num) = (self.op_channel, self.group_num);
+        if op_channel > MAX_CHANNELS {
+            return Err(ConfigError::TooManyChannels(op_channel));
+        }
         if group_num <= 0 {
             return Err(ConfigError::NonPositiveGroupNum(group_num));
         }

@@ -73,6 +73,9 @@ impl From<ConfigError> for ScConvError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[allow(missing_docs)]
 pub enum ConfigError {
+    /// `op_channel` above `MAX_CHANNELS`.
+    #[error("op_channel {0} is more than any block can hold (at most 65536)")]
+    TooManyChannels(i64),
     /// `op_channel` is odd.
     #[error("op_channel must be even (the SRU reconstructs by splitting channels in halves), got {0}")]
     OddChannels(i64),

@@ -3,6 +3,7 @@
 //! spatial size (GroupBatchnorm2d reshapes through its group dimension): the exported file accepts any
 //! size the module accepts, not only the traced one.
 use crate::error::ScConvError;
+use crate::output;
 use std::path::Path;
 use tch::{nn::VarStore, CModule, Tensor};
 
@@ -21,25 +22,15 @@ pub fn trace(
     Ok(module?)
 }
 
-/// Writes `module` to `path`; an existing file is kept unless `overwrite`. The module goes to a
-/// temporary file beside `path` first and is renamed into place, so a failed write leaves nothing behind.
+/// Writes `module` to `path` through `output::write_file` (temporary file, sync, rename; an existing
+/// file kept unless `overwrite`). libtorch's own writer aborts the process when a write fails (a full
+/// disk), so the module is first saved to the system's temporary folder and copied from there: a
+/// failure on the target's disk is then an error like any other.
 pub fn save(module: &CModule, path: &Path, overwrite: bool) -> Result<(), ScConvError> {
-    let error = |reason: String| ScConvError::Write { path: path.display().to_string(), reason };
-    if path.is_dir() {
-        return Err(error("is a folder; give a file path such as model.pt".into()));
-    }
-    if path.exists() && !overwrite {
-        return Err(error("the file exists; pass --force (overwrite = true) to replace it".into()));
-    }
-    let name = path.file_name().ok_or_else(|| error("not a file path".into()))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
-        return Err(error(format!("the folder {} does not exist", parent.display())));
-    }
-    let partial = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    let written = module.save(&partial).map_err(|e| error(e.to_string()));
-    let renamed = written.and_then(|()| std::fs::rename(&partial, path).map_err(|e| error(e.to_string())));
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    renamed
+    output::write_file(path, overwrite, |file| {
+        let staged = tempfile::Builder::new().prefix(".scconv-export-").suffix(".pt").tempfile()?;
+        let _registered = output::Registered::new(staged.path());
+        module.save(staged.path()).map_err(|e| std::io::Error::other(e.to_string()))?;
+        std::io::copy(&mut std::fs::File::open(staged.path())?, file).map(drop)
+    })
 }

@@ -67,23 +67,46 @@ pub fn check_group_size(nchw: [i64; 4], group_num: i64) -> Result<(), ScConvErro
 /// throws (e.g. an allocation that fails for a huge input); caught here, the caller gets
 /// `ScConvError::Runtime` instead of an unwinding panic. (The default panic hook still prints the
 /// panic; the `scconv-tch` binary installs a quiet one.)
-pub fn guard(forward: impl FnOnce() -> Tensor) -> Result<Tensor, ScConvError> {
+pub fn guard<T>(forward: impl FnOnce() -> T) -> Result<T, ScConvError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(forward))
         .map_err(|payload| ScConvError::Runtime(panic_message(payload.as_ref())))
 }
 
-/// The text a panic carries (`panic!` with a format string gives a `String`, with a literal a `&str`).
+/// The text a panic carries (`panic!` with a format string gives a `String`, with a literal a `&str`);
+/// for tch's panics on a libtorch exception, libtorch's message without its C++ stack frames.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
+    let raw = payload
         .downcast_ref::<String>()
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown failure".into())
+        .unwrap_or_else(|| "unknown failure".into());
+    libtorch_message(&raw).unwrap_or(raw)
+}
+
+/// tch panics with ``called `Result::unwrap()` on an `Err` value: Torch("<message>\nframe #0 ...")``:
+/// the message, unescaped, up to the stack frames.
+fn libtorch_message(raw: &str) -> Option<String> {
+    let start = raw.find("Torch(\"")? + "Torch(\"".len();
+    let inner = raw[start..].trim_end_matches(')').trim_end_matches('"');
+    let text = inner.replace("\\n", "\n").replace("\\\"", "\"");
+    let noise = |l: &&str| l.starts_with("frame #") || l.starts_with("Exception raised from");
+    let lines: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).take_while(|l| !noise(l)).collect();
+    Some(lines.join(" "))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libtorch_panics_read_as_their_message() {
+        let raw = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail] can't allocate \\\"x\\\"\\nframe #0: c10::f() + 0x6a\\nframe #1: g\")";
+        let payload: Box<dyn std::any::Any + Send> = Box::new(raw.to_string());
+        assert_eq!(panic_message(payload.as_ref()), "[enforce fail] can't allocate \"x\"");
+        let plain: Box<dyn std::any::Any + Send> = Box::new("index out of bounds");
+        assert_eq!(panic_message(plain.as_ref()), "index out of bounds");
+    }
 
     const EXPECTED: Expected = Expected { channels: 16, kind: Kind::Float, device: Device::Cpu };
 

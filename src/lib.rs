@@ -24,6 +24,7 @@ pub mod fast;
 pub mod group_batchnorm;
 pub mod info;
 pub mod models;
+pub mod output;
 pub mod scconv;
 pub mod sru;
 pub mod weights;

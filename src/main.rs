@@ -7,6 +7,7 @@ use commands::{bench::run_bench, export::run_export, infer::run_infer, info, par
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::weights::LoadOptions;
 use scconv_tch::Execution;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tch::Device;
@@ -46,7 +47,7 @@ enum Command {
         scconv: Option<PathBuf>,
         /// The block's PyTorch weights: a state dict or a training checkpoint (.safetensors, .pt, .pth,
         /// .bin); without it, a fresh initialisation.
-        #[arg(long, requires = "scconv")]
+        #[arg(long, requires = "scconv", conflicts_with = "model")]
         weights: Option<PathBuf>,
         /// Use only the weights under this key prefix, removed: `module.` (DataParallel), `model.`
         /// (a checkpoint's {"model": ...}), or the block's path in a larger network.
@@ -69,7 +70,7 @@ enum Command {
         #[arg(long, group = "what")]
         scconv: Option<PathBuf>,
         /// A block with this many channels and the reference's defaults.
-        #[arg(long, group = "what")]
+        #[arg(long, group = "what", value_parser = clap::value_parser!(i64).range(2..=65536))]
         channels: Option<i64>,
         /// A named network: resnet18, resnet34, resnet50, resnet101 (with --sc: its SC twin).
         #[arg(long, group = "what")]
@@ -81,7 +82,7 @@ enum Command {
         #[arg(long, group = "what")]
         model: Option<PathBuf>,
         /// Input size (default: 56 for a block, 224 for a network, 28 for a small-image network).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..=4096))]
         size: Option<i64>,
         /// Print the table as JSON.
         #[arg(long)]
@@ -93,14 +94,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// Batch sizes (default: 1 and 8 on the CPU, 1 and 64 on CUDA).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=4096))]
         batches: Vec<i64>,
         /// Untimed runs before timing each case.
-        #[arg(long, default_value_t = 5)]
-        warmup: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        warmup: u64,
         /// Timed runs per case; the median is reported.
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        runs: u64,
         /// Skip the networks (ResNet-50 plain vs SC at 224x224, the Fashion-MNIST pair).
         #[arg(long)]
         no_models: bool,
@@ -124,7 +125,7 @@ enum Command {
         #[arg(long, conflicts_with = "data")]
         png: Option<PathBuf>,
         /// Images per forward pass.
-        #[arg(long, default_value_t = 250)]
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(i64).range(1..=65536))]
         batch: i64,
         /// Where to run: cpu, or cuda (the first GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -167,29 +168,83 @@ enum DeviceArg {
     Cuda,
 }
 
-/// Errors print on one line (the cause chain joined by ": "), with no backtrace, and exit with 2;
-/// a failed check (`parity`) exits with 1.
+/// Every error prints on one line (`error: `, the cause chain joined by ": ", no backtrace) and exits
+/// with 2: the CLI's own, clap's, and libtorch's (tch panics when libtorch throws, anywhere: the panic
+/// is caught and reported the same way). A failed check (`parity`) exits with 1. `--help` and
+/// `--version` print and exit 0. A closed pipe ends the program quietly (SIGPIPE, as for `head`);
+/// SIGINT and SIGTERM remove the temporary file of a write in progress and exit with 130.
 fn main() -> ExitCode {
-    quiet_libtorch_panics();
-    match run(Cli::parse().command) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("error: {}", one_line(&format!("{error:#}")));
-            ExitCode::from(2)
+    restore_sigpipe();
+    remove_partial_files_on_interrupt();
+    std::panic::set_hook(Box::new(|_| {})); // caught below and printed as an error
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
         }
+        Err(e) => return fail(&clap_error(&e)),
+    };
+    match std::panic::catch_unwind(|| run(cli.command)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(error)) => fail(&format!("{error:#}")),
+        Err(payload) => fail(&panic_text(payload.as_ref())),
     }
 }
 
-/// tch panics when libtorch throws; the library catches those where it runs user input
-/// (`try_forward`) and returns the message as an error, which `main` prints. Any other panic is a bug:
-/// it is reported on one line.
-fn quiet_libtorch_panics() {
-    std::panic::set_hook(Box::new(|info| {
-        let message = scconv_tch::harness::panic_message(info.payload());
-        if !message.contains("Torch(") {
-            eprintln!("internal error: {}", one_line(&message));
-        }
-    }));
+/// A caught panic's message; tch's panics on a libtorch exception say so.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let from_libtorch = payload.downcast_ref::<String>().is_some_and(|m| m.contains("Torch(\""));
+    let message = scconv_tch::harness::panic_message(payload);
+    if from_libtorch {
+        format!("libtorch failed: {message}")
+    } else {
+        message
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    let line = one_line(&printable(message));
+    let _ = writeln!(std::io::stderr(), "error: {line}");
+    ExitCode::from(2)
+}
+
+/// clap's message without its usage block: the first line, and where to look.
+fn clap_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+    let first = first.trim_start_matches("error: ");
+    let missing = matches!(
+        e.kind(),
+        clap::error::ErrorKind::MissingSubcommand
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    let first = if missing { "a subcommand is needed: parity, export, info, bench or infer" } else { first };
+    format!("{first} (see scconv-tch --help)")
+}
+
+/// Control characters (ANSI escapes, carriage returns) in names taken from files are shown escaped;
+/// line breaks stay for `one_line` to join.
+fn printable(text: &str) -> String {
+    let escape = |c: char| c.is_control() && c != '\n';
+    text.chars().flat_map(|c| if escape(c) { c.escape_default().collect() } else { vec![c] }).collect()
+}
+
+/// Rust ignores SIGPIPE, which turns `scconv-tch ... | head -1` into a "failed printing to stdout"
+/// panic; command-line tools end quietly instead.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to its default, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn remove_partial_files_on_interrupt() {
+    let _ = ctrlc::set_handler(|| {
+        scconv_tch::output::remove_pending();
+        let _ = writeln!(std::io::stderr(), "error: interrupted");
+        std::process::exit(130);
+    });
 }
 
 /// Joins a multi-line message (e.g. a state-dict report) with "; " and drops the C++ stack frames that
@@ -225,7 +280,7 @@ fn run(command: Command) -> Result<ExitCode> {
         },
         Command::Bench { device, batches, warmup, runs, no_models, cudnn_benchmark, json } => {
             tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
-            run_bench(device.resolve()?, batches, warmup, runs, !no_models, json)
+            run_bench(device.resolve()?, batches, warmup as usize, runs as usize, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, execution.into(), json)

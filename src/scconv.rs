@@ -27,13 +27,9 @@ pub struct ScConv {
 pub fn scconv<'a>(p: impl Borrow<nn::Path<'a>>, config: &ScConvConfig) -> Result<ScConv, ScConvError> {
     let p = p.borrow();
     config.validate()?;
-    Ok(ScConv {
-        SRU: sru(p / "SRU", config),
-        CRU: cru(p / "CRU", config),
-        config: config.clone(),
-        fast: None,
-        execution: Execution::Reference,
-    })
+    // Creating the variables allocates: a failure (memory) is an error, not a panic.
+    let (sru, cru) = input::guard(|| (sru(p / "SRU", config), cru(p / "CRU", config)))?;
+    Ok(ScConv { SRU: sru, CRU: cru, config: config.clone(), fast: None, execution: Execution::Reference })
 }
 
 impl ScConv {

@@ -253,7 +253,7 @@ fn every_subcommand_rejects_bad_input_on_one_line() {
         (
             "bench: a zero batch size",
             vec!["bench".into(), "--batches".into(), "0".into(), "--no-models".into()],
-            "at least 1".into(),
+            "0 is not in 1..=4096".into(),
         ),
         // infer
         (
@@ -264,7 +264,7 @@ fn every_subcommand_rejects_bad_input_on_one_line() {
         (
             "infer: zero batch",
             vec!["infer".into(), "--model".into(), sc_record.clone(), "--batch".into(), "0".into()],
-            "--batch must be at least 1".into(),
+            "0 is not in 1..=65536".into(),
         ),
         (
             "infer: IDX with a wrong magic number",
@@ -441,4 +441,283 @@ fn a_colour_png_of_another_size_is_converted_and_classified() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
     assert!(text.contains("a.png") && text.contains("b.png"), "{text}");
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(common::bin()).current_dir(common::crate_dir()).args(args).output().unwrap()
+}
+
+fn assert_one_error_line(output: &std::process::Output, expected: &str, case: &str) {
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{case}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{case}: one line expected:\n{err}");
+    assert!(err.starts_with("error: ") && err.contains(expected), "{case}: `{expected}` not in {err}");
+    assert!(!err.contains("panicked") && !err.contains("frame #"), "{case}: {err}");
+}
+
+/// clap's errors, numbers out of range, and libtorch failures outside `try_forward` all end as one
+/// `error:` line with exit 2; `--help` is not an error.
+#[test]
+fn argument_errors_and_libtorch_failures_are_one_line() {
+    let c = Corpus::new("deaths");
+    let huge = c.file("huge.json", br#"{"op_channel": 1099511627776}"#);
+    let record_path = common::crate_dir().join("weights/fmnist_sc.json");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    record["config"]["num_classes"] = serde_json::json!(1u64 << 34);
+    record["weights"] = serde_json::json!(common::crate_dir().join("weights/fmnist_sc.safetensors"));
+    let terabytes = c.file("terabytes.json", record.to_string().as_bytes());
+    let out = c.dir.join("huge.pt").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![], "a subcommand is needed"),
+        (vec!["info", "--bogus"], "--bogus"),
+        (vec!["info", "--channels", "64", "--arch", "resnet50"], "cannot be used with"),
+        (vec!["bench", "--runs", "9223372036854775807"], "9223372036854775807"),
+        (vec!["bench", "--batches", "100000"], "100000"),
+        (vec!["info", "--size", "-56"], "-56"),
+        (vec!["info", "--channels", "64", "--size", "0"], "0"),
+        (vec!["info", "--channels", "1099511627776"], "1099511627776"),
+        (vec!["infer", "--model", "weights/fmnist_sc.json", "--batch", "0"], "0"),
+        (vec!["info", "--scconv", &huge], "more than any block can hold"),
+        (vec!["export", "--model", &terabytes, "--out", &out], "libtorch failed"),
+    ];
+    for (args, expected) in &cases {
+        assert_one_error_line(&run(args), expected, &format!("{args:?}"));
+    }
+    assert!(!Path::new(&out).exists());
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage"));
+    let array = c.file("array.json", b"[64]");
+    assert_one_error_line(
+        &run(&["info", "--scconv", &array]),
+        "expected a JSON object",
+        "a JSON array config",
+    );
+}
+
+/// A closed pipe ends the program quietly; a full device is an error line.
+#[test]
+fn closed_pipes_end_quietly_and_a_full_device_is_an_error() {
+    let bin = common::bin();
+    for command in ["info --arch resnet50 --sc", "parity", "info --channels 64 --json"] {
+        let script =
+            format!("'{bin}' {command} | head -c 1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\" >&2");
+        let output =
+            Command::new("bash").arg("-c").arg(&script).current_dir(common::crate_dir()).output().unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        let status_line = err.lines().last().unwrap_or("");
+        assert!(status_line == "status=0" || status_line == "status=141", "{command}: {err}");
+        assert_eq!(err.lines().count(), 1, "{command}: nothing but the status on stderr: {err}");
+    }
+    // A reader that closes the pipe before anything is written: the first write gets SIGPIPE.
+    let script = format!(
+        "'{bin}' info --arch resnet101 --sc | (exec 0<&-; sleep 1); echo \"status=${{PIPESTATUS[0]}}\" >&2"
+    );
+    let output = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        "status=141",
+        "ended by SIGPIPE, nothing printed"
+    );
+    let script = format!("'{bin}' info --channels 64 > /dev/full");
+    let output = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    assert_one_error_line(&output, "No space left on device", "stdout to /dev/full");
+}
+
+/// The output writer through `export`: links, special files, long names, two writers, SIGINT, and
+/// (as root, where a small tmpfs can be mounted) a full disk.
+#[test]
+fn export_writes_safely() {
+    let c = Corpus::new("writer");
+    let config = c.file("c.json", br#"{"op_channel": 32, "group_num": 4}"#);
+    let export = |out: &Path, force: bool| {
+        let mut args = vec!["export", "--scconv", &config, "--out", out.to_str().unwrap()];
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    let dangling = c.dir.join("dangling.pt");
+    std::os::unix::fs::symlink(c.dir.join("nowhere"), &dangling).unwrap();
+    assert_one_error_line(&export(&dangling, false), "a symlink is there", "dangling symlink");
+    let fifo = c.dir.join("fifo.pt");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert_one_error_line(&export(&fifo, true), "not a regular file", "a FIFO with --force");
+    assert_one_error_line(
+        &export(Path::new("/dev/null"), true),
+        "not a regular file",
+        "a device with --force",
+    );
+    let long = c.dir.join(format!("{}.pt", "n".repeat(250)));
+    assert!(export(&long, false).status.success(), "a 253-byte file name");
+
+    for round in 0..3 {
+        let target = c.dir.join(format!("race-{round}.pt"));
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(common::bin())
+                    .args(["export", "--scconv", &config, "--out", target.to_str().unwrap()])
+                    .stderr(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outcomes: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        let successes = outcomes.iter().filter(|o| o.status.success()).count();
+        assert_eq!(successes, 1, "round {round}: exactly one of two writers succeeds");
+        let loser = outcomes.iter().find(|o| !o.status.success()).unwrap();
+        assert!(String::from_utf8_lossy(&loser.stderr).contains("exists"), "round {round}");
+        tch::CModule::load(&target).expect("the file holds a whole module");
+    }
+
+    let big = c.file("big.json", br#"{"op_channel": 1024}"#);
+    for delay_ms in [200, 600, 1200] {
+        let target = c.dir.join(format!("interrupted-{delay_ms}.pt"));
+        let child = Command::new(common::bin())
+            .args(["export", "--scconv", &big, "--out", target.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let output = child.wait_with_output().unwrap();
+        // 130 from the handler, 0 if the export finished first, or the signal itself if it came
+        // before `main` installed the handler (libtorch takes a moment to load; nothing is written then).
+        use std::os::unix::process::ExitStatusExt;
+        let (code, signal) = (output.status.code(), output.status.signal());
+        assert!(
+            code == Some(130) || code == Some(0) || signal == Some(2),
+            "SIGINT after {delay_ms} ms: {output:?}"
+        );
+        if target.exists() {
+            tch::CModule::load(&target).expect("a file that exists is whole");
+        }
+    }
+    let partial: Vec<_> = std::fs::read_dir(&c.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(partial.is_empty(), "temporary files left: {partial:?}");
+    full_disk(&c, &big);
+}
+
+fn full_disk(c: &Corpus, config: &str) {
+    let mount = c.folder("small-tmpfs");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", &mount]).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        println!("full-disk case skipped: cannot mount a small tmpfs here (needs root and CAP_SYS_ADMIN)");
+        return;
+    }
+    let out = Path::new(&mount).join("block.pt");
+    let output = run(&["export", "--scconv", config, "--out", out.to_str().unwrap()]);
+    let leftovers = std::fs::read_dir(&mount).unwrap().count();
+    let _ = Command::new("umount").arg(&mount).status();
+    assert_one_error_line(&output, "No space left on device", "export to a full disk");
+    assert_eq!(leftovers, 0, "nothing left on the full disk");
+}
+
+/// Results that say what they are, bounded work before validation, and messages that name what is
+/// wrong (reliability classes 3 to 5).
+#[test]
+fn honest_results_bounded_reads_and_named_problems() {
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write;
+    let c = Corpus::new("honest");
+    let sc_record = common::crate_dir().join("weights/fmnist_sc.json").display().to_string();
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sc_record).unwrap()).unwrap();
+    let weights = common::crate_dir().join("weights/fmnist_sc.safetensors");
+
+    // A record holding 10 PyTorch predictions, for 1,000 sample images: no agreement figure.
+    let mut short = record.clone();
+    short["test_predictions"] = serde_json::json!(record["test_predictions"].as_array().unwrap()[..10]);
+    short["weights"] = serde_json::json!(weights.display().to_string());
+    let short_record = c.file("short.json", short.to_string().as_bytes());
+    let output = run(&["infer", "--model", &short_record, "--data", "sample"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        !text.contains("1000/1000") && text.contains("holds 10 PyTorch predictions for 1000 images"),
+        "{text}"
+    );
+
+    let header =
+        |n: u32| [&[0u8, 0, 8, 3][..], &n.to_be_bytes(), &28u32.to_be_bytes(), &28u32.to_be_bytes()].concat();
+    let empty = c.idx_folder("no-images", &header(0));
+    assert_one_error_line(
+        &run(&["infer", "--model", &sc_record, "--data", &empty]),
+        "hold no images",
+        "0 images",
+    );
+
+    // A gzip bomb: a valid header for 3 images, then 64 MB more of zeros (64 KB compressed).
+    let mut bomb = GzEncoder::new(Vec::new(), Compression::best());
+    bomb.write_all(&header(3)).unwrap();
+    bomb.write_all(&vec![0u8; 64 << 20]).unwrap();
+    let bomb_dir = c.folder("bomb");
+    std::fs::write(Path::new(&bomb_dir).join("t10k-images-idx3-ubyte.gz"), bomb.finish().unwrap()).unwrap();
+    std::fs::write(Path::new(&bomb_dir).join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3])
+        .unwrap();
+    let output = run(&["infer", "--model", &sc_record, "--data", &bomb_dir]);
+    assert_one_error_line(&output, "need 2352 bytes of data, the file has more", "an IDX gzip bomb");
+
+    // A file named like the images next to the real IDX pair: the IDX-named one is read.
+    let real = c.idx_folder("decoy", &[header(3), vec![7u8; 3 * 28 * 28]].concat());
+    std::fs::write(Path::new(&real).join("images-notes.txt"), b"not an IDX file").unwrap();
+    let output = run(&["infer", "--model", &sc_record, "--data", &real]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let pngs = c.folder("fifo-png");
+    assert!(Command::new("mkfifo").arg(Path::new(&pngs).join("blocks.png")).status().unwrap().success());
+    let output = run(&["infer", "--model", &sc_record, "--png", &pngs]);
+    assert_one_error_line(&output, "blocks.png: is not a regular file", "a FIFO named *.png");
+
+    let config = c.file("c.json", br#"{"op_channel": 32, "group_num": 4}"#);
+    let output =
+        run(&["export", "--model", &sc_record, "--weights", weights.to_str().unwrap(), "--out", "/tmp/x.pt"]);
+    assert_one_error_line(&output, "cannot be used with", "--weights with --model does nothing");
+
+    // A fixture tensor of the wrong shape: the case and the tensor are named.
+    let fixtures = c.folder("wrong-shape");
+    let source = committed_fixtures();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("manifest.json")).unwrap()).unwrap();
+    let mut case =
+        manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == "group_num_4").unwrap().clone();
+    let mut tensors: BTreeMap<String, Tensor> =
+        scconv_tch::weights::read(source.join("group_num_4.tensors.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let output_tensor = tensors["output"].narrow(3, 0, 5).contiguous();
+    tensors.insert("output".into(), output_tensor);
+    let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    Tensor::write_safetensors(&list, Path::new(&fixtures).join("t.safetensors")).unwrap();
+    std::fs::copy(
+        source.join("group_num_4.safetensors"),
+        Path::new(&fixtures).join("group_num_4.safetensors"),
+    )
+    .unwrap();
+    case["tensors"] = serde_json::json!("t.safetensors");
+    let mut manifest = manifest.clone();
+    manifest["cases"] = serde_json::json!([case]);
+    std::fs::write(Path::new(&fixtures).join("manifest.json"), manifest.to_string()).unwrap();
+    let output = run(&["parity", &fixtures]);
+    assert_one_error_line(
+        &output,
+        "case group_num_4: tensor `output` has shape [2, 32, 12, 5]",
+        "a wrong-shaped fixture",
+    );
+
+    // Control characters in a tensor name are shown escaped, not sent to the terminal.
+    let ansi = c.state_dict("ansi.safetensors", |t| {
+        let gamma = t.remove("SRU.gn.gamma").unwrap();
+        t.insert("SRU.gn.gamma\u{1b}[31m\r".into(), gamma);
+    });
+    let output = run(&["export", "--scconv", &config, "--weights", &ansi, "--out", "/tmp/never.pt"]);
+    assert_one_error_line(&output, "SRU.gn.gamma\\u{1b}[31m\\r", "escape codes in a key");
+    assert!(!output.stderr.contains(&0x1b));
 }

@@ -202,3 +202,45 @@ fn the_cli_exports_every_version_from_its_torch_save_state_dict() {
         assert_eq!(worst, 0.0, "{version}: the exported module differs from PyTorch by {worst:e}");
     }
 }
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A file whose unrelated tensor declares 4 GiB of data (a sparse file: no disk used): its keys are
+/// checked against the model first, and only the model's tensors are read.
+#[test]
+fn only_the_tensors_the_model_takes_are_read() {
+    let dir = scratch_dir("checkpoints-sparse");
+    let source = scconv_tch::harness::parity::committed_fixtures().join("group_num_4.safetensors");
+    let tensors: BTreeMap<String, Tensor> = weights::read(&source).unwrap().into_iter().collect();
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (key, t) in &tensors {
+        let bytes: Vec<u8> =
+            Vec::<f32>::try_from(t.flatten(0, -1)).unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
+        header.insert(key.clone(), serde_json::json!({"dtype": "F32", "shape": t.size(), "data_offsets": [data.len(), data.len() + bytes.len()]}));
+        data.extend(bytes);
+    }
+    let junk = 4u64 << 30;
+    header.insert("unrelated.huge".into(), serde_json::json!({"dtype": "U8", "shape": [junk], "data_offsets": [data.len() as u64, data.len() as u64 + junk]}));
+    let header = serde_json::to_vec(&header).unwrap();
+    let file = dir.join("sparse.safetensors");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(&header);
+    bytes.extend(&data);
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(bytes.len() as u64 + junk).unwrap();
+
+    let config = ScConvConfig { group_num: 4, ..ScConvConfig::new(32) };
+    let err = load_error(&config, &file, &LoadOptions::default());
+    assert!(err.contains("unexpected keys: unrelated.huge"), "{err}");
+    let before = peak_rss_kib();
+    let (mut vs, _block) = block(&config);
+    let report = weights::load_with(&mut vs, &file, &LoadOptions { select: None, strict: false }).unwrap();
+    assert_eq!((report.loaded.len(), report.unexpected.clone()), (8, vec!["unrelated.huge".to_string()]));
+    let grown_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
+    assert!(grown_mib < 512, "peak memory grew by {grown_mib} MiB: the unrelated tensor was read");
+}

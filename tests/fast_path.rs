@@ -45,3 +45,27 @@ fn the_cli_checks_the_fast_path_against_the_committed_fixtures() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("Rust Fast on Cpu") && text.contains("14 of 14 cases pass"), "{text}");
 }
+
+/// Wide blocks on all-zero and tiny inputs (where every pooled value is alike and the softmax's
+/// reduction order shows): the fast output stays within the fp32 tolerance of the reference mode's.
+#[test]
+fn wide_blocks_on_near_constant_inputs_match_the_reference_mode() {
+    use scconv_tch::harness::parity::{compare, Tolerance};
+    use scconv_tch::{scconv, ScConvConfig};
+    use tch::{nn::VarStore, Kind, Tensor};
+    for channels in [2048, 4096] {
+        let vs = VarStore::new(Device::Cpu);
+        let mut block = scconv(vs.root(), &ScConvConfig::new(channels)).unwrap();
+        for fill in [0.0, 1e-30] {
+            let x = Tensor::full([1, channels, 4, 4], fill, (Kind::Float, Device::Cpu));
+            let reference = tch::no_grad(|| block.try_forward(&x)).unwrap();
+            for execution in [Execution::Fast, Execution::FastTensorOps] {
+                block.set_execution(execution).unwrap();
+                let fast = tch::no_grad(|| block.try_forward(&x)).unwrap();
+                let c = compare(&fast, &reference, Tolerance::FP32).unwrap();
+                assert!(c.passed(), "C {channels}, input {fill}, {execution:?}: {c:?}");
+            }
+            block.set_execution(Execution::Reference).unwrap();
+        }
+    }
+}

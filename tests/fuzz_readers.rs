@@ -65,7 +65,10 @@ fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
 fn scratch_file(name: &str) -> PathBuf {
     let dir = common::crate_dir().join("target/test-scratch/fuzz");
     std::fs::create_dir_all(&dir).expect("cannot create the fuzz scratch folder");
-    dir.join(format!("{}-{name}", std::process::id()))
+    // Properties run on parallel threads: one file per thread.
+    dir.join(
+        format!("{}-{:?}-{name}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""),
+    )
 }
 
 /// A small valid safetensors file (the group_num_4 fixture: 8 tensors, 8 KB).

@@ -1,5 +1,5 @@
 //! `scconv-tch bench`: timings.
-use anyhow::{bail, Result};
+use anyhow::Result;
 use scconv_tch::harness::bench;
 use scconv_tch::harness::infer::ModelRecord;
 use scconv_tch::models::ResNetConfig;
@@ -18,9 +18,6 @@ pub fn run_bench(
     models: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    if let Some(bad) = batches.iter().find(|&&b| b < 1) {
-        bail!("--batches: every batch size must be at least 1, got {bad}");
-    }
     let batches = if !batches.is_empty() {
         batches
     } else if device.is_cuda() {

@@ -46,9 +46,6 @@ pub fn run_infer(
     execution: Execution,
     json: bool,
 ) -> Result<ExitCode> {
-    if batch < 1 {
-        bail!("--batch must be at least 1, got {batch}");
-    }
     let (images, source, test_set) = load_images(data, png)?;
     let n = images.pixels.size()[0] as u64;
     let mut runs = Vec::new();
@@ -77,6 +74,13 @@ pub fn run_infer(
     }
     println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
     print!("{}", infer_table(&runs));
+    for r in runs.iter().filter(|r| test_set && r.scores.agreeing.is_none()) {
+        let (known, images) = (r.classifier.record.test_predictions.len(), r.predictions.len());
+        println!(
+            "{}: its record holds {known} PyTorch predictions for {images} images: no agreement figure",
+            r.classifier.record.name
+        );
+    }
     if png.is_some() {
         for (i, name) in images.names.iter().enumerate() {
             let classes: Vec<&str> = runs.iter().map(|r| class_name(r.predictions[i])).collect();

@@ -16,9 +16,11 @@ impl Cru {
         let y2_head = self.PWC2.forward(&low);
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
+        // The reference's pooling and a softmax over the same (N, 2C, 1, 1) shape: libtorch reduces an
+        // (N, 2C) softmax differently, which shows at C >= 2048 on near-constant inputs.
         let pooled: Vec<Tensor> =
-            [&y1, &y2_head, &low].iter().map(|t| t.mean_dim([2i64, 3].as_slice(), false, None)).collect();
-        let weights = Tensor::cat(&pooled, 1).softmax(1, None).unsqueeze(-1).unsqueeze(-1);
+            [&y1, &y2_head, &low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
+        let weights = Tensor::cat(&pooled, 1).softmax(1, None);
         let weights = weights.split_with_sizes(sizes, 1);
         y1 *= &weights[0];
         let _ = y1.narrow(1, 0, sizes[1]).addcmul_(&y2_head, &weights[1]);

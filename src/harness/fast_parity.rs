@@ -4,7 +4,7 @@
 use crate::error::ScConvError;
 use crate::fast::Execution;
 use crate::harness::parity::{
-    compare, compare_gate, fixture, read_tensors, CaseSpec, Comparison, GateReport, Manifest,
+    case_tensors, compare, compare_gate, fixture, CaseSpec, Comparison, GateReport, Manifest,
 };
 use crate::harness::parity::{verdict, Policy, Tolerance};
 use crate::{scconv, weights};
@@ -42,7 +42,7 @@ pub fn run_case(
     execution: Execution,
     tol: Tolerance,
 ) -> Result<FastCaseReport, ScConvError> {
-    let expected = read_tensors(&dir.join(&case.tensors))?;
+    let expected = case_tensors(dir, case)?;
     let x = fixture(&expected, "input", &case.name)?.to_device(device);
     let mut vs = VarStore::new(device);
     let mut model = scconv(vs.root(), &case.config)?;

@@ -105,7 +105,11 @@ pub struct Scores {
     pub disagreements: Vec<(usize, i64, i64)>,
 }
 
+/// PyTorch's predictions (and labels) count only when they cover every image classified: a record
+/// with fewer (0, or 10 for 1,000 images) gives no agreement figure rather than a wrong one.
 pub fn score(predictions: &[i64], labels: Option<&[i64]>, pytorch: Option<&[i64]>) -> Scores {
+    let covers = |known: &&[i64]| known.len() >= predictions.len() && !predictions.is_empty();
+    let (labels, pytorch) = (labels.filter(covers), pytorch.filter(covers));
     let correct = labels.map(|l| predictions.iter().zip(l).filter(|(p, l)| p == l).count());
     let disagreements: Vec<(usize, i64, i64)> = pytorch
         .map(|t| {
@@ -131,6 +135,9 @@ mod tests {
         let s = score(&[1, 2, 3, 4], Some(&[1, 2, 0, 4]), Some(&[1, 9, 3, 4]));
         assert_eq!((s.correct, s.agreeing), (Some(3), Some(3)));
         assert_eq!(s.disagreements, vec![(1, 2, 9)]);
+        let short_record = score(&[1, 2, 3], Some(&[1, 2, 3]), Some(&[1]));
+        assert_eq!((short_record.correct, short_record.agreeing), (Some(3), None));
+        assert_eq!(score(&[1, 2], None, Some(&[])).agreeing, None);
         let unlabeled = score(&[1], None, None);
         assert_eq!((unlabeled.correct, unlabeled.agreeing), (None, None));
     }

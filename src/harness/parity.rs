@@ -307,6 +307,31 @@ pub(crate) fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ScCo
     Ok(weights::read(path)?.into_iter().collect())
 }
 
+/// A block case's tensors, those of the input's shape (input, output, `grad.input`, the gate) checked
+/// against the manifest's `input_shape`: a wrong-shaped fixture is an error naming the case and the
+/// tensor, not a libtorch failure halfway through a comparison.
+pub(crate) fn case_tensors(dir: &Path, case: &CaseSpec) -> Result<BTreeMap<String, Tensor>, ScConvError> {
+    let path = dir.join(&case.tensors);
+    let tensors = read_tensors(&path)?;
+    for key in ["input", "output", "grad.input", "gate.z", "gate.info_mask"] {
+        match tensors.get(key) {
+            Some(t) if t.size() != case.input_shape => {
+                return Err(ScConvError::WeightsFile {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "case {}: tensor `{key}` has shape {:?}, the manifest's input_shape is {:?}",
+                        case.name,
+                        t.size(),
+                        case.input_shape
+                    ),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(tensors)
+}
+
 pub(crate) fn fixture<'a>(
     tensors: &'a BTreeMap<String, Tensor>,
     key: &str,
@@ -332,7 +357,12 @@ fn compare_pass(
     )]);
     for (key, reference) in expected.iter().filter(|(k, _)| k.starts_with("grad.")) {
         match pass.grads.get(key) {
-            Some(actual) => drop(out.insert(key.clone(), compare(actual, reference, tol)?)),
+            Some(actual) => {
+                let comparison = compare(actual, reference, tol).map_err(|e| {
+                    ScConvError::InvalidInput(format!("case {case}: tensor `{key}` of the fixture: {e}"))
+                })?;
+                out.insert(key.clone(), comparison);
+            }
             None => problems.push(format!("the reference has {key}, Rust computed none")),
         }
     }
@@ -349,7 +379,7 @@ pub fn run_case(
     device: Device,
     tol: Tolerance,
 ) -> Result<CaseReport, ScConvError> {
-    let expected = read_tensors(&dir.join(&case.tensors))?;
+    let expected = case_tensors(dir, case)?;
     let input = fixture(&expected, "input", &case.name)?;
     let mut problems = Vec::new();
 

@@ -24,6 +24,11 @@ pub struct ResNet {
 pub fn resnet<'a>(p: impl Borrow<nn::Path<'a>>, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
     let p = p.borrow();
     config.validate()?;
+    // Creating the variables allocates: a failure (memory) is an error, not a panic.
+    input::guard(|| build(p, config))?
+}
+
+fn build(p: &nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
     let (kernel, stride, padding) = if config.small_input { (3, 1, 1) } else { (7, 2, 3) };
     let stem = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
     let mut in_planes = config.widths[0];

@@ -8,19 +8,33 @@ use std::io::Read;
 use std::path::Path;
 use tch::Tensor;
 
-/// The tensors of a `torch.save` archive at `path`, by flattened key; `Err` is the reason, for
-/// `ScConvError::WeightsFile`.
-pub(crate) fn read(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| not_an_archive(path, &e.to_string()))?;
+/// The tensors a `torch.save` archive at `path` describes, by flattened key, before any storage is
+/// read; `Err` is the reason, for `ScConvError::WeightsFile`.
+pub(crate) fn index(path: &Path) -> Result<Vec<(String, TensorRef)>, String> {
+    let mut archive = open(path)?;
     let prefix = pickle_prefix(&archive)?;
     check_byte_order(&mut archive, &prefix)?;
     let data = entry(&mut archive, &format!("{prefix}data.pkl"), u64::MAX)?;
     let root = pickle::read(&data).map_err(|e| explain(path, e))?;
     let mut found = Vec::new();
     flatten(root, String::new(), &mut found)?;
+    for (key, spec) in &found {
+        check_view(key, spec)?;
+    }
+    Ok(found)
+}
+
+/// The tensors `refs` (from `index`) from the archive's storages, each storage read once.
+pub(crate) fn fetch(path: &Path, refs: &[(String, TensorRef)]) -> Result<Vec<(String, Tensor)>, String> {
+    let mut archive = open(path)?;
+    let prefix = pickle_prefix(&archive)?;
     let mut storages = Storages { archive: &mut archive, prefix: &prefix, cache: HashMap::new() };
-    found.into_iter().map(|(key, spec)| Ok((key.clone(), storages.tensor(&key, &spec)?))).collect()
+    refs.iter().map(|(key, spec)| Ok((key.clone(), storages.tensor(key, spec)?))).collect()
+}
+
+fn open(path: &Path) -> Result<zip::ZipArchive<std::fs::File>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    zip::ZipArchive::new(file).map_err(|e| not_an_archive(path, &e.to_string()))
 }
 
 fn not_an_archive(path: &Path, why: &str) -> String {

@@ -9,7 +9,10 @@
 //! file (`select` a prefix: `module.` of DataParallel, or one layer of a larger network) and can
 //! tolerate unused keys (`strict: false`).
 mod checkpoint;
+mod index;
 mod pickle;
+
+use index::{Entry, Index};
 
 use crate::error::ScConvError;
 use std::collections::BTreeMap;
@@ -108,16 +111,27 @@ fn abridged(keys: &[String]) -> String {
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>, ScConvError> {
     let path = path.as_ref();
     let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
+    let index = open_index(path)?;
+    let entries = index.entries();
+    index.fetch(&entries.keys().collect::<Vec<_>>()).map_err(file_error)
+}
+
+/// The index of the file at `path` (names, shapes, dtypes), its data not read yet.
+fn open_index(path: &Path) -> Result<Index, ScConvError> {
+    let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
     if path.is_dir() {
         return Err(file_error("is a folder, not a weights file".into()));
     }
-    if !path.is_file() {
+    if !path.exists() {
         return Err(file_error("no such file".into()));
+    }
+    if !path.is_file() {
+        return Err(file_error("is not a regular file (a FIFO or a device?)".into()));
     }
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match extension {
-        "safetensors" => Tensor::read_safetensors(path).map_err(|e| file_error(e.to_string())),
-        "pt" | "pth" | "bin" => checkpoint::read(path).map_err(file_error),
+        "safetensors" => Index::safetensors(path).map_err(file_error),
+        "pt" | "pth" | "bin" => Index::torch(path).map_err(file_error),
         other => {
             Err(file_error(format!("unknown weights format `.{other}`; use .safetensors, .pt, .pth or .bin")))
         }
@@ -132,18 +146,33 @@ pub fn is_ignored(key: &str) -> bool {
 
 /// Compares `tensors` with the store's variables without changing anything.
 pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
-    let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    check_entries(vs, &entries_of(tensors))
+}
+
+fn floating(kind: tch::Kind) -> bool {
+    use tch::Kind::*;
+    matches!(kind, Half | Float | Double | BFloat16) // as libtorch's is_floating_point
+}
+
+fn entries_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Entry> {
+    tensors.iter().map(|(k, t)| (k.clone(), Entry { shape: t.size(), kind: t.kind() })).collect()
+}
+
+/// `check` on what a file declares (names, shapes, dtypes), before its data is read.
+fn check_entries(vs: &VarStore, tensors: &BTreeMap<String, Entry>) -> LoadReport {
+    let variables: BTreeMap<String, Entry> =
+        vs.variables().into_iter().map(|(k, v)| (k, Entry { shape: v.size(), kind: v.kind() })).collect();
     let mut report = LoadReport::default();
     for (key, var) in &variables {
         match tensors.get(key) {
             None => report.missing.push(key.clone()),
-            Some(t) if t.size() != var.size() => report.mismatched.push(ShapeMismatch {
+            Some(t) if t.shape != var.shape => report.mismatched.push(ShapeMismatch {
                 key: key.clone(),
-                expected: var.size(),
-                found: t.size(),
+                expected: var.shape.clone(),
+                found: t.shape.clone(),
             }),
-            Some(t) if var.is_floating_point() && !t.is_floating_point() => {
-                report.wrong_dtype.push((key.clone(), format!("{:?}", t.kind())))
+            Some(t) if floating(var.kind) && !floating(t.kind) => {
+                report.wrong_dtype.push((key.clone(), format!("{:?}", t.kind)))
             }
             Some(_) => {}
         }
@@ -158,7 +187,7 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
 
 /// When every variable's key is in the file under one common prefix (`module.` of DataParallel, or
 /// the ScConv's path in a larger network), a hint naming it.
-fn prefix_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String, Tensor>) -> Option<String> {
+fn prefix_hint(variables: &BTreeMap<String, Entry>, tensors: &BTreeMap<String, Entry>) -> Option<String> {
     let first = variables.keys().next()?;
     tensors
         .keys()
@@ -176,18 +205,18 @@ fn prefix_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String, 
 /// Which version of the reference an SRU's GroupNorm keys belong to: `gamma`/`beta` (2023-07-27),
 /// `weight`/`bias` of shape `(C, 1, 1)` (the reference's own GroupBatchnorm2d, 2023-09-12 on) or `[C]`
 /// (`nn.GroupNorm`: `torch_gn`, 2023-10-19's default).
-fn norm_version(key: &str, tensor: &Tensor) -> Option<&'static str> {
+fn norm_version(key: &str, tensor: &Entry) -> Option<&'static str> {
     match key.rsplit_once("SRU.gn.")?.1 {
         "gamma" => Some("2023-07-27 (SRU.gn.gamma/beta)"),
-        "weight" if tensor.dim() == 1 => Some("2023-09-12 or later with torch_gn (SRU.gn.weight of shape [C]; 2023-10-19's default)"),
+        "weight" if tensor.shape.len() == 1 => Some("2023-09-12 or later with torch_gn (SRU.gn.weight of shape [C]; 2023-10-19's default)"),
         "weight" => Some("2023-09-12 or later without torch_gn (SRU.gn.weight of shape [C, 1, 1]; the default before 2023-10-19)"),
         _ => None,
     }
 }
 
 /// A hint when the file's ScConv keys belong to another version than the model's.
-fn version_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String, Tensor>) -> Option<String> {
-    let first = |map: &BTreeMap<String, Tensor>| map.iter().find_map(|(k, t)| norm_version(k, t));
+fn version_hint(variables: &BTreeMap<String, Entry>, tensors: &BTreeMap<String, Entry>) -> Option<String> {
+    let first = |map: &BTreeMap<String, Entry>| map.iter().find_map(|(k, t)| norm_version(k, t));
     let (model, file) = (first(variables)?, first(tensors)?);
     (model != file).then(|| {
         format!(
@@ -200,23 +229,32 @@ fn version_hint(variables: &BTreeMap<String, Tensor>, tensors: &BTreeMap<String,
 /// Copies `tensors` into the store's variables (converted to each variable's dtype and device, as
 /// PyTorch's `copy_` does) if and only if the keys and shapes match exactly.
 pub fn load_tensors(vs: &mut VarStore, tensors: Vec<(String, Tensor)>) -> Result<(), ScConvError> {
-    load_tensors_with(vs, tensors, true).map(drop)
+    let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let report = check_entries(vs, &entries_of(&tensors));
+    copy_checked(vs, report, true, |keys| {
+        Ok(keys.iter().map(|k| ((*k).clone(), tensors[*k].shallow_clone())).collect())
+    })
+    .map(drop)
 }
 
-fn load_tensors_with(
+/// With the report of a check: refuses (every problem in the error) or copies the variables' tensors,
+/// which `fetch` provides by key.
+fn copy_checked(
     vs: &mut VarStore,
-    tensors: Vec<(String, Tensor)>,
+    mut report: LoadReport,
     strict: bool,
+    fetch: impl FnOnce(&[&String]) -> Result<Vec<(String, Tensor)>, ScConvError>,
 ) -> Result<LoadReport, ScConvError> {
-    let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-    let mut report = check(vs, &tensors);
     if !report.loads(strict) {
         return Err(ScConvError::StateDict(Box::new(report)));
     }
+    let variables = vs.variables();
+    let keys: Vec<&String> = variables.keys().collect();
+    let tensors: BTreeMap<String, Tensor> = fetch(&keys)?.into_iter().collect();
     tch::no_grad(|| {
-        for (key, mut var) in vs.variables() {
-            var.f_copy_(&tensors[&key])?;
-            report.loaded.push(key);
+        for (key, var) in &variables {
+            var.shallow_clone().f_copy_(&tensors[key])?;
+            report.loaded.push(key.clone());
         }
         Ok::<_, ScConvError>(())
     })?;
@@ -227,7 +265,7 @@ fn load_tensors_with(
 
 /// `read` then `load_tensors`: the path a user takes to load PyTorch weights.
 pub fn load(vs: &mut VarStore, path: impl AsRef<Path>) -> Result<(), ScConvError> {
-    load_tensors(vs, read(path)?)
+    load_with(vs, path, &LoadOptions::default()).map(drop)
 }
 
 /// How `load_with` takes a file's tensors.
@@ -248,29 +286,42 @@ impl Default for LoadOptions {
     }
 }
 
-/// `read`, then the part `options` selects, loaded like `load_tensors` (unused keys tolerated when
-/// not strict). Returns what was loaded and what was skipped.
+/// The part of the file `options` selects, checked key by key against the store before any tensor
+/// is read, then loaded like `load_tensors` (unused keys tolerated when not strict): only the tensors
+/// the model takes are read. Returns what was loaded and what was skipped.
 pub fn load_with(
     vs: &mut VarStore,
     path: impl AsRef<Path>,
     options: &LoadOptions,
 ) -> Result<LoadReport, ScConvError> {
     let path = path.as_ref();
-    let mut tensors = read(path)?;
+    let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
+    let index = open_index(path)?;
+    let mut entries = index.entries();
+    // Selected name -> the file's name.
+    let mut names: BTreeMap<String, String> = entries.keys().map(|k| (k.clone(), k.clone())).collect();
     if let Some(prefix) = &options.select {
-        tensors = select(tensors, prefix)
-            .map_err(|reason| ScConvError::WeightsFile { path: path.display().to_string(), reason })?;
+        let file_names: Vec<String> = entries.keys().cloned().collect();
+        let selected = select(file_names, prefix).map_err(file_error)?;
+        entries = selected.iter().map(|(new, old)| (new.clone(), entries[old].clone())).collect();
+        names = selected.into_iter().collect();
     }
-    load_tensors_with(vs, tensors, options.strict)
+    let report = check_entries(vs, &entries);
+    copy_checked(vs, report, options.strict, |keys| {
+        let in_file: Vec<&String> = keys.iter().map(|k| &names[*k]).collect();
+        let tensors = index.fetch(&in_file).map_err(file_error)?;
+        Ok(keys.iter().map(|k| (*k).clone()).zip(tensors.into_iter().map(|(_, t)| t)).collect())
+    })
 }
 
-/// The tensors under `prefix`, renamed without it; an error listing what is there when none is.
-fn select(tensors: Vec<(String, Tensor)>, prefix: &str) -> Result<Vec<(String, Tensor)>, String> {
+/// The names under `prefix` (name without it, name in the file); an error listing what is there when
+/// none is.
+fn select(names: Vec<String>, prefix: &str) -> Result<Vec<(String, String)>, String> {
     let top_level: std::collections::BTreeSet<String> =
-        tensors.iter().map(|(k, _)| k.split('.').next().unwrap_or("").to_string() + ".").collect();
-    let selected: Vec<(String, Tensor)> = tensors
+        names.iter().map(|k| k.split('.').next().unwrap_or("").to_string() + ".").collect();
+    let selected: Vec<(String, String)> = names
         .into_iter()
-        .filter_map(|(key, t)| key.strip_prefix(prefix).map(|rest| (rest.to_string(), t)))
+        .filter_map(|key| key.strip_prefix(prefix).map(|rest| (rest.to_string(), key.clone())))
         .collect();
     if selected.is_empty() {
         let shown: Vec<&str> = top_level.iter().map(String::as_str).take(8).collect();

@@ -12,18 +12,28 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Reads `path`; a `.gz` name, or the gzip magic bytes, means gzipped.
+/// Reads `path`; the gzip magic bytes mean gzipped. The header is read and checked first, then
+/// exactly the data it announces: a gzip bomb or a wrong header costs no more than the header says.
 pub fn read(path: &Path) -> Result<IdxArray, ScConvError> {
     let error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
-    let raw = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(|e| error(format!("gzip: {e}")))?;
-        out
-    } else {
-        raw
-    };
-    parse(&bytes).map_err(error)
+    let open = || std::fs::File::open(path).map_err(|e| error(e.to_string()));
+    let mut magic = [0u8; 2];
+    let gzipped = open()?.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+    let stream: Box<dyn Read> = if gzipped { Box::new(GzDecoder::new(open()?)) } else { Box::new(open()?) };
+    read_stream(stream).map_err(error)
+}
+
+/// The header (checked as `parse` does), then the data it announces, and nothing more.
+fn read_stream(mut stream: impl Read) -> Result<IdxArray, String> {
+    let mut head = Vec::new();
+    stream.by_ref().take(4).read_to_end(&mut head).map_err(|e| e.to_string())?;
+    let rank = if head.len() == 4 { head[3] as u64 } else { 0 };
+    stream.by_ref().take(4 * rank).read_to_end(&mut head).map_err(|e| e.to_string())?;
+    let (dims, count) = header(&head)?;
+    let mut data = Vec::new();
+    stream.take(count as u64 + 1).read_to_end(&mut data).map_err(|e| e.to_string())?;
+    check_length(&dims, count, data.len())?;
+    Ok(IdxArray { dims, data })
 }
 
 /// Parses the IDX layout: two zero bytes, type 0x08 (unsigned byte), the rank, big-endian u32 sizes.
@@ -40,8 +50,28 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     if kind != 0x08 {
         return Err(format!("IDX element type 0x{kind:02x} is not unsigned byte (0x08)"));
     }
-    let header = 4 + 4 * rank as usize;
-    let size_bytes = bytes.get(4..header).ok_or("IDX header is truncated")?;
+    let header_len = 4 + 4 * rank as usize;
+    let (dims, count) = header(bytes.get(..header_len).ok_or("IDX header is truncated")?)?;
+    let data = &bytes[header_len..];
+    check_length(&dims, count, data.len())?;
+    Ok(IdxArray { dims, data: data.to_vec() })
+}
+
+/// The dimensions and element count of a complete header (magic and sizes).
+fn header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
+    if bytes.len() < 4 {
+        return Err(format!("not an IDX file: {} bytes, shorter than the 4-byte magic number", bytes.len()));
+    }
+    let [0, 0, kind, rank, ..] = *bytes else {
+        return Err(format!(
+            "not an IDX file: magic number {:02x?} does not start with two zero bytes",
+            &bytes[..4]
+        ));
+    };
+    if kind != 0x08 {
+        return Err(format!("IDX element type 0x{kind:02x} is not unsigned byte (0x08)"));
+    }
+    let size_bytes = bytes.get(4..4 + 4 * rank as usize).ok_or("IDX header is truncated")?;
     let dims: Vec<usize> =
         size_bytes.chunks(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     // Checked: a header can claim sizes whose product overflows (found by tests/fuzz_readers.rs).
@@ -49,14 +79,15 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| format!("IDX dimensions {dims:?} overflow: no file holds that many bytes"))?;
-    let data = &bytes[header..];
-    if data.len() != count {
-        return Err(format!(
-            "IDX dimensions {dims:?} need {count} bytes of data, the file has {}",
-            data.len()
-        ));
+    Ok((dims, count))
+}
+
+fn check_length(dims: &[usize], count: usize, found: usize) -> Result<(), String> {
+    if found != count {
+        let found = if found > count { "more".to_string() } else { found.to_string() };
+        return Err(format!("IDX dimensions {dims:?} need {count} bytes of data, the file has {found}"));
     }
-    Ok(IdxArray { dims, data: data.to_vec() })
+    Ok(())
 }
 
 /// Writes an unsigned-byte IDX array, gzipped (used to cut the shipped sample from the full set).

@@ -38,6 +38,9 @@ pub fn read_idx_split(dir: &Path) -> Result<Images, ScConvError> {
     let [n, h, w] = images.dims[..] else {
         return Err(ScConvError::InvalidInput(format!("images IDX must be 3-d, got {:?}", images.dims)));
     };
+    if n == 0 {
+        return Err(ScConvError::InvalidInput(format!("{}: the IDX files hold no images", dir.display())));
+    }
     if labels.dims != [n] {
         return Err(ScConvError::InvalidInput(format!("{n} images but labels of shape {:?}", labels.dims)));
     }
@@ -56,8 +59,11 @@ fn find(dir: &Path, what: &str) -> Result<PathBuf, ScConvError> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.contains(what) && !n.starts_with("train"))
         })
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file()))
         .collect();
-    matches.sort();
+    // IDX-named files (`t10k-images-idx3-ubyte[.gz]`) before any other file that mentions `what`.
+    let not_idx_named = |p: &PathBuf| !p.file_name().is_some_and(|n| n.to_string_lossy().contains("-idx"));
+    matches.sort_by_key(|p| (not_idx_named(p), p.clone()));
     matches.into_iter().next().ok_or_else(|| error(format!("no test {what} IDX file in it")))
 }
 
@@ -73,6 +79,10 @@ pub fn read_png_folder(dir: &Path, size: u32) -> Result<Images, ScConvError> {
     paths.sort();
     if paths.is_empty() {
         return Err(error(dir, "no .png files in it".into()));
+    }
+    // A FIFO or a device named *.png would block or never end: only regular files are opened.
+    if let Some(special) = paths.iter().find(|p| !p.metadata().is_ok_and(|m| m.is_file())) {
+        return Err(error(special, "is not a regular file".into()));
     }
     let mut data = Vec::with_capacity(paths.len() * (size * size) as usize);
     for path in &paths {

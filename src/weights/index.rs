@@ -1,0 +1,126 @@
+//! What a weights file holds, read before its data: each tensor's name, shape and dtype. A load is
+//! checked key by key against the model on this index, and then only the tensors the model takes are
+//! read (an unrelated 3 GB tensor in the file costs nothing).
+use super::checkpoint;
+use super::pickle::TensorRef;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// A tensor's shape and dtype, as the file declares them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub shape: Vec<i64>,
+    pub kind: Kind,
+}
+
+/// A weights file's tensors, not yet read.
+pub(crate) enum Index {
+    Safetensors { path: PathBuf, data_start: u64, tensors: BTreeMap<String, (Entry, (u64, u64))> },
+    Torch { path: PathBuf, tensors: BTreeMap<String, TensorRef> },
+}
+
+/// The largest safetensors header read (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+impl Index {
+    /// The index of a `.safetensors` file or a `torch.save` archive; `Err` is the reason.
+    pub(crate) fn safetensors(path: &Path) -> Result<Index, String> {
+        let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| "not a safetensors file: shorter than its 8-byte header length")?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER || header_len > file_len.saturating_sub(8) {
+            return Err(format!(
+                "not a safetensors file: a header of {header_len} bytes in a file of {file_len}"
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| format!("not a safetensors header: {e}"))?;
+        let data_len = file_len.saturating_sub(8 + header_len);
+        let mut tensors = BTreeMap::new();
+        for (name, info) in metadata.tensors() {
+            let entry = Entry {
+                shape: info.shape.iter().map(|&d| d as i64).collect(),
+                kind: kind_of(info.dtype, &name)?,
+            };
+            let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+            let numel = info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let bytes = numel.and_then(|n| n.checked_mul(info.dtype.size() as u64));
+            if bytes.is_none() || bytes != end.checked_sub(begin) || end > data_len {
+                return Err(format!(
+                    "tensor {name}: shape {:?} of {:?} does not fit its data offsets ({begin}, {end}) in {data_len} bytes",
+                    info.shape, info.dtype
+                ));
+            }
+            tensors.insert(name, (entry, (begin, end)));
+        }
+        Ok(Index::Safetensors { path: path.to_path_buf(), data_start: 8 + header_len, tensors })
+    }
+
+    /// The index of a `torch.save` archive.
+    pub(crate) fn torch(path: &Path) -> Result<Index, String> {
+        let tensors = checkpoint::index(path)?.into_iter().collect();
+        Ok(Index::Torch { path: path.to_path_buf(), tensors })
+    }
+
+    /// Every tensor's name, shape and dtype.
+    pub(crate) fn entries(&self) -> BTreeMap<String, Entry> {
+        match self {
+            Index::Safetensors { tensors, .. } => {
+                tensors.iter().map(|(k, (e, _))| (k.clone(), e.clone())).collect()
+            }
+            Index::Torch { tensors, .. } => tensors
+                .iter()
+                .map(|(k, r)| (k.clone(), Entry { shape: r.size.clone(), kind: r.kind }))
+                .collect(),
+        }
+    }
+
+    /// The tensors named `keys` (all of them in the index), read now.
+    pub(crate) fn fetch(&self, keys: &[&String]) -> Result<Vec<(String, Tensor)>, String> {
+        match self {
+            Index::Safetensors { path, data_start, tensors } => {
+                let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+                keys.iter()
+                    .map(|&key| {
+                        let (entry, (begin, end)) = &tensors[key];
+                        let mut bytes = vec![0u8; (end - begin) as usize];
+                        file.seek(SeekFrom::Start(data_start + begin)).map_err(|e| e.to_string())?;
+                        file.read_exact(&mut bytes).map_err(|e| format!("tensor {key}: {e}"))?;
+                        let tensor = Tensor::f_from_data_size(&bytes, &entry.shape, entry.kind)
+                            .map_err(|e| format!("tensor {key}: {e}"))?;
+                        Ok((key.clone(), tensor))
+                    })
+                    .collect()
+            }
+            Index::Torch { path, tensors } => {
+                let refs: Vec<(String, TensorRef)> =
+                    keys.iter().map(|&k| (k.clone(), tensors[k].clone())).collect();
+                checkpoint::fetch(path, &refs)
+            }
+        }
+    }
+}
+
+fn kind_of(dtype: safetensors::Dtype, name: &str) -> Result<Kind, String> {
+    use safetensors::Dtype::*;
+    Ok(match dtype {
+        F64 => Kind::Double,
+        F32 => Kind::Float,
+        F16 => Kind::Half,
+        BF16 => Kind::BFloat16,
+        I64 => Kind::Int64,
+        I32 => Kind::Int,
+        I16 => Kind::Int16,
+        I8 => Kind::Int8,
+        U8 => Kind::Uint8,
+        BOOL => Kind::Bool,
+        other => return Err(format!("tensor {name}: dtype {other:?} has no libtorch counterpart")),
+    })
+}
