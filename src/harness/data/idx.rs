@@ -38,26 +38,13 @@ fn read_stream(mut stream: impl Read) -> Result<IdxArray, String> {
 
 /// Parses the IDX layout: two zero bytes, type 0x08 (unsigned byte), the rank, big-endian u32 sizes.
 pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
-    if bytes.len() < 4 {
-        return Err(format!("not an IDX file: {} bytes, shorter than the 4-byte magic number", bytes.len()));
-    }
-    let [0, 0, kind, rank, ..] = *bytes else {
-        return Err(format!(
-            "not an IDX file: magic number {:02x?} does not start with two zero bytes",
-            &bytes[..4]
-        ));
-    };
-    if kind != 0x08 {
-        return Err(format!("IDX element type 0x{kind:02x} is not unsigned byte (0x08)"));
-    }
-    let header_len = 4 + 4 * rank as usize;
-    let (dims, count) = header(bytes.get(..header_len).ok_or("IDX header is truncated")?)?;
-    let data = &bytes[header_len..];
+    let (dims, count) = header(bytes)?;
+    let data = &bytes[4 + 4 * dims.len()..];
     check_length(&dims, count, data.len())?;
     Ok(IdxArray { dims, data: data.to_vec() })
 }
 
-/// The dimensions and element count of a complete header (magic and sizes).
+/// The dimensions and element count of the header at the start of `bytes` (magic and sizes).
 fn header(bytes: &[u8]) -> Result<(Vec<usize>, usize), String> {
     if bytes.len() < 4 {
         return Err(format!("not an IDX file: {} bytes, shorter than the 4-byte magic number", bytes.len()));
