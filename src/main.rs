@@ -243,7 +243,10 @@ fn remove_partial_files_on_interrupt() {
     let _ = ctrlc::set_handler(|| {
         scconv_tch::output::remove_pending();
         let _ = writeln!(std::io::stderr(), "error: interrupted");
-        std::process::exit(130);
+        // Not `process::exit`: its exit handlers would tear libtorch down under the main thread, which
+        // may be inside it (a segfault, seen in a fresh-clone run).
+        // SAFETY: `_exit` ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(130) }
     });
 }
 

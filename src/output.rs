@@ -56,9 +56,11 @@ pub fn write_file(
 /// Removes every temporary file a `write_file` in progress holds. For signal handlers: after it, the
 /// interrupted writes cannot complete.
 pub fn remove_pending() {
-    let pending = match PENDING.try_lock() {
+    // A plain lock: ctrlc runs its handler on a thread of its own, and writers hold the lock only to
+    // add or remove a path.
+    let pending = match PENDING.lock() {
         Ok(pending) => pending.clone(),
-        Err(_) => return,
+        Err(poisoned) => poisoned.into_inner().clone(),
     };
     for path in pending {
         let _ = std::fs::remove_file(path);
