@@ -22,7 +22,6 @@ test: setup
 	scripts/check_readme.sh
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
-	cargo clippy --quiet --lib --no-default-features -- -D warnings
 	scripts/check_package.sh
 
 # Rewrites the committed fixtures from the Python reference (byte-for-byte on the same kind of CPU:
