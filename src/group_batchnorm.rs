@@ -25,14 +25,7 @@ pub fn group_batchnorm2d<'a>(
     group_num: i64,
     eps: f64,
 ) -> GroupBatchnorm2d {
-    let p = p.borrow();
-    GroupBatchnorm2d {
-        gamma: p.randn_standard("gamma", &[c_num, 1, 1]),
-        beta: p.zeros("beta", &[c_num, 1, 1]),
-        group_num,
-        eps,
-        torch_gn: false,
-    }
+    GroupBatchnorm2d { eps, ..group_batchnorm2d_named(p.borrow(), c_num, group_num, ("gamma", "beta")) }
 }
 
 /// PyTorch's `nn.GroupNorm(num_groups, num_channels)` under `p`, as a variant's SRU uses it: `weight`

@@ -61,10 +61,7 @@ pub fn run_infer(
         bar.set_message(classifier.record.name.clone());
         let (predictions, elapsed) = classifier.classify(&images, batch, |k| bar.inc(k))?;
         bar.finish_and_clear();
-        let pytorch = test_set.then(|| {
-            &classifier.record.test_predictions
-                [..predictions.len().min(classifier.record.test_predictions.len())]
-        });
+        let pytorch = test_set.then_some(classifier.record.test_predictions.as_slice());
         let scores = score(&predictions, images.labels.as_deref(), pytorch);
         let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
         runs.push(Run { classifier, predictions, scores, images_per_second });

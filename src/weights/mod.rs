@@ -263,7 +263,8 @@ fn copy_checked(
     Ok(report)
 }
 
-/// `read` then `load_tensors`: the path a user takes to load PyTorch weights.
+/// The path a user takes to load PyTorch weights: the whole file, strictly (`load_with` with the
+/// default options), its keys checked before any tensor is read.
 pub fn load(vs: &mut VarStore, path: impl AsRef<Path>) -> Result<(), ScConvError> {
     load_with(vs, path, &LoadOptions::default()).map(drop)
 }
