@@ -87,34 +87,47 @@ impl Sru {
 
     /// The gate on `x`: `z = gn_x * w_gamma` and its decisions.
     pub fn gate(&self, x: &Tensor) -> Gate {
-        self.gate_of_gn_x(&self.gn.forward(x))
+        self.gate_of_gn_x(&self.gn.forward(x)).0
     }
 
-    fn gate_of_gn_x(&self, gn_x: &Tensor) -> Gate {
+    /// The gate, and the sigmoid's output `reweigts` (which the soft gate weighs with).
+    fn gate_of_gn_x(&self, gn_x: &Tensor) -> (Gate, Tensor) {
         let z = gn_x * self.w_gamma();
-        let (info_mask, noninfo_mask) = decide(&z, self.gate_treshold, self.soft_gate());
-        Gate { z, decisions: GateDecisions { info_mask, noninfo_mask } }
+        // The sigmoid is computed, never replaced by `z >= 0` (see `decide`).
+        let reweigts = z.sigmoid();
+        let (info_mask, noninfo_mask) = decide(&reweigts, self.gate_treshold, self.soft_gate());
+        (Gate { z, decisions: GateDecisions { info_mask, noninfo_mask } }, reweigts)
     }
 
     /// Everything after the gate's decisions: mask (or weigh), then cross-reconstruct.
     pub fn forward_with_decisions(&self, x: &Tensor, decisions: &GateDecisions) -> Tensor {
-        let gn_x = (self.variant != Variant::V20230727).then(|| self.gn.forward(x));
-        self.apply(x, gn_x.as_ref(), decisions)
+        if self.variant == Variant::V20230727 {
+            return self.apply(x, None, decisions);
+        }
+        let gn_x = self.gn.forward(x);
+        let reweigts = (&gn_x * self.w_gamma()).sigmoid();
+        self.apply(x, Some((&gn_x, &reweigts)), decisions)
     }
 
-    /// `x_1`, `x_2` from the decisions, then `reconstruct`; `gn_x` is needed from 2023-09-12 on.
-    fn apply(&self, x: &Tensor, gn_x: Option<&Tensor>, decisions: &GateDecisions) -> Tensor {
+    /// `x_1`, `x_2` from the decisions, then `reconstruct`. From 2023-09-12 on the masks need `gn_x`
+    /// and the soft gate `reweigts`: `normalised` holds both (the caller computed them once).
+    fn apply(&self, x: &Tensor, normalised: Option<(&Tensor, &Tensor)>, decisions: &GateDecisions) -> Tensor {
         let (info, noninfo) = (&decisions.info_mask, &decisions.noninfo_mask);
-        let (x_1, x_2) = match (self.variant, gn_x) {
-            (Variant::V20230912 | Variant::V20230914, Some(gn_x)) => (info * gn_x, noninfo * gn_x),
-            (Variant::V20231019, Some(gn_x)) => {
+        let normalised =
+            || normalised.expect("gn_x and reweigts are passed for every variant after the seed");
+        let (x_1, x_2) = match self.variant {
+            Variant::V20230727 => (info * x, noninfo * x),
+            Variant::V20230912 | Variant::V20230914 => {
+                let (gn_x, _) = normalised();
+                (info * gn_x, noninfo * gn_x)
+            }
+            Variant::V20231019 => {
                 // w1 = where(r > t, 1, r), w2 = where(r > t, 0, r), with the decisions given.
-                let reweigts = (gn_x * self.w_gamma()).sigmoid();
-                let w1 = reweigts.ones_like().where_self(info, &reweigts);
-                let w2 = reweigts.zeros_like().where_self(info, &reweigts);
+                let (_, reweigts) = normalised();
+                let w1 = reweigts.ones_like().where_self(info, reweigts);
+                let w2 = reweigts.zeros_like().where_self(info, reweigts);
                 (w1 * x, w2 * x)
             }
-            _ => (info * x, noninfo * x),
         };
         reconstruct(&x_1, &x_2)
     }
@@ -128,16 +141,15 @@ impl Sru {
 impl nn::Module for Sru {
     fn forward(&self, x: &Tensor) -> Tensor {
         let gn_x = self.gn.forward(x);
-        let gate = self.gate_of_gn_x(&gn_x);
-        self.apply(x, Some(&gn_x), &gate.decisions)
+        let (gate, reweigts) = self.gate_of_gn_x(&gn_x);
+        self.apply(x, Some((&gn_x, &reweigts)), &gate.decisions)
     }
 }
 
-/// `reweigts = sigmoid(z)`, then `>=` / `<` the threshold (the soft gate: `>` / `<=`). The sigmoid is
+/// `reweigts = sigmoid(z)` `>=` / `<` the threshold (the soft gate: `>` / `<=`). The sigmoid is
 /// computed, never replaced by `z >= 0`: in fp32 it rounds to exactly 0.5 for |z| below about 1.2e-7,
 /// so small negative z count as informative in the reference.
-fn decide(z: &Tensor, gate_treshold: f64, soft: bool) -> (Tensor, Tensor) {
-    let reweigts = z.sigmoid();
+fn decide(reweigts: &Tensor, gate_treshold: f64, soft: bool) -> (Tensor, Tensor) {
     if soft {
         (reweigts.gt(gate_treshold), reweigts.le(gate_treshold))
     } else {
@@ -187,7 +199,7 @@ mod tests {
         // sigmoid(-1e-8) rounds to exactly 0.5 in fp32, so the reference calls it informative;
         // the sign shortcut `z >= 0` would not.
         let z = Tensor::from_slice(&[-1e-8f32, -1e-3, 0.0, 1e-8]);
-        let (info, noninfo) = decide(&z, 0.5, false);
+        let (info, noninfo) = decide(&z.sigmoid(), 0.5, false);
         assert_eq!(Vec::<bool>::try_from(&info).unwrap(), vec![true, false, true, true]);
         assert_eq!(Vec::<bool>::try_from(&noninfo).unwrap(), vec![false, true, false, false]);
     }
