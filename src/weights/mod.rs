@@ -62,10 +62,7 @@ impl LoadReport {
 
     /// Nothing differs: the file loads.
     pub fn is_clean(&self) -> bool {
-        self.missing.is_empty()
-            && self.unexpected.is_empty()
-            && self.mismatched.is_empty()
-            && self.wrong_dtype.is_empty()
+        self.loads(true)
     }
 }
 
