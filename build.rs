@@ -16,6 +16,7 @@ const TORCH_VERSION: &str = "2.11.0";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(scconv_cuda_shim)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if std::env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;
@@ -31,7 +32,44 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed", lib_dir.display());
+        build_cuda_shim(&lib_dir);
     }
+}
+
+/// `src/cuda/shim.cpp` (NVRTC, the driver's kernel launch on libtorch's stream, CUDA graphs), when the
+/// CUDA headers are beside libtorch (PyPI's layout: `nvidia/cu13/include` next to `torch/`) or under
+/// `$CUDA_HOME/include`. Without them the crate builds as before and its CUDA kernels report that they
+/// are not built (`cfg(scconv_cuda_shim)`).
+fn build_cuda_shim(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/cuda/shim.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let torch = lib_dir.parent().unwrap_or(lib_dir);
+    let candidates = [
+        torch.join("../nvidia/cu13/include"),
+        PathBuf::from(std::env::var("CUDA_HOME").unwrap_or_default()).join("include"),
+    ];
+    let Some(cuda_include) =
+        candidates.iter().find(|d| d.join("cuda.h").exists() && d.join("nvrtc.h").exists())
+    else {
+        println!(
+            "cargo:warning=no CUDA headers (cuda.h, nvrtc.h) found beside libtorch: CUDA kernels not built"
+        );
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("src/cuda/shim.cpp")
+        .include(torch.join("include"))
+        .include(cuda_include)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("scconv_cuda_shim");
+    for lib in ["c10_cuda", "torch_cuda", "c10", "dl"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-cfg=scconv_cuda_shim");
 }
 
 /// A PyPI install has `torch/version.py` next to `torch/lib`; a plain libtorch has `build-version`.

@@ -24,6 +24,11 @@ if [ "$(installed_version)" != "$TORCH_VERSION" ]; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
 fi
+# The CUDA headers libtorch's own headers include (crt/host_config.h), which the torch wheel's runtime
+# package leaves out: needed to build the CUDA shim (src/cuda/shim.cpp), 1 MB, matching the wheel's
+# CUDA 13.0 (NVRTC 13.0.88).
+"$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' 2>/dev/null \
+    || "$venv/bin/python" -m pip install --quiet "nvidia-cuda-crt==13.0.88"
 # safetensors and numpy serve the parity generator; both are small.
 "$venv/bin/python" -c 'import safetensors, numpy' 2>/dev/null \
     || "$venv/bin/python" -m pip install --quiet safetensors numpy

@@ -57,6 +57,11 @@ pub enum ScConvError {
     #[error("the fast path does not cover {0}; use Execution::Reference")]
     FastPathUnsupported(String),
 
+    /// The fused CUDA kernels or a CUDA graph could not be used (not built, no NVRTC or driver, a
+    /// failed launch or capture).
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
     /// Any other libtorch error, passed through.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod cru;
+pub mod cuda;
 pub mod error;
 pub mod export;
 pub mod fast;

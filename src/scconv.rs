@@ -124,7 +124,7 @@ impl Module for ScConv {
     fn forward(&self, x: &Tensor) -> Tensor {
         let Some(fast) = &self.fast else { return self.forward_reference(x) };
         tch::no_grad(|| match fast.sru_into_kept_buffer(&self.SRU, x) {
-            Some(sru_out) => self.CRU.forward_fused(&sru_out),
+            Some(sru_out) => self.CRU.forward_fused(&sru_out, fast.uses_cuda_kernels()),
             None => self.forward_reference(x),
         })
     }

@@ -1,12 +1,13 @@
 //! The CRU's fuse without its 2C-channel concatenations: each branch is pooled on its own, the one
 //! softmax over all 2C pooled values is taken on that small vector (as the reference does), and the
 //! weighted branches are added into one output. The same function; rounding differs only in the order
-//! of additions, which the parity tolerance covers.
+//! of additions, which the parity tolerance covers. On CUDA with the fused kernels, the pooling and the
+//! weighted sum are one kernel each (`crate::cuda::cru_fuse`).
 use crate::cru::Cru;
 use tch::{nn::Module, Tensor};
 
 impl Cru {
-    pub(crate) fn forward_fused(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward_fused(&self, x: &Tensor, cuda_kernels: bool) -> Tensor {
         let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
         let (up, low) = (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]));
         // In place where the reference allocates: every large allocation is a fresh run of page faults.
@@ -14,6 +15,11 @@ impl Cru {
         y1 += self.PWC1.forward(&up);
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = self.PWC2.forward(&low);
+        if cuda_kernels {
+            if let Ok(out) = crate::cuda::cru_fuse(y1.shallow_clone(), &y2_head, &low) {
+                return out;
+            }
+        }
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         // The reference's pooling and a softmax over the same (N, 2C, 1, 1) shape: libtorch reduces an

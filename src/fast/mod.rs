@@ -11,7 +11,12 @@
 //!   passes the threshold, calibrated on the device) and writes the cross-reconstruction; elsewhere
 //!   the same steps run as libtorch operations (`z` by the reference's operations, one roll instead of
 //!   the splits and the cat);
+//! - on CUDA, when this build has the CUDA shim (`crate::cuda`), one fused kernel computes `z` with the
+//!   reference's operations in its order (no fused multiply-add), gates and cross-reconstructs, and the
+//!   CRU's fuse is a pooling kernel, libtorch's softmax and a weighted-sum kernel;
 //! - the CRU pools its branches separately instead of concatenating 2C channels (`cru`).
+//!
+//! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
 mod cru;
 mod sru_kernel;
 pub mod threshold;
@@ -31,8 +36,8 @@ pub enum Execution {
     Reference,
     /// The fast path: the fused CPU kernel on CPU float tensors, libtorch operations elsewhere.
     Fast,
-    /// The fast path through libtorch operations only (what runs on CUDA; selectable on the CPU to
-    /// test it there).
+    /// The fast path through libtorch operations only (no kernels of our own: what runs on CUDA in a
+    /// build without the CUDA shim; selectable anywhere to compare with the fused kernels).
     FastTensorOps,
 }
 
@@ -40,6 +45,9 @@ pub enum Execution {
 #[derive(Debug)]
 pub struct FastPath {
     use_cpu_kernel: bool,
+    /// The fused CUDA kernels (`crate::cuda`) run: a CUDA module with `Execution::Fast` in a build
+    /// that has them.
+    use_cuda_kernels: bool,
     device: Device,
     z_t: f32,
     channels: ChannelConstants,
@@ -83,23 +91,32 @@ impl ChannelConstants {
 }
 
 impl FastPath {
-    /// For an fp32 module: the cheap gate's threshold is calibrated on fp32 sigmoids (a float64 module's
-    /// band is elsewhere), so other dtypes are refused and keep the reference mode.
+    /// For an fp32, fp16 or bf16 module (the cheap gate's threshold is calibrated for that dtype's
+    /// sigmoid on the module's device); other dtypes are refused and keep the reference mode.
     pub fn new(sru: &Sru, execution: Execution) -> Result<FastPath, ScConvError> {
         let kind = sru.gn.gamma.kind();
-        if kind != Kind::Float {
+        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
             return Err(ScConvError::InvalidInput(format!(
-                "the fast path runs fp32 modules; this one is {kind:?} (use Execution::Reference)"
+                "the fast path runs fp32, fp16 and bf16 modules; this one is {kind:?} (use Execution::Reference)"
             )));
         }
         let device = sru.gn.gamma.device();
+        let fast = execution == Execution::Fast;
         Ok(FastPath {
-            use_cpu_kernel: execution == Execution::Fast,
+            use_cpu_kernel: fast && device == Device::Cpu && kind == Kind::Float,
+            use_cuda_kernels: fast
+                && device.is_cuda()
+                && crate::cuda::kernels_available(device, kind).is_ok(),
             device,
-            z_t: threshold::calibrate(sru.gate_treshold, device)?,
+            z_t: threshold::calibrate_for(sru.gate_treshold, device, kind)?,
             channels: ChannelConstants::of(sru),
             buffer: Default::default(),
         })
+    }
+
+    /// Whether the fused CUDA kernels run (else, on CUDA, libtorch operations).
+    pub fn uses_cuda_kernels(&self) -> bool {
+        self.use_cuda_kernels
     }
 
     /// The fast SRU on `x` (already checked like the reference's input), or `None` when the module
@@ -118,6 +135,13 @@ impl FastPath {
 
     fn run_sru(&self, sru: &Sru, x: &Tensor, keep_buffer: bool) -> Option<Tensor> {
         let (channels, cpu_kernel) = self.prepare(sru, x)?;
+        if self.use_cuda_kernels {
+            if let Ok(out) =
+                self.with_cuda_inputs(sru, &channels, x, |k| crate::cuda::sru_gate_reconstruct(x, k))
+            {
+                return Some(out);
+            }
+        }
         if !cpu_kernel {
             return Some(self.sru_tensor_ops(&channels, sru, x));
         }
@@ -136,7 +160,10 @@ impl FastPath {
         if x.device() != self.device || sru.gn.gamma.device() != self.device {
             return None;
         }
-        let channels = match self.channels.still_match(sru) {
+        // Comparing the weights reads them back to the host, which a CUDA graph capture forbids: a
+        // captured graph uses the constants as they are (see `CudaGraph::capture`).
+        let unchanged = crate::cuda::capturing(self.device) || self.channels.still_match(sru);
+        let channels = match unchanged {
             true => Cow::Borrowed(&self.channels),
             false => Cow::Owned(ChannelConstants::of(sru)),
         };
@@ -148,6 +175,14 @@ impl FastPath {
     /// The fast path's informative mask on `x` (bool, `x`'s shape): the decisions `sru` makes.
     pub fn info_mask(&self, sru: &Sru, x: &Tensor) -> Option<Tensor> {
         let (channels, cpu_kernel) = self.prepare(sru, x)?;
+        if self.use_cuda_kernels {
+            let mask = tch::no_grad(|| {
+                self.with_cuda_inputs(sru, &channels, x, |k| crate::cuda::sru_info_mask(x, k))
+            });
+            if let Ok(mask) = mask {
+                return Some(mask);
+            }
+        }
         Some(tch::no_grad(|| match cpu_kernel {
             true => sru_kernel::info_mask(x, &self.gate_constants(sru, &channels, x)),
             false => (sru.gn.forward(x) * &channels.w_gamma).ge(self.z_t as f64),
@@ -161,6 +196,32 @@ impl FastPath {
         let x_1 = z.ge(self.z_t as f64) * x;
         let x_2 = z.lt(self.z_t as f64) * x;
         x_1 + x_2.roll([x.size()[1] / 2], [1])
+    }
+
+    /// The statistics by libtorch's own kernels, as the reference computes them (`x.view(N, G, -1)`,
+    /// `mean` and unbiased `std` over the last dimension, `std + eps`): the fused kernel reads them.
+    /// Reproducing libtorch's CUDA reductions bit for bit would mean porting its launch heuristics
+    /// (the split of a row across threads and blocks decides the rounding); they are two of the
+    /// SRU's kernels, and the fused kernel replaces the other eleven.
+    fn with_cuda_inputs<T>(
+        &self,
+        sru: &Sru,
+        channels: &ChannelConstants,
+        x: &Tensor,
+        f: impl FnOnce(&crate::cuda::SruInputs) -> T,
+    ) -> T {
+        let grouped = x.unflatten(1, [sru.gn.group_num, -1]).flatten(2, -1);
+        let mean = grouped.mean_dim(2, true, None);
+        let denom = grouped.std_dim(2, true, true) + sru.gn.eps;
+        f(&crate::cuda::SruInputs {
+            mean: &mean,
+            denom: &denom,
+            gamma: &channels.gamma,
+            beta: &channels.beta,
+            w_gamma: &channels.w_gamma,
+            groups: sru.gn.group_num,
+            z_t: self.z_t,
+        })
     }
 
     /// libtorch's unbiased std of each group, computed faster (`welford`), or `None` where only
@@ -260,7 +321,7 @@ mod tests {
         let mut model = scconv(vs.root(), &ScConvConfig::new(32)).unwrap();
         vs.double();
         let err = model.set_execution(Execution::Fast).unwrap_err().to_string();
-        assert!(err.contains("fp32 modules; this one is Double"), "{err}");
+        assert!(err.contains("fp32, fp16 and bf16 modules; this one is Double"), "{err}");
         assert_eq!(model.execution(), Execution::Reference);
     }
 

@@ -2,9 +2,10 @@
 //! where `z_t` is the smallest fp32 value whose sigmoid, computed by libtorch on the same device,
 //! passes. The two agree for every fp32 `z` exactly when that sigmoid is monotone, which
 //! `tests/gate_threshold.rs` checks over every fp32 value; here `z_t` is found by bisection and its
-//! neighbourhood checked on both of libtorch's CPU code paths (vectorised and scalar).
+//! neighbourhood checked on both of libtorch's CPU code paths (vectorised and scalar). For fp16 and
+//! bf16 (`calibrate_for`) there are only 65,536 values: every one is checked, on both code paths.
 use crate::error::ScConvError;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A position on the fp32 number line: consecutive floats get consecutive keys, -0 just below +0.
 pub fn key(f: f32) -> i64 {
@@ -98,6 +99,53 @@ fn check_neighbourhood(z_t: f32, t: f64, device: Device) -> Result<(), String> {
     Ok(())
 }
 
+/// `z_t` for threshold `t` and a module of dtype `kind` on `device` (fp32, fp16 or bf16), as an fp32
+/// value (exactly representable in `kind`): `sigmoid(z) >= t`, computed by libtorch in `kind`, exactly
+/// when `z >= z_t`.
+pub fn calibrate_for(t: f64, device: Device, kind: Kind) -> Result<f32, ScConvError> {
+    match kind {
+        Kind::Float => calibrate(t, device),
+        Kind::Half | Kind::BFloat16 => calibrate_16_bit(t, device, kind),
+        other => Err(ScConvError::GateThreshold {
+            threshold: t,
+            why: format!("the cheap gate is calibrated for fp32, fp16 and bf16 sigmoids, not {other:?}"),
+        }),
+    }
+}
+
+/// Every value of a 16-bit float dtype, as that dtype (NaNs included).
+pub fn every_16_bit_value(kind: Kind) -> Tensor {
+    let bits: Vec<i16> = (0..=u16::MAX).map(|b| b as i16).collect();
+    Tensor::from_slice(&bits).view_dtype(kind)
+}
+
+fn calibrate_16_bit(t: f64, device: Device, kind: Kind) -> Result<f32, ScConvError> {
+    let fails = |why: String| ScConvError::GateThreshold { threshold: t, why };
+    let z = every_16_bit_value(kind).to_device(device);
+    let values = Vec::<f32>::try_from(z.to_kind(Kind::Float).to_device(Device::Cpu))?;
+    let strided = Tensor::stack(&[&z, &z], 1).select(1, 0);
+    let mut paths = Vec::new();
+    for (name, input) in [("vectorised", &z), ("scalar", &strided)] {
+        paths.push((name, Vec::<bool>::try_from(input.sigmoid().ge(t).to_device(Device::Cpu))?));
+    }
+    let passing = |decisions: &[bool]| {
+        values.iter().zip(decisions).filter(|(_, &d)| d).map(|(&v, _)| v).fold(f32::INFINITY, f32::min)
+    };
+    let z_t = passing(&paths[0].1);
+    for (name, decisions) in &paths {
+        let wrong = values.iter().zip(decisions).find(|(&v, &d)| !v.is_nan() && d != (v >= z_t));
+        if let Some((v, d)) = wrong {
+            return Err(fails(format!(
+                "libtorch's {name} {kind:?} sigmoid is not a threshold at {z_t:e}: sigmoid({v:e}) >= t is {d}"
+            )));
+        }
+        if let Some((v, _)) = values.iter().zip(decisions).find(|(v, &d)| v.is_nan() && d) {
+            return Err(fails(format!("a NaN ({v}) passes the {name} {kind:?} gate")));
+        }
+    }
+    Ok(z_t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +182,30 @@ mod tests {
                 assert!(err.contains("use Execution::Reference"), "{err}");
             }
         }
+    }
+
+    /// The 16-bit gates are proven over all 65,536 values as they are calibrated; here their place.
+    #[test]
+    fn half_precision_thresholds_sit_at_the_dtype_value_below_zero() {
+        for kind in [Kind::Half, Kind::BFloat16] {
+            let z_t = calibrate_for(0.5, Device::Cpu, kind).unwrap();
+            assert!(z_t < 0.0 && z_t > -0.01, "{kind:?}: {z_t:e}");
+            let sigmoid = |v: f32| {
+                Tensor::from_slice(&[v]).to_kind(kind).sigmoid().to_kind(Kind::Float).double_value(&[0])
+            };
+            assert!(sigmoid(z_t) >= 0.5, "{kind:?}");
+            let below = Tensor::from_slice(&[z_t])
+                .to_kind(kind)
+                .nextafter(&Tensor::from_slice(&[-1.0f32]).to_kind(kind));
+            assert!(below.sigmoid().to_kind(Kind::Float).double_value(&[0]) < 0.5, "{kind:?}");
+            for t in [0.1, 0.9] {
+                let z_t = calibrate_for(t, Device::Cpu, kind).unwrap();
+                let logit = (t / (1.0 - t)).ln();
+                assert!((z_t as f64 - logit).abs() < 0.05, "{kind:?} t {t}: {z_t} vs {logit}");
+            }
+        }
+        let err = calibrate_for(0.5, Device::Cpu, Kind::Double).unwrap_err().to_string();
+        assert!(err.contains("not Double"), "{err}");
     }
 
     #[test]

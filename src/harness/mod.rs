@@ -13,6 +13,7 @@ pub mod bench;
 #[cfg(feature = "cli")]
 pub mod data;
 pub mod fast_parity;
+pub mod half_parity;
 #[cfg(feature = "cli")]
 pub mod infer;
 pub mod json;
