@@ -18,7 +18,6 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import generate_fixtures as g  # noqa: E402
@@ -48,6 +47,8 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    # torch.save pickles where safetensors is not installed (e.g. a GPU machine without network).
+    fmt = "safetensors" if g.save_file else "pt"
     manifest = {"generator": "parity/generate_half_fixtures.py", "torch_version": torch.__version__,
                 "device": args.device, **g.cpu_kernels(args.device), "seed": args.seed, "cases": []}
     for index, (name, op_channel, (n, h, w), overrides) in enumerate(CASES):
@@ -57,7 +58,7 @@ def main():
         if not overrides.get("init"):
             g.randomize_trained_like(model, config)
         model = model.to(args.device).eval()
-        save_file(g.to_cpu_contiguous(model.state_dict()), os.path.join(args.out, f"{name}.safetensors"))
+        state_dict = g.write(model.state_dict(), args.out, name, fmt)
         torch.manual_seed(args.seed + 1000 + index)
         x = torch.randn(n, op_channel, h, w).to(args.device)
         with torch.no_grad():
@@ -69,10 +70,10 @@ def main():
                 y, z, info = gate_of(converted, x.to(dtype), config["gate_treshold"])
                 tensors = {"input": x, "output": y, "gate.z": z, "gate.info_mask": info,
                            "output.fp32": y32, "gate.z.fp32": z32, "gate.info_mask.fp32": info32}
-                tensors_file = g.write(tensors, args.out, f"{name}.{dtype_name}.tensors", "safetensors")
+                tensors_file = g.write(tensors, args.out, f"{name}.{dtype_name}.tensors", fmt)
                 manifest["cases"].append({
                     "name": f"{name}.{dtype_name}", "config": config, "dtype": dtype_name,
-                    "input_shape": list(x.shape), "state_dict": f"{name}.safetensors", "tensors": tensors_file,
+                    "input_shape": list(x.shape), "state_dict": state_dict, "tensors": tensors_file,
                 })
         print(f"{name}: input {list(x.shape)}")
     g.write_manifest(manifest, args.out)

@@ -6,20 +6,24 @@
 #                                  (the device tool: carry [".device"]); writes logs to $OUT (or .device/out)
 #
 # `run` generates fixtures with PyTorch on the same GPU (inside the test, so under the same TF32 setting)
-# and runs the suite twice: with TF32 (libtorch's default for cuDNN convolutions) and with
-# NVIDIA_TF32_OVERRIDE=0. The binaries use that machine's libtorch through LD_LIBRARY_PATH.
+# and runs the suite with TF32 (libtorch's default for cuDNN convolutions), then the speed runs
+# (`bench --json`, fp32 and bf16, eager and CUDA graphs, into $OUT/bench-*.json), then the suite again
+# with NVIDIA_TF32_OVERRIDE=0. Each step has its own time limit, most important first, so that one
+# device session (15 minutes, start-up included) always brings back the parity verdict and the timings.
+# The binaries use that machine's libtorch through LD_LIBRARY_PATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 build() {
     scripts/setup_torch.sh
     rm -rf .device && mkdir -p .device/bin
-    cargo build --features cuda
-    cp target/debug/scconv-tch .device/bin/
+    # The CLI in release (it times things); the tests in debug, as `cargo test` builds them.
+    cargo build --release --features cuda
+    cp target/release/scconv-tch .device/bin/
     cargo test --features cuda --no-run --message-format=json 2>/dev/null \
         | python3 -c '
 import json, sys, shutil
-NEEDED = {"parity_cuda", "parity_cpu", "fast_path"}
+NEEDED = {"parity_cuda"}
 for line in sys.stdin:
     msg = json.loads(line)
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["name"] in NEEDED:
@@ -43,29 +47,27 @@ run() {
         SCCONV_BIN="$PWD/.device/bin/scconv-tch"
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' | tee -a "$log"
     local status=0
-    for tf32 in on off; do
-        local env=()
-        [ "$tf32" = off ] && env=(NVIDIA_TF32_OVERRIDE=0)
-        echo "=== TF32 $tf32 ===" | tee -a "$log"
-        env "${env[@]}" .device/bin/parity_cuda --test-threads=1 --nocapture 2>&1 | tee -a "$log" || status=1
-        for execution in reference fast; do
-            env "${env[@]}" .device/bin/scconv-tch parity --device cuda --execution $execution 2>&1 | tee -a "$log" || status=1
-        done
+    step() { # step SECONDS LABEL COMMAND...: runs COMMAND with a time limit, logging; failure noted.
+        local limit=$1 label=$2
+        shift 2
+        echo "=== $label (limit ${limit}s) ===" | tee -a "$log"
+        local start=$SECONDS
+        timeout "$limit" "$@" 2>&1 | tee -a "$log"
+        local rc=${PIPESTATUS[0]}
+        echo "=== $label: exit $rc after $((SECONDS - start))s ===" | tee -a "$log"
+        [ "$rc" = 0 ] || status=1
+    }
+    step 200 "parity_cuda, TF32 on" .device/bin/parity_cuda --test-threads=1 --nocapture
+    for dtype in float bf16; do
+        step 130 "bench $dtype" sh -c ".device/bin/scconv-tch bench --device cuda --dtype $dtype --runs 30 \
+            --cudnn-benchmark --cuda-graph --json > $out/bench-cuda-$dtype.json"
+        python3 -c "import json,sys; d=json.load(open('$out/bench-cuda-$dtype.json')); print(json.dumps(d)[:6000])" \
+            2>&1 | tee -a "$log"
     done
-    # Timings: Rust (reference and fast) and the seed's Python ScConv, PyTorch's conv3x3, networks.
-    python3 scripts/bench_compare.py --device cuda --runs 30 --binary .device/bin/scconv-tch --save "$out" 2>&1 \
-        | tee -a "$log" || status=1
-    .device/bin/scconv-tch bench --device cuda --runs 30 --cudnn-benchmark 2>&1 | tee -a "$log" || status=1
-    for m in fmnist_plain fmnist_sc; do
-        for e in reference fast; do
-            .device/bin/scconv-tch infer --device cuda --model weights/$m.json --data sample --batch 1000 --execution $e \
-                2>&1 | tee -a "$log" || status=1
-        done
-    done
-    # The CPU parity suites run there too: the same binaries against the GPU machine's libtorch.
-    for t in parity_cpu fast_path; do
-        .device/bin/$t --test-threads=4 2>&1 | tail -3 | tee -a "$log" || status=1
-    done
+    step 40 "CLI parity, fast path" .device/bin/scconv-tch parity --device cuda --execution fast
+    step 45 "trained networks, fast path" .device/bin/scconv-tch infer --device cuda --model weights/fmnist_sc.json \
+        --data sample --batch 1000 --execution fast
+    step 200 "parity_cuda, TF32 off" env NVIDIA_TF32_OVERRIDE=0 .device/bin/parity_cuda --test-threads=1 --nocapture
     echo "exit status $status" | tee -a "$log"
     return $status
 }

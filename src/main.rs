@@ -4,6 +4,7 @@ mod commands;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use commands::{bench::run_bench, export::run_export, infer::run_infer, info, parity::run_parity};
+use scconv_tch::harness::bench::BenchOptions;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::weights::LoadOptions;
 use scconv_tch::Execution;
@@ -108,6 +109,12 @@ enum Command {
         /// Let cuDNN time its convolution algorithms and keep the fastest (torch.backends.cudnn.benchmark).
         #[arg(long)]
         cudnn_benchmark: bool,
+        /// The dtype of weights and inputs: float (fp32), half (fp16) or bf16.
+        #[arg(long, value_enum, default_value_t = DtypeArg::Float)]
+        dtype: DtypeArg,
+        /// Also time each fast block, conv and network replaying a CUDA graph of its forward (CUDA only).
+        #[arg(long)]
+        cuda_graph: bool,
         /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
@@ -158,6 +165,17 @@ impl From<ExecutionArg> for Execution {
             ExecutionArg::FastTensorOps => Execution::FastTensorOps,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+/// The dtype of a bench run, as a command-line value.
+enum DtypeArg {
+    /// fp32.
+    Float,
+    /// fp16.
+    Half,
+    /// bf16.
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -281,9 +299,25 @@ fn run(command: Command) -> Result<ExitCode> {
             (None, Some(record)) => info::run_record_info(&record, size, json),
             (None, None) => info::run_info(scconv.as_deref(), channels, size.unwrap_or(56).pow(2), json),
         },
-        Command::Bench { device, batches, warmup, runs, no_models, cudnn_benchmark, json } => {
+        Command::Bench {
+            device,
+            batches,
+            warmup,
+            runs,
+            no_models,
+            cudnn_benchmark,
+            dtype,
+            cuda_graph,
+            json,
+        } => {
             tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
-            run_bench(device.resolve()?, batches, warmup as usize, runs as usize, !no_models, json)
+            let kind = match dtype {
+                DtypeArg::Float => tch::Kind::Float,
+                DtypeArg::Half => tch::Kind::Half,
+                DtypeArg::Bf16 => tch::Kind::BFloat16,
+            };
+            let options = BenchOptions { kind, cuda_graph, warmup: warmup as usize, runs: runs as usize };
+            run_bench(device.resolve()?, batches, options, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, json } => {
             run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, execution.into(), json)

@@ -2,6 +2,7 @@
 //! `state_dict` of the reference uses.
 use crate::config::ScConvConfig;
 use crate::cru::{cru, Cru};
+use crate::cuda::CudaGraph;
 use crate::error::ScConvError;
 use crate::fast::{Execution, FastPath};
 use crate::input::{self, Expected};
@@ -57,6 +58,11 @@ impl ScConv {
         Ok(())
     }
 
+    /// The fast path's state, when one is enabled (e.g. whether it runs the fused CUDA kernels).
+    pub fn fast_path(&self) -> Option<&FastPath> {
+        self.fast.as_ref()
+    }
+
     /// The execution mode chosen by `set_execution`.
     pub fn execution(&self) -> Execution {
         self.execution
@@ -97,6 +103,13 @@ impl ScConv {
         }
         let decisions = decisions.to_device(x.device());
         Ok(self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions)))
+    }
+
+    /// The inference forward captured into a CUDA graph for inputs shaped like `example` (a CUDA
+    /// tensor); `run` on the returned graph replays it as one launch. See [`CudaGraph::capture`].
+    pub fn cuda_graph(&self, example: &Tensor) -> Result<CudaGraph<'_>, ScConvError> {
+        self.check_input(example)?;
+        CudaGraph::capture(self, example, |x| self.forward(x))
     }
 
     /// The informative mask the fast path decides on `x`; `None` in `Reference` mode.

@@ -180,3 +180,113 @@ fn an_exported_block_runs_on_the_gpu_like_the_rust_block() {
     println!("exported block on the GPU: max abs error {:.3e}", c.max_abs_err);
     assert!(c.passed(), "{c:?}");
 }
+
+/// The fused kernels are built, compiled by NVRTC for this GPU and chosen by `Execution::Fast` for
+/// every dtype they are written for (else the fast path would fall back to libtorch operations and
+/// the tests above would not test them).
+#[test]
+fn the_fused_kernels_run_on_the_gpu_in_every_dtype() {
+    use scconv_tch::{cuda, scconv, ScConvConfig};
+    use tch::{nn::VarStore, Kind};
+    let device = gpu();
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        cuda::kernels_available(device, kind).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        let mut vs = VarStore::new(device);
+        let mut block = scconv(vs.root(), &ScConvConfig::new(64)).unwrap();
+        vs.set_kind(kind);
+        block.set_execution(Execution::Fast).unwrap();
+        assert!(block.fast_path().unwrap().uses_cuda_kernels(), "{kind:?}");
+        block.set_execution(Execution::FastTensorOps).unwrap();
+        assert!(!block.fast_path().unwrap().uses_cuda_kernels(), "{kind:?}");
+    }
+}
+
+/// The fused SRU kernel against the reference SRU on the same GPU, bit for bit (NaN where NaN), on
+/// inputs with zeros of both signs, NaN, infinities, huge and tiny values, in all three dtypes; and
+/// its decisions against the reference's.
+#[test]
+fn the_fused_sru_kernel_is_the_reference_sru_bit_for_bit_on_the_gpu() {
+    use scconv_tch::fast::FastPath;
+    use scconv_tch::{scconv, ScConvConfig};
+    use tch::{nn::Module, nn::VarStore, Kind, Tensor};
+    let device = gpu();
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for config in [ScConvConfig::new(64), ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }] {
+            let mut vs = VarStore::new(device);
+            let mut model = scconv(vs.root(), &config).unwrap();
+            tch::no_grad(|| {
+                let _ = model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+            });
+            vs.set_kind(kind);
+            let x = Tensor::randn([3, config.op_channel, 17, 9], (Kind::Float, device));
+            let flat = x.view([-1]);
+            for (i, v) in
+                [0.0f64, -0.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 6e4, 1e-7].iter().enumerate()
+            {
+                let _ = flat.narrow(0, 11 * i as i64 + 5, 1).fill_(*v);
+            }
+            let x = x.to_kind(kind);
+            let fast = FastPath::new(&model.SRU, Execution::Fast).unwrap();
+            assert!(fast.uses_cuda_kernels());
+            let (reference, out) =
+                tch::no_grad(|| (model.SRU.forward(&x), fast.sru(&model.SRU, &x).unwrap()));
+            let same = out.isnan().logical_and(&reference.isnan()).logical_or(&out.eq_tensor(&reference));
+            assert!(bool::try_from(same.all()).unwrap(), "{kind:?} {config:?}: outputs differ");
+            let info = fast.info_mask(&model.SRU, &x).unwrap();
+            let reference_info = tch::no_grad(|| model.SRU.gate(&x).decisions.info_mask);
+            assert!(info.equal(&reference_info), "{kind:?} {config:?}: decisions differ");
+        }
+    }
+}
+
+/// fp16 and bf16 blocks against PyTorch's `.half()` / `.bfloat16()` module on the same GPU (zero
+/// flipped decisions), in the reference mode and both fast executions, and layered against fp32.
+#[test]
+fn half_precision_blocks_match_pytorch_converted_modules_on_the_gpu() {
+    use scconv_tch::harness::half_parity::{run_all, table};
+    let device = gpu();
+    let dir = scratch_dir(&format!("half-cuda-{}", tf32_label()));
+    let seed = fresh_seed();
+    let status = std::process::Command::new(common::python())
+        .arg(common::crate_dir().join("parity/generate_half_fixtures.py"))
+        .args(["--out".as_ref(), dir.as_os_str()])
+        .args(["--seed", &seed.to_string(), "--device", "cuda"])
+        .status()
+        .expect("cannot start parity/generate_half_fixtures.py");
+    assert!(status.success(), "generate_half_fixtures.py failed on the GPU (seed {seed})");
+    let reports = run_all(&dir, device).unwrap();
+    let table = table(&reports);
+    println!("half precision on the GPU ({}), seed {seed}:\n{table}", tf32_label());
+    assert!(reports.iter().all(|r| r.passed()), "{table}");
+}
+
+/// A CUDA graph replays exactly the eager forward (same kernels, same order): an SC block on the fast
+/// path and the trained SC network, plain network too, on a fresh input copied in.
+#[test]
+fn cuda_graphs_replay_the_eager_forward_exactly() {
+    use scconv_tch::harness::infer::Classifier;
+    use scconv_tch::{scconv, ScConvConfig};
+    use tch::{nn::Module, nn::VarStore, Kind, Tensor};
+    let device = gpu();
+    let vs = VarStore::new(device);
+    let mut block = scconv(vs.root(), &ScConvConfig::new(64)).unwrap();
+    block.set_execution(Execution::Fast).unwrap();
+    let example = Tensor::randn([8, 64, 28, 28], (Kind::Float, device));
+    let mut graph = block.cuda_graph(&example).unwrap();
+    for _ in 0..2 {
+        let x = Tensor::randn([8, 64, 28, 28], (Kind::Float, device));
+        let eager = tch::no_grad(|| block.forward(&x));
+        assert!(graph.run(&x).unwrap().equal(&eager), "block: replay differs from eager");
+    }
+    let wrong = Tensor::randn([4, 64, 28, 28], (Kind::Float, device));
+    assert!(graph.run(&wrong).unwrap_err().to_string().contains("captured for"));
+    for name in ["fmnist_sc", "fmnist_plain"] {
+        let mut classifier =
+            Classifier::load(&common::crate_dir().join(format!("weights/{name}.json")), device).unwrap();
+        classifier.model.set_scconv_execution(Execution::Fast).unwrap();
+        let x = Tensor::randn([64, 1, 28, 28], (Kind::Float, device));
+        let mut graph = classifier.model.cuda_graph(&x).unwrap();
+        let eager = tch::no_grad(|| classifier.model.try_forward(&x)).unwrap();
+        assert!(graph.run(&x).unwrap().equal(&eager), "{name}: replay differs from eager");
+    }
+}

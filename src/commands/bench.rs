@@ -1,6 +1,6 @@
 //! `scconv-tch bench`: timings.
 use anyhow::Result;
-use scconv_tch::harness::bench;
+use scconv_tch::harness::bench::{self, BenchOptions};
 use scconv_tch::harness::infer::ModelRecord;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::Execution;
@@ -8,16 +8,19 @@ use std::path::Path;
 use std::process::ExitCode;
 use tch::nn::{ModuleT, VarStore};
 use tch::Device;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub fn run_bench(
     device: Device,
     batches: Vec<i64>,
-    warmup: usize,
-    runs: usize,
+    options: BenchOptions,
     models: bool,
     json: bool,
 ) -> Result<ExitCode> {
+    let (warmup, runs) = (options.warmup, options.runs);
+    if options.cuda_graph && !device.is_cuda() {
+        anyhow::bail!("--cuda-graph needs --device cuda");
+    }
     let batches = if !batches.is_empty() {
         batches
     } else if device.is_cuda() {
@@ -28,18 +31,20 @@ pub fn run_bench(
     let mut blocks = Vec::new();
     for &batch in &batches {
         for (channels, size) in bench::RESNET50_SHAPES {
-            blocks.push(bench::bench_block(channels, size, batch, device, warmup, runs)?);
+            blocks.push(bench::bench_block(channels, size, batch, device, &options)?);
         }
     }
-    let networks = if models { bench_networks(device, warmup, runs)? } else { Vec::new() };
+    let networks = if models { bench_networks(device, &options)? } else { Vec::new() };
     if json {
         let value = serde_json::json!({ "device": format!("{device:?}"), "threads": tch::get_num_threads(),
+            "dtype": format!("{:?}", options.kind), "cuda_graph": options.cuda_graph,
             "blocks": blocks, "networks": networks });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{device:?}, {} threads, forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        "{device:?}, {:?}, {} threads, forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        options.kind,
         tch::get_num_threads()
     );
     println!(
@@ -59,8 +64,24 @@ pub fn run_bench(
             b.scconv_fast.median_ms / b.conv3x3.median_ms
         );
     }
+    if options.cuda_graph {
+        println!("CUDA graphs (replay):");
+        for b in &blocks {
+            if let (Some(fast), Some(conv)) = (&b.scconv_fast_graph, &b.conv3x3_graph) {
+                println!(
+                    "{:<10} {:>5} fast {:>8.3} ms, conv3x3 {:>8.3} ms, fast/conv {:>6.2}x",
+                    format!("{}@{}", b.channels, b.size),
+                    b.batch,
+                    fast.median_ms,
+                    conv.median_ms,
+                    fast.median_ms / conv.median_ms
+                );
+            }
+        }
+    }
     for n in &networks {
-        println!("{:<28} batch {:>3}: {:>9.1} images/s", n.name, n.batch, n.images_per_second);
+        let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
+        println!("{:<28} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -71,11 +92,13 @@ struct NetworkBench {
     batch: i64,
     timing: bench::Timing,
     images_per_second: f64,
+    graph_timing: Option<bench::Timing>,
+    graph_images_per_second: Option<f64>,
 }
 
 /// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28);
-/// each SC network in reference and fast mode.
-fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<NetworkBench>> {
+/// each SC network in reference and fast mode; eagerly, and replaying a CUDA graph with `--cuda-graph`.
+fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkBench>> {
     let big_batch = if device.is_cuda() { 64 } else { 8 };
     let mut configs = vec![
         ("resnet50".to_string(), ResNetConfig::named("resnet50", false)?, big_batch, 224),
@@ -87,20 +110,34 @@ fn bench_networks(device: Device, warmup: usize, runs: usize) -> Result<Vec<Netw
             configs.push((name.to_string(), ModelRecord::read(&path)?.config, 256, 28));
         }
     }
-    let (warmup, runs) = (warmup.min(2), runs.clamp(1, 5));
+    let options = BenchOptions { warmup: options.warmup.min(2), runs: options.runs.clamp(1, 5), ..*options };
     let mut out = Vec::new();
     for (name, config, batch, side) in configs {
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
-        let x = Tensor::randn([batch, config.in_channels, side, side], (Kind::Float, device));
+        vs.set_kind(options.kind);
+        let x = Tensor::randn([batch, config.in_channels, side, side], (options.kind, device));
         let executions: &[Execution] =
             if config.sc { &[Execution::Reference, Execution::Fast] } else { &[Execution::Reference] };
         for &execution in executions {
             model.set_scconv_execution(execution)?;
-            let timing = tch::no_grad(|| bench::time(device, warmup, runs, || model.forward_t(&x, false)));
-            let images_per_second = batch as f64 / (timing.median_ms / 1e3);
+            let timing = tch::no_grad(|| {
+                bench::time(device, options.warmup, options.runs, || model.forward_t(&x, false))
+            });
+            let graph_timing = match options.cuda_graph {
+                true => Some(bench::time_graph(device, &options, &mut model.cuda_graph(&x)?)?),
+                false => None,
+            };
+            let per_second = |t: &bench::Timing| batch as f64 / (t.median_ms / 1e3);
             let name = if execution == Execution::Fast { format!("{name} (fast)") } else { name.clone() };
-            out.push(NetworkBench { name, batch, timing, images_per_second });
+            out.push(NetworkBench {
+                name,
+                batch,
+                images_per_second: per_second(&timing),
+                graph_images_per_second: graph_timing.as_ref().map(per_second),
+                timing,
+                graph_timing,
+            });
         }
     }
     Ok(out)

@@ -186,11 +186,22 @@ void synchronize(const Runtime* rt, cudaStream_t stream) {
 // libtorch works in the device's primary context through the runtime API; the driver calls need it
 // current on this thread.
 bool make_current(const Driver* d, int device, std::string& why) {
-  CUdevice dev;
+  // Retained once per device (the primary context lives as long as the process).
+  static std::mutex lock;
+  static CUcontext contexts[64] = {};
+  if (device < 0 || device >= 64) return why = "device index out of range", false;
   CUcontext ctx;
-  CUresult r = d->device_get(&dev, device);
-  if (r == CUDA_SUCCESS) r = d->primary_retain(&ctx, dev);
-  if (r == CUDA_SUCCESS) r = d->ctx_set_current(ctx);
+  {
+    std::lock_guard<std::mutex> guard(lock);
+    if (!contexts[device]) {
+      CUdevice dev;
+      CUresult r = d->device_get(&dev, device);
+      if (r == CUDA_SUCCESS) r = d->primary_retain(&contexts[device], dev);
+      if (r != CUDA_SUCCESS) return why = cu_error(d, r), false;
+    }
+    ctx = contexts[device];
+  }
+  CUresult r = d->ctx_set_current(ctx);
   if (r != CUDA_SUCCESS) why = cu_error(d, r);
   return r == CUDA_SUCCESS;
 }

@@ -42,16 +42,49 @@ pub fn time(device: Device, warmup: usize, runs: usize, mut f: impl FnMut() -> T
     Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], runs: ms.len() }
 }
 
+/// What a bench run varies besides the shape: the dtype of weights and input, and whether the
+/// forward runs eagerly or replays a CUDA graph (`--cuda-graph`, CUDA only).
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub kind: Kind,
+    pub cuda_graph: bool,
+    pub warmup: usize,
+    pub runs: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockBench {
     pub channels: i64,
     pub size: i64,
     pub batch: i64,
+    pub dtype: String,
     /// The reference mode (line for line).
     pub scconv: Timing,
     /// `Execution::Fast`.
     pub scconv_fast: Timing,
     pub conv3x3: Timing,
+    /// Replaying a CUDA graph of the fast block and of the conv (with `--cuda-graph`).
+    pub scconv_fast_graph: Option<Timing>,
+    pub conv3x3_graph: Option<Timing>,
+    /// Whether the fast block ran the fused CUDA kernels (else libtorch operations).
+    pub fused_cuda_kernels: bool,
+}
+
+/// Times a captured graph's replay.
+pub fn time_graph(
+    device: Device,
+    options: &BenchOptions,
+    graph: &mut crate::cuda::CudaGraph,
+) -> Result<Timing, ScConvError> {
+    let mut failure = None;
+    let timing = time(device, options.warmup, options.runs, || match graph.replay() {
+        Ok(out) => out.shallow_clone(),
+        Err(err) => {
+            failure = Some(err);
+            Tensor::new()
+        }
+    });
+    failure.map_or(Ok(timing), Err)
 }
 
 /// Rust ScConv (reference defaults, fresh weights) in reference and fast mode, and a bias-free 3x3 conv
@@ -61,19 +94,39 @@ pub fn bench_block(
     size: i64,
     batch: i64,
     device: Device,
-    warmup: usize,
-    runs: usize,
+    options: &BenchOptions,
 ) -> Result<BlockBench, ScConvError> {
-    let vs = nn::VarStore::new(device);
+    let mut vs = nn::VarStore::new(device);
     let mut block = scconv(vs.root() / "scconv", &ScConvConfig::new(channels))?;
     let conv_config = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
     let conv = nn::conv2d(vs.root() / "conv3x3", channels, channels, 3, conv_config);
-    let x = Tensor::randn([batch, channels, size, size], (Kind::Float, device));
+    vs.set_kind(options.kind);
+    let x = Tensor::randn([batch, channels, size, size], (options.kind, device));
+    let (warmup, runs) = (options.warmup, options.runs);
     tch::no_grad(|| {
         let scconv = time(device, warmup, runs, || block.forward(&x));
         let conv3x3 = time(device, warmup, runs, || conv.forward(&x));
         block.set_execution(Execution::Fast)?;
         let scconv_fast = time(device, warmup, runs, || block.forward(&x));
-        Ok(BlockBench { channels, size, batch, scconv, scconv_fast, conv3x3 })
+        let fused_cuda_kernels = block.fast_path().is_some_and(|f| f.uses_cuda_kernels());
+        let (mut scconv_fast_graph, mut conv3x3_graph) = (None, None);
+        if options.cuda_graph {
+            scconv_fast_graph = Some(time_graph(device, options, &mut block.cuda_graph(&x)?)?);
+            let mut graph = crate::cuda::CudaGraph::capture(&conv, &x, |x| conv.forward(x))?;
+            conv3x3_graph = Some(time_graph(device, options, &mut graph)?);
+        }
+        let dtype = format!("{:?}", options.kind);
+        Ok(BlockBench {
+            channels,
+            size,
+            batch,
+            dtype,
+            scconv,
+            scconv_fast,
+            conv3x3,
+            scconv_fast_graph,
+            conv3x3_graph,
+            fused_cuda_kernels,
+        })
     })
 }

@@ -1,6 +1,7 @@
 //! `ResNet`: torchvision's forward (`conv1, bn1, relu, maxpool, layer1..4, avgpool, flatten, fc`).
 use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog};
 use super::config::{BlockKind, ResNetConfig};
+use crate::cuda::CudaGraph;
 use crate::error::ScConvError;
 use crate::fast::Execution;
 use crate::input::{self, Expected};
@@ -70,6 +71,14 @@ impl ResNet {
             }
         }
         Ok(())
+    }
+
+    /// The eval-mode forward captured into a CUDA graph for inputs shaped like `example` (a CUDA
+    /// tensor): `run` on the returned graph replays the whole network as one launch. Enable the fast
+    /// path first if wanted; see [`CudaGraph::capture`] for what is fixed at capture.
+    pub fn cuda_graph(&self, example: &Tensor) -> Result<CudaGraph<'_>, ScConvError> {
+        self.check_input(example)?;
+        CudaGraph::capture(self, example, |x| self.run(x, false, &mut None))
     }
 
     fn run(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
