@@ -215,7 +215,7 @@ fn the_fused_sru_kernel_is_the_reference_sru_bit_for_bit_on_the_gpu() {
             let mut vs = VarStore::new(device);
             let mut model = scconv(vs.root(), &config).unwrap();
             tch::no_grad(|| {
-                let _ = model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+                model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
             });
             vs.set_kind(kind);
             let x = Tensor::randn([3, config.op_channel, 17, 9], (Kind::Float, device));
