@@ -52,8 +52,9 @@ run() {
         shift 2
         echo "=== $label (limit ${limit}s) ===" | tee -a "$log"
         local start=$SECONDS
-        timeout "$limit" "$@" 2>&1 | tee -a "$log"
-        local rc=${PIPESTATUS[0]}
+        local rc=0
+        # (set -e and pipefail would end the whole run at the first failing step)
+        if ! timeout "$limit" "$@" 2>&1 | tee -a "$log"; then rc=1; fi
         echo "=== $label: exit $rc after $((SECONDS - start))s ===" | tee -a "$log"
         [ "$rc" = 0 ] || status=1
     }

@@ -290,3 +290,27 @@ fn cuda_graphs_replay_the_eager_forward_exactly() {
         assert!(graph.run(&x).unwrap().equal(&eager), "{name}: replay differs from eager");
     }
 }
+
+/// The whole fast block against the reference mode on the same GPU: the fused SRU is exact, the CRU
+/// pools each part with libtorch's own `mean` (per plane the same summation as over the reference's
+/// concatenation) and the weighted-sum kernel rounds as the reference's `mul` and `add`: bit for bit.
+#[test]
+fn the_fast_block_is_the_reference_block_bit_for_bit_on_the_gpu() {
+    use scconv_tch::{scconv, ScConvConfig};
+    use tch::{nn::Module, nn::VarStore, Kind, Tensor};
+    let device = gpu();
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for (channels, size, batch) in [(64, 56, 2), (128, 28, 4), (256, 14, 8), (512, 7, 16)] {
+            let mut vs = VarStore::new(device);
+            let mut block = scconv(vs.root(), &ScConvConfig::new(channels)).unwrap();
+            vs.set_kind(kind);
+            let x = Tensor::randn([batch, channels, size, size], (kind, device));
+            let reference = tch::no_grad(|| block.forward_reference(&x));
+            block.set_execution(Execution::Fast).unwrap();
+            let fast = tch::no_grad(|| block.forward(&x));
+            let max = (&fast - &reference).abs().max().to_kind(Kind::Float).double_value(&[]);
+            println!("{kind:?} {channels}@{size} batch {batch}: max |fast - reference| = {max:e}");
+            assert!(fast.equal(&reference), "{kind:?} {channels}@{size}: max diff {max:e}");
+        }
+    }
+}

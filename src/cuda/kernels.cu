@@ -96,35 +96,6 @@ extern "C" __global__ void sru_info_mask(const scalar_t* __restrict__ x, unsigne
   }
 }
 
-// The CRU fuse's pooling: the mean over each plane of the three parts of cat([Y1, Y2]) (Y1, then Y2 as
-// PWC2(low) and low) into `pooled` (N, 2C), one warp per (sample, channel); fp32 accumulation, one
-// rounding at the end. (libtorch sums in another order: the fuse has no decisions, and the parity
-// tolerance covers the last bits.)
-extern "C" __global__ void cru_pool(const scalar_t* __restrict__ y1, const scalar_t* __restrict__ y2_head,
-                                    const scalar_t* __restrict__ low, scalar_t* __restrict__ pooled,
-                                    i64 samples, int channels, int head_channels, i64 plane) {
-  const int lane = threadIdx.x % 32;
-  const i64 warps = gridDim.x * (i64)blockDim.x / 32;
-  for (i64 warp = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / 32; warp < samples * 2 * channels;
-       warp += warps) {
-    const i64 s = warp / (2 * channels);
-    const int ch = (int)(warp % (2 * channels));
-    const scalar_t* src;
-    if (ch < channels) {
-      src = y1 + (s * channels + ch) * plane;
-    } else if (ch < channels + head_channels) {
-      src = y2_head + (s * head_channels + (ch - channels)) * plane;
-    } else {
-      const int low_channels = channels - head_channels;
-      src = low + (s * low_channels + (ch - channels - head_channels)) * plane;
-    }
-    float sum = 0.0f;
-    for (i64 p = lane; p < plane; p += 32) sum += load(src[p]);
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) pooled[warp] = store(sum / (float)plane);
-  }
-}
-
 // The CRU fuse's weighted sum, in place in Y1: out = w[:C] * Y1 + w[C:] * Y2, with Y2 = cat(PWC2(low),
 // low) read from its two parts. Two products and a sum, each rounded, as the reference's
 // `softmax(...) * out` and `out1 + out2` round them (bit for bit, given the same weights).

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The kernels' source, compiled once per (device, dtype).
 const SOURCE: &str = include_str!("kernels.cu");
-const KERNELS: [&str; 4] = ["sru_gate_reconstruct", "sru_info_mask", "cru_pool", "cru_weighted_sum"];
+const KERNELS: [&str; 3] = ["sru_gate_reconstruct", "sru_info_mask", "cru_weighted_sum"];
 const THREADS: u32 = 256;
 
 /// The dtypes the kernels are written for, as `SCALAR_KIND` in `kernels.cu`.
@@ -196,36 +196,28 @@ pub(crate) fn sru_info_mask(x: &Tensor, k: &SruInputs) -> Result<Tensor, ScConvE
 }
 
 /// The CRU's global fuse on its three parts, `Y1` (C channels, overwritten with the result) and
-/// `Y2 = cat(y2_head, low)`: pool all 2C channels (one kernel), libtorch's softmax over the
-/// `(N, 2C, 1, 1)` pooled values as the reference takes it, then the weighted sum (one kernel).
+/// `Y2 = cat(y2_head, low)`: libtorch's pooling of each part and its softmax over the `(N, 2C, 1, 1)`
+/// pooled values, as the reference takes them, then the weighted sum in one kernel. (A pooling kernel
+/// of our own was tried: it sums each plane in another order than libtorch's `mean`, and on the GPU
+/// those last-bit differences flipped in-band gate decisions of later blocks of the trained network.)
 pub(crate) fn cru_fuse(y1: Tensor, y2_head: &Tensor, low: &Tensor) -> Result<Tensor, ScConvError> {
     let device = cuda_index(&y1)?;
     let (y2_head, low) = (y2_head.contiguous(), low.contiguous());
     let y1 = y1.contiguous();
     let [n, c, h, w] = <[i64; 4]>::try_from(y1.size()).map_err(|_| cuda_error("Y1 is not 4-d"))?;
-    let head = y2_head.size()[1];
-    let pooled = Tensor::empty([n, 2 * c, 1, 1], (y1.kind(), y1.device()));
-    let common = |extra: Vec<Arg>| {
-        let mut args = extra;
-        args.extend([Arg::I64(n), Arg::I32(c as i32), Arg::I32(head as i32), Arg::I64(h * w)]);
-        args
-    };
-    let warps = n * 2 * c;
-    launch(
-        device,
-        y1.kind(),
-        2,
-        warps * 32,
-        common(vec![Arg::of(&y1), Arg::of(&y2_head), Arg::of(&low), Arg::of(&pooled)]),
-    )?;
-    let weights = pooled.softmax(1, None);
-    launch(
-        device,
-        y1.kind(),
-        3,
-        n * c * h * w,
-        common(vec![Arg::of(&y1), Arg::of(&y2_head), Arg::of(&low), Arg::of(&weights)]),
-    )?;
+    let pooled: Vec<Tensor> = [&y1, &y2_head, &low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
+    let weights = Tensor::cat(&pooled, 1).softmax(1, None);
+    let args = vec![
+        Arg::of(&y1),
+        Arg::of(&y2_head),
+        Arg::of(&low),
+        Arg::of(&weights),
+        Arg::I64(n),
+        Arg::I32(c as i32),
+        Arg::I32(y2_head.size()[1] as i32),
+        Arg::I64(h * w),
+    ];
+    launch(device, y1.kind(), 2, n * c * h * w, args)?;
     Ok(y1)
 }
 
