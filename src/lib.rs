@@ -26,6 +26,8 @@ pub mod group_batchnorm;
 pub mod info;
 pub mod models;
 pub mod output;
+#[doc(hidden)]
+pub mod profile;
 pub mod scconv;
 pub mod sru;
 pub mod weights;

@@ -115,6 +115,9 @@ enum Command {
         /// Also time each fast block, conv and network replaying a CUDA graph of its forward (CUDA only).
         #[arg(long)]
         cuda_graph: bool,
+        /// Also time the networks' parts per forward: 3x3 convs, SRU, the CRU's convs and fuse, the rest.
+        #[arg(long)]
+        profile: bool,
         /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
@@ -308,6 +311,7 @@ fn run(command: Command) -> Result<ExitCode> {
             cudnn_benchmark,
             dtype,
             cuda_graph,
+            profile,
             json,
         } => {
             tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
@@ -316,7 +320,8 @@ fn run(command: Command) -> Result<ExitCode> {
                 DtypeArg::Half => tch::Kind::Half,
                 DtypeArg::Bf16 => tch::Kind::BFloat16,
             };
-            let options = BenchOptions { kind, cuda_graph, warmup: warmup as usize, runs: runs as usize };
+            let options =
+                BenchOptions { kind, cuda_graph, profile, warmup: warmup as usize, runs: runs as usize };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, json } => {

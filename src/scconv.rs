@@ -52,7 +52,7 @@ impl ScConv {
         }
         self.fast = match execution {
             Execution::Reference => None,
-            fast => Some(FastPath::new(&self.SRU, fast)?),
+            fast => Some(FastPath::new(&self.SRU, fast)?.with_cru(&self.CRU)),
         };
         self.execution = execution;
         Ok(())
@@ -135,9 +135,12 @@ impl Module for ScConv {
     /// The forward pass of the chosen execution mode. Panics (as tch modules do) on input
     /// `try_forward` would reject.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let Some(fast) = &self.fast else { return self.forward_reference(x) };
-        tch::no_grad(|| match fast.sru_into_kept_buffer(&self.SRU, x) {
-            Some(sru_out) => self.CRU.forward_fused(&sru_out, fast.uses_cuda_kernels()),
+        let Some(fast) = &self.fast else {
+            return crate::profile::scope("ScConv (reference mode)", || self.forward_reference(x));
+        };
+        let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
+        tch::no_grad(|| match sru_out {
+            Some(sru_out) => self.CRU.forward_fused(&sru_out, fast.uses_cuda_kernels(), fast.merged_cru()),
             None => self.forward_reference(x),
         })
     }

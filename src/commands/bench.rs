@@ -79,6 +79,12 @@ pub fn run_bench(
             }
         }
     }
+    for n in networks.iter().filter(|n| n.profile.is_some()) {
+        println!("{} batch {}: {:.2} ms per forward", n.name, n.batch, n.timing.median_ms);
+        for (section, ms) in n.profile.iter().flatten() {
+            println!("    {section:<26} {ms:>9.2} ms {:>5.1}%", 100.0 * ms / n.timing.median_ms);
+        }
+    }
     for n in &networks {
         let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
         println!("{:<28} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
@@ -94,6 +100,9 @@ struct NetworkBench {
     images_per_second: f64,
     graph_timing: Option<bench::Timing>,
     graph_images_per_second: Option<f64>,
+    /// With `--profile`: milliseconds per forward in each instrumented section (the rest: stem, batch
+    /// norms, ReLUs, shortcuts, head).
+    profile: Option<Vec<(String, f64)>>,
 }
 
 /// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28);
@@ -124,6 +133,17 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
             let timing = tch::no_grad(|| {
                 bench::time(device, options.warmup, options.runs, || model.forward_t(&x, false))
             });
+            let profile = options.profile.then(|| {
+                scconv_tch::profile::enable(device);
+                tch::no_grad(|| (0..options.runs).for_each(|_| drop(model.forward_t(&x, false))));
+                let sections = scconv_tch::profile::finish();
+                let per_run = |ms: f64| ms / options.runs as f64;
+                let mut rows: Vec<(String, f64)> =
+                    sections.iter().map(|(name, ms, _)| (name.to_string(), per_run(*ms))).collect();
+                let listed: f64 = rows.iter().map(|(_, ms)| ms).sum();
+                rows.push(("rest".into(), timing.median_ms - listed));
+                rows
+            });
             let graph_timing = match options.cuda_graph {
                 true => Some(bench::time_graph(device, &options, &mut model.cuda_graph(&x)?)?),
                 false => None,
@@ -137,6 +157,7 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
                 graph_images_per_second: graph_timing.as_ref().map(per_second),
                 timing,
                 graph_timing,
+                profile,
             });
         }
     }

@@ -3,20 +3,44 @@
 //! weighted branches are added into one output. The same function; rounding differs only in the order
 //! of additions, which the parity tolerance covers. On CUDA with the fused kernels, the pooling and the
 //! weighted sum are one kernel each (`crate::cuda::cru_fuse`).
+use super::cru_weights::MergedCruWeights;
 use crate::cru::Cru;
+use crate::profile::scope;
 use tch::{nn::Module, Tensor};
 
 impl Cru {
-    pub(crate) fn forward_fused(&self, x: &Tensor, cuda_kernels: bool) -> Tensor {
-        let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
-        let (up, low) = (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]));
-        // In place where the reference allocates: every large allocation is a fresh run of page faults.
-        let mut y1 = self.GWC.forward(&up);
-        y1 += self.PWC1.forward(&up);
+    pub(crate) fn forward_fused(
+        &self,
+        x: &Tensor,
+        cuda_kernels: bool,
+        merged: Option<&MergedCruWeights>,
+    ) -> Tensor {
+        let squeeze = || {
+            if let Some(parts) = merged.and_then(|m| m.squeeze(x)) {
+                return parts;
+            }
+            let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
+            (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]))
+        };
+        let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
+        let y1 = match merged {
+            Some(m) => scope("CRU GWC + PWC1 (one conv)", || m.gwc_plus_pwc1(&up)),
+            None => {
+                // In place where the reference allocates: every large allocation is a fresh run of page
+                // faults.
+                let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
+                scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
+                y1
+            }
+        };
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
-        let y2_head = self.PWC2.forward(&low);
+        let y2_head = scope("CRU PWC2", || self.PWC2.forward(&low));
+        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels))
+    }
+
+    fn fuse(&self, mut y1: Tensor, y2_head: &Tensor, low: &Tensor, cuda_kernels: bool) -> Tensor {
         if cuda_kernels {
-            if let Ok(out) = crate::cuda::cru_fuse(y1.shallow_clone(), &y2_head, &low) {
+            if let Ok(out) = crate::cuda::cru_fuse(y1.shallow_clone(), y2_head, low) {
                 return out;
             }
         }
@@ -24,13 +48,12 @@ impl Cru {
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         // The reference's pooling and a softmax over the same (N, 2C, 1, 1) shape: libtorch reduces an
         // (N, 2C) softmax differently, which shows at C >= 2048 on near-constant inputs.
-        let pooled: Vec<Tensor> =
-            [&y1, &y2_head, &low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
+        let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
         let weights = Tensor::cat(&pooled, 1).softmax(1, None);
         let weights = weights.split_with_sizes(sizes, 1);
         y1 *= &weights[0];
-        let _ = y1.narrow(1, 0, sizes[1]).addcmul_(&y2_head, &weights[1]);
-        let _ = y1.narrow(1, sizes[1], sizes[2]).addcmul_(&low, &weights[2]);
+        let _ = y1.narrow(1, 0, sizes[1]).addcmul_(y2_head, &weights[1]);
+        let _ = y1.narrow(1, sizes[1], sizes[2]).addcmul_(low, &weights[2]);
         y1
     }
 }

@@ -18,12 +18,15 @@
 //!
 //! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
 mod cru;
+mod cru_weights;
 mod sru_kernel;
 pub mod threshold;
 mod welford;
 
+use crate::cru::Cru;
 use crate::error::ScConvError;
 use crate::sru::Sru;
+use cru_weights::MergedCruWeights;
 use sru_kernel::GateConstants;
 use std::borrow::Cow;
 use tch::{nn::Module, Device, Kind, Tensor};
@@ -53,6 +56,8 @@ pub struct FastPath {
     channels: ChannelConstants,
     /// The CPU kernel's output of the last forward pass, written over by the next.
     buffer: std::cell::RefCell<Option<Tensor>>,
+    /// The CRU's convolutions merged (CPU, fp32, `Execution::Fast`; see `cru_weights`).
+    merged_cru: Option<MergedCruWeights>,
 }
 
 /// `gamma`, `beta` (kept to notice a later weight change) and the reference's `w_gamma`.
@@ -111,7 +116,21 @@ impl FastPath {
             z_t: threshold::calibrate_for(sru.gate_treshold, device, kind)?,
             channels: ChannelConstants::of(sru),
             buffer: Default::default(),
+            merged_cru: None,
         })
+    }
+
+    /// Adds the merged CRU convolutions where the CPU kernel runs (CPU, fp32, `Execution::Fast`).
+    pub(crate) fn with_cru(mut self, cru: &Cru) -> FastPath {
+        if self.use_cpu_kernel {
+            self.merged_cru = Some(MergedCruWeights::of(cru));
+        }
+        self
+    }
+
+    /// The merged CRU convolutions, unless the CRU's parameters changed since they were merged.
+    pub(crate) fn merged_cru(&self) -> Option<&MergedCruWeights> {
+        self.merged_cru.as_ref().filter(|m| m.still_match())
     }
 
     /// Whether the fused CUDA kernels run (else, on CUDA, libtorch operations).

@@ -48,6 +48,8 @@ pub fn time(device: Device, warmup: usize, runs: usize, mut f: impl FnMut() -> T
 pub struct BenchOptions {
     pub kind: Kind,
     pub cuda_graph: bool,
+    /// Time the networks' sections too (`crate::profile`).
+    pub profile: bool,
     pub warmup: usize,
     pub runs: usize,
 }

@@ -1,6 +1,7 @@
 //! The residual blocks of `parity/models.py`, under torchvision's names (`conv1`, `bn1`, `downsample.0`,
 //! ...). A 3x3 conv that keeps its channel count is an ScConv in the SC variant, followed by a 2x2
 //! average pool where the plain conv would have stride 2.
+use crate::profile;
 use crate::sru::Gate;
 use crate::{scconv, ScConv, ScConvConfig, ScConvError};
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
@@ -35,7 +36,7 @@ impl Conv3x3 {
     /// In training the ScConv runs its reference mode, the one with gradients, whatever its execution.
     fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
         match self {
-            Conv3x3::Plain(conv) => conv.forward(x),
+            Conv3x3::Plain(conv) => profile::scope("conv3x3 (plain)", || conv.forward(x)),
             Conv3x3::Sc { scconv, pool, path } => {
                 let y = match gates {
                     Some(log) => {
@@ -47,7 +48,9 @@ impl Conv3x3 {
                     None => scconv.forward(x),
                 };
                 if *pool {
-                    y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)
+                    profile::scope("ScConv's 2x2 pool", || {
+                        y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)
+                    })
                 } else {
                     y
                 }
