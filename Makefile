@@ -15,7 +15,8 @@ demo: setup
 	cargo run --release --quiet -- parity --execution fast
 
 # The parity tests record their tables in target/parity-reports/. Then: the README's commands and a
-# fresh project that depends on the crate (check_readme.sh), formatting and lints, and the package as
+# fresh project that depends on the crate (check_readme.sh), the speed tables against docs/bench/'s
+# results (speed_tables.py), formatting and lints, and the package as
 # crates.io and docs.rs take it (check_package.sh; last, since it cleans this crate's build artifacts).
 test: setup
 	cargo test

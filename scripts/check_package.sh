@@ -24,7 +24,7 @@ if grep -q '^weights/\|^tests/\|^parity/' <<<"$files"; then
     echo "package: FAILED: fixtures, tests or the Python side are in the package" >&2
     exit 1
 fi
-for needed in LICENSE CHANGELOG.md README.md build.rs src/lib.rs; do
+for needed in LICENSE CHANGELOG.md README.md build.rs src/lib.rs src/cuda/shim.cpp src/cuda/kernels.cu; do
     grep -qx "$needed" <<<"$files" || { echo "package: FAILED: $needed is not in the package" >&2; exit 1; }
 done
 

@@ -23,16 +23,15 @@ impl Cru {
             (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]))
         };
         let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
-        let y1 = match merged {
-            Some(m) => scope("CRU GWC + PWC1 (one conv)", || m.gwc_plus_pwc1(&up)),
-            None => {
-                // In place where the reference allocates: every large allocation is a fresh run of page
-                // faults.
-                let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
-                scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
-                y1
-            }
-        };
+        let dense = merged
+            .filter(|m| m.merges_gwc())
+            .and_then(|m| scope("CRU GWC + PWC1 (one conv)", || m.gwc_plus_pwc1(&up)));
+        let y1 = dense.unwrap_or_else(|| {
+            // In place where the reference allocates: every large allocation is a fresh run of page faults.
+            let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
+            scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
+            y1
+        });
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || self.PWC2.forward(&low));
         scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels))
