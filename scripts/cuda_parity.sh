@@ -59,7 +59,7 @@ run() {
         [ "$rc" = 0 ] || status=1
     }
     step 200 "parity_cuda, TF32 on" .device/bin/parity_cuda --test-threads=1 --nocapture
-    for dtype in float bf16; do
+    for dtype in float bf16 half; do
         step 130 "bench $dtype" sh -c ".device/bin/scconv-tch bench --device cuda --dtype $dtype --runs 30 \
             --cudnn-benchmark --cuda-graph --json > $out/bench-cuda-$dtype.json"
         python3 -c "import json,sys; d=json.load(open('$out/bench-cuda-$dtype.json')); print(json.dumps(d)[:6000])" \
