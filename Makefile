@@ -21,7 +21,7 @@ demo: setup
 test: setup
 	cargo test
 	scripts/check_readme.sh
-	python3 scripts/speed_tables.py --check docs/speed.md README.md docs/bench/h200-fp32.json docs/bench/h200-bf16.json
+	python3 scripts/speed_tables.py --check docs/speed.md README.md docs/bench/h200-fp32.json docs/bench/h200-bf16.json docs/bench/h200-fp16.json
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
 	scripts/check_package.sh
