@@ -76,3 +76,22 @@ impl<'m> CudaGraph<'m> {
         Ok(&self.output)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{scconv, ScConvConfig};
+    use tch::{nn::VarStore, Kind};
+
+    #[test]
+    fn a_graph_of_a_cpu_forward_is_refused_saying_why() {
+        let vs = VarStore::new(Device::Cpu);
+        let block = scconv(vs.root(), &ScConvConfig::new(32)).unwrap();
+        let x = Tensor::randn([1, 32, 8, 8], (Kind::Float, Device::Cpu));
+        let err = block.cuda_graph(&x).unwrap_err().to_string();
+        assert!(err.contains("on Cpu; graphs are CUDA only"), "{err}");
+        let wrong = Tensor::randn([1, 16, 8, 8], (Kind::Float, Device::Cpu));
+        let err = block.cuda_graph(&wrong).unwrap_err().to_string();
+        assert!(err.starts_with("invalid input"), "the input is checked first: {err}");
+    }
+}
