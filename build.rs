@@ -37,9 +37,11 @@ fn main() {
 }
 
 /// `src/cuda/shim.cpp` (NVRTC, the driver's kernel launch on libtorch's stream, CUDA graphs), when the
-/// CUDA headers are beside libtorch (PyPI's layout: `nvidia/cu13/include` next to `torch/`) or under
-/// `$CUDA_HOME/include`. Without them the crate builds as before and its CUDA kernels report that they
-/// are not built (`cfg(scconv_cuda_shim)`).
+/// CUDA headers are beside libtorch (PyPI's layout: `nvidia/cu13/include` next to `torch/`, with the
+/// `nvidia-cuda-crt` package for `crt/host_config.h`) or under `$CUDA_HOME/include`. Without them, or if
+/// the shim does not compile, the crate builds as before and says so in a warning: on CUDA the fast path
+/// then runs libtorch operations (`cfg(scconv_cuda_shim)` is off and the kernels report that they are
+/// not built).
 fn build_cuda_shim(lib_dir: &Path) {
     println!("cargo:rerun-if-changed=src/cuda/shim.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -48,15 +50,16 @@ fn build_cuda_shim(lib_dir: &Path) {
         torch.join("../nvidia/cu13/include"),
         PathBuf::from(std::env::var("CUDA_HOME").unwrap_or_default()).join("include"),
     ];
-    let Some(cuda_include) =
-        candidates.iter().find(|d| d.join("cuda.h").exists() && d.join("nvrtc.h").exists())
-    else {
+    let needed = ["cuda.h", "nvrtc.h", "crt/host_config.h"];
+    let Some(cuda_include) = candidates.iter().find(|d| needed.iter().all(|h| d.join(h).exists())) else {
         println!(
-            "cargo:warning=no CUDA headers (cuda.h, nvrtc.h) found beside libtorch: CUDA kernels not built"
+            "cargo:warning=CUDA kernels not built: no folder beside libtorch or under CUDA_HOME has {} \
+             (for PyPI's torch: pip install nvidia-cuda-crt==13.0.88); CUDA runs libtorch operations",
+            needed.join(", ")
         );
         return;
     };
-    cc::Build::new()
+    let compiled = cc::Build::new()
         .cpp(true)
         .file("src/cuda/shim.cpp")
         .include(torch.join("include"))
@@ -64,7 +67,11 @@ fn build_cuda_shim(lib_dir: &Path) {
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)
-        .compile("scconv_cuda_shim");
+        .try_compile("scconv_cuda_shim");
+    if let Err(err) = compiled {
+        println!("cargo:warning=CUDA kernels not built: the shim did not compile ({err}); CUDA runs libtorch operations");
+        return;
+    }
     for lib in ["c10_cuda", "torch_cuda", "c10", "dl"] {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }

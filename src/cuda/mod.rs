@@ -75,6 +75,12 @@ fn functions(device: usize, kind: Kind) -> Result<Functions, ScConvError> {
     Ok(f)
 }
 
+/// Whether this build has the CUDA shim (built by `build.rs` when libtorch has CUDA and the CUDA
+/// headers are found; else the fast path runs libtorch operations on CUDA).
+pub fn kernels_built() -> bool {
+    cfg!(scconv_cuda_shim)
+}
+
 /// Whether the fused kernels run on `device` for `kind`: built into this binary, NVRTC and a driver
 /// found, compiled for the device. The first call compiles (about a second); later ones are free.
 pub fn kernels_available(device: Device, kind: Kind) -> Result<(), ScConvError> {
