@@ -1,6 +1,10 @@
 //! SCConv (Spatial and Channel Reconstruction Convolution, CVPR 2023) on `tch`, mirroring the PyTorch
 //! reference line for line so that its `state_dict` loads unchanged.
 //!
+//! For inference: `Execution::Fast` (the same gate decisions; on CUDA fused kernels of our own, bit for
+//! bit the reference), fp16 / bf16 modules (convert the `VarStore`), and CUDA graphs
+//! ([`cuda::CudaGraph`], `ScConv::cuda_graph`, `models::ResNet::cuda_graph`).
+//!
 //! ```no_run
 //! use scconv_tch::{scconv, weights, Execution, ScConvConfig};
 //! use tch::{nn::VarStore, Device, Kind, Tensor};

@@ -37,7 +37,8 @@ pub enum Execution {
     /// The reference's operations, one for one (the default; the only mode with gradients).
     #[default]
     Reference,
-    /// The fast path: the fused CPU kernel on CPU float tensors, libtorch operations elsewhere.
+    /// The fast path: the fused Rust kernel for fp32 on the CPU, the fused CUDA kernels on a GPU (when
+    /// this build has them, `crate::cuda::kernels_built`), libtorch operations otherwise.
     Fast,
     /// The fast path through libtorch operations only (no kernels of our own: what runs on CUDA in a
     /// build without the CUDA shim; selectable anywhere to compare with the fused kernels).
