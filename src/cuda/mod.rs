@@ -179,40 +179,52 @@ impl SruInputs<'_> {
     }
 }
 
+/// Runs SRU kernel `kernel` over `threads` threads on `x` with `k`'s inputs (made contiguous in
+/// `x`'s dtype), writing `out`.
+fn launch_sru(
+    kernel: usize,
+    threads: i64,
+    x: &Tensor,
+    k: &SruInputs,
+    out: &Tensor,
+) -> Result<(), ScConvError> {
+    let device = cuda_index(x)?;
+    let [mean, denom, gamma, beta, w_gamma] = k.contiguous(x);
+    let k = SruInputs { mean: &mean, denom: &denom, gamma: &gamma, beta: &beta, w_gamma: &w_gamma, ..*k };
+    launch(device, x.kind(), kernel, threads, k.args(x, out))
+}
+
 /// The fused SRU on a CUDA tensor `x` (N, C, H, W): the gate and the cross-reconstruction in one pass.
 pub(crate) fn sru_gate_reconstruct(x: &Tensor, k: &SruInputs) -> Result<Tensor, ScConvError> {
-    let device = cuda_index(x)?;
     let x = x.contiguous();
-    let [mean, denom, gamma, beta, w_gamma] = k.contiguous(&x);
-    let k = SruInputs { mean: &mean, denom: &denom, gamma: &gamma, beta: &beta, w_gamma: &w_gamma, ..*k };
     let out = x.empty_like();
-    launch(device, x.kind(), 0, x.numel() as i64 / 2, k.args(&x, &out))?;
+    launch_sru(0, x.numel() as i64 / 2, &x, k, &out)?;
     Ok(out)
 }
 
 /// The fused SRU's informative mask (bool, `x`'s shape).
 pub(crate) fn sru_info_mask(x: &Tensor, k: &SruInputs) -> Result<Tensor, ScConvError> {
-    let device = cuda_index(x)?;
     let x = x.contiguous();
-    let [mean, denom, gamma, beta, w_gamma] = k.contiguous(&x);
-    let k = SruInputs { mean: &mean, denom: &denom, gamma: &gamma, beta: &beta, w_gamma: &w_gamma, ..*k };
     let mask = Tensor::empty(x.size(), (Kind::Uint8, x.device()));
-    launch(device, x.kind(), 1, x.numel() as i64, k.args(&x, &mask))?;
+    launch_sru(1, x.numel() as i64, &x, k, &mask)?;
     Ok(mask.to_kind(Kind::Bool))
 }
 
-/// The CRU's global fuse on its three parts, `Y1` (C channels, overwritten with the result) and
-/// `Y2 = cat(y2_head, low)`: libtorch's pooling of each part and its softmax over the `(N, 2C, 1, 1)`
-/// pooled values, as the reference takes them, then the weighted sum in one kernel. (A pooling kernel
-/// of our own was tried: it sums each plane in another order than libtorch's `mean`, and on the GPU
-/// those last-bit differences flipped in-band gate decisions of later blocks of the trained network.)
-pub(crate) fn cru_fuse(y1: Tensor, y2_head: &Tensor, low: &Tensor) -> Result<Tensor, ScConvError> {
+/// The CRU fuse's weighted sum in one kernel, in place in `Y1` (C channels): `w[:, :C] * Y1 +
+/// w[:, C:] * Y2` with `Y2 = cat(y2_head, low)` read from its parts and `weights` the softmax over the
+/// `(N, 2C, 1, 1)` pooled values (libtorch's pooling, as the reference takes it: a pooling kernel of
+/// our own was tried, and its other summation order changed pooled values in the last bit, which on
+/// the GPU flipped in-band gate decisions of later blocks of the trained network).
+pub(crate) fn cru_weighted_sum(
+    y1: Tensor,
+    y2_head: &Tensor,
+    low: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor, ScConvError> {
     let device = cuda_index(&y1)?;
-    let (y2_head, low) = (y2_head.contiguous(), low.contiguous());
-    let y1 = y1.contiguous();
+    let (y1, y2_head, low, weights) =
+        (y1.contiguous(), y2_head.contiguous(), low.contiguous(), weights.contiguous());
     let [n, c, h, w] = <[i64; 4]>::try_from(y1.size()).map_err(|_| cuda_error("Y1 is not 4-d"))?;
-    let pooled: Vec<Tensor> = [&y1, &y2_head, &low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
-    let weights = Tensor::cat(&pooled, 1).softmax(1, None);
     let args = vec![
         Arg::of(&y1),
         Arg::of(&y2_head),

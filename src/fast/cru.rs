@@ -1,8 +1,8 @@
 //! The CRU's fuse without its 2C-channel concatenations: each branch is pooled on its own, the one
 //! softmax over all 2C pooled values is taken on that small vector (as the reference does), and the
 //! weighted branches are added into one output. The same function; rounding differs only in the order
-//! of additions, which the parity tolerance covers. On CUDA with the fused kernels, the pooling and the
-//! weighted sum are one kernel each (`crate::cuda::cru_fuse`).
+//! of additions, which the parity tolerance covers. On CUDA with the fused kernels, the weighted sum is
+//! one kernel (`crate::cuda::cru_weighted_sum`), which rounds as the reference does.
 use super::cru_weights::MergedCruWeights;
 use crate::cru::Cru;
 use crate::profile::scope;
@@ -38,17 +38,17 @@ impl Cru {
     }
 
     fn fuse(&self, mut y1: Tensor, y2_head: &Tensor, low: &Tensor, cuda_kernels: bool) -> Tensor {
-        if cuda_kernels {
-            if let Ok(out) = crate::cuda::cru_fuse(y1.shallow_clone(), y2_head, low) {
-                return out;
-            }
-        }
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         // The reference's pooling and a softmax over the same (N, 2C, 1, 1) shape: libtorch reduces an
         // (N, 2C) softmax differently, which shows at C >= 2048 on near-constant inputs.
         let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
         let weights = Tensor::cat(&pooled, 1).softmax(1, None);
+        if cuda_kernels {
+            if let Ok(out) = crate::cuda::cru_weighted_sum(y1.shallow_clone(), y2_head, low, &weights) {
+                return out;
+            }
+        }
         let weights = weights.split_with_sizes(sizes, 1);
         y1 *= &weights[0];
         let _ = y1.narrow(1, 0, sizes[1]).addcmul_(y2_head, &weights[1]);

@@ -13,7 +13,7 @@
 //!   the splits and the cat);
 //! - on CUDA, when this build has the CUDA shim (`crate::cuda`), one fused kernel computes `z` with the
 //!   reference's operations in its order (no fused multiply-add), gates and cross-reconstructs, and the
-//!   CRU's fuse is a pooling kernel, libtorch's softmax and a weighted-sum kernel;
+//!   CRU's fuse is libtorch's pooling and softmax and a weighted-sum kernel;
 //! - the CRU pools its branches separately instead of concatenating 2C channels (`cru`).
 //!
 //! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
@@ -221,8 +221,8 @@ impl FastPath {
     /// The statistics by libtorch's own kernels, as the reference computes them (`x.view(N, G, -1)`,
     /// `mean` and unbiased `std` over the last dimension, `std + eps`): the fused kernel reads them.
     /// Reproducing libtorch's CUDA reductions bit for bit would mean porting its launch heuristics
-    /// (the split of a row across threads and blocks decides the rounding); they are two of the
-    /// SRU's kernels, and the fused kernel replaces the other eleven.
+    /// (the split of a row across threads and blocks decides the rounding); they are three of the
+    /// SRU's kernels (`mean`, `std`, `+ eps`), and the fused kernel replaces the other eleven.
     fn with_cuda_inputs<T>(
         &self,
         sru: &Sru,

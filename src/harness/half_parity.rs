@@ -11,7 +11,7 @@
 //! sign one by one in the dtype, so its error grows with C and with the cancellation in the sum (with
 //! the seed's `randn` gammas, bf16 measured up to 17% of the largest `z` at C = 64). That is the
 //! reference's own arithmetic in that dtype, which the Rust side reproduces bit for bit.
-use super::parity::{compare, Comparison, Manifest, Tolerance};
+use super::parity::{compare, fixture, read_tensors, Comparison, Manifest, Tolerance};
 use crate::error::ScConvError;
 use crate::sru::GateDecisions;
 use crate::{scconv, weights, Execution, ScConvConfig};
@@ -76,15 +76,17 @@ pub struct HalfCaseReport {
     pub flips: i64,
     /// The output against PyTorch's converted module (`dtype_tolerance`).
     pub output: Comparison,
-    /// The dtype's `z` against the fp32 module's (reported; see the module docs).
-    pub z_vs_fp32: Option<Comparison>,
+    /// The dtype's `z` against the fp32 module's (reported; see the module docs). The same for every
+    /// execution of a case (the reference's gate).
+    pub z_vs_fp32: Comparison,
     /// Decisions differing from fp32's although neither the dtype's error of `z` nor its sigmoid's
     /// rounding band reaches fp32's `z`: must be 0.
     pub fp32_flips_outside_band: i64,
     /// Decisions differing from fp32's, explained by either (allowed).
     pub fp32_flips_in_band: i64,
-    /// With fp32's decisions fed in, the output against the fp32 module's (`against_fp32_tolerance`).
-    pub with_fp32_decisions: Option<Comparison>,
+    /// With fp32's decisions fed in, the output against the fp32 module's (`against_fp32_tolerance`);
+    /// the same for every execution of a case (the reference's path downstream of the gate).
+    pub with_fp32_decisions: Comparison,
 }
 
 impl HalfCaseReport {
@@ -92,7 +94,7 @@ impl HalfCaseReport {
         self.flips == 0
             && self.output.passed()
             && self.fp32_flips_outside_band == 0
-            && self.with_fp32_decisions.as_ref().is_none_or(Comparison::passed)
+            && self.with_fp32_decisions.passed()
     }
 }
 
@@ -101,60 +103,29 @@ pub fn run_all(dir: &Path, device: Device) -> Result<Vec<HalfCaseReport>, ScConv
     let manifest: Manifest<HalfCaseSpec> = Manifest::read(dir)?;
     let mut reports = Vec::new();
     for case in &manifest.cases {
-        for execution in [Execution::Reference, Execution::Fast, Execution::FastTensorOps] {
-            reports.push(run_case(dir, case, device, execution)?);
-        }
+        reports.extend(run_case(dir, case, device)?);
     }
     Ok(reports)
 }
 
-/// One case in one execution mode.
-pub fn run_case(
-    dir: &Path,
-    case: &HalfCaseSpec,
-    device: Device,
-    execution: Execution,
-) -> Result<HalfCaseReport, ScConvError> {
+/// One case: its fixtures read and the fp32 layers checked once, then a report per execution mode.
+pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<HalfCaseReport>, ScConvError> {
     let kind = kind_of(&case.dtype)?;
     let mut vs = VarStore::new(device);
     let mut block = scconv(vs.root(), &case.config)?;
     weights::load(&mut vs, dir.join(&case.state_dict))?;
     vs.set_kind(kind);
-    let tensors: std::collections::HashMap<String, Tensor> =
-        weights::read(dir.join(&case.tensors))?.into_iter().collect();
-    let get = |key: &str| {
-        tensors.get(key).map(|t| t.to_device(device)).ok_or_else(|| ScConvError::WeightsFile {
-            path: case.tensors.clone(),
-            reason: format!("no tensor {key:?}"),
-        })
-    };
+    let tensors = read_tensors(&dir.join(&case.tensors))?;
+    let get = |key: &str| fixture(&tensors, key, &case.name).map(|t| t.to_device(device));
     let x = get("input")?.to_kind(kind);
-    let (info, output) = (get("gate.info_mask")?, get("output")?);
+    let (info, output) = (get("gate.info_mask")?.to_kind(Kind::Bool), get("output")?);
     let (z32, output32, decisions32) =
         (get("gate.z.fp32")?, get("output.fp32")?, get("gate.info_mask.fp32")?.to_kind(Kind::Bool));
-    block.set_execution(execution)?;
     tch::no_grad(|| {
-        let y = block.try_forward(&x)?;
-        let decided = match execution {
-            Execution::Reference => block.try_gate(&x)?.decisions.info_mask,
-            _ => block
-                .try_fast_info_mask(&x)?
-                .ok_or_else(|| ScConvError::InvalidInput("no fast mask".into()))?,
-        };
-        let flips = count(&decided.logical_xor(&info.to_kind(Kind::Bool)));
-        let mut report = HalfCaseReport {
-            name: case.name.clone(),
-            execution: format!("{execution:?}"),
-            flips,
-            output: compare(&y, &output, dtype_tolerance(kind))?,
-            z_vs_fp32: None,
-            fp32_flips_outside_band: 0,
-            fp32_flips_in_band: 0,
-            with_fp32_decisions: None,
-        };
-        let z = block.try_gate(&x)?.z.to_kind(Kind::Float);
+        let gate = block.try_gate(&x)?;
+        let z = gate.z.to_kind(Kind::Float);
         let tol = against_fp32_tolerance(kind);
-        report.z_vs_fp32 = Some(compare(&z, &z32, tol)?);
+        let z_vs_fp32 = compare(&z, &z32, tol)?;
         // Explained: fp32's z is within the dtype's error of z of the threshold, or inside the band
         // where the dtype's sigmoid rounds to t although fp32's does not (between logit(t) and the
         // dtype's calibrated z_t: about -4.9e-4 for fp16 at t = 0.5, -3.9e-3 for bf16).
@@ -163,12 +134,31 @@ pub fn run_case(
         let z_t = crate::fast::threshold::calibrate_for(t, device, kind)? as f64;
         let slack = (z_t - logit).abs() + unit_roundoff(kind) * logit.abs();
         let crossed = (&z32 - logit).abs().le_tensor(&((&z - &z32).abs() + slack));
-        let flipped = decided.logical_xor(&decisions32);
-        report.fp32_flips_in_band = count(&flipped.logical_and(&crossed));
-        report.fp32_flips_outside_band = count(&flipped.logical_and(&crossed.logical_not()));
         let fed = block.forward_with_decisions(&x, &GateDecisions::from_info_mask(&decisions32))?;
-        report.with_fp32_decisions = Some(compare(&fed, &output32, tol)?);
-        Ok(report)
+        let with_fp32_decisions = compare(&fed, &output32, tol)?;
+        let mut reports = Vec::new();
+        for execution in [Execution::Reference, Execution::Fast, Execution::FastTensorOps] {
+            block.set_execution(execution)?;
+            let y = block.try_forward(&x)?;
+            let decided = match execution {
+                Execution::Reference => gate.decisions.info_mask.shallow_clone(),
+                _ => block
+                    .try_fast_info_mask(&x)?
+                    .ok_or_else(|| ScConvError::InvalidInput("no fast mask".into()))?,
+            };
+            let flipped = decided.logical_xor(&decisions32);
+            reports.push(HalfCaseReport {
+                name: case.name.clone(),
+                execution: format!("{execution:?}"),
+                flips: count(&decided.logical_xor(&info)),
+                output: compare(&y, &output, dtype_tolerance(kind))?,
+                z_vs_fp32: z_vs_fp32.clone(),
+                fp32_flips_outside_band: count(&flipped.logical_and(&crossed.logical_not())),
+                fp32_flips_in_band: count(&flipped.logical_and(&crossed)),
+                with_fp32_decisions: with_fp32_decisions.clone(),
+            });
+        }
+        Ok(reports)
     })
 }
 
@@ -183,18 +173,16 @@ pub fn table(reports: &[HalfCaseReport]) -> String {
         "case", "execution", "flips", "out rel err", "z vs fp32", "fp32 flips", "fed vs fp32", ""
     );
     for r in reports {
-        let rel =
-            |c: &Option<Comparison>| c.as_ref().map_or("-".to_string(), |c| format!("{:.2e}", c.relative()));
         out += &format!(
-            "{:<28} {:<14} {:>6} {:>12.2e} {:>12} {:>7} ({:>3} ok) {:>12} {:>6}\n",
+            "{:<28} {:<14} {:>6} {:>12.2e} {:>12.2e} {:>7} ({:>3} ok) {:>12.2e} {:>6}\n",
             r.name,
             r.execution,
             r.flips,
             r.output.relative(),
-            rel(&r.z_vs_fp32),
+            r.z_vs_fp32.relative(),
             r.fp32_flips_outside_band,
             r.fp32_flips_in_band,
-            rel(&r.with_fp32_decisions),
+            r.with_fp32_decisions.relative(),
             super::parity::verdict(r.passed())
         );
     }
