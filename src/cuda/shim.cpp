@@ -86,17 +86,27 @@ bool bind(void* lib, const char* name, F& f, std::string& why) {
   return f != nullptr;
 }
 
-const Nvrtc* nvrtc(std::string& why) {
+// `Api` loaded once per process by `load(api, why)`; later calls return it, or the same failure.
+template <typename Api, typename Load>
+const Api* load_once(std::string& why, Load load) {
   static std::once_flag once;
-  static Nvrtc api;
-  static const Nvrtc* loaded = nullptr;
+  static Api api;
+  static const Api* loaded = nullptr;
   static std::string failure;
-  std::call_once(once, [] {
+  std::call_once(once, [&] {
+    if (load(api, failure)) loaded = &api;
+  });
+  why = failure;
+  return loaded;
+}
+
+const Nvrtc* nvrtc(std::string& why) {
+  return load_once<Nvrtc>(why, [](Nvrtc& api, std::string& failure) {
     std::string w;
     void* lib = open_library("libnvrtc.so.13", torch_lib_dir() + "/../../nvidia/cu13/lib/libnvrtc.so.13", w);
     if (!lib) {
       failure = "NVRTC (libnvrtc.so.13) could not be loaded: " + w;
-      return;
+      return false;
     }
     // NVRTC opens its builtins library by name; from a folder not on the search path, load it first.
     Dl_info info;
@@ -113,23 +123,18 @@ const Nvrtc* nvrtc(std::string& why) {
               bind(lib, "nvrtcGetCUBIN", api.cubin, w) && bind(lib, "nvrtcGetPTXSize", api.ptx_size, w) &&
               bind(lib, "nvrtcGetPTX", api.ptx, w) && bind(lib, "nvrtcDestroyProgram", api.destroy, w) &&
               bind(lib, "nvrtcGetErrorString", api.error_string, w);
-    if (ok) loaded = &api; else failure = "NVRTC: " + w;
+    if (!ok) failure = "NVRTC: " + w;
+    return ok;
   });
-  why = failure;
-  return loaded;
 }
 
 const Driver* driver(std::string& why) {
-  static std::once_flag once;
-  static Driver api;
-  static const Driver* loaded = nullptr;
-  static std::string failure;
-  std::call_once(once, [] {
+  return load_once<Driver>(why, [](Driver& api, std::string& failure) {
     std::string w;
     void* lib = open_library("libcuda.so.1", "", w);
     if (!lib) {
       failure = "the CUDA driver (libcuda.so.1) could not be loaded: " + w;
-      return;
+      return false;
     }
     bool ok = bind(lib, "cuInit", api.init, w) && bind(lib, "cuDeviceGet", api.device_get, w) &&
               bind(lib, "cuDeviceGetAttribute", api.attribute, w) &&
@@ -142,10 +147,9 @@ const Driver* driver(std::string& why) {
       ok = false;
       w = "cuInit failed (no usable GPU)";
     }
-    if (ok) loaded = &api; else failure = "CUDA driver: " + w;
+    if (!ok) failure = "CUDA driver: " + w;
+    return ok;
   });
-  why = failure;
-  return loaded;
 }
 
 std::string cu_error(const Driver* d, CUresult r) {
@@ -162,20 +166,15 @@ struct Runtime {
 };
 
 const Runtime* runtime(std::string& why) {
-  static std::once_flag once;
-  static Runtime api;
-  static const Runtime* loaded = nullptr;
-  static std::string failure;
-  std::call_once(once, [] {
+  return load_once<Runtime>(why, [](Runtime& api, std::string& failure) {
     std::string w;
     void* lib = dlopen("libcudart.so.13", RTLD_NOW | RTLD_NOLOAD);
     if (!lib) lib = RTLD_DEFAULT;
     bool ok = bind(lib, "cudaStreamSynchronize", api.synchronize, w) &&
               bind(lib, "cudaStreamIsCapturing", api.is_capturing, w);
-    if (ok) loaded = &api; else failure = "CUDA runtime: " + w;
+    if (!ok) failure = "CUDA runtime: " + w;
+    return ok;
   });
-  why = failure;
-  return loaded;
 }
 
 void synchronize(const Runtime* rt, cudaStream_t stream) {
