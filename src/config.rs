@@ -189,11 +189,6 @@ impl ScConvConfig {
         Self { fuse, ..self }
     }
 
-    /// Whether `Execution::Fast` can run this config: the 2023-07-27 variant with the global fuse.
-    pub fn fast_path_covers(&self) -> bool {
-        self.variant == Variant::V20230727 && self.fuse == Fuse::Global
-    }
-
     /// `int(alpha * op_channel)`: Python's `int` truncates toward zero, as `as i64` does.
     pub fn up_channel(&self) -> i64 {
         (self.alpha * self.op_channel as f64) as i64

@@ -52,11 +52,6 @@ pub enum ScConvError {
         why: String,
     },
 
-    /// The fast path was asked for a configuration it does not cover (it covers the 2023-07-27
-    /// variant with the global fuse, in fp32).
-    #[error("the fast path does not cover {0}; use Execution::Reference")]
-    FastPathUnsupported(String),
-
     /// The fused CUDA kernels or a CUDA graph could not be used (not built, no NVRTC or driver, a
     /// failed launch or capture).
     #[error("CUDA: {0}")]

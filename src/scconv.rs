@@ -43,13 +43,6 @@ impl ScConv {
     /// (its output carries no gradient); enable it after loading weights, since it keeps constants
     /// derived from them (a later change to `gamma` or `beta` is noticed and handled, at some cost).
     pub fn set_execution(&mut self, execution: Execution) -> Result<(), ScConvError> {
-        let config = &self.config;
-        if execution != Execution::Reference && !config.fast_path_covers() {
-            let (variant, fuse) = (config.variant.name(), config.fuse);
-            return Err(ScConvError::FastPathUnsupported(format!(
-                "variant {variant} with the {fuse:?} fuse"
-            )));
-        }
         self.fast = match execution {
             Execution::Reference => None,
             fast => Some(FastPath::new(&self.SRU, fast)?.with_cru(&self.CRU)),

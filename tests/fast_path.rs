@@ -3,7 +3,7 @@
 mod common;
 
 use common::assert_fast_parity;
-use scconv_tch::harness::parity::{committed_fixtures, CaseSpec, Manifest};
+use scconv_tch::harness::parity::{committed_fixtures, committed_version_fixtures, CaseSpec, Manifest};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -14,6 +14,18 @@ fn committed_fixtures_match_on_both_fast_paths() {
         let reports =
             assert_fast_parity(&committed_fixtures(), Device::Cpu, execution, &policy, "cpu-committed");
         assert!(reports.len() >= 10);
+    }
+}
+
+/// The later versions, `torch_gn` and the paper fuse (weights/parity-versions): every case through
+/// both fast executions, decisions identical to the reference mode's.
+#[test]
+fn committed_version_fixtures_match_on_both_fast_paths() {
+    let dir = committed_version_fixtures();
+    let policy = Manifest::<CaseSpec>::read(&dir).unwrap().policy(Device::Cpu, false);
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        let reports = assert_fast_parity(&dir, Device::Cpu, execution, &policy, "cpu-versions");
+        assert_eq!(reports.len(), 11, "every committed version case");
     }
 }
 
@@ -44,6 +56,34 @@ fn the_cli_checks_the_fast_path_against_the_committed_fixtures() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("Rust Fast on Cpu") && text.contains("14 of 14 cases pass"), "{text}");
+    let versions = std::process::Command::new(common::bin())
+        .args(["parity", "weights/parity-versions", "--execution", "fast"])
+        .current_dir(common::crate_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&versions.stdout);
+    assert!(versions.status.success(), "{text}");
+    assert!(text.contains("11 of 11 cases pass") && text.contains("v2023_10_19_own_gn"), "{text}");
+}
+
+/// A fixture folder with no case checks nothing: the CLI says so and fails.
+#[test]
+fn a_parity_run_that_checks_no_case_fails() {
+    let dir = common::scratch_dir("no-cases");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(committed_fixtures().join("manifest.json")).unwrap()).unwrap();
+    manifest["cases"] = serde_json::json!([]);
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    for execution in ["reference", "fast"] {
+        let out = std::process::Command::new(common::bin())
+            .args(["parity".as_ref(), dir.as_os_str()])
+            .args(["--execution", execution])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{execution}: {text}");
+        assert!(text.contains("no case was checked"), "{execution}: {text}");
+    }
 }
 
 /// Wide blocks on all-zero and tiny inputs (where every pooled value is alike and the softmax's

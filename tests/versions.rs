@@ -1,6 +1,6 @@
 //! The published versions of the reference as configuration: a state dict saved by one version loads
 //! into a config of that version (library and CLI), and into another gives an error naming the
-//! version its keys belong to; the fast path says which configs it does not cover.
+//! version its keys belong to; the fast path runs every version and fuse.
 mod common;
 
 use common::{bin, scratch_dir};
@@ -61,17 +61,43 @@ fn a_state_dict_of_another_version_is_refused_with_the_version_named() {
     load(&ScConvConfig::new(64), &seed_file).unwrap();
 }
 
+/// Every version, `torch_gn` value and fuse runs both fast executions: the same decisions as the
+/// reference mode at every position, outputs within the fp32 tolerance, on plain and offset inputs.
 #[test]
-fn the_fast_path_refuses_what_it_does_not_cover() {
-    let vs = VarStore::new(Device::Cpu);
-    let mut block = scconv(vs.root(), &config(Variant::V20231019, true)).unwrap();
-    let err = block.set_execution(Execution::Fast).unwrap_err().to_string();
-    assert!(err.contains("fast path does not cover variant 2023-10-19 with the Global fuse"), "{err}");
-    let paper = ScConvConfig::new(64).with_fuse(scconv_tch::Fuse::Paper);
-    let mut block = scconv(&vs.root() / "paper", &paper).unwrap();
-    let err = block.set_execution(Execution::FastTensorOps).unwrap_err().to_string();
-    assert!(err.contains("variant 2023-07-27 with the Paper fuse"), "{err}");
-    block.set_execution(Execution::Reference).unwrap();
+fn the_fast_path_runs_every_version_torch_gn_and_fuse() {
+    use scconv_tch::harness::parity::{compare, Tolerance};
+    use scconv_tch::Fuse;
+    use tch::{Kind, Tensor};
+    let mut checked = 0;
+    for variant in Variant::ALL {
+        let gn_options: &[bool] = if variant == Variant::V20230727 { &[false] } else { &[false, true] };
+        for (&torch_gn, fuse) in gn_options.iter().flat_map(|g| [(g, Fuse::Global), (g, Fuse::Paper)]) {
+            let config = ScConvConfig { torch_gn, fuse, ..ScConvConfig::for_variant(64, variant) };
+            let vs = VarStore::new(Device::Cpu);
+            let mut block = scconv(vs.root(), &config).unwrap();
+            tch::no_grad(|| {
+                let _ = block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
+                let _ = block.SRU.gn.gamma.copy_(&Tensor::randn_like(&block.SRU.gn.gamma));
+            });
+            for offset in [0.0, 100.0] {
+                let x = Tensor::randn([2, 64, 9, 7], (Kind::Float, Device::Cpu)) + offset;
+                let reference = tch::no_grad(|| block.try_forward(&x)).unwrap();
+                let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
+                for execution in [Execution::Fast, Execution::FastTensorOps] {
+                    block.set_execution(execution).unwrap();
+                    let fast = tch::no_grad(|| block.try_forward(&x)).unwrap();
+                    let info = block.try_fast_info_mask(&x).unwrap().unwrap();
+                    let label = format!("{config:?} offset {offset} {execution:?}");
+                    assert!(info.equal(&reference_info), "{label}: decisions differ");
+                    let c = compare(&fast, &reference, Tolerance::FP32).unwrap();
+                    assert!(c.passed(), "{label}: {c:?}");
+                    block.set_execution(Execution::Reference).unwrap();
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 56);
 }
 
 #[test]

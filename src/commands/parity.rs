@@ -30,7 +30,7 @@ pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool
         let verdicts: Vec<bool> = reports.iter().map(|r| r.passed(&policy)).collect();
         (fast_parity::table(&reports, &policy), verdicts, serde_json::to_value(&reports)?)
     };
-    let passed = verdicts.iter().all(|&v| v);
+    let passed = !verdicts.is_empty() && verdicts.iter().all(|&v| v);
     if json {
         let execution = format!("{execution:?}");
         println!(
@@ -56,6 +56,10 @@ pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool
         );
         print!("{table}");
         println!("{} of {} cases pass", verdicts.iter().filter(|&&v| v).count(), verdicts.len());
+    }
+    if verdicts.is_empty() {
+        eprintln!("parity: no case was checked in {} (its manifest lists none)", dir.display());
+        return Ok(ExitCode::FAILURE);
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

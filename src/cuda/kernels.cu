@@ -42,14 +42,15 @@ __device__ __forceinline__ u16 store(float f) {
 //   z = ((((x - mean) / denom) * gamma) + beta) * w_gamma      (denom = std + eps, from libtorch)
 // the cheap gate (informative exactly when z >= z_t, calibrated on this device's sigmoid), and the
 // cross-reconstruction [x_11 + x_22, x_12 + x_21], each part a 1.0 / 0.0 mask times x as the
-// reference multiplies it (so NaN and infinities propagate as there). A NaN z is neither.
+// reference multiplies it (so NaN and infinities propagate as there). A NaN z is neither. With
+// masks_gn_x (2023-09-12/14) the masks multiply gn_x, the value before `* w_gamma`, instead of x.
 extern "C" __global__ void sru_gate_reconstruct(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                                 const scalar_t* __restrict__ mean,
                                                 const scalar_t* __restrict__ denom,
                                                 const scalar_t* __restrict__ gamma,
                                                 const scalar_t* __restrict__ beta,
                                                 const scalar_t* __restrict__ w_gamma, float z_t, i64 samples,
-                                                int channels, int groups, i64 plane) {
+                                                int channels, int groups, i64 plane, int masks_gn_x) {
   const int half = channels / 2, per_group = channels / groups;
   const i64 total = samples * half * plane;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -66,7 +67,9 @@ extern "C" __global__ void sru_gate_reconstruct(const scalar_t* __restrict__ x, 
       z = R(z / load(denom[g]));
       z = R(z * load(gamma[ch]));
       z = R(z + load(beta[ch]));
+      const float gn_x = z;
       z = R(z * load(w_gamma[ch]));
+      if (masks_gn_x) v[k] = gn_x;
       info[k] = z >= z_t ? 1.0f : 0.0f;
       noninfo[k] = z < z_t ? 1.0f : 0.0f;
     }
@@ -80,7 +83,8 @@ extern "C" __global__ void sru_info_mask(const scalar_t* __restrict__ x, unsigne
                                          const scalar_t* __restrict__ mean, const scalar_t* __restrict__ denom,
                                          const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
                                          const scalar_t* __restrict__ w_gamma, float z_t, i64 samples,
-                                         int channels, int groups, i64 plane) {
+                                         int channels, int groups, i64 plane, int masks_gn_x) {
+  (void)masks_gn_x;  // the decisions do not depend on what the masks multiply
   const int per_group = channels / groups;
   const i64 total = samples * channels * plane;
   for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {

@@ -151,6 +151,8 @@ pub(crate) struct SruInputs<'a> {
     pub w_gamma: &'a Tensor,
     pub groups: i64,
     pub z_t: f32,
+    /// The masks multiply `gn_x` (2023-09-12/14) instead of `x`.
+    pub masks_gn_x: bool,
 }
 
 impl SruInputs<'_> {
@@ -169,6 +171,7 @@ impl SruInputs<'_> {
             Arg::I32(size[1] as i32),
             Arg::I32(self.groups as i32),
             Arg::I64(size[2] * size[3]),
+            Arg::I32(self.masks_gn_x as i32),
         ]
     }
 

@@ -27,7 +27,8 @@ use crate::cru::Cru;
 use crate::error::ScConvError;
 use crate::sru::Sru;
 use cru_weights::MergedCruWeights;
-use sru_kernel::GateConstants;
+use crate::config::Variant;
+use sru_kernel::{GateConstants, Normalisation, Rule};
 use std::borrow::Cow;
 use tch::{nn::Module, Device, Kind, Tensor};
 
@@ -50,10 +51,16 @@ pub enum Execution {
 pub struct FastPath {
     use_cpu_kernel: bool,
     /// The fused CUDA kernels (`crate::cuda`) run: a CUDA module with `Execution::Fast` in a build
-    /// that has them.
+    /// that has them, for the hard gate on the custom GroupBatchnorm2d (the soft gate's sigmoid and
+    /// `nn.GroupNorm` run as libtorch operations there).
     use_cuda_kernels: bool,
     device: Device,
-    z_t: f32,
+    /// The version's element rule (what the gate reads and its masks multiply).
+    rule: Rule,
+    /// `gn_x` from libtorch's `group_norm` (`torch_gn`) rather than from the statistics.
+    torch_gn: bool,
+    /// The hard gate's calibrated `z_t`, or the soft gate's threshold as fp32 (see `GateConstants`).
+    threshold: f32,
     channels: ChannelConstants,
     /// The CPU kernel's output of the last forward pass, written over by the next.
     buffer: std::cell::RefCell<Option<Tensor>>,
@@ -96,9 +103,18 @@ impl ChannelConstants {
     }
 }
 
+/// The element rule of `sru`'s version.
+fn rule_of(sru: &Sru) -> Rule {
+    match sru.variant {
+        Variant::V20230727 => Rule::MasksOnX,
+        Variant::V20230912 | Variant::V20230914 => Rule::MasksOnGnX,
+        Variant::V20231019 => Rule::SoftOnX,
+    }
+}
+
 impl FastPath {
-    /// For an fp32, fp16 or bf16 module (the cheap gate's threshold is calibrated for that dtype's
-    /// sigmoid on the module's device); other dtypes are refused and keep the reference mode.
+    /// For an fp32, fp16 or bf16 module of any version (the hard gate's threshold is calibrated for
+    /// that dtype's sigmoid on the module's device); other dtypes are refused and keep the reference mode.
     pub fn new(sru: &Sru, execution: Execution) -> Result<FastPath, ScConvError> {
         let kind = sru.gn.gamma.kind();
         if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
@@ -108,13 +124,23 @@ impl FastPath {
         }
         let device = sru.gn.gamma.device();
         let fast = execution == Execution::Fast;
+        let (rule, torch_gn) = (rule_of(sru), sru.gn.torch_gn);
+        let threshold = match rule {
+            // libtorch compares an fp32 tensor with a Python float in fp32.
+            Rule::SoftOnX => sru.gate_treshold as f32,
+            _ => threshold::calibrate_for(sru.gate_treshold, device, kind)?,
+        };
+        let kernels_cover = rule != Rule::SoftOnX && !torch_gn;
         Ok(FastPath {
             use_cpu_kernel: fast && device == Device::Cpu && kind == Kind::Float,
             use_cuda_kernels: fast
+                && kernels_cover
                 && device.is_cuda()
                 && crate::cuda::kernels_available(device, kind).is_ok(),
             device,
-            z_t: threshold::calibrate_for(sru.gate_treshold, device, kind)?,
+            rule,
+            torch_gn,
+            threshold,
             channels: ChannelConstants::of(sru),
             buffer: Default::default(),
             merged_cru: None,
@@ -165,9 +191,9 @@ impl FastPath {
         if !cpu_kernel {
             return Some(self.sru_tensor_ops(&channels, sru, x));
         }
-        let constants = self.gate_constants(sru, &channels, x);
+        let (constants, aux) = self.kernel_inputs(sru, &channels, x);
         let reuse = if keep_buffer { self.buffer.take() } else { None };
-        let out = sru_kernel::fused_gate_reconstruct(x, &constants, reuse);
+        let out = sru_kernel::fused_gate_reconstruct(x, aux.as_ref(), &constants, self.rule, reuse);
         if keep_buffer {
             self.buffer.replace(Some(out.shallow_clone()));
         }
@@ -204,17 +230,47 @@ impl FastPath {
             }
         }
         Some(tch::no_grad(|| match cpu_kernel {
-            true => sru_kernel::info_mask(x, &self.gate_constants(sru, &channels, x)),
-            false => (sru.gn.forward(x) * &channels.w_gamma).ge(self.z_t as f64),
+            true => {
+                let (constants, aux) = self.kernel_inputs(sru, &channels, x);
+                sru_kernel::info_mask(x, aux.as_ref(), &constants, self.rule)
+            }
+            false => self.decide_tensor_ops(&channels, sru, x),
         }))
     }
 
-    /// The reference's GroupBatchnorm2d and `z`, then the cheap gate and one roll for the
-    /// cross-reconstruction: `x_1 + roll(x_2)` is `[x_11 + x_22, x_12 + x_21]`.
+    /// The reference's GroupNorm and `z = gn_x * w_gamma` by libtorch operations.
+    fn gn_x_and_z(&self, channels: &ChannelConstants, sru: &Sru, x: &Tensor) -> (Tensor, Tensor) {
+        let gn_x = sru.gn.forward(x);
+        let z = &gn_x * &channels.w_gamma;
+        (gn_x, z)
+    }
+
+    /// The informative mask by libtorch operations: the cheap gate `z >= z_t`, or the soft gate's
+    /// sigmoid `> t`.
+    fn decide_tensor_ops(&self, channels: &ChannelConstants, sru: &Sru, x: &Tensor) -> Tensor {
+        let (_, z) = self.gn_x_and_z(channels, sru, x);
+        let t = self.threshold as f64;
+        match self.rule {
+            Rule::SoftOnX => z.sigmoid().gt(t),
+            _ => z.ge(t),
+        }
+    }
+
+    /// The SRU by libtorch operations: the masks (`>=` and `<`, so a NaN `z` is neither) or the soft
+    /// gate's weights, and one roll for the cross-reconstruction: `x_1 + roll(x_2)` is
+    /// `[x_11 + x_22, x_12 + x_21]`.
     fn sru_tensor_ops(&self, channels: &ChannelConstants, sru: &Sru, x: &Tensor) -> Tensor {
-        let z = sru.gn.forward(x) * &channels.w_gamma;
-        let x_1 = z.ge(self.z_t as f64) * x;
-        let x_2 = z.lt(self.z_t as f64) * x;
+        let (gn_x, z) = self.gn_x_and_z(channels, sru, x);
+        let t = self.threshold as f64;
+        let (x_1, x_2) = match self.rule {
+            Rule::SoftOnX => {
+                let r = z.sigmoid();
+                let info = r.gt(t);
+                (r.masked_fill(&info, 1.0) * x, r.masked_fill(&info, 0.0) * x)
+            }
+            Rule::MasksOnX => (z.ge(t) * x, z.lt(t) * x),
+            Rule::MasksOnGnX => (z.ge(t) * &gn_x, z.lt(t) * &gn_x),
+        };
         x_1 + x_2.roll([x.size()[1] / 2], [1])
     }
 
@@ -240,7 +296,8 @@ impl FastPath {
             beta: &channels.beta,
             w_gamma: &channels.w_gamma,
             groups: sru.gn.group_num,
-            z_t: self.z_t,
+            z_t: self.threshold,
+            masks_gn_x: self.rule == Rule::MasksOnGnX,
         })
     }
 
@@ -254,27 +311,52 @@ impl FastPath {
         welford::rows_std(data, rows, len)
     }
 
-    /// Statistics by libtorch (the reference's `mean` and `std`) and the per-channel constants, as
-    /// plain values for the one-pass CPU kernel.
-    fn gate_constants(&self, sru: &Sru, channels: &ChannelConstants, x: &Tensor) -> GateConstants {
-        let grouped = x.unflatten(1, [sru.gn.group_num, -1]).flatten(2, -1);
-        let mean = grouped.mean_dim(2, true, None);
+    /// What the CPU kernel reads besides `x`: the per-channel constants with the custom norm's
+    /// statistics (by libtorch's `mean` and the reference's `std`), and the per-element input
+    /// libtorch computes: `gn_x` of `nn.GroupNorm` (`torch_gn`), or the soft gate's `r = sigmoid(z)`.
+    fn kernel_inputs(&self, sru: &Sru, channels: &ChannelConstants, x: &Tensor) -> (GateConstants, Option<Tensor>) {
         let values = |t: &Tensor| {
             Vec::<f32>::try_from(t.flatten(0, -1)).expect("fp32 CPU tensors convert to Vec<f32>")
         };
+        let mut constants = GateConstants {
+            w_gamma: values(&channels.w_gamma),
+            threshold: self.threshold,
+            norm: (!self.torch_gn).then(|| self.normalisation(sru, channels, x, &values)),
+        };
+        let aux = match (self.rule, self.torch_gn) {
+            (Rule::SoftOnX, false) => Some(sru_kernel::gate_input(x, &constants).sigmoid()),
+            (Rule::SoftOnX, true) => Some((sru.gn.forward(x) * &channels.w_gamma).sigmoid()),
+            (_, true) => Some(sru.gn.forward(x)),
+            (_, false) => None,
+        };
+        if self.rule == Rule::SoftOnX {
+            constants.norm = None; // the soft gate reads only `r`
+        }
+        (constants, aux)
+    }
+
+    /// The custom GroupBatchnorm2d's statistics (libtorch's `mean`, the reference's unbiased `std`
+    /// plus `eps`) and affine, as plain values.
+    fn normalisation(
+        &self,
+        sru: &Sru,
+        channels: &ChannelConstants,
+        x: &Tensor,
+        values: &dyn Fn(&Tensor) -> Vec<f32>,
+    ) -> Normalisation {
+        let grouped = x.unflatten(1, [sru.gn.group_num, -1]).flatten(2, -1);
+        let mean = grouped.mean_dim(2, true, None);
         let eps = sru.gn.eps as f32; // libtorch adds a Python float to an fp32 tensor in fp32
         let denom = match self.std_rows(&grouped) {
             Some(std) => std.into_iter().map(|s| s + eps).collect(),
             None => values(&(grouped.std_dim(2, true, true) + sru.gn.eps)),
         };
-        GateConstants {
+        Normalisation {
             mean: values(&mean),
             denom,
             gamma: values(&channels.gamma),
             beta: values(&channels.beta),
-            w_gamma: values(&channels.w_gamma),
             group_num: sru.gn.group_num as usize,
-            z_t: self.z_t,
         }
     }
 }
@@ -300,19 +382,27 @@ mod tests {
 
     #[test]
     fn fast_sru_is_the_reference_sru_bit_for_bit() {
+        let later = |variant, torch_gn, c: i64| ScConvConfig { torch_gn, ..ScConvConfig::for_variant(c, variant) };
         let configs = [
             ScConvConfig::new(64),
             ScConvConfig { group_num: 4, ..ScConvConfig::new(32) },
             ScConvConfig { group_num: 1, gate_treshold: 0.3, ..ScConvConfig::new(8) },
+            later(Variant::V20230912, false, 64),
+            later(Variant::V20230912, true, 64),
+            later(Variant::V20230914, false, 32),
+            later(Variant::V20231019, true, 64),
+            later(Variant::V20231019, false, 64),
+            ScConvConfig { gate_treshold: 0.3, ..later(Variant::V20231019, true, 16) },
         ];
         for (i, config) in configs.iter().enumerate() {
             let vs = VarStore::new(Device::Cpu);
             let mut model = scconv(vs.root(), config).unwrap();
             tch::no_grad(|| {
                 model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+                model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma));
             });
             for shape in [[2, config.op_channel, 9, 7], [1, config.op_channel, 5, 5]] {
-                let x = if i == 0 {
+                let x = if i == 0 || i >= 3 {
                     awkward_input(shape)
                 } else {
                     Tensor::randn(shape, (Kind::Float, Device::Cpu))
