@@ -31,6 +31,7 @@ test: setup
 fixtures: setup
 	.venv/bin/python parity/generate_fixtures.py --out weights/parity
 	.venv/bin/python parity/generate_fixtures.py --set versions --out weights/parity-versions
+	.venv/bin/python parity/generate_fixtures.py --set offset --out weights/parity-offset
 
 # Rewrites the committed whole-network fixtures of the trained networks.
 model-fixtures: setup

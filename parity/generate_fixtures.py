@@ -4,6 +4,8 @@ the gradients of a fixed scalar loss, and the reference's gate (its `gn_x * w_ga
     python parity/generate_fixtures.py --out weights/parity            # the committed fixtures
     python parity/generate_fixtures.py --set versions --out weights/parity-versions
                                                                       # the later versions, the paper's fuse
+    python parity/generate_fixtures.py --set offset --out weights/parity-offset
+                                                                      # inputs with large channel offsets
     python parity/generate_fixtures.py --out DIR --seed N --device cuda  # fresh ones, on a GPU
 
 Per case NAME the output folder gets
@@ -71,7 +73,24 @@ VERSION_CASES = [
      {"variant": "2023-09-14", "fuse": "paper", "alpha": 0.25}, None),
 ]
 
-CASE_SETS = {"seed": CASES, "versions": VERSION_CASES}
+# Inputs whose channels carry a large offset (`--set offset`), at up to 768 channels and batch 1-3:
+# where the CRU's summation order shows (`offset` is added to every value; `per_channel`: a random
+# offset per channel, of that scale). A merge of the fast path that summed in another order moved up
+# to 4.7e-5 of the largest output on such inputs; the fast path must stay within the fp32 tolerance.
+OFFSET_CASES = [
+    ("offset_c64_b3", 64, (3, 7, 7), {"offset": 1000.0}, None),
+    ("offset_c768_b2", 768, (2, 7, 7), {"offset": 100.0}, None),
+    ("offset_c384_per_channel_v2023_10_19", 384, (1, 14, 14),
+     {"variant": "2023-10-19", "offset": 100.0, "per_channel": True}, None),
+    ("offset_c256_v2023_09_14", 256, (2, 7, 7), {"variant": "2023-09-14", "offset": 1000.0}, None),
+    ("offset_c128_v2023_09_12_torch_gn_paper", 128, (3, 7, 7),
+     {"variant": "2023-09-12", "torch_gn": True, "fuse": "paper", "offset": 100.0}, None),
+]
+
+CASE_SETS = {"seed": CASES, "versions": VERSION_CASES, "offset": OFFSET_CASES}
+
+# Overrides that shape the case (its initialisation, its input), not the module's config.
+CASE_ONLY = ("init", "offset", "per_channel")
 
 # The smallest case is also written as a `torch.save` pickle, to test loading `.pt` files.
 PT_CASE = "group_num_4"
@@ -110,7 +129,7 @@ def resolve(op_channel, overrides):
     config = dict(DEFAULTS, op_channel=op_channel)
     if variant != "2023-07-27":
         config.update(variant=variant, group_num=4, torch_gn=variant == "2023-10-19")
-    config.update({k: v for k, v in overrides.items() if k != "init"})
+    config.update({k: v for k, v in overrides.items() if k not in CASE_ONLY})
     return config
 
 
@@ -136,7 +155,11 @@ def run_case(op_channel, nhw, overrides, model_seed, input_seed, device):
     gate = capture_gate(model)
     n, h, w = nhw
     torch.manual_seed(input_seed)
-    x = torch.randn(n, op_channel, h, w).to(device).requires_grad_()
+    x = torch.randn(n, op_channel, h, w)
+    if "offset" in overrides:
+        scale = torch.randn(1, op_channel, 1, 1) if overrides.get("per_channel") else 1.0
+        x = x + overrides["offset"] * scale
+    x = x.to(device).requires_grad_()
     y = model(x)
     (y * loss_weight(y.shape, device)).sum().backward()
 

@@ -67,6 +67,8 @@ def valid_cases(rng, count):
             overrides.update(variant=variant, torch_gn=rng.random() < 0.5)
         if rng.random() < 0.25:
             overrides["fuse"] = "paper"
+        if rng.random() < 0.2:  # channels with a large offset, where summation orders show
+            overrides.update(offset=rng.choice([10.0, 100.0, 1000.0]), per_channel=rng.random() < 0.5)
         cases.append((f"random_{len(cases):03d}", config["op_channel"], nhw, overrides, None))
     return cases
 

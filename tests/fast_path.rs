@@ -3,7 +3,9 @@
 mod common;
 
 use common::assert_fast_parity;
-use scconv_tch::harness::parity::{committed_fixtures, committed_version_fixtures, CaseSpec, Manifest};
+use scconv_tch::harness::parity::{
+    committed_fixtures, committed_offset_fixtures, committed_version_fixtures, CaseSpec, Manifest,
+};
 use scconv_tch::Execution;
 use tch::Device;
 
@@ -26,6 +28,26 @@ fn committed_version_fixtures_match_on_both_fast_paths() {
     for execution in [Execution::Fast, Execution::FastTensorOps] {
         let reports = assert_fast_parity(&dir, Device::Cpu, execution, &policy, "cpu-versions");
         assert_eq!(reports.len(), 11, "every committed version case");
+    }
+}
+
+/// Inputs with large channel offsets at up to 768 channels (weights/parity-offset), where a merge
+/// that summed in another order left the fp32 tolerance: both fast executions within it, decisions
+/// identical to the reference mode's; and fresh cases of the same set, generated now.
+#[test]
+fn offset_inputs_stay_within_the_tolerance_on_both_fast_paths() {
+    let committed = committed_offset_fixtures();
+    let fresh = common::scratch_dir("fresh-cpu-offset");
+    let seed = common::fresh_seed();
+    common::generate_fixture_set(&fresh, seed, "cpu", "offset");
+    println!("fresh offset fixtures with seed {seed} (SCCONV_FRESH_SEED={seed} reproduces them)");
+    for (dir, label) in [(committed, "cpu-offset"), (fresh, "cpu-fresh-offset")] {
+        let policy = Manifest::<CaseSpec>::read(&dir).unwrap().policy(Device::Cpu, false);
+        common::assert_parity(&dir, Device::Cpu, &policy, label);
+        for execution in [Execution::Fast, Execution::FastTensorOps] {
+            let reports = assert_fast_parity(&dir, Device::Cpu, execution, &policy, label);
+            assert_eq!(reports.len(), 5, "every offset case");
+        }
     }
 }
 

@@ -50,6 +50,9 @@ fn fresh_version_fixtures_match_their_twins_on_cpu() {
     generate_fixture_set(&dir, seed, "cpu", "versions");
     println!("fresh version fixtures with seed {seed} (SCCONV_FRESH_SEED={seed} reproduces them)");
     assert_parity(&dir, Device::Cpu, &cpu_policy(), "cpu-fresh-versions");
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        assert_fast_parity(&dir, Device::Cpu, execution, &cpu_policy(), "cpu-fresh-versions");
+    }
 }
 
 #[test]

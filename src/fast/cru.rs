@@ -17,11 +17,13 @@ impl Cru {
         merged: Option<&MergedCruWeights>,
     ) -> Tensor {
         let squeeze = || {
-            if let Some(parts) = merged.and_then(|m| m.squeeze(x)) {
-                return parts;
-            }
             let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
-            (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1]))
+            match merged {
+                // On the CPU oneDNN reorders a channel slice slowly; a contiguous copy of it gives the
+                // same convolution, bit for bit, faster (see `cru_weights`).
+                Some(_) => (self.squeeze1.forward(&split[0].contiguous()), self.squeeze2.forward(&split[1].contiguous())),
+                None => (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1])),
+            }
         };
         let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
         let dense = merged

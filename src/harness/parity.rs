@@ -446,6 +446,12 @@ pub fn committed_version_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity-versions")
 }
 
+/// The committed fixtures whose inputs carry large channel offsets, up to 768 channels
+/// (`parity/generate_fixtures.py --set offset`).
+pub fn committed_offset_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity-offset")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
