@@ -1,12 +1,14 @@
 """Writes whole-network parity fixtures: eval-mode logits of a batch and the gate of every ScConv.
 
-    python parity/generate_model_fixtures.py --out DIR --cases random [--seed N] [--device cuda]
+    python parity/generate_model_fixtures.py --out DIR --cases random [--seed N] [--device cuda] [--only NAME]
     python parity/generate_model_fixtures.py --out weights/parity-models --cases trained
+    python parity/generate_model_fixtures.py --out weights/parity-models/versions --cases versions
 
 `random`: plain and SC ResNet-18, SC ResNet-50 and a small SC net whose stride-2 conv keeps its width,
 with the reference's initialisation plus randomised BatchNorm statistics (so eval mode is not trivial),
 on random 64x64 (or 32x32) inputs; their state dicts are written too (`NAME.safetensors`, not committed:
-ResNet-50's is 66 MB). `trained`: the Fashion-MNIST networks of `weights/fmnist_*.json` on the first test
+ResNet-50's is 66 MB); the last is an SC-ResNet-18 of the current head (2023-10-19: torch_gn, group_num 4).
+`versions`: a small SC network per later version, their state dicts written too (committed). `trained`: the Fashion-MNIST networks of `weights/fmnist_*.json` on the first test
 images of the shipped sample.
 
 Per case: `NAME.tensors.safetensors` with `input`, `logits`, and for each ScConv at path P (e.g.
@@ -25,7 +27,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from generate_fixtures import cpu_kernels, save_file, write, write_manifest  # noqa: E402
 from models import ARCHS, build  # noqa: E402
-from reference_scconv import ScConv  # noqa: E402
+import scconv_versions  # noqa: E402
 
 RANDOM_CASES = [
     ("resnet18_64px", {"arch": "resnet18"}, (2, 3, 64, 64)),
@@ -33,6 +35,20 @@ RANDOM_CASES = [
     ("sc_resnet50_64px", {"arch": "resnet50", "sc": True}, (2, 3, 64, 64)),
     ("sc_small_pooled_32px", {"block": "basic", "layers": [1, 1, 1], "widths": [32, 32, 64], "num_classes": 10,
                               "small_input": True, "sc": True}, (2, 3, 32, 32)),
+    ("sc_resnet18_v2023_10_19_64px", {"arch": "resnet18", "sc": True, "scconv": {"variant": "2023-10-19"}},
+     (2, 3, 64, 64)),
+]
+
+# One small SC network per later version (`--cases versions`, committed in weights/parity-models/versions):
+# the version's own defaults (group_num 4; torch_gn off, or on for 2023-10-19), one with the paper's fuse.
+SMALL = {"block": "basic", "layers": [1, 1, 1], "widths": [32, 32, 64], "num_classes": 10, "small_input": True,
+         "sc": True}
+VERSION_CASES = [
+    ("sc_small_v2023_09_12", dict(SMALL, scconv={"variant": "2023-09-12"}), (2, 3, 32, 32)),
+    ("sc_small_v2023_09_14_torch_gn", dict(SMALL, scconv={"variant": "2023-09-14", "torch_gn": True}),
+     (2, 3, 32, 32)),
+    ("sc_small_v2023_10_19", dict(SMALL, scconv={"variant": "2023-10-19"}), (2, 3, 32, 32)),
+    ("sc_small_v2023_10_19_paper", dict(SMALL, scconv={"variant": "2023-10-19", "fuse": "paper"}), (2, 3, 32, 32)),
 ]
 TRAINED_CASES = ["fmnist_plain", "fmnist_sc"]
 TRAINED_BATCH = 8
@@ -57,13 +73,25 @@ def randomize_batchnorm(model):
                 m.bias.normal_(0.0, 0.1)
 
 
-def record_gates(model):
+def trained_like_sru(model):
+    """Trained-looking GroupNorm parameters in every ScConv, as the block fixtures have them."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "ScConv":
+                scconv_versions.gn_shift(module).normal_(0.0, 0.1)
+                scconv_versions.gn_scale(module).normal_(1.0, 0.3)
+
+
+def record_gates(model, config):
+    """The sigmoid's input and the informative decisions of every ScConv (of any version: the soft gate
+    of 2023-10-19 decides with `>`, the others with `>=`)."""
     gates = {}
+    soft = scconv_versions.soft_gate(config.get("scconv") or {})
     for path, module in model.named_modules():
-        if isinstance(module, ScConv):
+        if type(module).__name__ == "ScConv":
             def hook(_m, inputs, output, path=path, threshold=module.SRU.gate_treshold):
                 gates[f"gate.{path}.z"] = inputs[0].detach()
-                gates[f"gate.{path}.info_mask"] = output.detach() >= threshold
+                gates[f"gate.{path}.info_mask"] = output.detach() > threshold if soft else output.detach() >= threshold
             module.SRU.sigomid.register_forward_hook(hook)
     return gates
 
@@ -76,9 +104,9 @@ def sample_images(count):
     return ((pixels.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
-def run(model, x, device):
+def run(model, config, x, device):
     model = model.to(device).eval()
-    gates = record_gates(model)
+    gates = record_gates(model, config)
     with torch.no_grad():
         logits = model(x.to(device))
     return dict(input=x, logits=logits, **gates)
@@ -87,24 +115,30 @@ def run(model, x, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", choices=["random", "trained"], required=True)
+    parser.add_argument("--cases", choices=["random", "versions", "trained"], required=True)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--format", choices=["safetensors", "pt"], default=None)
+    parser.add_argument("--format", choices=["safetensors", "pt"], default=None,
+                        help="pt: every file by torch.save (a state dict as torch.save(model.state_dict()))")
+    parser.add_argument("--only", default=None, help="just the case of this name")
     args = parser.parse_args()
     fmt = args.format or ("safetensors" if save_file else "pt")
     os.makedirs(args.out, exist_ok=True)
     manifest = {"generator": "parity/generate_model_fixtures.py", "torch_version": torch.__version__,
                 "device": args.device, **cpu_kernels(args.device), "seed": args.seed, "cases": []}
-    if args.cases == "random":
-        for index, (name, config, shape) in enumerate(RANDOM_CASES):
+    if args.cases in ("random", "versions"):
+        for index, (name, config, shape) in enumerate(RANDOM_CASES if args.cases == "random" else VERSION_CASES):
+            if args.only not in (None, name):
+                continue
             torch.manual_seed(args.seed + index)
             model = build(config)
             randomize_batchnorm(model)
+            if config.get("scconv"):
+                trained_like_sru(model)
             x = torch.randn(*shape)
             state_dict = {k: v for k, v in model.state_dict().items()}
             state_file = write(state_dict, args.out, name, fmt)
-            tensors = run(model, x, args.device)
+            tensors = run(model, config, x, args.device)
             manifest["cases"].append({"name": name, "config": full_config(config), "state_dict": state_file,
                                       "tensors": write(tensors, args.out, f"{name}.tensors", fmt)})
             print(f"{name}: logits {list(tensors['logits'].shape)}, {sum(k.endswith('.z') for k in tensors)} gates")
@@ -115,7 +149,7 @@ def main():
             model = build(record["config"])
             from safetensors.torch import load_file  # trained weights are safetensors; only this mode needs it
             model.load_state_dict(load_file(os.path.join(ROOT, "weights", record["weights"])))
-            tensors = run(model, sample_images(TRAINED_BATCH), args.device)
+            tensors = run(model, record["config"], sample_images(TRAINED_BATCH), args.device)
             manifest["cases"].append({"name": name, "config": full_config(record["config"]),
                                       "state_dict": os.path.relpath(os.path.join(ROOT, "weights", record["weights"]),
                                                                     os.path.abspath(args.out)),

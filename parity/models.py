@@ -1,7 +1,8 @@
 """ResNets in torchvision's layout (same module names, so the same state-dict keys), plain or with SCConv.
 
 SC variant: every residual-block 3x3 conv whose input and output channel counts are equal becomes the
-reference ScConv (`reference_scconv.ScConv`): Bottleneck `conv2`, BasicBlock `conv2`, and BasicBlock `conv1`
+reference ScConv (`reference_scconv.ScConv`, or the twin of another version and settings that the
+config's `"scconv"` names, e.g. `{"variant": "2023-10-19"}`: `scconv_versions.build`): Bottleneck `conv2`, BasicBlock `conv2`, and BasicBlock `conv1`
 where it keeps the channel count. Where that conv has stride 2, the block applies a 2x2 average pool after
 the ScConv (`pool1` / `pool2`, no parameters), so the keys stay `...conv2.SRU.gn.gamma` and so on. A 3x3
 conv that changes channels stays plain. The Rust twins are in `src/models/`.
@@ -9,7 +10,7 @@ conv that changes channels stays plain. The Rust twins are in `src/models/`.
 import torch
 import torch.nn as nn
 
-from reference_scconv import ScConv
+import scconv_versions
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -21,16 +22,18 @@ def conv1x1(in_planes, out_planes, stride=1):
 
 
 def conv_or_scconv(in_planes, out_planes, stride, sc):
-    """(conv, pool): ScConv (+ 2x2 average pool at stride 2) where `sc` and the channels stay equal."""
-    if sc and in_planes == out_planes:
-        return ScConv(out_planes), (nn.AvgPool2d(2) if stride == 2 else nn.Identity())
+    """(conv, pool): ScConv (+ 2x2 average pool at stride 2) where the network is SC (`sc`: the ScConv
+    settings, a block config without `op_channel`; None for a plain network) and the channels stay equal."""
+    if sc is not None and in_planes == out_planes:
+        scconv = scconv_versions.build(dict(sc, op_channel=out_planes))
+        return scconv, (nn.AvgPool2d(2) if stride == 2 else nn.Identity())
     return conv3x3(in_planes, out_planes, stride), nn.Identity()
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, sc=False):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, sc=None):
         super().__init__()
         self.conv1, self.pool1 = conv_or_scconv(inplanes, planes, stride, sc)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -51,7 +54,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, sc=False):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, sc=None):
         super().__init__()
         width = planes
         self.conv1 = conv1x1(inplanes, width)
@@ -81,11 +84,11 @@ class ResNet(nn.Module):
     32x32 images); `widths` sets the stages (torchvision: 64, 128, 256, 512)."""
 
     def __init__(self, block, layers, widths=(64, 128, 256, 512), num_classes=1000, in_channels=3,
-                 sc=False, small_input=False):
+                 sc=False, small_input=False, scconv=None):
         super().__init__()
         block = BLOCKS[block]
         self.inplanes = widths[0]
-        self.sc = sc
+        self.sc = dict(scconv or {}) if sc else None
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
@@ -139,7 +142,8 @@ def build(config):
     block, layers = ARCHS[config["arch"]] if "arch" in config else (config["block"], config["layers"])
     return ResNet(block, layers, widths=tuple(config.get("widths", (64, 128, 256, 512))),
                   num_classes=config.get("num_classes", 1000), in_channels=config.get("in_channels", 3),
-                  sc=config.get("sc", False), small_input=config.get("small_input", False))
+                  sc=config.get("sc", False), small_input=config.get("small_input", False),
+                  scconv=config.get("scconv"))
 
 
 def count_parameters(model):

@@ -84,7 +84,7 @@ pub enum Fuse {
 /// every field but `op_channel` may be left out (the chosen variant's default applies: `group_num` is
 /// 16 for 2023-07-27 and 4 later; `torch_gn` exists from 2023-09-12 on) and unknown fields are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, try_from = "RawConfig")]
+#[serde(try_from = "serde_json::Map<String, serde_json::Value>")]
 pub struct ScConvConfig {
     /// Channels in and out (`C`); even, and divisible by `group_num`.
     pub op_channel: i64,
@@ -109,46 +109,82 @@ pub struct ScConvConfig {
     pub group_kernel_size: i64,
 }
 
-/// What JSON may hold: every setting but `op_channel` optional, resolved against the variant.
-#[derive(Deserialize)]
+/// An `ScConvConfig` without its channel count, every setting optional (the variant's default
+/// applies): what a network's config says of all its ScConvs, each taking its stage's width. JSON: the
+/// block config's fields but `op_channel`, e.g. `{"variant": "2023-10-19", "group_num": 4}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    op_channel: i64,
+pub struct ScConvSettings {
+    /// Which published version of the reference (default 2023-07-27, the seed).
     #[serde(default)]
-    variant: Variant,
-    torch_gn: Option<bool>,
+    pub variant: Variant,
+    /// `nn.GroupNorm` in place of `GroupBatchnorm2d` (default: the variant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_gn: Option<bool>,
+    /// The CRU fuse (default `global`).
     #[serde(default)]
-    fuse: Fuse,
-    group_num: Option<i64>,
-    gate_treshold: Option<f64>,
-    alpha: Option<f64>,
-    squeeze_radio: Option<i64>,
-    group_size: Option<i64>,
-    group_kernel_size: Option<i64>,
+    pub fuse: Fuse,
+    /// As `ScConvConfig::group_num` (default: the variant's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_num: Option<i64>,
+    /// As `ScConvConfig::gate_treshold` (default 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_treshold: Option<f64>,
+    /// As `ScConvConfig::alpha` (default 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// As `ScConvConfig::squeeze_radio` (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squeeze_radio: Option<i64>,
+    /// As `ScConvConfig::group_size` (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<i64>,
+    /// As `ScConvConfig::group_kernel_size` (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_kernel_size: Option<i64>,
 }
 
-impl TryFrom<RawConfig> for ScConvConfig {
-    type Error = ConfigError;
+impl ScConvSettings {
+    /// Whether these are the seed's defaults (nothing said).
+    pub fn is_seed_default(&self) -> bool {
+        *self == ScConvSettings::default()
+    }
 
-    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let variant = raw.variant;
-        let torch_gn = match (raw.torch_gn, variant.default_torch_gn()) {
+    /// The block config for `op_channel` channels: the settings given, the variant's defaults for the
+    /// rest. `torch_gn: true` in a variant without the option is an error; the rest is checked by
+    /// `ScConvConfig::validate`.
+    pub fn config(&self, op_channel: i64) -> Result<ScConvConfig, ConfigError> {
+        let variant = self.variant;
+        let torch_gn = match (self.torch_gn, variant.default_torch_gn()) {
             (Some(true), None) => return Err(ConfigError::TorchGnNotInVariant(variant.name())),
             (Some(value), _) => value,
             (None, default) => default.unwrap_or(false),
         };
-        let defaults = ScConvConfig::for_variant(raw.op_channel, variant);
+        let defaults = ScConvConfig::for_variant(op_channel, variant);
         Ok(ScConvConfig {
             torch_gn,
-            fuse: raw.fuse,
-            group_num: raw.group_num.unwrap_or(defaults.group_num),
-            gate_treshold: raw.gate_treshold.unwrap_or(defaults.gate_treshold),
-            alpha: raw.alpha.unwrap_or(defaults.alpha),
-            squeeze_radio: raw.squeeze_radio.unwrap_or(defaults.squeeze_radio),
-            group_size: raw.group_size.unwrap_or(defaults.group_size),
-            group_kernel_size: raw.group_kernel_size.unwrap_or(defaults.group_kernel_size),
+            fuse: self.fuse,
+            group_num: self.group_num.unwrap_or(defaults.group_num),
+            gate_treshold: self.gate_treshold.unwrap_or(defaults.gate_treshold),
+            alpha: self.alpha.unwrap_or(defaults.alpha),
+            squeeze_radio: self.squeeze_radio.unwrap_or(defaults.squeeze_radio),
+            group_size: self.group_size.unwrap_or(defaults.group_size),
+            group_kernel_size: self.group_kernel_size.unwrap_or(defaults.group_kernel_size),
             ..defaults
         })
+    }
+}
+
+/// JSON's block config: `op_channel` and the `ScConvSettings` fields.
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for ScConvConfig {
+    type Error = String;
+
+    fn try_from(mut fields: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        let op_channel = fields.remove("op_channel").ok_or("missing field `op_channel`")?;
+        let op_channel: i64 = serde_json::from_value(op_channel).map_err(|e| format!("op_channel: {e}"))?;
+        let settings: ScConvSettings =
+            serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())?;
+        settings.config(op_channel).map_err(|e| e.to_string())
     }
 }
 

@@ -40,7 +40,7 @@ pub mod weights;
 pub mod harness;
 mod input;
 
-pub use config::{Fuse, ScConvConfig, Variant};
+pub use config::{Fuse, ScConvConfig, ScConvSettings, Variant};
 pub use error::{ConfigError, ScConvError};
 pub use fast::Execution;
 pub use scconv::{scconv, ScConv};

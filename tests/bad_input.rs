@@ -163,6 +163,7 @@ fn small_resnet(sc: bool) -> scconv_tch::models::ResNet {
         in_channels: 3,
         sc,
         small_input: true,
+        scconv: Default::default(),
     };
     resnet(VarStore::new(Device::Cpu).root(), &config).unwrap()
 }

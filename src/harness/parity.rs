@@ -303,7 +303,8 @@ impl CaseReport {
     }
 }
 
-pub(crate) fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ScConvError> {
+/// The tensors of a fixture file (safetensors or `torch.save`), by name.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ScConvError> {
     Ok(weights::read(path)?.into_iter().collect())
 }
 

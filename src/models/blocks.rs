@@ -3,7 +3,8 @@
 //! average pool where the plain conv would have stride 2.
 use crate::profile;
 use crate::sru::Gate;
-use crate::{scconv, ScConv, ScConvConfig, ScConvError};
+use crate::config::ScConvSettings;
+use crate::{scconv, ScConv, ScConvError};
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 
 /// Where a block records the gates of its ScConvs (their path and gate), when asked to.
@@ -21,11 +22,11 @@ pub fn conv3x3(
     in_planes: i64,
     out_planes: i64,
     stride: i64,
-    sc: bool,
+    sc: Option<&ScConvSettings>,
 ) -> Result<Conv3x3, ScConvError> {
-    if sc && in_planes == out_planes {
+    if let Some(settings) = sc.filter(|_| in_planes == out_planes) {
         let path = p.components().collect::<Vec<_>>().join(".");
-        let scconv = Box::new(scconv(p, &ScConvConfig::new(out_planes))?);
+        let scconv = Box::new(scconv(p, &settings.config(out_planes)?)?);
         return Ok(Conv3x3::Sc { scconv, pool: stride == 2, path });
     }
     let config = nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() };
@@ -106,7 +107,8 @@ pub struct BlockSpec {
     pub planes: i64,
     pub stride: i64,
     pub downsample: bool,
-    pub sc: bool,
+    /// The ScConv settings where the network is SC (`ResNetConfig::sc`).
+    pub sc: Option<ScConvSettings>,
 }
 
 #[derive(Debug)]
@@ -120,9 +122,9 @@ pub struct BasicBlock {
 
 pub fn basic_block(p: nn::Path, s: &BlockSpec) -> Result<BasicBlock, ScConvError> {
     Ok(BasicBlock {
-        conv1: conv3x3(&p / "conv1", s.in_planes, s.planes, s.stride, s.sc)?,
+        conv1: conv3x3(&p / "conv1", s.in_planes, s.planes, s.stride, s.sc.as_ref())?,
         bn1: nn::batch_norm2d(&p / "bn1", s.planes, Default::default()),
-        conv2: conv3x3(&p / "conv2", s.planes, s.planes, 1, s.sc)?,
+        conv2: conv3x3(&p / "conv2", s.planes, s.planes, 1, s.sc.as_ref())?,
         bn2: nn::batch_norm2d(&p / "bn2", s.planes, Default::default()),
         downsample: s.downsample.then(|| downsample(&p / "downsample", s.in_planes, s.planes, s.stride)),
     })
@@ -153,7 +155,7 @@ pub fn bottleneck(p: nn::Path, s: &BlockSpec) -> Result<Bottleneck, ScConvError>
     Ok(Bottleneck {
         conv1: conv1x1(&p / "conv1", s.in_planes, width, 1),
         bn1: nn::batch_norm2d(&p / "bn1", width, Default::default()),
-        conv2: conv3x3(&p / "conv2", width, width, s.stride, s.sc)?,
+        conv2: conv3x3(&p / "conv2", width, width, s.stride, s.sc.as_ref())?,
         bn2: nn::batch_norm2d(&p / "bn2", width, Default::default()),
         conv3: conv1x1(&p / "conv3", width, out, 1),
         bn3: nn::batch_norm2d(&p / "bn3", out, Default::default()),

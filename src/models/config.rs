@@ -1,6 +1,6 @@
 //! `ResNetConfig`: the same JSON the Python twin (`parity/models.py::build`) reads.
 use crate::error::ScConvError;
-use crate::ScConvConfig;
+use crate::config::ScConvSettings;
 use serde::{Deserialize, Serialize};
 
 /// torchvision's two residual blocks (`"basic"`, `"bottleneck"` in JSON).
@@ -24,7 +24,8 @@ impl BlockKind {
 }
 
 /// A ResNet in torchvision's layout. `sc` swaps every residual 3x3 conv that keeps its channel count
-/// for ScConv (with its defaults); `small_input` uses a 3x3/1 stem and no max pool (28x28, 32x32 images).
+/// for ScConv (of the version and settings `scconv` gives: the seed's defaults unless said);
+/// `small_input` uses a 3x3/1 stem and no max pool (28x28, 32x32 images).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
@@ -47,6 +48,10 @@ pub struct ResNetConfig {
     /// A 3x3 stride-1 stem without max pool, for 28x28 or 32x32 images (default false).
     #[serde(default)]
     pub small_input: bool,
+    /// The settings of every ScConv (`variant`, `torch_gn`, `fuse`, `group_num`, ...: a block config
+    /// without `op_channel`, with the same defaults per version; default: the seed's). Only with `sc`.
+    #[serde(default, skip_serializing_if = "ScConvSettings::is_seed_default")]
+    pub scconv: ScConvSettings,
 }
 
 fn imagenet_widths() -> Vec<i64> {
@@ -81,6 +86,7 @@ impl ResNetConfig {
             in_channels: 3,
             sc,
             small_input: false,
+            scconv: ScConvSettings::default(),
         })
     }
 
@@ -102,9 +108,12 @@ impl ResNetConfig {
                 self.num_classes, self.in_channels
             ));
         }
+        if !self.sc && self.scconv != ScConvSettings::default() {
+            return invalid("\"scconv\" settings are given, but \"sc\" is false (the network has no ScConv)".into());
+        }
         if self.sc {
             for &width in &self.widths {
-                ScConvConfig::new(width).validate().map_err(|e| {
+                self.scconv.config(width).and_then(|c| c.validate()).map_err(|e| {
                     ScConvError::InvalidModel(format!("stage width {width} cannot hold an ScConv: {e}"))
                 })?;
             }
@@ -116,6 +125,30 @@ impl ResNetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Fuse, Variant};
+
+    #[test]
+    fn the_scconv_settings_follow_the_block_configs_defaults() {
+        let json = r#"{"block": "bottleneck", "layers": [3, 4, 6, 3], "sc": true,
+                       "scconv": {"variant": "2023-10-19", "fuse": "paper"}}"#;
+        let config: ResNetConfig = serde_json::from_str(json).unwrap();
+        assert!(config.validate().is_ok());
+        let block = config.scconv.config(64).unwrap();
+        assert_eq!((block.variant, block.torch_gn, block.group_num, block.fuse), (Variant::V20231019, true, 4, Fuse::Paper));
+        let round_trip: ResNetConfig = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(round_trip, config);
+        let seed = ResNetConfig::named("resnet50", true).unwrap();
+        assert!(!serde_json::to_string(&seed).unwrap().contains("scconv"), "the seed's settings are not spelt out");
+        let bad = r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"group_nums": 4}}"#;
+        let err = serde_json::from_str::<ResNetConfig>(bad).unwrap_err().to_string();
+        assert!(err.contains("unknown field `group_nums`"), "{err}");
+        let unsupported = r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"torch_gn": true}}"#;
+        let err = serde_json::from_str::<ResNetConfig>(unsupported).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("torch_gn does not exist in variant 2023-07-27"), "{err}");
+        let without_sc = r#"{"block": "basic", "layers": [1], "widths": [64], "scconv": {"variant": "2023-10-19"}}"#;
+        let err = serde_json::from_str::<ResNetConfig>(without_sc).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("\"sc\" is false"), "{err}");
+    }
 
     #[test]
     fn python_style_json_parses() {
