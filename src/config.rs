@@ -112,7 +112,7 @@ pub struct ScConvConfig {
 /// An `ScConvConfig` without its channel count, every setting optional (the variant's default
 /// applies): what a network's config says of all its ScConvs, each taking its stage's width. JSON: the
 /// block config's fields but `op_channel`, e.g. `{"variant": "2023-10-19", "group_num": 4}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScConvSettings {
     /// Which published version of the reference (default 2023-07-27, the seed).

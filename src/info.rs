@@ -96,7 +96,8 @@ pub struct NetworkRow {
 
 /// Walks a network, collecting the rows.
 struct Walker {
-    sc: bool,
+    /// The ScConv settings where the network is SC.
+    sc: Option<crate::ScConvSettings>,
     rows: Vec<NetworkRow>,
     shared: NetworkRow,
 }
@@ -127,8 +128,9 @@ impl Walker {
     fn residual(&mut self, name: String, cin: i64, cout: i64, input: (i64, i64), stride: i64) {
         let out = (out_size(input.0, 3, stride, 1), out_size(input.1, 3, stride, 1));
         let (plain_parameters, plain_macs) = (9 * cin * cout, 9 * cin * cout * out.0 * out.1);
-        if self.sc && cin == cout {
-            let sc = total(&scconv_costs(&ScConvConfig::new(cout)));
+        let scconv = self.sc.filter(|_| cin == cout).and_then(|s| s.config(cout).ok());
+        if let Some(config) = scconv {
+            let sc = total(&scconv_costs(&config));
             let macs = sc.macs_per_position * input.0 * input.1;
             self.rows.push(NetworkRow {
                 name,
@@ -153,7 +155,7 @@ pub fn network_costs(config: &crate::models::ResNetConfig, height: i64, width: i
         plain_parameters: 0,
         plain_macs: 0,
     };
-    let mut walk = Walker { sc: config.sc, rows: Vec::new(), shared };
+    let mut walk = Walker { sc: config.sc.then_some(config.scconv), rows: Vec::new(), shared };
     let (w0, cin) = (config.widths[0], config.in_channels);
     let (k, stride, pad) = if config.small_input { (3, 1, 1) } else { (7, 2, 3) };
     let mut size = (out_size(height, k, stride, pad), out_size(width, k, stride, pad));

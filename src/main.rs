@@ -118,6 +118,10 @@ enum Command {
         /// Also time the networks' parts per forward: 3x3 convs, SRU, the CRU's convs and fuse, the rest.
         #[arg(long)]
         profile: bool,
+        /// The version and settings of every ScConv timed (blocks and SC networks): a JSON file with
+        /// a block config without op_channel, e.g. {"variant": "2023-10-19"} (default: the seed's).
+        #[arg(long)]
+        scconv: Option<PathBuf>,
         /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
@@ -312,16 +316,21 @@ fn run(command: Command) -> Result<ExitCode> {
             dtype,
             cuda_graph,
             profile,
+            scconv,
             json,
         } => {
             tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
+            let scconv = match scconv {
+                Some(path) => scconv_tch::harness::json::read(&path)?,
+                None => scconv_tch::ScConvSettings::default(),
+            };
             let kind = match dtype {
                 DtypeArg::Float => tch::Kind::Float,
                 DtypeArg::Half => tch::Kind::Half,
                 DtypeArg::Bf16 => tch::Kind::BFloat16,
             };
-            let options =
-                BenchOptions { kind, cuda_graph, profile, warmup: warmup as usize, runs: runs as usize };
+            let (warmup, runs) = (warmup as usize, runs as usize);
+            let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, json } => {

@@ -93,7 +93,8 @@ fn the_cli_checks_the_fast_path_against_the_committed_fixtures() {
 fn a_parity_run_that_checks_no_case_fails() {
     let dir = common::scratch_dir("no-cases");
     let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(committed_fixtures().join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(committed_fixtures().join("manifest.json")).unwrap())
+            .unwrap();
     manifest["cases"] = serde_json::json!([]);
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
     for execution in ["reference", "fast"] {
@@ -102,7 +103,8 @@ fn a_parity_run_that_checks_no_case_fails() {
             .args(["--execution", execution])
             .output()
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{execution}: {text}");
         assert!(text.contains("no case was checked"), "{execution}: {text}");
     }

@@ -98,3 +98,25 @@ fn bench_reports_every_resnet50_shape_as_json() {
     assert_eq!(shapes, [(64, 56), (128, 28), (256, 14), (512, 7)]);
     assert!(json["blocks"][0]["scconv"]["median_ms"].as_f64().is_some());
 }
+
+#[test]
+fn bench_times_the_scconv_version_it_is_given() {
+    let dir = common::scratch_dir("bench-scconv");
+    let settings = dir.join("v2023_10_19.json");
+    std::fs::write(&settings, r#"{"variant": "2023-10-19", "fuse": "paper"}"#).unwrap();
+    let bin = common::bin();
+    let args =
+        ["bench", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-models", "--json", "--scconv"];
+    let out = Command::new(&bin).args(args).arg(&settings).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let variants: Vec<&str> =
+        json["blocks"].as_array().unwrap().iter().map(|b| b["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["2023-10-19"; 4]);
+    // A block config (with its channel count) is not a network's settings: said, exit 2.
+    std::fs::write(&settings, r#"{"op_channel": 64, "variant": "2023-10-19"}"#).unwrap();
+    let out = Command::new(&bin).args(args).arg(&settings).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown field `op_channel`"), "{stderr}");
+}

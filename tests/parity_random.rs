@@ -33,8 +33,10 @@ fn random_configs_match_the_reference_and_invalid_ones_are_rejected() {
     let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-random");
     assert_eq!(reports.len(), 200);
     let manifest: Manifest = Manifest::read(&dir).unwrap();
-    let seed_global =
-        manifest.cases.iter().filter(|c| c.config.variant == Variant::V20230727 && c.config.fuse == Fuse::Global);
+    let seed_global = manifest
+        .cases
+        .iter()
+        .filter(|c| c.config.variant == Variant::V20230727 && c.config.fuse == Fuse::Global);
     let seed_global = seed_global.count();
     assert!(seed_global < 200, "the draws include later versions and the paper's fuse");
     for execution in [Execution::Fast, Execution::FastTensorOps] {

@@ -43,9 +43,11 @@ pub fn run_bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{device:?}, {:?}, {} threads, forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        "{device:?}, {:?}, {} threads, ScConv {} ({}), forward only, median of {runs} runs after {warmup} warm-up (min-max)",
         options.kind,
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        options.scconv.variant.name(),
+        serde_json::to_string(&options.scconv)?
     );
     println!(
         "{:<10} {:>5} {:>24} {:>24} {:>24} {:>10} {:>10}",
@@ -105,8 +107,8 @@ struct NetworkBench {
     profile: Option<Vec<(String, f64)>>,
 }
 
-/// ResNet-50 and its SC twin (random weights, 224x224), and the trained Fashion-MNIST pair (28x28);
-/// each SC network in reference and fast mode; eagerly, and replaying a CUDA graph with `--cuda-graph`.
+/// ResNet-50 and its SC twin (random weights, 224x224), and the Fashion-MNIST pair's architectures
+/// (28x28); each SC network with `options.scconv`'s ScConvs, in reference and fast mode; eagerly, and replaying a CUDA graph with `--cuda-graph`.
 fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkBench>> {
     let big_batch = if device.is_cuda() { 64 } else { 8 };
     let mut configs = vec![
@@ -121,7 +123,12 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
     }
     let options = BenchOptions { warmup: options.warmup.min(2), runs: options.runs.clamp(1, 5), ..*options };
     let mut out = Vec::new();
-    for (name, config, batch, side) in configs {
+    for (name, mut config, batch, side) in configs {
+        if config.sc {
+            // Random weights: an SC network of any version times as the trained one would.
+            config.scconv = options.scconv;
+            config.validate()?;
+        }
         let mut vs = VarStore::new(device);
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         vs.set_kind(options.kind);
@@ -149,7 +156,12 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
                 false => None,
             };
             let per_second = |t: &bench::Timing| batch as f64 / (t.median_ms / 1e3);
-            let name = if execution == Execution::Fast { format!("{name} (fast)") } else { name.clone() };
+            let version = match config.sc && !options.scconv.is_seed_default() {
+                true => format!(" {}", options.scconv.variant.name()),
+                false => String::new(),
+            };
+            let mode = if execution == Execution::Fast { " (fast)" } else { "" };
+            let name = format!("{name}{version}{mode}");
             out.push(NetworkBench {
                 name,
                 batch,

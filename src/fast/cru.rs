@@ -21,7 +21,10 @@ impl Cru {
             match merged {
                 // On the CPU oneDNN reorders a channel slice slowly; a contiguous copy of it gives the
                 // same convolution, bit for bit, faster (see `cru_weights`).
-                Some(_) => (self.squeeze1.forward(&split[0].contiguous()), self.squeeze2.forward(&split[1].contiguous())),
+                Some(_) => (
+                    self.squeeze1.forward(&split[0].contiguous()),
+                    self.squeeze2.forward(&split[1].contiguous()),
+                ),
                 None => (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1])),
             }
         };

@@ -23,11 +23,11 @@ mod sru_kernel;
 pub mod threshold;
 mod welford;
 
+use crate::config::Variant;
 use crate::cru::Cru;
 use crate::error::ScConvError;
 use crate::sru::Sru;
 use cru_weights::MergedCruWeights;
-use crate::config::Variant;
 use sru_kernel::{GateConstants, Normalisation, Rule};
 use std::borrow::Cow;
 use tch::{nn::Module, Device, Kind, Tensor};
@@ -314,7 +314,12 @@ impl FastPath {
     /// What the CPU kernel reads besides `x`: the per-channel constants with the custom norm's
     /// statistics (by libtorch's `mean` and the reference's `std`), and the per-element input
     /// libtorch computes: `gn_x` of `nn.GroupNorm` (`torch_gn`), or the soft gate's `r = sigmoid(z)`.
-    fn kernel_inputs(&self, sru: &Sru, channels: &ChannelConstants, x: &Tensor) -> (GateConstants, Option<Tensor>) {
+    fn kernel_inputs(
+        &self,
+        sru: &Sru,
+        channels: &ChannelConstants,
+        x: &Tensor,
+    ) -> (GateConstants, Option<Tensor>) {
         let values = |t: &Tensor| {
             Vec::<f32>::try_from(t.flatten(0, -1)).expect("fp32 CPU tensors convert to Vec<f32>")
         };
@@ -382,7 +387,8 @@ mod tests {
 
     #[test]
     fn fast_sru_is_the_reference_sru_bit_for_bit() {
-        let later = |variant, torch_gn, c: i64| ScConvConfig { torch_gn, ..ScConvConfig::for_variant(c, variant) };
+        let later =
+            |variant, torch_gn, c: i64| ScConvConfig { torch_gn, ..ScConvConfig::for_variant(c, variant) };
         let configs = [
             ScConvConfig::new(64),
             ScConvConfig { group_num: 4, ..ScConvConfig::new(32) },

@@ -205,7 +205,8 @@ fn reconstruct_pair<const RULE: u8, const GN_GIVEN: bool>(
     o_hi: &mut [f32],
 ) {
     let n = x_lo.len();
-    let (x_hi, aux_lo, aux_hi, o_lo, o_hi) = (&x_hi[..n], &aux_lo[..n], &aux_hi[..n], &mut o_lo[..n], &mut o_hi[..n]);
+    let (x_hi, aux_lo, aux_hi, o_lo, o_hi) =
+        (&x_hi[..n], &aux_lo[..n], &aux_hi[..n], &mut o_lo[..n], &mut o_hi[..n]);
     for i in 0..n {
         let (kept_a, passed_a) = g_lo.parts::<RULE, GN_GIVEN>(x_lo[i], aux_lo[i]);
         let (kept_b, passed_b) = g_hi.parts::<RULE, GN_GIVEN>(x_hi[i], aux_hi[i]);
@@ -252,7 +253,11 @@ pub fn info_mask(x: &Tensor, aux: Option<&Tensor>, k: &GateConstants, rule: Rule
         };
         x.iter().zip(aux).map(one).collect()
     };
-    let mask: Vec<bool> =
-        xs.chunks(plane).zip(aux_s.chunks(plane)).enumerate().flat_map(|(i, (x, a))| decide(i, x, a)).collect();
+    let mask: Vec<bool> = xs
+        .chunks(plane)
+        .zip(aux_s.chunks(plane))
+        .enumerate()
+        .flat_map(|(i, (x, a))| decide(i, x, a))
+        .collect();
     Tensor::from_slice(&mask).view([n, c as i64, h, w])
 }

@@ -2,7 +2,7 @@
 //! several timed runs; median and spread. CUDA runs are synchronised before each clock read.
 //! Timings are measurements, never test assertions.
 use crate::error::ScConvError;
-use crate::{scconv, Execution, ScConvConfig};
+use crate::{scconv, Execution};
 use serde::Serialize;
 use std::time::Instant;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -52,10 +52,14 @@ pub struct BenchOptions {
     pub profile: bool,
     pub warmup: usize,
     pub runs: usize,
+    /// The version and settings of every ScConv timed (`--scconv`; default: the seed's).
+    pub scconv: crate::ScConvSettings,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockBench {
+    /// The ScConv's version (`variant`).
+    pub variant: String,
     pub channels: i64,
     pub size: i64,
     pub batch: i64,
@@ -89,7 +93,7 @@ pub fn time_graph(
     failure.map_or(Ok(timing), Err)
 }
 
-/// Rust ScConv (reference defaults, fresh weights) in reference and fast mode, and a bias-free 3x3 conv
+/// Rust ScConv (`options.scconv`'s version and settings, fresh weights) in reference and fast mode, and a bias-free 3x3 conv
 /// on one shape, forward only.
 pub fn bench_block(
     channels: i64,
@@ -99,7 +103,7 @@ pub fn bench_block(
     options: &BenchOptions,
 ) -> Result<BlockBench, ScConvError> {
     let mut vs = nn::VarStore::new(device);
-    let mut block = scconv(vs.root() / "scconv", &ScConvConfig::new(channels))?;
+    let mut block = scconv(vs.root() / "scconv", &options.scconv.config(channels)?)?;
     let conv_config = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
     let conv = nn::conv2d(vs.root() / "conv3x3", channels, channels, 3, conv_config);
     vs.set_kind(options.kind);
@@ -119,6 +123,7 @@ pub fn bench_block(
         }
         let dtype = format!("{:?}", options.kind);
         Ok(BlockBench {
+            variant: options.scconv.variant.name().to_string(),
             channels,
             size,
             batch,

@@ -1,9 +1,9 @@
 //! The residual blocks of `parity/models.py`, under torchvision's names (`conv1`, `bn1`, `downsample.0`,
 //! ...). A 3x3 conv that keeps its channel count is an ScConv in the SC variant, followed by a 2x2
 //! average pool where the plain conv would have stride 2.
+use crate::config::ScConvSettings;
 use crate::profile;
 use crate::sru::Gate;
-use crate::config::ScConvSettings;
 use crate::{scconv, ScConv, ScConvError};
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 

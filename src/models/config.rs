@@ -1,6 +1,6 @@
 //! `ResNetConfig`: the same JSON the Python twin (`parity/models.py::build`) reads.
-use crate::error::ScConvError;
 use crate::config::ScConvSettings;
+use crate::error::ScConvError;
 use serde::{Deserialize, Serialize};
 
 /// torchvision's two residual blocks (`"basic"`, `"bottleneck"` in JSON).
@@ -109,7 +109,9 @@ impl ResNetConfig {
             ));
         }
         if !self.sc && self.scconv != ScConvSettings::default() {
-            return invalid("\"scconv\" settings are given, but \"sc\" is false (the network has no ScConv)".into());
+            return invalid(
+                "\"scconv\" settings are given, but \"sc\" is false (the network has no ScConv)".into(),
+            );
         }
         if self.sc {
             for &width in &self.widths {
@@ -134,19 +136,31 @@ mod tests {
         let config: ResNetConfig = serde_json::from_str(json).unwrap();
         assert!(config.validate().is_ok());
         let block = config.scconv.config(64).unwrap();
-        assert_eq!((block.variant, block.torch_gn, block.group_num, block.fuse), (Variant::V20231019, true, 4, Fuse::Paper));
-        let round_trip: ResNetConfig = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+        assert_eq!(
+            (block.variant, block.torch_gn, block.group_num, block.fuse),
+            (Variant::V20231019, true, 4, Fuse::Paper)
+        );
+        let round_trip: ResNetConfig =
+            serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
         assert_eq!(round_trip, config);
         let seed = ResNetConfig::named("resnet50", true).unwrap();
-        assert!(!serde_json::to_string(&seed).unwrap().contains("scconv"), "the seed's settings are not spelt out");
-        let bad = r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"group_nums": 4}}"#;
+        assert!(
+            !serde_json::to_string(&seed).unwrap().contains("scconv"),
+            "the seed's settings are not spelt out"
+        );
+        let bad =
+            r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"group_nums": 4}}"#;
         let err = serde_json::from_str::<ResNetConfig>(bad).unwrap_err().to_string();
         assert!(err.contains("unknown field `group_nums`"), "{err}");
-        let unsupported = r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"torch_gn": true}}"#;
-        let err = serde_json::from_str::<ResNetConfig>(unsupported).unwrap().validate().unwrap_err().to_string();
+        let unsupported =
+            r#"{"block": "basic", "layers": [1], "widths": [64], "sc": true, "scconv": {"torch_gn": true}}"#;
+        let err =
+            serde_json::from_str::<ResNetConfig>(unsupported).unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("torch_gn does not exist in variant 2023-07-27"), "{err}");
-        let without_sc = r#"{"block": "basic", "layers": [1], "widths": [64], "scconv": {"variant": "2023-10-19"}}"#;
-        let err = serde_json::from_str::<ResNetConfig>(without_sc).unwrap().validate().unwrap_err().to_string();
+        let without_sc =
+            r#"{"block": "basic", "layers": [1], "widths": [64], "scconv": {"variant": "2023-10-19"}}"#;
+        let err =
+            serde_json::from_str::<ResNetConfig>(without_sc).unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("\"sc\" is false"), "{err}");
     }
 

@@ -43,7 +43,7 @@ fn build(p: &nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
         for b in 0..blocks {
             let stride = if index > 0 && b == 0 { 2 } else { 1 };
             let downsample = b == 0 && (stride != 1 || in_planes != planes * expansion);
-            let sc = config.sc.then(|| config.scconv.clone());
+            let sc = config.sc.then_some(config.scconv);
             let spec = BlockSpec { in_planes, planes, stride, downsample, sc };
             stage.push(match config.block {
                 BlockKind::Basic => Block::Basic(Box::new(basic_block(&layer / b, &spec)?)),
