@@ -30,14 +30,20 @@ CASES = [
     ("c128_group_num_4", 128, (2, 8, 8), {"group_num": 4}),
     ("c256_7x7", 256, (2, 7, 7), {}),
     ("c32_alpha_quarter", 32, (3, 9, 11), {"alpha": 0.25}),
+    ("c64_v2023_09_12_torch_gn", 64, (2, 14, 14), {"variant": "2023-09-12", "torch_gn": True}),
+    ("c64_v2023_09_14", 64, (2, 14, 14), {"variant": "2023-09-14"}),
+    ("c64_v2023_10_19", 64, (2, 14, 14), {"variant": "2023-10-19"}),
+    ("c128_v2023_10_19_own_gn_paper", 128, (2, 8, 8), {"variant": "2023-10-19", "torch_gn": False, "fuse": "paper"}),
 ]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def gate_of(model, x, threshold):
+def gate_of(model, x, config):
+    """Output, z and the informative decisions (the soft gate of 2023-10-19 decides with `>`)."""
     gate = g.capture_gate(model)
     y = model(x)
-    return y, gate["z"], gate["reweigts"] >= threshold
+    t = config["gate_treshold"]
+    return y, gate["z"], gate["reweigts"] > t if scconv_versions.soft_gate(config) else gate["reweigts"] >= t
 
 
 def main():
@@ -62,12 +68,12 @@ def main():
         torch.manual_seed(args.seed + 1000 + index)
         x = torch.randn(n, op_channel, h, w).to(args.device)
         with torch.no_grad():
-            y32, z32, info32 = gate_of(model, x, config["gate_treshold"])
+            y32, z32, info32 = gate_of(model, x, config)
             for dtype_name, dtype in DTYPES.items():
                 converted = scconv_versions.build(config).to(args.device)
                 converted.load_state_dict(model.state_dict())
                 converted = converted.to(dtype).eval()
-                y, z, info = gate_of(converted, x.to(dtype), config["gate_treshold"])
+                y, z, info = gate_of(converted, x.to(dtype), config)
                 tensors = {"input": x, "output": y, "gate.z": z, "gate.info_mask": info,
                            "output.fp32": y32, "gate.z.fp32": z32, "gate.info_mask.fp32": info32}
                 tensors_file = g.write(tensors, args.out, f"{name}.{dtype_name}.tensors", fmt)

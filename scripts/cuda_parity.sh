@@ -7,7 +7,8 @@
 #
 # `run` generates fixtures with PyTorch on the same GPU (inside the test, so under the same TF32 setting)
 # and runs the suite with TF32 (libtorch's default for cuDNN convolutions), then the speed runs
-# (`bench --json`, fp32 and bf16, eager and CUDA graphs, into $OUT/bench-*.json), then the suite again
+# (`bench --json`, fp32, bf16 and fp16, eager and CUDA graphs, into $OUT/bench-*.json; the CLI's parity
+# over every committed fixture set through the fast path; fp32 with 2023-10-19's ScConvs), then the suite again
 # with NVIDIA_TF32_OVERRIDE=0. Each step has its own time limit, most important first, so that one
 # device session (15 minutes, start-up included) always brings back the parity verdict and the timings.
 # The binaries use that machine's libtorch through LD_LIBRARY_PATH.
@@ -66,6 +67,12 @@ run() {
             2>&1 | tee -a "$log"
     done
     step 40 "CLI parity, fast path" .device/bin/scconv-tch parity --device cuda --execution fast
+    for set in parity-versions parity-offset; do
+        step 40 "CLI parity, fast path, $set" .device/bin/scconv-tch parity "weights/$set" --device cuda --execution fast
+    done
+    echo '{"variant": "2023-10-19"}' > "$out/v2023_10_19.json"
+    step 130 "bench float, 2023-10-19" sh -c ".device/bin/scconv-tch bench --device cuda --runs 30 --cudnn-benchmark \
+        --cuda-graph --scconv $out/v2023_10_19.json --json > $out/bench-cuda-float-v2023_10_19.json"
     step 45 "trained networks, fast path" .device/bin/scconv-tch infer --device cuda --model weights/fmnist_sc.json \
         --data sample --batch 1000 --execution fast
     step 200 "parity_cuda, TF32 off" env NVIDIA_TF32_OVERRIDE=0 .device/bin/parity_cuda --test-threads=1 --nocapture

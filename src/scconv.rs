@@ -45,7 +45,7 @@ impl ScConv {
     pub fn set_execution(&mut self, execution: Execution) -> Result<(), ScConvError> {
         self.fast = match execution {
             Execution::Reference => None,
-            fast => Some(FastPath::new(&self.SRU, fast)?.with_cru(&self.CRU)),
+            fast => Some(FastPath::new(&self.SRU, fast)?),
         };
         self.execution = execution;
         Ok(())
@@ -133,7 +133,9 @@ impl Module for ScConv {
         };
         let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
         tch::no_grad(|| match sru_out {
-            Some(sru_out) => self.CRU.forward_fused(&sru_out, fast.uses_cuda_kernels(), fast.merged_cru()),
+            Some(sru_out) => {
+                self.CRU.forward_fused(&sru_out, fast.uses_cuda_fuse_kernel(), fast.copies_squeeze_inputs())
+            }
             None => self.forward_reference(x),
         })
     }

@@ -79,3 +79,40 @@ fn export_refuses_to_overwrite_unless_asked() {
     export::save(&module, &path, true).unwrap();
     assert!(CModule::load(&path).is_ok());
 }
+
+/// A network of a later version through the CLI: `info --model` counts its ScConvs and `export --model`
+/// writes TorchScript that gives PyTorch's logits (the 2023-10-19 network of
+/// weights/parity-models/versions, as a record a user would write).
+#[test]
+fn the_cli_exports_and_describes_a_2023_10_19_network() {
+    let fixtures = crate_dir().join("weights/parity-models/versions");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("manifest.json")).unwrap()).unwrap();
+    let case =
+        manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == "sc_small_v2023_10_19").unwrap();
+    let dir = scratch_dir("export-v2023-10-19");
+    let record = serde_json::json!({
+        "name": "sc_small_v2023_10_19", "config": case["config"], "test_accuracy": 0.0, "parameters": 0,
+        "weights": fixtures.join(case["state_dict"].as_str().unwrap()), "torch_version": "2.11.0",
+        "test_predictions": [],
+    });
+    let record_file = dir.join("record.json");
+    std::fs::write(&record_file, record.to_string()).unwrap();
+    let info = Command::new(common::bin()).args(["info", "--model"]).arg(&record_file).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success(), "{text}{}", String::from_utf8_lossy(&info.stderr));
+    assert!(text.contains("layer1.0.conv2"), "{text}");
+    let out = dir.join("network.pt");
+    let export = Command::new(common::bin())
+        .args(["export", "--model"])
+        .arg(&record_file)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let tensors = weights::read(fixtures.join(case["tensors"].as_str().unwrap())).unwrap();
+    let get = |name: &str| tensors.iter().find(|(k, _)| k == name).unwrap().1.shallow_clone();
+    let logits = tch::no_grad(|| CModule::load(&out).unwrap().forward(&get("input")));
+    assert_close("exported 2023-10-19 network vs PyTorch", &logits, &get("logits"));
+}

@@ -15,7 +15,8 @@ use common::{
     assert_fast_parity, assert_parity, fresh_seed, generate_fixture_set, generate_fixtures, scratch_dir,
 };
 use scconv_tch::harness::parity::{
-    committed_fixtures, committed_version_fixtures, tf32_enabled as tf32, CaseSpec, Manifest, Policy,
+    committed_fixtures, committed_offset_fixtures, committed_version_fixtures, tf32_enabled as tf32,
+    CaseSpec, Manifest, Policy,
 };
 use scconv_tch::Execution;
 use tch::Device;
@@ -63,9 +64,54 @@ fn version_fixtures_match_their_twins_on_the_gpu() {
     let policy = Policy::for_run("cuda", device, tf32());
     let reports = assert_parity(&dir, device, &policy, &format!("cuda-vs-cuda-versions-{}", tf32_label()));
     assert!(reports.iter().all(|r| r.gate.flips() == 0));
-    let committed = committed_version_fixtures();
-    let policy = Manifest::<CaseSpec>::read(&committed).unwrap().policy(device, tf32());
-    assert_parity(&committed, device, &policy, &format!("cuda-vs-cpu-versions-{}", tf32_label()));
+    for execution in [Execution::Fast, Execution::FastTensorOps] {
+        let label = format!("cuda-vs-cuda-versions-{}", tf32_label());
+        let fast = assert_fast_parity(&dir, device, execution, &policy, &label);
+        assert_eq!(fast.len(), reports.len(), "every version case through the fast path");
+        assert!(fast.iter().all(|r| r.gate.flips() == 0 && r.differing_from_same_device == 0));
+    }
+    for committed in [committed_version_fixtures(), committed_offset_fixtures()] {
+        let policy = Manifest::<CaseSpec>::read(&committed).unwrap().policy(device, tf32());
+        let label =
+            format!("cuda-vs-cpu-{}-{}", committed.file_name().unwrap().to_string_lossy(), tf32_label());
+        assert_parity(&committed, device, &policy, &label);
+        assert_fast_parity(&committed, device, Execution::Fast, &policy, &label);
+    }
+}
+
+/// Every version, `torch_gn` value and fuse through the fast path on the GPU, in fp32, fp16 and bf16:
+/// bit for bit the reference mode on the same GPU (the fused SRU kernel for the hard gate on the custom
+/// norm, libtorch's operations for `nn.GroupNorm` and the soft gate, the fuse's kernel for all).
+#[test]
+fn every_version_runs_the_fast_path_bit_for_bit_on_the_gpu() {
+    use scconv_tch::{scconv, Fuse, ScConvConfig, Variant};
+    use tch::{nn::Module, nn::VarStore, Kind, Tensor};
+    let device = gpu();
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for variant in Variant::ALL {
+            let gn: &[bool] = if variant == Variant::V20230727 { &[false] } else { &[false, true] };
+            for (&torch_gn, fuse) in gn.iter().flat_map(|g| [(g, Fuse::Global), (g, Fuse::Paper)]) {
+                let config = ScConvConfig { torch_gn, fuse, ..ScConvConfig::for_variant(128, variant) };
+                let mut vs = VarStore::new(device);
+                let mut block = scconv(vs.root(), &config).unwrap();
+                tch::no_grad(|| {
+                    block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
+                });
+                vs.set_kind(kind);
+                let x = Tensor::randn([4, 128, 28, 28], (kind, device));
+                let reference = tch::no_grad(|| block.forward_reference(&x));
+                let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
+                block.set_execution(Execution::Fast).unwrap();
+                let fast = tch::no_grad(|| block.forward(&x));
+                let info = block.try_fast_info_mask(&x).unwrap().unwrap();
+                let label = format!("{kind:?} {config:?}");
+                assert!(info.equal(&reference_info), "{label}: decisions differ");
+                let max = (&fast - &reference).abs().max().to_kind(Kind::Float).double_value(&[]);
+                println!("{label}: max |fast - reference| = {max:e}");
+                assert!(fast.equal(&reference), "{label}: max diff {max:e}");
+            }
+        }
+    }
 }
 
 #[test]

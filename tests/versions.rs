@@ -76,8 +76,8 @@ fn the_fast_path_runs_every_version_torch_gn_and_fuse() {
             let vs = VarStore::new(Device::Cpu);
             let mut block = scconv(vs.root(), &config).unwrap();
             tch::no_grad(|| {
-                let _ = block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
-                let _ = block.SRU.gn.gamma.copy_(&Tensor::randn_like(&block.SRU.gn.gamma));
+                block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
+                block.SRU.gn.gamma.copy_(&Tensor::randn_like(&block.SRU.gn.gamma));
             });
             for offset in [0.0, 100.0] {
                 let x = Tensor::randn([2, 64, 9, 7], (Kind::Float, Device::Cpu)) + offset;

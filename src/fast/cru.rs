@@ -3,41 +3,34 @@
 //! those small vectors as the reference takes it, and the weighted branches are added into one output. The same function; rounding differs only in the order
 //! of additions, which the parity tolerance covers. On CUDA with the fused kernels, the weighted sum is
 //! one kernel (`crate::cuda::cru_weighted_sum`), which rounds as the reference does.
-use super::cru_weights::MergedCruWeights;
 use crate::config::Fuse;
 use crate::cru::Cru;
 use crate::profile::scope;
 use tch::{nn::Module, Tensor};
 
 impl Cru {
-    pub(crate) fn forward_fused(
-        &self,
-        x: &Tensor,
-        cuda_kernels: bool,
-        merged: Option<&MergedCruWeights>,
-    ) -> Tensor {
+    /// The CRU for inference: `cuda_kernels` runs the fuse's weighted sum as one CUDA kernel;
+    /// `copy_squeeze_inputs` gives each squeeze conv a contiguous copy of its channel slice (the CPU:
+    /// oneDNN reorders a strided slice slowly; the copy is the same convolution, bit for bit).
+    ///
+    /// Two CPU merges were measured faster and removed because they sum in another order, which inputs
+    /// with a large common offset expose (docs/speed.md, "The fast path for every version"): the two
+    /// squeezes as one two-group conv (up to 4.7e-5 of the largest output from the reference at
+    /// C = 64, offset 1000), and GWC + PWC1 as one dense conv (6.3e-6 at C = 56, group_size 1,
+    /// kernel 5, offset 1000: outside the fp32 tolerance).
+    pub(crate) fn forward_fused(&self, x: &Tensor, cuda_kernels: bool, copy_squeeze_inputs: bool) -> Tensor {
         let squeeze = || {
             let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
-            match merged {
-                // On the CPU oneDNN reorders a channel slice slowly; a contiguous copy of it gives the
-                // same convolution, bit for bit, faster (see `cru_weights`).
-                Some(_) => (
-                    self.squeeze1.forward(&split[0].contiguous()),
-                    self.squeeze2.forward(&split[1].contiguous()),
-                ),
-                None => (self.squeeze1.forward(&split[0]), self.squeeze2.forward(&split[1])),
-            }
+            let (up, low) = match copy_squeeze_inputs {
+                true => (split[0].contiguous(), split[1].contiguous()),
+                false => (split[0].shallow_clone(), split[1].shallow_clone()),
+            };
+            (self.squeeze1.forward(&up), self.squeeze2.forward(&low))
         };
         let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
-        let dense = merged
-            .filter(|m| m.merges_gwc())
-            .and_then(|m| scope("CRU GWC + PWC1 (one conv)", || m.gwc_plus_pwc1(&up)));
-        let y1 = dense.unwrap_or_else(|| {
-            // In place where the reference allocates: every large allocation is a fresh run of page faults.
-            let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
-            scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
-            y1
-        });
+        // In place where the reference allocates: every large allocation is a fresh run of page faults.
+        let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
+        scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || self.PWC2.forward(&low));
         scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels))

@@ -16,18 +16,22 @@
 //!   CRU's fuse is libtorch's pooling and softmax and a weighted-sum kernel;
 //! - the CRU pools its branches separately instead of concatenating 2C channels (`cru`).
 //!
+//! Every published version runs fast (`sru_kernel::Rule`): the masks multiply `x` (2023-07-27) or
+//! `gn_x` (2023-09-12/14); `nn.GroupNorm` (`torch_gn`) is libtorch's `group_norm`, read by the kernel;
+//! the soft gate of 2023-10-19 weighs `x` with `r = sigmoid(z)` itself, so `r` is libtorch's own sigmoid
+//! of the reference's `z` (same bits, same tensor shape, hence the same code path per element) and the
+//! kernel fuses the rest; the paper's fuse shares the CRU's weighted sum. On CUDA the fused SRU kernel
+//! runs for the hard gate on the custom norm, libtorch operations for the rest.
+//!
 //! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
 mod cru;
-mod cru_weights;
 mod sru_kernel;
 pub mod threshold;
 mod welford;
 
 use crate::config::Variant;
-use crate::cru::Cru;
 use crate::error::ScConvError;
 use crate::sru::Sru;
-use cru_weights::MergedCruWeights;
 use sru_kernel::{GateConstants, Normalisation, Rule};
 use std::borrow::Cow;
 use tch::{nn::Module, Device, Kind, Tensor};
@@ -54,6 +58,8 @@ pub struct FastPath {
     /// that has them, for the hard gate on the custom GroupBatchnorm2d (the soft gate's sigmoid and
     /// `nn.GroupNorm` run as libtorch operations there).
     use_cuda_kernels: bool,
+    /// The CRU fuse's weighted-sum kernel runs (every version: it needs only the fuse's weights).
+    use_cuda_fuse_kernel: bool,
     device: Device,
     /// The version's element rule (what the gate reads and its masks multiply).
     rule: Rule,
@@ -64,8 +70,6 @@ pub struct FastPath {
     channels: ChannelConstants,
     /// The CPU kernel's output of the last forward pass, written over by the next.
     buffer: std::cell::RefCell<Option<Tensor>>,
-    /// The CRU's convolutions merged (CPU, fp32, `Execution::Fast`; see `cru_weights`).
-    merged_cru: Option<MergedCruWeights>,
 }
 
 /// `gamma`, `beta` (kept to notice a later weight change) and the reference's `w_gamma`.
@@ -126,43 +130,41 @@ impl FastPath {
         let fast = execution == Execution::Fast;
         let (rule, torch_gn) = (rule_of(sru), sru.gn.torch_gn);
         let threshold = match rule {
-            // libtorch compares an fp32 tensor with a Python float in fp32.
+            // libtorch compares an fp32 tensor with a Python float in fp32 (the CPU kernel's case; the
+            // libtorch-operations path passes the threshold itself, rounded to the tensor's dtype).
             Rule::SoftOnX => sru.gate_treshold as f32,
             _ => threshold::calibrate_for(sru.gate_treshold, device, kind)?,
         };
         let kernels_cover = rule != Rule::SoftOnX && !torch_gn;
+        let cuda_kernels = fast && device.is_cuda() && crate::cuda::kernels_available(device, kind).is_ok();
         Ok(FastPath {
             use_cpu_kernel: fast && device == Device::Cpu && kind == Kind::Float,
-            use_cuda_kernels: fast
-                && kernels_cover
-                && device.is_cuda()
-                && crate::cuda::kernels_available(device, kind).is_ok(),
+            use_cuda_kernels: cuda_kernels && kernels_cover,
+            use_cuda_fuse_kernel: cuda_kernels,
             device,
             rule,
             torch_gn,
             threshold,
             channels: ChannelConstants::of(sru),
             buffer: Default::default(),
-            merged_cru: None,
         })
     }
 
-    /// Adds the merged CRU convolutions where the CPU kernel runs (CPU, fp32, `Execution::Fast`).
-    pub(crate) fn with_cru(mut self, cru: &Cru) -> FastPath {
-        if self.use_cpu_kernel {
-            self.merged_cru = Some(MergedCruWeights::of(cru));
-        }
-        self
+    /// Whether the CRU's squeeze convolutions read contiguous copies of their channel slices (CPU,
+    /// fp32, `Execution::Fast`; see `Cru::forward_fused`).
+    pub(crate) fn copies_squeeze_inputs(&self) -> bool {
+        self.use_cpu_kernel
     }
 
-    /// The merged CRU convolutions, unless the CRU's parameters changed since they were merged.
-    pub(crate) fn merged_cru(&self) -> Option<&MergedCruWeights> {
-        self.merged_cru.as_ref().filter(|m| m.still_match())
-    }
-
-    /// Whether the fused CUDA kernels run (else, on CUDA, libtorch operations).
+    /// Whether the fused CUDA SRU kernel runs (else, on CUDA, libtorch operations): for the hard gate
+    /// on the custom GroupBatchnorm2d (2023-07-27, 2023-09-12/14 without `torch_gn`).
     pub fn uses_cuda_kernels(&self) -> bool {
         self.use_cuda_kernels
+    }
+
+    /// Whether the CRU fuse's CUDA weighted-sum kernel runs (every version, on CUDA with the kernels).
+    pub fn uses_cuda_fuse_kernel(&self) -> bool {
+        self.use_cuda_fuse_kernel
     }
 
     /// The fast SRU on `x` (already checked like the reference's input), or `None` when the module
@@ -249,10 +251,10 @@ impl FastPath {
     /// sigmoid `> t`.
     fn decide_tensor_ops(&self, channels: &ChannelConstants, sru: &Sru, x: &Tensor) -> Tensor {
         let (_, z) = self.gn_x_and_z(channels, sru, x);
-        let t = self.threshold as f64;
         match self.rule {
-            Rule::SoftOnX => z.sigmoid().gt(t),
-            _ => z.ge(t),
+            // The threshold as the reference gives it: libtorch rounds it to the tensor's dtype.
+            Rule::SoftOnX => z.sigmoid().gt(sru.gate_treshold),
+            _ => z.ge(self.threshold as f64),
         }
     }
 
@@ -265,7 +267,7 @@ impl FastPath {
         let (x_1, x_2) = match self.rule {
             Rule::SoftOnX => {
                 let r = z.sigmoid();
-                let info = r.gt(t);
+                let info = r.gt(sru.gate_treshold);
                 (r.masked_fill(&info, 1.0) * x, r.masked_fill(&info, 0.0) * x)
             }
             Rule::MasksOnX => (z.ge(t) * x, z.lt(t) * x),

@@ -128,10 +128,15 @@ pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<H
         let z_vs_fp32 = compare(&z, &z32, tol)?;
         // Explained: fp32's z is within the dtype's error of z of the threshold, or inside the band
         // where the dtype's sigmoid rounds to t although fp32's does not (between logit(t) and the
-        // dtype's calibrated z_t: about -4.9e-4 for fp16 at t = 0.5, -3.9e-3 for bf16).
+        // dtype's edge of the gate: for the hard gate its calibrated z_t, about -4.9e-4 for fp16 at
+        // t = 0.5 and -3.9e-3 for bf16; for the soft gate's `r > t` the smallest z whose sigmoid
+        // passes, on the other side and twice as far, as the dtype's spacing above t is twice that below).
         let t = case.config.gate_treshold;
         let logit = (t / (1.0 - t)).ln();
-        let z_t = crate::fast::threshold::calibrate_for(t, device, kind)? as f64;
+        let z_t = match case.config.variant {
+            crate::Variant::V20231019 => soft_gate_edge(t, device, kind),
+            _ => crate::fast::threshold::calibrate_for(t, device, kind)? as f64,
+        };
         let slack = (z_t - logit).abs() + unit_roundoff(kind) * logit.abs();
         let crossed = (&z32 - logit).abs().le_tensor(&((&z - &z32).abs() + slack));
         let fed = block.forward_with_decisions(&x, &GateDecisions::from_info_mask(&decisions32))?;
@@ -160,6 +165,13 @@ pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<H
         }
         Ok(reports)
     })
+}
+
+/// The smallest value of the 16-bit dtype whose sigmoid (libtorch's, on `device`) is `> t`.
+fn soft_gate_edge(t: f64, device: Device, kind: Kind) -> f64 {
+    let z = crate::fast::threshold::every_16_bit_value(kind).to_device(device);
+    let passing = z.masked_select(&z.sigmoid().gt(t));
+    passing.min().to_kind(Kind::Float).double_value(&[])
 }
 
 fn count(t: &Tensor) -> i64 {

@@ -444,13 +444,21 @@ pub fn committed_fixtures() -> PathBuf {
 /// The committed fixtures of the later reference versions and the paper's fuse
 /// (`parity/generate_fixtures.py --set versions`).
 pub fn committed_version_fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity-versions")
+    crate_root().join("weights").join("parity-versions")
+}
+
+/// This crate's folder: `$SCCONV_ROOT` when the binary runs from a copy elsewhere (the GPU machine),
+/// else where it was built.
+fn crate_root() -> PathBuf {
+    std::env::var_os("SCCONV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The committed fixtures whose inputs carry large channel offsets, up to 768 channels
 /// (`parity/generate_fixtures.py --set offset`).
 pub fn committed_offset_fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join("parity-offset")
+    crate_root().join("weights").join("parity-offset")
 }
 
 #[cfg(test)]
