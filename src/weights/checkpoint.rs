@@ -21,7 +21,26 @@ pub(crate) fn index(path: &Path) -> Result<Vec<(String, TensorRef)>, String> {
     for (key, spec) in &found {
         check_view(key, spec)?;
     }
+    check_storages(&found)?;
     Ok(found)
+}
+
+/// Every tensor of one storage reads it with the same dtype and element count, as PyTorch's storages
+/// have one of each: otherwise the storage read first would decide for all (in whatever order the
+/// tensors are visited), so such a file is refused, naming two tensors that disagree.
+fn check_storages(found: &[(String, TensorRef)]) -> Result<(), String> {
+    let mut first: HashMap<&str, (&str, &TensorRef)> = HashMap::new();
+    for (key, spec) in found {
+        let (other_key, other) = *first.entry(spec.storage.as_str()).or_insert((key, spec));
+        if (other.kind, other.storage_numel) != (spec.kind, spec.storage_numel) {
+            return Err(format!(
+                "tensors {other_key} and {key} read one storage ({}) as {} x {:?} and {} x {:?}; a \
+                 torch.save file types each storage once",
+                spec.storage, other.storage_numel, other.kind, spec.storage_numel, spec.kind
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The tensors `refs` (from `index`) from the archive's storages, each storage read once.
@@ -193,4 +212,28 @@ fn check_view(key: &str, spec: &TensorRef) -> Result<(), String> {
         return bad(&format!("reaches element {last} of a storage of {}", spec.storage_numel));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn view(storage: &str, kind: Kind, storage_numel: i64) -> TensorRef {
+        TensorRef { storage: storage.into(), kind, storage_numel, offset: 0, size: vec![2], stride: vec![1] }
+    }
+
+    #[test]
+    fn a_storage_typed_two_ways_is_refused_naming_both_tensors() {
+        let agree =
+            [("a".to_string(), view("0", Kind::Float, 4)), ("b".to_string(), view("0", Kind::Float, 4))];
+        assert_eq!(check_storages(&agree), Ok(()));
+        let found = [
+            ("a".to_string(), view("0", Kind::Float, 4)),
+            ("c".to_string(), view("1", Kind::Half, 2)),
+            ("b".to_string(), view("0", Kind::Half, 4)),
+        ];
+        let err = check_storages(&found).unwrap_err();
+        assert!(err.contains("tensors a and b read one storage (0) as 4 x Float and 4 x Half"), "{err}");
+    }
 }

@@ -43,6 +43,28 @@ pub(crate) enum Value {
     Tensor(TensorRef),
 }
 
+impl Value {
+    /// What the value is, in a few words and at most a few hundred characters, whatever its size or
+    /// depth (error messages name it; a container's contents are not printed).
+    pub(crate) fn describe(&self) -> String {
+        let text = match self {
+            Value::None => "None".to_string(),
+            Value::Bool(b) => format!("the bool {b}"),
+            Value::Int(i) => format!("the int {i}"),
+            Value::Float(f) => format!("the float {f}"),
+            Value::Str(s) => format!("the string {:?}", s.chars().take(60).collect::<String>()),
+            Value::Bytes(b) => format!("{} bytes", b.len()),
+            Value::Tuple(items) => format!("a tuple of {} items", items.len()),
+            Value::List(items) => format!("a list of {} items", items.len()),
+            Value::Dict(entries) => format!("a dict of {} entries", entries.len()),
+            Value::Global(global) => format!("the global {global:?}"),
+            Value::Storage { key, kind, numel } => format!("storage {key:?} ({numel} x {kind:?})"),
+            Value::Tensor(t) => format!("a tensor of size {:?}", t.size),
+        };
+        text.chars().take(200).collect()
+    }
+}
+
 /// The globals a state dict or a training checkpoint needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Allowed {
@@ -312,7 +334,7 @@ impl Machine<'_> {
     fn pop_str(&mut self) -> Result<String, PickleError> {
         match self.pop()? {
             Value::Str(s) => Ok(s),
-            other => malformed(format!("expected a string, found {other:?}")),
+            other => malformed(format!("expected a string, found {}", other.describe())),
         }
     }
 
@@ -385,7 +407,10 @@ fn storage(id: Value) -> Result<Value, PickleError> {
         {
             Ok(Value::Storage { key: key.clone(), kind: *kind, numel: *numel })
         }
-        _ => malformed(format!("an unknown persistent id {parts:?}")),
+        _ => {
+            let parts: Vec<String> = parts.iter().take(6).map(Value::describe).collect();
+            malformed(format!("an unknown persistent id ({})", parts.join(", ")))
+        }
     }
 }
 
@@ -398,7 +423,9 @@ fn call(callable: Value, args: Value) -> Result<Value, PickleError> {
             rebuild_tensor(storage, offset, size, stride)
         }
         (Value::Global(Allowed::RebuildParameter), [tensor @ Value::Tensor(_), ..]) => Ok(tensor.clone()),
-        (callable, args) => malformed(format!("cannot call {callable:?} with {} arguments", args.len())),
+        (callable, args) => {
+            malformed(format!("cannot call {} with {} arguments", callable.describe(), args.len()))
+        }
     }
 }
 
@@ -448,6 +475,18 @@ mod tests {
         let protocol_4 = b"\x80\x04\x95>\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01a\x94]\x94(K\x01J\xfe\xff\xff\xffM,\x01Jp\x11\x01\x00\x8a\x06\x00\x00\x00\x00\x00\x01e\x8c\x01b\x94\x88NG?\xf8\x00\x00\x00\x00\x00\x00\x87\x94\x8c\x01c\x94\x8c\x02\xc3\xa9\x94u.";
         assert_eq!(read(protocol_2).unwrap(), expected());
         assert_eq!(read(protocol_4).unwrap(), expected());
+    }
+
+    /// REDUCE on a 100,000-element list (issue 18 measured an 8 MB error line for 1M): the error names
+    /// what was called in a few words.
+    #[test]
+    fn an_error_names_a_huge_value_briefly() {
+        let mut data = b"\x80\x02](".to_vec();
+        data.extend(std::iter::repeat_n(*b"K\x01", 100_000).flatten());
+        data.extend(b"e)R.");
+        let Err(PickleError::Malformed(message)) = read(&data) else { panic!("a list is not callable") };
+        assert!(message.contains("cannot call a list of 100000 items with 0 arguments"), "{message}");
+        assert!(message.len() < 300, "{} characters", message.len());
     }
 
     #[test]
