@@ -84,32 +84,28 @@ fn version_fixtures_match_their_twins_on_the_gpu() {
 /// norm, libtorch's operations for `nn.GroupNorm` and the soft gate, the fuse's kernel for all).
 #[test]
 fn every_version_runs_the_fast_path_bit_for_bit_on_the_gpu() {
-    use scconv_tch::{scconv, Fuse, ScConvConfig, Variant};
+    use scconv_tch::scconv;
     use tch::{nn::Module, nn::VarStore, Kind, Tensor};
     let device = gpu();
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
-        for variant in Variant::ALL {
-            let gn: &[bool] = if variant == Variant::V20230727 { &[false] } else { &[false, true] };
-            for (&torch_gn, fuse) in gn.iter().flat_map(|g| [(g, Fuse::Global), (g, Fuse::Paper)]) {
-                let config = ScConvConfig { torch_gn, fuse, ..ScConvConfig::for_variant(128, variant) };
-                let mut vs = VarStore::new(device);
-                let mut block = scconv(vs.root(), &config).unwrap();
-                tch::no_grad(|| {
-                    block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
-                });
-                vs.set_kind(kind);
-                let x = Tensor::randn([4, 128, 28, 28], (kind, device));
-                let reference = tch::no_grad(|| block.forward_reference(&x));
-                let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
-                block.set_execution(Execution::Fast).unwrap();
-                let fast = tch::no_grad(|| block.forward(&x));
-                let info = block.try_fast_info_mask(&x).unwrap().unwrap();
-                let label = format!("{kind:?} {config:?}");
-                assert!(info.equal(&reference_info), "{label}: decisions differ");
-                let max = (&fast - &reference).abs().max().to_kind(Kind::Float).double_value(&[]);
-                println!("{label}: max |fast - reference| = {max:e}");
-                assert!(fast.equal(&reference), "{label}: max diff {max:e}");
-            }
+        for config in common::every_version_config(128) {
+            let mut vs = VarStore::new(device);
+            let mut block = scconv(vs.root(), &config).unwrap();
+            tch::no_grad(|| {
+                block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
+            });
+            vs.set_kind(kind);
+            let x = Tensor::randn([4, 128, 28, 28], (kind, device));
+            let reference = tch::no_grad(|| block.forward_reference(&x));
+            let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
+            block.set_execution(Execution::Fast).unwrap();
+            let fast = tch::no_grad(|| block.forward(&x));
+            let info = block.try_fast_info_mask(&x).unwrap().unwrap();
+            let label = format!("{kind:?} {config:?}");
+            assert!(info.equal(&reference_info), "{label}: decisions differ");
+            let max = (&fast - &reference).abs().max().to_kind(Kind::Float).double_value(&[]);
+            println!("{label}: max |fast - reference| = {max:e}");
+            assert!(fast.equal(&reference), "{label}: max diff {max:e}");
         }
     }
 }

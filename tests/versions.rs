@@ -66,34 +66,29 @@ fn a_state_dict_of_another_version_is_refused_with_the_version_named() {
 #[test]
 fn the_fast_path_runs_every_version_torch_gn_and_fuse() {
     use scconv_tch::harness::parity::{compare, Tolerance};
-    use scconv_tch::Fuse;
     use tch::{Kind, Tensor};
     let mut checked = 0;
-    for variant in Variant::ALL {
-        let gn_options: &[bool] = if variant == Variant::V20230727 { &[false] } else { &[false, true] };
-        for (&torch_gn, fuse) in gn_options.iter().flat_map(|g| [(g, Fuse::Global), (g, Fuse::Paper)]) {
-            let config = ScConvConfig { torch_gn, fuse, ..ScConvConfig::for_variant(64, variant) };
-            let vs = VarStore::new(Device::Cpu);
-            let mut block = scconv(vs.root(), &config).unwrap();
-            tch::no_grad(|| {
-                block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
-                block.SRU.gn.gamma.copy_(&Tensor::randn_like(&block.SRU.gn.gamma));
-            });
-            for offset in [0.0, 100.0] {
-                let x = Tensor::randn([2, 64, 9, 7], (Kind::Float, Device::Cpu)) + offset;
-                let reference = tch::no_grad(|| block.try_forward(&x)).unwrap();
-                let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
-                for execution in [Execution::Fast, Execution::FastTensorOps] {
-                    block.set_execution(execution).unwrap();
-                    let fast = tch::no_grad(|| block.try_forward(&x)).unwrap();
-                    let info = block.try_fast_info_mask(&x).unwrap().unwrap();
-                    let label = format!("{config:?} offset {offset} {execution:?}");
-                    assert!(info.equal(&reference_info), "{label}: decisions differ");
-                    let c = compare(&fast, &reference, Tolerance::FP32).unwrap();
-                    assert!(c.passed(), "{label}: {c:?}");
-                    block.set_execution(Execution::Reference).unwrap();
-                    checked += 1;
-                }
+    for config in common::every_version_config(64) {
+        let vs = VarStore::new(Device::Cpu);
+        let mut block = scconv(vs.root(), &config).unwrap();
+        tch::no_grad(|| {
+            block.SRU.gn.beta.copy_(&(Tensor::randn_like(&block.SRU.gn.beta) * 0.1));
+            block.SRU.gn.gamma.copy_(&Tensor::randn_like(&block.SRU.gn.gamma));
+        });
+        for offset in [0.0, 100.0] {
+            let x = Tensor::randn([2, 64, 9, 7], (Kind::Float, Device::Cpu)) + offset;
+            let reference = tch::no_grad(|| block.try_forward(&x)).unwrap();
+            let reference_info = block.try_gate(&x).unwrap().decisions.info_mask;
+            for execution in [Execution::Fast, Execution::FastTensorOps] {
+                block.set_execution(execution).unwrap();
+                let fast = tch::no_grad(|| block.try_forward(&x)).unwrap();
+                let info = block.try_fast_info_mask(&x).unwrap().unwrap();
+                let label = format!("{config:?} offset {offset} {execution:?}");
+                assert!(info.equal(&reference_info), "{label}: decisions differ");
+                let c = compare(&fast, &reference, Tolerance::FP32).unwrap();
+                assert!(c.passed(), "{label}: {c:?}");
+                block.set_execution(Execution::Reference).unwrap();
+                checked += 1;
             }
         }
     }

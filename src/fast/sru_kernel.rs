@@ -104,13 +104,14 @@ impl ChannelGate {
         (info * source, noninfo * source)
     }
 
-    /// The informative decision at one element (as `parts` decides it).
-    #[inline(always)]
-    fn informative<const RULE: u8, const GN_GIVEN: bool>(&self, x: f32, aux: f32) -> bool {
-        if RULE == SOFT {
-            return aux > self.threshold;
+    /// The informative decision at one element, as `parts` decides it (for the parity checks, so not
+    /// specialised): `r > t` for the soft gate (`aux` is `r`), else `z >= z_t` from `gn_x` (`aux` when
+    /// libtorch computed it).
+    fn informative(&self, rule: Rule, gn_given: bool, x: f32, aux: f32) -> bool {
+        match rule {
+            Rule::SoftOnX => aux > self.threshold,
+            _ => self.masks(if gn_given { aux } else { self.gn(x) }).0 == 1.0,
         }
-        self.masks(if GN_GIVEN { aux } else { self.gn(x) }).0 == 1.0
     }
 }
 
@@ -246,12 +247,7 @@ pub fn info_mask(x: &Tensor, aux: Option<&Tensor>, k: &GateConstants, rule: Rule
     let aux_s = aux_s.unwrap_or(xs);
     let decide = |i: usize, x: &[f32], aux: &[f32]| -> Vec<bool> {
         let gate = ChannelGate::new(k, i / c, i % c, c);
-        let one = |(&x, &a): (&f32, &f32)| match (rule_code(rule), k.norm.is_none()) {
-            (SOFT, _) => gate.informative::<SOFT, true>(x, a),
-            (r, true) if r != SOFT => gate.informative::<ON_X, true>(x, a),
-            _ => gate.informative::<ON_X, false>(x, a),
-        };
-        x.iter().zip(aux).map(one).collect()
+        x.iter().zip(aux).map(|(&x, &a)| gate.informative(rule, k.norm.is_none(), x, a)).collect()
     };
     let mask: Vec<bool> = xs
         .chunks(plane)

@@ -99,6 +99,22 @@ fn record_table(label: &str, dir: &Path, device: Device, policy: &Policy, rows: 
     table
 }
 
+/// Every published version with each `torch_gn` value it has, under both fuses, at `channels` (the
+/// version's other defaults): 14 configs.
+pub fn every_version_config(channels: i64) -> Vec<scconv_tch::ScConvConfig> {
+    use scconv_tch::{Fuse, ScConvConfig, Variant};
+    let mut configs = Vec::new();
+    for variant in Variant::ALL {
+        let gn_options: &[bool] = if variant == Variant::V20230727 { &[false] } else { &[false, true] };
+        for &torch_gn in gn_options {
+            for fuse in [Fuse::Global, Fuse::Paper] {
+                configs.push(ScConvConfig { torch_gn, fuse, ..ScConvConfig::for_variant(channels, variant) });
+            }
+        }
+    }
+    configs
+}
+
 /// A scratch folder under target/ that is emptied first.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = crate_dir().join("target/test-scratch").join(name);
