@@ -51,7 +51,8 @@ impl Corpus {
         use std::io::Write;
         let path = self.dir.join(name);
         let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-        let stored = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let stored =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
         zip.start_file("archive/data.pkl", stored).unwrap();
         zip.write_all(pickle).unwrap();
         zip.finish().unwrap();

@@ -127,13 +127,20 @@ fn torch_save_seed() -> Vec<u8> {
 
 /// The seed archive with its `data.pkl` replaced by `pickle` (the storages kept).
 fn with_pickle(pickle: &[u8]) -> Vec<u8> {
+    archive(pickle, false)
+}
+
+/// As `with_pickle`, with zip64 records (`zip64`) or without.
+fn archive(pickle: &[u8], zip64: bool) -> Vec<u8> {
     use std::io::{Read, Write};
     let mut source = zip::ZipArchive::new(std::io::Cursor::new(torch_save_seed())).unwrap();
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let stored = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let stored = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(zip64);
     for i in 0..source.len() {
         let mut entry = source.by_index(i).unwrap();
-        let name = entry.name().to_string();
+        let name = entry.name().unwrap().to_string();
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).unwrap();
         out.start_file(name.as_str(), stored).unwrap();
@@ -145,7 +152,7 @@ fn with_pickle(pickle: &[u8]) -> Vec<u8> {
 fn seed_pickle() -> Vec<u8> {
     use std::io::Read;
     let mut source = zip::ZipArchive::new(std::io::Cursor::new(torch_save_seed())).unwrap();
-    let name = source.file_names().find(|n| n.ends_with("data.pkl")).unwrap().to_string();
+    let name = source.file_names().map(Result::unwrap).find(|n| n.ends_with("data.pkl")).unwrap().to_string();
     let mut bytes = Vec::new();
     source.by_name(&name).unwrap().read_to_end(&mut bytes).unwrap();
     bytes
@@ -160,6 +167,91 @@ fn check_torch_save(bytes: &[u8]) {
         let _model = scconv(vs.root(), &ScConvConfig { group_num: 4, ..ScConvConfig::new(32) }).unwrap();
         let _ = weights::load_tensors(&mut vs, tensors);
     }
+}
+
+/// One pickle opcode with arguments drawn at random: every opcode of protocols 0-5, memo keys and
+/// lengths small enough to hit what was stored (and some that lie), nesting and marks.
+fn opcode() -> impl Strategy<Value = Vec<u8>> {
+    let arg = |op: u8, n: usize| {
+        proptest::collection::vec(any::<u8>(), n).prop_map(move |a| [vec![op], a].concat())
+    };
+    let line =
+        |op: u8| "[a-z0-9._]{0,12}".prop_map(move |l| [vec![op], l.into_bytes(), vec![b'\n']].concat());
+    let no_arg = proptest::sample::select(
+        b"()]}.0122Naelstud\x85\x86\x87\x88\x89\x8f\x90\x91\x93\x94RbQ\x81\x92".to_vec(),
+    )
+    .prop_map(|op| vec![op]);
+    prop_oneof![
+        4 => no_arg,
+        1 => (0u8..8).prop_map(|k| vec![b'q', k]),
+        1 => (0u8..8).prop_map(|k| vec![b'h', k]),
+        1 => arg(b'K', 1),
+        1 => arg(b'J', 4),
+        1 => arg(b'G', 8),
+        1 => (0u8..12).prop_flat_map(move |n| arg(0x8a, usize::from(n)).prop_map(move |a| [vec![0x8a, n], a[1..].to_vec()].concat())),
+        1 => "[a-zA-Z._]{0,10}".prop_map(|s| [vec![0x8c, s.len() as u8], s.into_bytes()].concat()),
+        1 => arg(b'X', 4),
+        1 => line(b'I'),
+        1 => line(b'p'),
+        1 => line(b'g'),
+        1 => proptest::sample::select(vec![
+            &b"ccollections\nOrderedDict\n"[..],
+            b"ctorch._utils\n_rebuild_tensor_v2\n",
+            b"ctorch._utils\n_rebuild_tensor_v3\n",
+            b"ctorch\nFloatStorage\n",
+            b"ctorch.storage\nUntypedStorage\n",
+            b"ctorch\nuint16\n",
+            b"ctorch\nSize\n",
+            b"c__builtin__\nset\n",
+            b"cposix\nsystem\n",
+        ])
+        .prop_map(<[u8]>::to_vec),
+    ]
+}
+
+/// A pickle generated opcode by opcode: a nesting prefix (up to thousands of opens), random
+/// opcodes, then STOP.
+fn generated_pickle() -> impl Strategy<Value = Vec<u8>> {
+    let nesting = (proptest::sample::select(b"](}".to_vec()), 0usize..5000).prop_map(|(op, n)| vec![op; n]);
+    (nesting, proptest::collection::vec(opcode(), 0..64))
+        .prop_map(|(open, ops)| [&b"\x80\x02"[..], &open, &ops.concat(), b"."].concat())
+}
+
+/// A zip archive (no comment) with its end record moved into zip64 end records, as a writer does
+/// past 65,535 entries or 4 GiB: the zip64 end of central directory, its locator, and an end record
+/// whose counts and offsets say "see zip64".
+fn with_zip64_end(mut bytes: Vec<u8>) -> Vec<u8> {
+    let end = bytes.split_off(bytes.len() - 22);
+    let le16 = |at: usize| u64::from(u16::from_le_bytes([end[at], end[at + 1]]));
+    let le32 = |at: usize| u64::from(u32::from_le_bytes(end[at..at + 4].try_into().unwrap()));
+    let (entries, cd_size, cd_offset) = (le16(10), le32(12), le32(16));
+    let zip64_end = bytes.len() as u64;
+    bytes.extend(0x0606_4b50u32.to_le_bytes());
+    bytes.extend(44u64.to_le_bytes());
+    bytes.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    for field in [entries, entries, cd_size, cd_offset] {
+        bytes.extend(field.to_le_bytes());
+    }
+    bytes.extend(0x0706_4b50u32.to_le_bytes());
+    bytes.extend(0u32.to_le_bytes());
+    bytes.extend(zip64_end.to_le_bytes());
+    bytes.extend(1u32.to_le_bytes());
+    bytes.extend(0x0605_4b50u32.to_le_bytes());
+    bytes.extend([0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]);
+    bytes
+}
+
+/// The seed archive with zip64 records, bytes of its last 120 (the end records: entry counts, sizes,
+/// offsets, the locator) overwritten.
+fn mutated_zip64() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec((0usize..120, any::<u8>()), 1..8).prop_map(|edits| {
+        let mut bytes = with_zip64_end(archive(&seed_pickle(), true));
+        let len = bytes.len();
+        for (from_end, b) in edits {
+            bytes[len - 1 - from_end] = b;
+        }
+        bytes
+    })
 }
 
 /// A valid IDX image file (3 images of 4x5) and a label file.
@@ -288,6 +380,16 @@ proptest! {
     }
 
     #[test]
+    fn generated_pickles_never_panic(pickle in generated_pickle()) {
+        check_torch_save(&with_pickle(&pickle));
+    }
+
+    #[test]
+    fn mutated_zip64_end_records_never_panic(bytes in mutated_zip64()) {
+        check_torch_save(&bytes);
+    }
+
+    #[test]
     fn mutated_idx_files_never_panic(edits in edits(), gzipped in any::<bool>()) {
         check_idx(&apply(idx_seed(), &edits), gzipped);
     }
@@ -319,4 +421,15 @@ fn found_idx_sizes_whose_product_overflows() {
     bytes.extend(std::iter::repeat_n(7u8, 12));
     let err = idx::parse(&bytes).unwrap_err();
     assert!(err.contains("overflow"), "{err}");
+}
+
+/// The zip64 fuzzer's seed has what it mutates (zip64 end records) and reads unmutated.
+#[test]
+fn the_zip64_seed_has_zip64_end_records() {
+    let bytes = with_zip64_end(archive(&seed_pickle(), true));
+    let has = |magic: [u8; 4]| bytes.windows(4).any(|w| w == magic);
+    assert!(has([0x50, 0x4b, 0x06, 0x06]) && has([0x50, 0x4b, 0x06, 0x07]), "no zip64 end records");
+    let path = scratch_file("zip64.pt");
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(weights::read(&path).unwrap().len(), 8);
 }

@@ -1,42 +1,63 @@
 //! `torch.save` files, read natively: the zip archive, its `data.pkl` through the restricted pickle
-//! reader (`pickle.rs`), and each tensor from its raw storage entry. Nested dicts flatten to dotted
-//! keys (`{"model": {"conv.weight": t}}` -> `model.conv.weight`); numbers, strings, lists and other
-//! non-tensor entries (an epoch, optimizer settings) are left out.
-use super::pickle::{self, PickleError, TensorRef, Value};
+//! reader (`pickle.rs`), its tensors found by `flatten.rs`, and each tensor from its raw storage
+//! entry. Every size the archive declares is checked against the file's length before anything is
+//! allocated, and no entry is inflated past the size its reader needs (a storage: its tensor's bytes;
+//! the pickle: up to its STOP opcode).
+use super::flatten::{self, Found};
+use super::pickle::{self, PickleError, TensorRef};
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{BufReader, Read};
 use std::path::Path;
 use tch::Tensor;
 
-/// The tensors a `torch.save` archive at `path` describes, by flattened key, before any storage is
-/// read; `Err` is the reason, for `ScConvError::WeightsFile`.
-pub(crate) fn index(path: &Path) -> Result<Vec<(String, TensorRef)>, String> {
-    let mut archive = open(path)?;
-    let prefix = pickle_prefix(&archive)?;
-    check_byte_order(&mut archive, &prefix)?;
-    let data = entry(&mut archive, &format!("{prefix}data.pkl"), u64::MAX)?;
-    let root = pickle::read(&data).map_err(|e| explain(path, e))?;
-    let mut found = Vec::new();
-    flatten(root, String::new(), &mut found)?;
-    for (key, spec) in &found {
-        check_view(key, spec)?;
+/// A `torch.save` archive's tensors by flattened key, before any storage is read: those this
+/// reader reads, and those it does not (quantized, sparse, dtypes tch lacks: what each is); `Err`
+/// is the reason, for `ScConvError::WeightsFile`.
+pub(crate) fn index(path: &Path) -> Result<Vec<(String, Found)>, String> {
+    let mut archive = Archive::open(path)?;
+    let prefix = archive.pickle_prefix()?;
+    archive.check_byte_order(&prefix)?;
+    let budget = pickle_budget(archive.len);
+    let pickle = {
+        let data = archive.entry(&format!("{prefix}data.pkl"), None)?;
+        pickle::read(BufReader::new(data), budget).map_err(|e| explain(path, e))?
+    };
+    let found = flatten::tensors(&pickle)?;
+    drop(pickle);
+    for (key, found) in &found {
+        if let Found::Tensor(spec) = found {
+            check_view(key, spec)?;
+        }
     }
     check_storages(&found)?;
     Ok(found)
 }
 
+/// The bytes of values a pickle may build: 256 times the file (each opcode byte builds at most one
+/// value, and a container costs 150 bytes), within 256 MiB and 512 MiB: about the memory it takes.
+fn pickle_budget(file_len: u64) -> u64 {
+    file_len.saturating_mul(256).clamp(256 << 20, 512 << 20)
+}
+
 /// Every tensor of one storage reads it with the same dtype and element count, as PyTorch's storages
 /// have one of each: otherwise the storage read first would decide for all (in whatever order the
 /// tensors are visited), so such a file is refused, naming two tensors that disagree.
-fn check_storages(found: &[(String, TensorRef)]) -> Result<(), String> {
+fn check_storages(found: &[(String, Found)]) -> Result<(), String> {
     let mut first: HashMap<&str, (&str, &TensorRef)> = HashMap::new();
-    for (key, spec) in found {
+    for (key, found) in found {
+        let Found::Tensor(spec) = found else { continue };
         let (other_key, other) = *first.entry(spec.storage.as_str()).or_insert((key, spec));
         if (other.kind, other.storage_numel) != (spec.kind, spec.storage_numel) {
             return Err(format!(
-                "tensors {other_key} and {key} read one storage ({}) as {} x {:?} and {} x {:?}; a \
-                 torch.save file types each storage once",
-                spec.storage, other.storage_numel, other.kind, spec.storage_numel, spec.kind
+                "tensors {} and {} read one storage ({}) as {} x {:?} and {} x {:?}; a torch.save file \
+                 types each storage once",
+                super::shown(other_key),
+                super::shown(key),
+                super::shown(&spec.storage),
+                other.storage_numel,
+                other.kind,
+                spec.storage_numel,
+                spec.kind
             ));
         }
     }
@@ -45,15 +66,78 @@ fn check_storages(found: &[(String, TensorRef)]) -> Result<(), String> {
 
 /// The tensors `refs` (from `index`) from the archive's storages, each storage read once.
 pub(crate) fn fetch(path: &Path, refs: &[(String, TensorRef)]) -> Result<Vec<(String, Tensor)>, String> {
-    let mut archive = open(path)?;
-    let prefix = pickle_prefix(&archive)?;
+    let mut archive = Archive::open(path)?;
+    let prefix = archive.pickle_prefix()?;
     let mut storages = Storages { archive: &mut archive, prefix: &prefix, cache: HashMap::new() };
     refs.iter().map(|(key, spec)| Ok((key.clone(), storages.tensor(key, spec)?))).collect()
 }
 
-fn open(path: &Path) -> Result<zip::ZipArchive<std::fs::File>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    zip::ZipArchive::new(file).map_err(|e| not_an_archive(path, &e.to_string()))
+/// A zip archive and the file's real length, which every declared size is checked against.
+struct Archive {
+    zip: zip::ZipArchive<std::fs::File>,
+    len: u64,
+}
+
+impl Archive {
+    fn open(path: &Path) -> Result<Archive, String> {
+        let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        // torch.save writes nothing before the archive. zip's default detection of a prefix (a
+        // self-extracting stub) misreads some real torch.save files (measured: `torch.save(sd,
+        // "state_dict_2023-07-27.pt")`, "Invalid Central Directory header"), so the offset is 0.
+        let config = zip::read::Config { archive_offset: zip::read::ArchiveOffset::Known(0) };
+        let zip =
+            zip::ZipArchive::with_config(config, file).map_err(|e| not_an_archive(path, &e.to_string()))?;
+        Ok(Archive { zip, len })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.zip.file_names_raw().map(|n| String::from_utf8_lossy(n).into_owned()).collect()
+    }
+
+    /// The folder inside the archive (`torch.save` names it after the file): where `data.pkl` is.
+    fn pickle_prefix(&self) -> Result<String, String> {
+        let pickles: Vec<String> = self.names().into_iter().filter(|n| n.ends_with("data.pkl")).collect();
+        match pickles.as_slice() {
+            [one] => Ok(one.trim_end_matches("data.pkl").to_string()),
+            [] => Err("a zip archive without data.pkl: not a torch.save file".into()),
+            _ => Err(format!("a zip archive with {} data.pkl entries", pickles.len())),
+        }
+    }
+
+    fn check_byte_order(&mut self, prefix: &str) -> Result<(), String> {
+        let name = format!("{prefix}byteorder");
+        if self.names().contains(&name) {
+            let mut order = Vec::new();
+            self.entry(&name, Some(16))?.read_to_end(&mut order).map_err(|e| format!("entry {name}: {e}"))?;
+            if order != b"little" {
+                return Err(format!(
+                    "byte order {:?}: only little-endian files are read",
+                    String::from_utf8_lossy(&order).chars().take(20).collect::<String>()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A reader of entry `name`, refusing one whose declared sizes cannot be (its compressed bytes
+    /// past the file's end) or whose size is not `expected`; it yields at most the declared size,
+    /// whatever the compressed stream holds.
+    fn entry(&mut self, name: &str, expected: Option<u64>) -> Result<impl Read + '_, String> {
+        let file_len = self.len;
+        let file = self.zip.by_name(name).map_err(|e| format!("entry {}: {e}", super::shown(name)))?;
+        let (size, compressed) = (file.size(), file.compressed_size());
+        if compressed > file_len {
+            return Err(format!(
+                "entry {} declares {compressed} compressed bytes in a file of {file_len}",
+                super::shown(name)
+            ));
+        }
+        if let Some(expected) = expected.filter(|&e| size > e) {
+            return Err(format!("entry {} holds {size} bytes, more than its {expected}", super::shown(name)));
+        }
+        Ok(file.take(size))
+    }
 }
 
 fn not_an_archive(path: &Path, why: &str) -> String {
@@ -65,52 +149,19 @@ fn not_an_archive(path: &Path, why: &str) -> String {
     )
 }
 
-/// The folder inside the archive (`torch.save` names it after the file): where `data.pkl` is.
-fn pickle_prefix(archive: &zip::ZipArchive<std::fs::File>) -> Result<String, String> {
-    let pickles: Vec<&str> = archive.file_names().filter(|n| n.ends_with("data.pkl")).collect();
-    match pickles.as_slice() {
-        [one] => Ok(one.trim_end_matches("data.pkl").to_string()),
-        [] => Err("a zip archive without data.pkl: not a torch.save file".into()),
-        _ => Err(format!("a zip archive with {} data.pkl entries", pickles.len())),
-    }
-}
-
-fn check_byte_order(archive: &mut zip::ZipArchive<std::fs::File>, prefix: &str) -> Result<(), String> {
-    let name = format!("{prefix}byteorder");
-    if archive.file_names().any(|n| n == name) {
-        let order = entry(archive, &name, 16)?;
-        if order != b"little" {
-            return Err(format!(
-                "byte order {:?}: only little-endian files are read",
-                String::from_utf8_lossy(&order)
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// An entry's bytes, refusing one larger than `limit` (a storage's expected size) before reading it.
-fn entry(archive: &mut zip::ZipArchive<std::fs::File>, name: &str, limit: u64) -> Result<Vec<u8>, String> {
-    let mut file = archive.by_name(name).map_err(|e| format!("entry {name}: {e}"))?;
-    if file.size() > limit {
-        return Err(format!("entry {name} holds {} bytes, more than its tensor's {limit}", file.size()));
-    }
-    let mut bytes = Vec::with_capacity(file.size() as usize);
-    file.read_to_end(&mut bytes).map_err(|e| format!("entry {name}: {e}"))?;
-    Ok(bytes)
-}
-
 fn explain(path: &Path, error: PickleError) -> String {
     match error {
         PickleError::Forbidden(global) if global.rsplit('.').next().is_some_and(starts_upper) => format!(
-            "holds a pickled Python object of class `{global}` (a whole model saved with torch.save(model)?), \
+            "holds a pickled Python object of class `{}` (a whole model saved with torch.save(model)?), \
              not a state dict; only tensors and containers are read. In Python, with the code that defines \
              the class: torch.save(torch.load(\"{p}\", weights_only=False).state_dict(), \"state_dict.pt\")",
+            super::shown(&global),
             p = path.display()
         ),
         PickleError::Forbidden(global) => format!(
-            "the pickle asks for `{global}`, which only Python could run; refused (only tensors and \
-             containers are read)"
+            "the pickle asks for `{}`, which only Python could run; refused (only tensors and \
+             containers are read)",
+            super::shown(&global)
         ),
         PickleError::Malformed(why) => format!("cannot read its pickle: {why}"),
     }
@@ -120,33 +171,9 @@ fn starts_upper(name: &str) -> bool {
     name.chars().next().is_some_and(char::is_uppercase)
 }
 
-/// Collects the tensors under `value`, keys joined with dots.
-fn flatten(value: Value, prefix: String, out: &mut Vec<(String, TensorRef)>) -> Result<(), String> {
-    match value {
-        Value::Tensor(spec) if !prefix.is_empty() => out.push((prefix, spec)),
-        Value::Tensor(_) => return Err("holds a single tensor, not a dict of tensors".into()),
-        Value::Dict(entries) => {
-            for (key, value) in entries {
-                let key = match key {
-                    Value::Str(key) => key,
-                    Value::Int(i) => i.to_string(),
-                    _ => continue,
-                };
-                let key = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
-                flatten(value, key, out)?;
-            }
-        }
-        _ if prefix.is_empty() => {
-            return Err("holds no dict at the top: not a state dict or checkpoint".into())
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// The archive's storages, read once each.
 struct Storages<'a> {
-    archive: &'a mut zip::ZipArchive<std::fs::File>,
+    archive: &'a mut Archive,
     prefix: &'a str,
     cache: HashMap<String, Tensor>,
 }
@@ -160,25 +187,33 @@ impl Storages<'_> {
             self.cache.insert(spec.storage.clone(), storage);
         }
         let storage = &self.cache[&spec.storage];
-        storage
-            .f_as_strided(spec.size.as_slice(), spec.stride.as_slice(), spec.offset)
-            .and_then(|view| view.f_contiguous())
-            .map_err(|e| format!("tensor {key}: {e}"))
+        let view = storage.f_as_strided(spec.size.as_slice(), spec.stride.as_slice(), spec.offset);
+        // A broadcast view (a stride of 0: more elements than its storage) stays a view, as PyTorch
+        // loads it; any other is copied out, so no two keys share memory.
+        let broadcast = spec.size.iter().product::<i64>() > spec.storage_numel;
+        view.and_then(|view| if broadcast { Ok(view) } else { view.f_contiguous() })
+            .map_err(|e| format!("tensor {}: {e}", super::shown(key)))
     }
 
     fn read_storage(&mut self, key: &str, spec: &TensorRef) -> Result<Tensor, String> {
         let element = spec.kind.elt_size_in_bytes() as u64;
         let bytes_expected = (spec.storage_numel as u64).checked_mul(element).ok_or("storage too large")?;
         let name = format!("{}data/{}", self.prefix, spec.storage);
-        let bytes = entry(self.archive, &name, bytes_expected)?;
+        let mut bytes = Vec::new();
+        self.archive
+            .entry(&name, Some(bytes_expected))?
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("entry {}: {e}", super::shown(&name)))?;
         if bytes.len() as u64 != bytes_expected {
             return Err(format!(
-                "tensor {key}: its storage {name} holds {} bytes, {bytes_expected} expected (truncated file?)",
+                "tensor {}: its storage {} holds {} bytes, {bytes_expected} expected (truncated file?)",
+                super::shown(key),
+                super::shown(&name),
                 bytes.len()
             ));
         }
         Tensor::f_from_data_size(&bytes, &[spec.storage_numel], spec.kind)
-            .map_err(|e| format!("tensor {key}: {e}"))
+            .map_err(|e| format!("tensor {}: {e}", super::shown(key)))
     }
 }
 
@@ -186,8 +221,11 @@ impl Storages<'_> {
 fn check_view(key: &str, spec: &TensorRef) -> Result<(), String> {
     let bad = |why: &str| {
         Err(format!(
-            "tensor {key}: {why} (size {:?}, stride {:?}, offset {})",
-            spec.size, spec.stride, spec.offset
+            "tensor {}: {why} (size {:?}, stride {:?}, offset {})",
+            super::shown(key),
+            spec.size,
+            spec.stride,
+            spec.offset
         ))
     };
     if spec.size.len() != spec.stride.len() {
@@ -199,10 +237,10 @@ fn check_view(key: &str, spec: &TensorRef) -> Result<(), String> {
     if spec.size.contains(&0) {
         return Ok(());
     }
-    // No state dict holds a broadcast view; refusing them bounds the copy by the storage's size.
-    let elements = spec.size.iter().try_fold(1i64, |n, &d| n.checked_mul(d));
-    if elements.is_none_or(|n| n > spec.storage_numel) {
-        return bad(&format!("more elements than its storage's {}", spec.storage_numel));
+    // A broadcast view (stride 0, `torch.zeros(1).expand(32, 1, 1)`) may hold more elements than its
+    // storage; PyTorch loads it as a view, and so does `fetch` (no copy of that size is made).
+    if spec.size.iter().try_fold(1i64, |n, &d| n.checked_mul(d)).is_none() {
+        return bad("more elements than an i64 counts");
     }
     let mut last = spec.offset as i128;
     for (&n, &s) in spec.size.iter().zip(&spec.stride) {
@@ -219,8 +257,15 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    fn view(storage: &str, kind: Kind, storage_numel: i64) -> TensorRef {
-        TensorRef { storage: storage.into(), kind, storage_numel, offset: 0, size: vec![2], stride: vec![1] }
+    fn view(storage: &str, kind: Kind, storage_numel: i64) -> Found {
+        Found::Tensor(TensorRef {
+            storage: storage.into(),
+            kind,
+            storage_numel,
+            offset: 0,
+            size: vec![2],
+            stride: vec![1],
+        })
     }
 
     #[test]

@@ -2,23 +2,25 @@
 //! checked key by key against the model on this index, and then only the tensors the model takes are
 //! read (an unrelated 3 GB tensor in the file costs nothing).
 use super::checkpoint;
-use super::pickle::TensorRef;
+use super::flatten::Found;
+use super::pickle::{TensorRef, Unreadable};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-/// A tensor's shape and dtype, as the file declares them.
+/// A tensor's shape and dtype, as the file declares them; the dtype is `Err(what it is)` for a
+/// tensor this reader does not read (quantized, sparse, a dtype tch has no kind for).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
     pub shape: Vec<i64>,
-    pub kind: Kind,
+    pub kind: Result<Kind, String>,
 }
 
 /// A weights file's tensors, not yet read.
 pub(crate) enum Index {
     Safetensors { path: PathBuf, data_start: u64, tensors: BTreeMap<String, (Entry, (u64, u64))> },
-    Torch { path: PathBuf, tensors: BTreeMap<String, TensorRef> },
+    Torch { path: PathBuf, tensors: BTreeMap<String, TensorRef>, unreadable: BTreeMap<String, Unreadable> },
 }
 
 /// The largest safetensors header read (the format's own limit).
@@ -47,7 +49,7 @@ impl Index {
         for (name, info) in metadata.tensors() {
             let entry = Entry {
                 shape: info.shape.iter().map(|&d| d as i64).collect(),
-                kind: kind_of(info.dtype, &name)?,
+                kind: Ok(kind_of(info.dtype, &name)?),
             };
             let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
             let numel = info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
@@ -65,8 +67,14 @@ impl Index {
 
     /// The index of a `torch.save` archive.
     pub(crate) fn torch(path: &Path) -> Result<Index, String> {
-        let tensors = checkpoint::index(path)?.into_iter().collect();
-        Ok(Index::Torch { path: path.to_path_buf(), tensors })
+        let (mut tensors, mut unreadable) = (BTreeMap::new(), BTreeMap::new());
+        for (key, found) in checkpoint::index(path)? {
+            match found {
+                Found::Tensor(spec) => drop(tensors.insert(key, spec)),
+                Found::Unreadable(what) => drop(unreadable.insert(key, what)),
+            }
+        }
+        Ok(Index::Torch { path: path.to_path_buf(), tensors, unreadable })
     }
 
     /// Every tensor's name, shape and dtype.
@@ -75,10 +83,15 @@ impl Index {
             Index::Safetensors { tensors, .. } => {
                 tensors.iter().map(|(k, (e, _))| (k.clone(), e.clone())).collect()
             }
-            Index::Torch { tensors, .. } => tensors
-                .iter()
-                .map(|(k, r)| (k.clone(), Entry { shape: r.size.clone(), kind: r.kind }))
-                .collect(),
+            Index::Torch { tensors, unreadable, .. } => {
+                let readable = tensors
+                    .iter()
+                    .map(|(k, r)| (k.clone(), Entry { shape: r.size.clone(), kind: Ok(r.kind) }));
+                let others = unreadable
+                    .iter()
+                    .map(|(k, u)| (k.clone(), Entry { shape: u.size.clone(), kind: Err(u.what.clone()) }));
+                readable.chain(others).collect()
+            }
         }
     }
 
@@ -90,18 +103,28 @@ impl Index {
                 keys.iter()
                     .map(|&key| {
                         let (entry, (begin, end)) = &tensors[key];
+                        let kind = entry.kind.clone()?;
                         let mut bytes = vec![0u8; (end - begin) as usize];
                         file.seek(SeekFrom::Start(data_start + begin)).map_err(|e| e.to_string())?;
                         file.read_exact(&mut bytes).map_err(|e| format!("tensor {key}: {e}"))?;
-                        let tensor = Tensor::f_from_data_size(&bytes, &entry.shape, entry.kind)
+                        let tensor = Tensor::f_from_data_size(&bytes, &entry.shape, kind)
                             .map_err(|e| format!("tensor {key}: {e}"))?;
                         Ok((key.clone(), tensor))
                     })
                     .collect()
             }
-            Index::Torch { path, tensors } => {
-                let refs: Vec<(String, TensorRef)> =
-                    keys.iter().map(|&k| (k.clone(), tensors[k].clone())).collect();
+            Index::Torch { path, tensors, unreadable } => {
+                let refs: Vec<(String, TensorRef)> = keys
+                    .iter()
+                    .map(|&k| match tensors.get(k) {
+                        Some(spec) => Ok((k.clone(), spec.clone())),
+                        None => Err(format!(
+                            "tensor {}: {}, which this reader does not read",
+                            super::shown(k),
+                            unreadable.get(k).map_or("not in the file", |u| u.what.as_str())
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?;
                 checkpoint::fetch(path, &refs)
             }
         }

@@ -8,7 +8,9 @@
 //! floating dtype converts to the model's, as PyTorch's `copy_` does. `load_with` takes a part of a
 //! file (`select` a prefix: `module.` of DataParallel, or one layer of a larger network) and can
 //! tolerate unused keys (`strict: false`).
+mod allowlist;
 mod checkpoint;
+mod flatten;
 mod index;
 mod pickle;
 
@@ -74,18 +76,27 @@ impl fmt::Display for LoadReport {
         if !self.unexpected.is_empty() {
             writeln!(f, "  unexpected keys: {}", abridged(&self.unexpected))?;
         }
-        for m in &self.mismatched {
+        const SHOWN_ONE_BY_ONE: usize = 4;
+        for m in self.mismatched.iter().take(SHOWN_ONE_BY_ONE) {
             writeln!(
                 f,
                 "  size mismatch for {}: the model has {:?}, the state dict {:?}",
-                m.key, m.expected, m.found
+                shown(&m.key),
+                m.expected,
+                m.found
             )?;
         }
-        for (key, kind) in &self.wrong_dtype {
+        for (key, kind) in self.wrong_dtype.iter().take(SHOWN_ONE_BY_ONE) {
             writeln!(
                 f,
-                "  wrong dtype for {key}: {kind} in the state dict, a floating-point tensor is needed"
+                "  wrong dtype for {}: {kind} in the state dict, a floating-point tensor is needed",
+                shown(key)
             )?;
+        }
+        let more = |n: usize| n.saturating_sub(SHOWN_ONE_BY_ONE);
+        if more(self.mismatched.len()) + more(self.wrong_dtype.len()) > 0 {
+            let (sizes, dtypes) = (more(self.mismatched.len()), more(self.wrong_dtype.len()));
+            writeln!(f, "  and {sizes} more size mismatches, {dtypes} more wrong dtypes")?;
         }
         if let Some(hint) = &self.hint {
             writeln!(f, "  hint: {hint}")?;
@@ -94,12 +105,37 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// Up to 12 keys, then how many more: a whole network's list would bury the hint.
+/// Up to 8 keys, then how many more: a whole network's list would bury the hint.
 fn abridged(keys: &[String]) -> String {
-    const SHOWN: usize = 12;
-    let mut text = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    const SHOWN: usize = 8;
+    let mut text = keys.iter().take(SHOWN).map(|k| shown(k)).collect::<Vec<_>>().join(", ");
     if keys.len() > SHOWN {
         text += &format!(" and {} more", keys.len() - SHOWN);
+    }
+    text
+}
+
+/// A key (or any text from a file) as an error shows it: characters that could mislead a terminal
+/// (controls such as a newline, bidirectional overrides, invisible formatting) escaped as `\u{..}`,
+/// and a long key cut to its first 60 characters with how many more there are.
+pub(crate) fn shown(key: &str) -> String {
+    const LONGEST: usize = 60;
+    let misleading = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}')
+            || matches!(c, '\u{061c}' | '\u{00ad}' | '\u{feff}')
+    };
+    let mut text = String::new();
+    for c in key.chars().take(LONGEST) {
+        if misleading(c) {
+            text += &c.escape_unicode().to_string();
+        } else {
+            text.push(c);
+        }
+    }
+    let rest = key.chars().count().saturating_sub(LONGEST);
+    if rest > 0 {
+        text += &format!("...({rest} more characters)");
     }
     text
 }
@@ -146,19 +182,22 @@ pub fn check(vs: &VarStore, tensors: &BTreeMap<String, Tensor>) -> LoadReport {
     check_entries(vs, &entries_of(tensors))
 }
 
-fn floating(kind: tch::Kind) -> bool {
+fn floating(kind: &Result<tch::Kind, String>) -> bool {
     use tch::Kind::*;
-    matches!(kind, Half | Float | Double | BFloat16) // as libtorch's is_floating_point
+    matches!(kind, Ok(Half | Float | Double | BFloat16)) // as libtorch's is_floating_point
 }
 
 fn entries_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Entry> {
-    tensors.iter().map(|(k, t)| (k.clone(), Entry { shape: t.size(), kind: t.kind() })).collect()
+    tensors.iter().map(|(k, t)| (k.clone(), Entry { shape: t.size(), kind: Ok(t.kind()) })).collect()
+}
+
+fn variables_of(vs: &VarStore) -> BTreeMap<String, Entry> {
+    vs.variables().into_iter().map(|(k, v)| (k, Entry { shape: v.size(), kind: Ok(v.kind()) })).collect()
 }
 
 /// `check` on what a file declares (names, shapes, dtypes), before its data is read.
 fn check_entries(vs: &VarStore, tensors: &BTreeMap<String, Entry>) -> LoadReport {
-    let variables: BTreeMap<String, Entry> =
-        vs.variables().into_iter().map(|(k, v)| (k, Entry { shape: v.size(), kind: v.kind() })).collect();
+    let variables = variables_of(vs);
     let mut report = LoadReport::default();
     for (key, var) in &variables {
         match tensors.get(key) {
@@ -168,8 +207,12 @@ fn check_entries(vs: &VarStore, tensors: &BTreeMap<String, Entry>) -> LoadReport
                 expected: var.shape.clone(),
                 found: t.shape.clone(),
             }),
-            Some(t) if floating(var.kind) && !floating(t.kind) => {
-                report.wrong_dtype.push((key.clone(), format!("{:?}", t.kind)))
+            Some(t) if floating(&var.kind) && !floating(&t.kind) => {
+                let kind = match &t.kind {
+                    Ok(kind) => format!("{kind:?}"),
+                    Err(what) => what.clone(),
+                };
+                report.wrong_dtype.push((key.clone(), kind))
             }
             Some(_) => {}
         }
@@ -192,6 +235,7 @@ fn prefix_hint(variables: &BTreeMap<String, Entry>, tensors: &BTreeMap<String, E
         .filter(|prefix| !prefix.is_empty())
         .find(|prefix| variables.keys().all(|k| tensors.contains_key(&format!("{prefix}{k}"))))
         .map(|prefix| {
+            let prefix = shown(prefix);
             format!(
                 "every key of the model is in the file under the prefix `{prefix}`: load that part with \
                  LoadOptions {{ select: Some(\"{prefix}\"), .. }} (CLI: --select {prefix})"
@@ -295,16 +339,25 @@ pub fn load_with(
     let path = path.as_ref();
     let file_error = |reason: String| ScConvError::WeightsFile { path: path.display().to_string(), reason };
     let index = open_index(path)?;
-    let mut entries = index.entries();
+    let all = index.entries();
     // Selected name -> the file's name.
-    let mut names: BTreeMap<String, String> = entries.keys().map(|k| (k.clone(), k.clone())).collect();
-    if let Some(prefix) = &options.select {
-        let file_names: Vec<String> = entries.keys().cloned().collect();
-        let selected = select(file_names, prefix).map_err(file_error)?;
-        entries = selected.iter().map(|(new, old)| (new.clone(), entries[old].clone())).collect();
-        names = selected.into_iter().collect();
+    let names: BTreeMap<String, String> = match &options.select {
+        Some(prefix) => {
+            select(all.keys().cloned().collect(), prefix).map_err(file_error)?.into_iter().collect()
+        }
+        None => all.keys().map(|k| (k.clone(), k.clone())).collect(),
+    };
+    let entries: BTreeMap<String, Entry> =
+        names.iter().map(|(new, old)| (new.clone(), all[old].clone())).collect();
+    let mut report = check_entries(vs, &entries);
+    // A hint from the file's own keys names the whole prefix that would match (`module.module.` when
+    // `module.` was selected; `model.module.` for a prefix that cuts a name or lacks its dot).
+    if let Some(prefix) = options.select.as_deref().filter(|_| !report.is_clean()) {
+        let whole = prefix_hint(&variables_of(vs), &all);
+        if whole.as_ref().is_some_and(|h| !h.contains(&format!("`{}`", shown(prefix)))) {
+            report.hint = whole;
+        }
     }
-    let report = check_entries(vs, &entries);
     copy_checked(vs, report, options.strict, |keys| {
         let in_file: Vec<&String> = keys.iter().map(|k| &names[*k]).collect();
         let tensors = index.fetch(&in_file).map_err(file_error)?;
@@ -322,9 +375,10 @@ fn select(names: Vec<String>, prefix: &str) -> Result<Vec<(String, String)>, Str
         .filter_map(|key| key.strip_prefix(prefix).map(|rest| (rest.to_string(), key.clone())))
         .collect();
     if selected.is_empty() {
-        let shown: Vec<&str> = top_level.iter().map(String::as_str).take(8).collect();
+        let shown: Vec<String> = top_level.iter().take(8).map(|k| self::shown(k)).collect();
         return Err(format!(
-            "no key starts with `{prefix}` (--select); the file's keys start with: {}",
+            "no key starts with `{}` (--select); the file's keys start with: {}",
+            self::shown(prefix),
             shown.join(", ")
         ));
     }
