@@ -205,6 +205,12 @@ def cases(sd, small):
     p.note = "extra attribute"
     yield "parameter_with_state", model([p]), "model.", "loads", "9 allowlist", True
     yield "parameters", saved(collections.OrderedDict((k, torch.nn.Parameter(v)) for k, v in sd.items())), None, "loads", "9 allowlist", True
+    noted = collections.OrderedDict((k, v.clone()) for k, v in sd.items())
+    noted["SRU.gn.gamma"].note = "an attribute"  # pickled through torch._tensor._rebuild_from_type_v2
+    yield "tensor_with_attributes", saved(noted), None, "loads", "9 allowlist", True
+    unusable = collections.OrderedDict(sd)
+    unusable["SRU.gn.gamma"] = sd["SRU.gn.gamma"].to(torch.uint16)
+    yield "model_key_of_an_unreadable_dtype", saved(unusable), None, "refused", "9 allowlist", True
     expanded = collections.OrderedDict(sd)
     expanded["SRU.gn.beta"] = torch.zeros(1).expand(*sd["SRU.gn.beta"].shape)
     yield "stride_0_view", saved(expanded), None, "loads", "9 allowlist", True
@@ -231,9 +237,10 @@ SAYS = {
     "doubled_prefix": "--select module.module.",
     "prefix_cut": "--select model.module.",
     "prefix_no_dot": "--select model.module.",
-    "tricky_keys": "evil\\u{202e}key\\u{a}error: forged line",
+    "tricky_keys": "evil\\u{202e}key\\nerror: forged line",
     "storage_typed_twice": "read one storage",
     "nested_lists_unselected": "--select model.",
+    "model_key_of_an_unreadable_dtype": "wrong dtype for SRU.gn.gamma: a tensor of dtype uint16",
 }
 
 
@@ -248,26 +255,33 @@ def two_typed_storage(sd):
 
 
 def children(value):
-    if isinstance(value, dict):
-        return [(str(k), v) for k, v in value.items()]
+    if isinstance(value, dict):  # keys that are not strings or ints name nothing (as in Rust)
+        return [(str(k), v) for k, v in value.items() if isinstance(k, (str, int)) and not isinstance(k, bool)]
     if isinstance(value, (list, tuple)):
         return [(str(i), v) for i, v in enumerate(value)]
     return []
 
 
 def holds_tensors(root):
-    """id -> whether the container holds a tensor anywhere below (each container visited once)."""
-    known, stack = {}, [(root, False)]
+    """id -> whether a tensor lies anywhere below the container (cycles and sharing included): the
+    containers holding one directly, then every container that reaches them (reversed edges)."""
+    parents, holding, stack = {id(root): []}, [], [root]
     while stack:
-        value, done = stack.pop()
-        if id(value) in known and not done:
-            continue
-        if done:
-            known[id(value)] = any(isinstance(v, torch.Tensor) or known.get(id(v), False) for _, v in children(value))
-        else:
-            known[id(value)] = False  # a cycle back to it adds nothing
-            stack.append((value, True))
-            stack.extend((v, False) for _, v in children(value) if children(v))
+        value = stack.pop()
+        for _, child in children(value):
+            if isinstance(child, (dict, list, tuple)):
+                if id(child) not in parents:
+                    parents[id(child)] = []
+                    stack.append(child)
+                parents[id(child)].append(id(value))
+            elif isinstance(child, torch.Tensor):
+                holding.append(id(value))
+    known = dict.fromkeys(parents, False)
+    while holding:
+        container = holding.pop()
+        if not known[container]:
+            known[container] = True
+            holding.extend(parents[container])
     return known
 
 

@@ -17,8 +17,9 @@ pub enum ScConvError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    /// A state dict that does not match the module (every problem at once).
-    #[error("state dict does not match the model:\n{0}")]
+    /// A state dict that does not match the module (every problem at once), naming its file when it
+    /// came from one.
+    #[error("state dict {file}does not match the model:\n{report}", file = file_named(.0), report = .0)]
     StateDict(Box<LoadReport>),
 
     /// A file that cannot be read as what it should be (weights, a config, a record).
@@ -114,4 +115,9 @@ pub enum ConfigError {
     /// `group_kernel_size` is even or not positive.
     #[error("group_kernel_size must be odd and positive (padding k // 2 keeps the size only then), got {0}")]
     BadGroupKernelSize(i64),
+}
+
+/// `"FILE "` for a report about a file, else nothing.
+fn file_named(report: &LoadReport) -> String {
+    report.file.as_ref().map(|f| format!("{f} ")).unwrap_or_default()
 }

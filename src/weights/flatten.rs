@@ -2,8 +2,8 @@
 //! `model.conv.weight`), lists and tuples by index (`{"models": [sd, sd]}` -> `models.1.conv.weight`),
 //! as PyTorch users name them. Numbers, strings and containers without tensors are skipped.
 //!
-//! Bounded like the pickle reader: a loop with an explicit stack (any depth); each container is
-//! asked once whether it holds a tensor, so containers without one are never walked, however often
+//! Bounded like the pickle reader: loops with explicit stacks (any depth); whether a container holds
+//! a tensor is found once for all containers, so those without one are never walked, however often
 //! they are shared; a container met again on its own path (a list that holds itself) adds nothing;
 //! and the keys are counted, so a small file whose shared dicts would name billions of tensors is an
 //! error, not a hang.
@@ -26,7 +26,7 @@ const MAX_KEY_BYTES: usize = 256 << 20;
 pub(crate) fn tensors(pickle: &Pickle) -> Result<Vec<(String, Found)>, String> {
     match &pickle.root {
         Value::Tensor(_) | Value::Unreadable(_) => Err("holds a single tensor, not a dict of tensors".into()),
-        root @ (Value::Dict(_) | Value::List(_) | Value::Tuple(_)) => {
+        root @ Value::Dict(_) => {
             let holds = holds_tensors(root, pickle.containers());
             walk(root, &holds)
         }
@@ -70,29 +70,39 @@ fn children(value: &Value) -> Vec<(Option<String>, Value)> {
     }
 }
 
-/// For every container under `root`: whether a tensor lies anywhere below it. Post-order, each
-/// container visited once and its items borrowed, not copied (a list of a million numbers costs
-/// nothing); a cycle back to a container being visited counts as no tensor (its tensors are found
-/// on the first visit).
+/// For every container under `root`: whether a tensor lies anywhere below it, cycles and sharing
+/// included. Each container is visited once and its items borrowed, not copied (a list of a million
+/// numbers costs nothing); then "holds a tensor" spreads from the containers that hold one directly
+/// to every container that reaches them, along the reversed edges.
 fn holds_tensors(root: &Value, containers: usize) -> HashMap<usize, bool> {
-    let mut known: HashMap<usize, bool> = HashMap::with_capacity(containers.min(1 << 20));
-    let mut stack = vec![(root.clone(), false)];
-    while let Some((value, done)) = stack.pop() {
-        let Some(me) = id(&value) else { continue };
-        if done {
-            let holds = any_item(&value, |v| is_tensor(v) || id(v).is_some_and(|c| known[&c]));
-            known.insert(me, holds);
-        } else if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(me) {
-            slot.insert(false);
-            stack.push((value.clone(), true));
-            for_each_item(&value, |v| {
-                if id(v).is_some() {
-                    stack.push((v.clone(), false))
+    let mut parents: HashMap<usize, Vec<usize>> = HashMap::with_capacity(containers.min(1 << 20));
+    let mut holding = Vec::new();
+    let mut stack = vec![root.clone()];
+    parents.insert(id(root).expect("the root is a container"), Vec::new());
+    while let Some(value) = stack.pop() {
+        let me = id(&value).expect("only containers are stacked");
+        let mut direct = false;
+        for_each_item(&value, |child| match id(child) {
+            Some(child_id) => {
+                let seen = parents.contains_key(&child_id);
+                parents.entry(child_id).or_default().push(me);
+                if !seen {
+                    stack.push(child.clone());
                 }
-            });
+            }
+            None => direct |= is_tensor(child),
+        });
+        if direct {
+            holding.push(me);
         }
     }
-    known
+    let mut holds: HashMap<usize, bool> = parents.keys().map(|&c| (c, false)).collect();
+    while let Some(container) = holding.pop() {
+        if !std::mem::replace(holds.get_mut(&container).expect("every container is known"), true) {
+            holding.extend(&parents[&container]);
+        }
+    }
+    holds
 }
 
 /// Calls `f` on each item of a list or tuple, each value of a dict.
@@ -101,14 +111,6 @@ fn for_each_item(value: &Value, mut f: impl FnMut(&Value)) {
         Value::Tuple(seq) | Value::List(seq) => seq.borrow().iter().for_each(f),
         Value::Dict(map) => map.borrow().iter().for_each(|(_, v)| f(v)),
         _ => {}
-    }
-}
-
-fn any_item(value: &Value, mut f: impl FnMut(&Value) -> bool) -> bool {
-    match value {
-        Value::Tuple(seq) | Value::List(seq) => seq.borrow().iter().any(f),
-        Value::Dict(map) => map.borrow().iter().any(|(_, v)| f(v)),
-        _ => false,
     }
 }
 
@@ -161,4 +163,71 @@ fn walk(root: &Value, holds: &HashMap<usize, bool>) -> Result<Vec<(String, Found
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::pickle;
+
+    fn s(text: &str) -> Vec<u8> {
+        [&b"X"[..], &(text.len() as u32).to_le_bytes(), text.as_bytes()].concat()
+    }
+
+    /// `_rebuild_tensor_v2(storage "0" of 1 float, 0, (1,), (1,))`.
+    fn tensor() -> Vec<u8> {
+        let storage =
+            [&b"("[..], &s("storage"), b"ctorch\nFloatStorage\n", &s("0"), &s("cpu"), b"K\x01tQ"].concat();
+        [&b"ctorch._utils\n_rebuild_tensor_v2\n("[..], &storage, b"K\x00K\x01\x85K\x01\x85tR"].concat()
+    }
+
+    fn keys(data: &[u8]) -> Vec<String> {
+        let pickle = pickle::read(data, 1 << 24).unwrap();
+        tensors(&pickle).unwrap().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// root = {"a": Y, "b": X}, X = {"t": tensor, "y": Y}, Y = {"x": X}: Y reaches the tensor only
+    /// through X, which holds Y (a cycle); each path to the tensor is named once, the cycle adds none.
+    #[test]
+    fn tensors_reached_through_a_cycle_are_found_on_every_path() {
+        let data = [
+            &b"\x80\x02}q\x00"[..],
+            &s("a"),
+            b"}q\x02",
+            &s("x"),
+            b"}q\x01",
+            &s("t"),
+            &tensor(),
+            b"s",
+            &s("y"),
+            b"h\x02s",
+            b"ss",
+            &s("b"),
+            b"h\x01s.",
+        ]
+        .concat();
+        assert_eq!(keys(&data), ["a.x.t", "b.t"]);
+    }
+
+    /// Lists and tuples flatten by index; keys that are not strings or ints name nothing:
+    /// `{"models": [(t, t), (None, t)], True: t}`.
+    #[test]
+    fn lists_flatten_by_index_and_other_keys_are_skipped() {
+        let data = [
+            &b"\x80\x02}("[..],
+            &s("models"),
+            b"](",
+            &tensor(),
+            &tensor(),
+            b"\x86",
+            b"N",
+            &tensor(),
+            b"\x86e",
+            b"\x88",
+            &tensor(),
+            b"u.",
+        ]
+        .concat();
+        assert_eq!(keys(&data), ["models.0.0", "models.0.1", "models.1.1"]);
+    }
 }

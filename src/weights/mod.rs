@@ -50,6 +50,9 @@ pub struct LoadReport {
     pub hint: Option<String>,
     /// The keys copied into the model (after a successful load).
     pub loaded: Vec<String>,
+    /// The file the tensors came from (`load_with`, `load`), shown in the error; `None` for tensors
+    /// given in memory (`load_tensors`, `check`).
+    pub file: Option<String>,
 }
 
 impl LoadReport {
@@ -76,7 +79,7 @@ impl fmt::Display for LoadReport {
         if !self.unexpected.is_empty() {
             writeln!(f, "  unexpected keys: {}", abridged(&self.unexpected))?;
         }
-        const SHOWN_ONE_BY_ONE: usize = 4;
+        const SHOWN_ONE_BY_ONE: usize = 8; // every mismatch of one ScConv block (it has 8 tensors)
         for m in self.mismatched.iter().take(SHOWN_ONE_BY_ONE) {
             writeln!(
                 f,
@@ -116,7 +119,8 @@ fn abridged(keys: &[String]) -> String {
 }
 
 /// A key (or any text from a file) as an error shows it: characters that could mislead a terminal
-/// (controls such as a newline, bidirectional overrides, invisible formatting) escaped as `\u{..}`,
+/// escaped: controls as Rust writes them (`\n`, `\u{1b}`), bidirectional overrides and invisible
+/// formatting as `\u{202e}`;
 /// and a long key cut to its first 60 characters with how many more there are.
 pub(crate) fn shown(key: &str) -> String {
     const LONGEST: usize = 60;
@@ -127,7 +131,9 @@ pub(crate) fn shown(key: &str) -> String {
     };
     let mut text = String::new();
     for c in key.chars().take(LONGEST) {
-        if misleading(c) {
+        if c.is_control() {
+            text += &c.escape_debug().to_string(); // `\n`, `\r`, `\u{1b}`
+        } else if misleading(c) {
             text += &c.escape_unicode().to_string();
         } else {
             text.push(c);
@@ -350,6 +356,7 @@ pub fn load_with(
     let entries: BTreeMap<String, Entry> =
         names.iter().map(|(new, old)| (new.clone(), all[old].clone())).collect();
     let mut report = check_entries(vs, &entries);
+    report.file = Some(path.display().to_string());
     // A hint from the file's own keys names the whole prefix that would match (`module.module.` when
     // `module.` was selected; `model.module.` for a prefix that cuts a name or lacks its dot).
     if let Some(prefix) = options.select.as_deref().filter(|_| !report.is_clean()) {
@@ -465,6 +472,14 @@ mod tests {
             ("c.weight".to_string(), t(&[1]) * 3.0),
         ];
         load_tensors(&mut vs, half).unwrap();
+    }
+
+    #[test]
+    fn keys_in_errors_are_escaped_and_cut() {
+        assert_eq!(shown("CRU.GWC.weight"), "CRU.GWC.weight");
+        assert_eq!(shown("evil\u{202e}key\nerror: x\u{1b}[31m"), "evil\\u{202e}key\\nerror: x\\u{1b}[31m");
+        let long = shown(&"k".repeat(1000));
+        assert_eq!(long, format!("{}...(940 more characters)", "k".repeat(60)));
     }
 
     #[test]
