@@ -8,7 +8,7 @@
 //! and the keys are counted, so a small file whose shared dicts would name billions of tensors is an
 //! error, not a hang.
 use super::pickle::{Pickle, TensorRef, Unreadable, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 
 /// A tensor found in the pickle.
@@ -70,23 +70,23 @@ fn children(value: &Value) -> Vec<(Option<String>, Value)> {
     }
 }
 
-/// For every container under `root`: whether a tensor lies anywhere below it, cycles and sharing
-/// included. Each container is visited once and its items borrowed, not copied (a list of a million
-/// numbers costs nothing); then "holds a tensor" spreads from the containers that hold one directly
-/// to every container that reaches them, along the reversed edges.
-fn holds_tensors(root: &Value, containers: usize) -> HashMap<usize, bool> {
-    let mut parents: HashMap<usize, Vec<usize>> = HashMap::with_capacity(containers.min(1 << 20));
+/// The containers under `root` with a tensor anywhere below them, cycles and sharing included. Each
+/// container is visited once and its items borrowed, not copied (a list of a million numbers costs
+/// nothing); then "holds a tensor" spreads from the containers that hold one directly to every
+/// container that reaches them, along the (child, parent) edges, sorted by child.
+fn holds_tensors(root: &Value, containers: usize) -> HashSet<usize> {
+    let mut seen: HashSet<usize> = HashSet::with_capacity(containers.min(1 << 20));
+    let mut edges: Vec<(usize, usize)> = Vec::new();
     let mut holding = Vec::new();
     let mut stack = vec![root.clone()];
-    parents.insert(id(root).expect("the root is a container"), Vec::new());
+    seen.insert(id(root).expect("the root is a container"));
     while let Some(value) = stack.pop() {
         let me = id(&value).expect("only containers are stacked");
         let mut direct = false;
         for_each_item(&value, |child| match id(child) {
             Some(child_id) => {
-                let seen = parents.contains_key(&child_id);
-                parents.entry(child_id).or_default().push(me);
-                if !seen {
+                edges.push((child_id, me));
+                if seen.insert(child_id) {
                     stack.push(child.clone());
                 }
             }
@@ -96,10 +96,14 @@ fn holds_tensors(root: &Value, containers: usize) -> HashMap<usize, bool> {
             holding.push(me);
         }
     }
-    let mut holds: HashMap<usize, bool> = parents.keys().map(|&c| (c, false)).collect();
+    drop(seen);
+    edges.sort_unstable();
+    let mut holds = HashSet::new();
     while let Some(container) = holding.pop() {
-        if !std::mem::replace(holds.get_mut(&container).expect("every container is known"), true) {
-            holding.extend(&parents[&container]);
+        if holds.insert(container) {
+            let first = edges.partition_point(|&(child, _)| child < container);
+            let parents = edges[first..].iter().take_while(|&&(child, _)| child == container);
+            holding.extend(parents.map(|&(_, parent)| parent));
         }
     }
     holds
@@ -121,7 +125,7 @@ struct Frame {
     next: usize,
 }
 
-fn walk(root: &Value, holds: &HashMap<usize, bool>) -> Result<Vec<(String, Found)>, String> {
+fn walk(root: &Value, holds: &HashSet<usize>) -> Result<Vec<(String, Found)>, String> {
     let mut out = Vec::new();
     let mut key_bytes = 0usize;
     let mut path: Vec<String> = Vec::new();
@@ -156,7 +160,7 @@ fn walk(root: &Value, holds: &HashMap<usize, bool>) -> Result<Vec<(String, Found
             }
             out.push((key, found));
         } else if let Some(child_id) = id(&child) {
-            if holds.get(&child_id) == Some(&true) && on_path.insert(child_id) {
+            if holds.contains(&child_id) && on_path.insert(child_id) {
                 path.push(segment);
                 frames.push(Frame { id: child_id, children: children(&child), next: 0 });
             }
