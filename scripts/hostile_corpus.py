@@ -5,11 +5,13 @@
 
 A case keeps its promises when: a "loads" case exits 0; a "refused" case exits 1 or 2 with exactly
 one `error:` line of at most 800 characters on stderr, holding the case's `says` text; and either way it ends within 10 s with a peak
-resident memory under 1 GiB above the same command's on the plain state dict (`plain.pt`).
+resident memory under 1 GiB above the same command's on the plain state dict (`plain.pt`). Each run
+is limited to 4 GiB of address space.
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,12 @@ def main():
         json.dump(results, open(args.json, "w"), indent=1)
 
 
+def limit_memory():
+    """The child's address space limited to 4 GiB, as in the Rust test: a reader that allocates what a
+    file declares fails alone instead of taking the machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
 def measured(binary, config, case, corpus, out):
     """rc, stderr, wall seconds and the child's own peak RSS in KiB (wait4's rusage)."""
     command = [binary, "export", "--scconv", config, "--weights", os.path.join(corpus, case["file"]),
@@ -59,7 +67,7 @@ def measured(binary, config, case, corpus, out):
         command += ["--select", case["select"]]
     start = time.monotonic()
     with tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit_memory)
         deadline = start + 60
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
