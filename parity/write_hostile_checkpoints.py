@@ -131,8 +131,6 @@ def deflated_bomb(prefix, zeros_mib):
     c = zlib.compressobj(9, zlib.DEFLATED, -15)
     head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
     block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)
-    c.compress(mib)
-    c.flush(zlib.Z_FULL_FLUSH)
     tail = c.flush()
     crc = zlib.crc32(prefix)
     for _ in range(zeros_mib):

@@ -203,8 +203,7 @@ fn a_tensor_the_reader_cannot_read_is_refused_by_key_only_when_selected() {
         ("sparse.pt", "a sparse tensor"),
     ] {
         let mut vs = VarStore::new(Device::Cpu);
-        let config = ScConvConfig { ..manifest.config.clone() };
-        let _block = scconv(vs.root(), &config).unwrap();
+        let _block = scconv(vs.root(), &manifest.config).unwrap();
         let options = LoadOptions { select: None, strict: true };
         let err = weights::load_with(&mut vs, dir.join(file), &options).unwrap_err().to_string();
         assert!(err.contains("unexpected keys: ") && err.contains("extra"), "{file}: {err}");

@@ -93,13 +93,12 @@ impl Archive {
         Ok(Archive { zip, len })
     }
 
-    fn names(&self) -> Vec<String> {
-        self.zip.file_names_raw().map(|n| String::from_utf8_lossy(n).into_owned()).collect()
-    }
-
     /// The folder inside the archive (`torch.save` names it after the file): where `data.pkl` is.
     fn pickle_prefix(&self) -> Result<String, String> {
-        let pickles: Vec<String> = self.names().into_iter().filter(|n| n.ends_with("data.pkl")).collect();
+        let pickles: Vec<String> = (self.zip.file_names_raw())
+            .filter(|n| n.ends_with(b"data.pkl"))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
         match pickles.as_slice() {
             [one] => Ok(one.trim_end_matches("data.pkl").to_string()),
             [] => Err("a zip archive without data.pkl: not a torch.save file".into()),
@@ -109,7 +108,7 @@ impl Archive {
 
     fn check_byte_order(&mut self, prefix: &str) -> Result<(), String> {
         let name = format!("{prefix}byteorder");
-        if self.names().contains(&name) {
+        if self.zip.index_for_name(&name).is_some() {
             let mut order = Vec::new();
             self.entry(&name, Some(16))?.read_to_end(&mut order).map_err(|e| format!("entry {name}: {e}"))?;
             if order != b"little" {
