@@ -17,6 +17,7 @@ const TORCH_VERSION: &str = "2.11.0";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo::rustc-check-cfg=cfg(scconv_cuda_shim)");
+    println!("cargo::rustc-check-cfg=cfg(scconv_cpu_shim)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if std::env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;
@@ -30,10 +31,36 @@ fn main() {
     check_torch_version(&lib_dir);
     println!("cargo:libtorch_lib={}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    build_cpu_shim(&lib_dir);
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed", lib_dir.display());
         build_cuda_shim(&lib_dir);
     }
+}
+
+/// `src/inference/shim.cpp`: libtorch's oneDNN convolutions with fused epilogues and its thread pool,
+/// which tch does not bind (about 5 s to compile). If it does not compile, the crate builds without it
+/// and says so: the inference form then runs libtorch's plain convolutions (`cfg(scconv_cpu_shim)` off).
+fn build_cpu_shim(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/inference/shim.cpp");
+    let torch = lib_dir.parent().unwrap_or(lib_dir);
+    let compiled = cc::Build::new()
+        .cpp(true)
+        .file("src/inference/shim.cpp")
+        .include(torch.join("include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .try_compile("scconv_cpu_shim");
+    if let Err(err) = compiled {
+        println!("cargo:warning=the inference form's oneDNN shim did not compile ({err}); it runs libtorch's plain convolutions");
+        return;
+    }
+    for lib in ["torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-cfg=scconv_cpu_shim");
 }
 
 /// `src/cuda/shim.cpp` (NVRTC, the driver's kernel launch on libtorch's stream, CUDA graphs), when the

@@ -27,6 +27,7 @@ pub mod error;
 pub mod export;
 pub mod fast;
 pub mod group_batchnorm;
+pub mod inference;
 pub mod info;
 pub mod models;
 pub mod output;

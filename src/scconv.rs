@@ -94,8 +94,7 @@ impl ScConv {
                 )));
             }
         }
-        let decisions = decisions.to_device(x.device());
-        Ok(self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions)))
+        Ok(self.forward_given_decisions(x, decisions))
     }
 
     /// The inference forward captured into a CUDA graph for inputs shaped like `example` (a CUDA
@@ -118,6 +117,31 @@ impl ScConv {
         (y, gate)
     }
 
+    /// The reference's forward after the gate, with `decisions` given (shapes checked by the caller).
+    pub(crate) fn forward_given_decisions(&self, x: &Tensor, decisions: &GateDecisions) -> Tensor {
+        let decisions = decisions.to_device(x.device());
+        self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions))
+    }
+
+    /// The fast path's forward with `fast` (this module's or another's, e.g. an inference form's), its
+    /// output channels scaled by `scale` (`[C]`) in the CRU's fuse weights where given: a BatchNorm
+    /// folded into the CRU's last step (`crate::inference`).
+    pub(crate) fn forward_fast(&self, fast: &FastPath, x: &Tensor, scale: Option<&Tensor>) -> Tensor {
+        let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
+        tch::no_grad(|| match sru_out {
+            Some(sru_out) => self.CRU.forward_fused(
+                &sru_out,
+                fast.uses_cuda_fuse_kernel(),
+                fast.copies_squeeze_inputs(),
+                scale,
+            ),
+            None => match scale {
+                Some(scale) => self.forward_reference(x) * scale.view([1, -1, 1, 1]),
+                None => self.forward_reference(x),
+            },
+        })
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
         let nchw = input::check(x, &Expected::of(self.config.op_channel, &self.SRU.gn.gamma))?;
         input::check_group_size(nchw, self.config.group_num)
@@ -131,12 +155,6 @@ impl Module for ScConv {
         let Some(fast) = &self.fast else {
             return crate::profile::scope("ScConv (reference mode)", || self.forward_reference(x));
         };
-        let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
-        tch::no_grad(|| match sru_out {
-            Some(sru_out) => {
-                self.CRU.forward_fused(&sru_out, fast.uses_cuda_fuse_kernel(), fast.copies_squeeze_inputs())
-            }
-            None => self.forward_reference(x),
-        })
+        self.forward_fast(fast, x, None)
     }
 }

@@ -2,6 +2,7 @@
 use anyhow::Result;
 use scconv_tch::harness::bench::{self, BenchOptions};
 use scconv_tch::harness::infer::ModelRecord;
+use scconv_tch::inference::InferenceResNet;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::Execution;
 use std::path::Path;
@@ -94,9 +95,50 @@ pub fn run_bench(
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a network runs in a bench row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// The model itself, its ScConvs in this execution mode.
+    Model(Execution),
+    /// The inference form (`scconv_tch::inference`, every pass).
+    Inference,
+}
+
+impl Mode {
+    /// Reference, fast (SC networks) and the inference form (the CPU: its passes are oneDNN's).
+    fn for_network(sc: bool, device: Device) -> Vec<Mode> {
+        let mut modes = vec![Mode::Model(Execution::Reference)];
+        if sc {
+            modes.push(Mode::Model(Execution::Fast));
+        }
+        if device == Device::Cpu {
+            modes.push(Mode::Inference);
+        }
+        modes
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Model(Execution::Fast) => "fast",
+            Mode::Model(Execution::FastTensorOps) => "fast-tensor-ops",
+            Mode::Model(Execution::Reference) => "reference",
+            Mode::Inference => "inference",
+        }
+    }
+
+    fn suffix(self) -> String {
+        match self {
+            Mode::Model(Execution::Reference) => String::new(),
+            other => format!(" ({})", other.name()),
+        }
+    }
+}
+
 #[derive(serde::Serialize)]
 struct NetworkBench {
     name: String,
+    /// reference, fast or inference.
+    mode: &'static str,
     batch: i64,
     timing: bench::Timing,
     images_per_second: f64,
@@ -133,16 +175,25 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         vs.set_kind(options.kind);
         let x = Tensor::randn([batch, config.in_channels, side, side], (options.kind, device));
-        let executions: &[Execution] =
-            if config.sc { &[Execution::Reference, Execution::Fast] } else { &[Execution::Reference] };
-        for &execution in executions {
-            model.set_scconv_execution(execution)?;
-            let timing = tch::no_grad(|| {
-                bench::time(device, options.warmup, options.runs, || model.forward_t(&x, false))
-            });
+        let modes = Mode::for_network(config.sc, device);
+        for &mode in &modes {
+            if let Mode::Model(execution) = mode {
+                model.set_scconv_execution(execution)?;
+            }
+            let form = match mode {
+                Mode::Inference => {
+                    Some(InferenceResNet::compiled(&model, [batch, config.in_channels, side, side])?)
+                }
+                Mode::Model(_) => None,
+            };
+            let forward = || match &form {
+                Some(form) => form.try_forward(&x).expect("checked input"),
+                None => model.forward_t(&x, false),
+            };
+            let timing = tch::no_grad(|| bench::time(device, options.warmup, options.runs, forward));
             let profile = options.profile.then(|| {
                 scconv_tch::profile::enable(device);
-                tch::no_grad(|| (0..options.runs).for_each(|_| drop(model.forward_t(&x, false))));
+                tch::no_grad(|| (0..options.runs).for_each(|_| drop(forward())));
                 let sections = scconv_tch::profile::finish();
                 let per_run = |ms: f64| ms / options.runs as f64;
                 let mut rows: Vec<(String, f64)> =
@@ -151,19 +202,21 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
                 rows.push(("rest".into(), timing.median_ms - listed));
                 rows
             });
-            let graph_timing = match options.cuda_graph {
-                true => Some(bench::time_graph(device, &options, &mut model.cuda_graph(&x)?)?),
-                false => None,
+            let graph_timing = match (options.cuda_graph, mode) {
+                (true, Mode::Model(_)) => {
+                    Some(bench::time_graph(device, &options, &mut model.cuda_graph(&x)?)?)
+                }
+                _ => None,
             };
             let per_second = |t: &bench::Timing| batch as f64 / (t.median_ms / 1e3);
             let version = match config.sc && !options.scconv.is_seed_default() {
                 true => format!(" {}", options.scconv.variant.name()),
                 false => String::new(),
             };
-            let mode = if execution == Execution::Fast { " (fast)" } else { "" };
-            let name = format!("{name}{version}{mode}");
+            let name = format!("{name}{version}{}", mode.suffix());
             out.push(NetworkBench {
                 name,
+                mode: mode.name(),
                 batch,
                 images_per_second: per_second(&timing),
                 graph_images_per_second: graph_timing.as_ref().map(per_second),

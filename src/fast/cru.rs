@@ -18,7 +18,15 @@ impl Cru {
     /// squeezes as one two-group conv (up to 4.7e-5 of the largest output from the reference at
     /// C = 64, offset 1000), and GWC + PWC1 as one dense conv (6.3e-6 at C = 56, group_size 1,
     /// kernel 5, offset 1000: outside the fp32 tolerance).
-    pub(crate) fn forward_fused(&self, x: &Tensor, cuda_kernels: bool, copy_squeeze_inputs: bool) -> Tensor {
+    ///
+    /// `scale` (`[C]`, optional) multiplies each output channel, folded into the fuse's weights.
+    pub(crate) fn forward_fused(
+        &self,
+        x: &Tensor,
+        cuda_kernels: bool,
+        copy_squeeze_inputs: bool,
+        scale: Option<&Tensor>,
+    ) -> Tensor {
         let squeeze = || {
             let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
             let (up, low) = match copy_squeeze_inputs {
@@ -33,14 +41,26 @@ impl Cru {
         scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || self.PWC2.forward(&low));
-        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels))
+        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, scale))
     }
 
-    fn fuse(&self, mut y1: Tensor, y2_head: &Tensor, low: &Tensor, cuda_kernels: bool) -> Tensor {
+    fn fuse(
+        &self,
+        mut y1: Tensor,
+        y2_head: &Tensor,
+        low: &Tensor,
+        cuda_kernels: bool,
+        scale: Option<&Tensor>,
+    ) -> Tensor {
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
         let weights = self.fuse_weights(&pooled);
+        // Output channel c is w[c] * Y1[c] + w[C + c] * Y2[c]: both weights take its scale.
+        let weights = match scale {
+            Some(scale) => weights * Tensor::cat(&[scale, scale], 0).view([1, -1, 1, 1]),
+            None => weights,
+        };
         if cuda_kernels {
             if let Ok(out) = crate::cuda::cru_weighted_sum(y1.shallow_clone(), y2_head, low, &weights) {
                 return out;

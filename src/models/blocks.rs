@@ -3,18 +3,39 @@
 //! average pool where the plain conv would have stride 2.
 use crate::config::ScConvSettings;
 use crate::profile;
-use crate::sru::Gate;
+use crate::sru::{Gate, GateDecisions};
 use crate::{scconv, ScConv, ScConvError};
 use tch::{nn, nn::Module, nn::ModuleT, Tensor};
 
-/// Where a block records the gates of its ScConvs (their path and gate), when asked to.
-pub type GateLog<'a> = Option<&'a mut Vec<(String, Gate)>>;
+/// What the ScConvs of a forward pass do with their gates: compute them (`Off`), also record them by
+/// path (`Record`), or take the decisions given for their path (`Inject`, for the layered checks).
+pub enum GateLog<'a> {
+    /// Gates computed and not kept.
+    Off,
+    /// Each ScConv's path and gate appended.
+    Record(&'a mut Vec<(String, Gate)>),
+    /// Each ScConv uses the decisions listed under its path (computes its own where none is).
+    Inject(&'a [(String, GateDecisions)]),
+}
+
+/// Every BatchNorm of the networks is built with this `eps` (torchvision's default, PyTorch's
+/// `nn.BatchNorm2d`); `tch` keeps a layer's config private, so the inference form reads it here.
+pub(crate) const BATCHNORM_EPS: f64 = 1e-5;
+
+fn batch_norm2d(p: nn::Path, channels: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, channels, nn::BatchNormConfig { eps: BATCHNORM_EPS, ..Default::default() })
+}
 
 /// A residual 3x3 conv: plain, or ScConv (+ pool at stride 2).
 #[derive(Debug)]
 pub enum Conv3x3 {
-    Plain(nn::Conv2D),
-    Sc { scconv: Box<ScConv>, pool: bool, path: String },
+    /// The conv and its stride (`tch` keeps a layer's config private; padding is 1).
+    Plain(nn::Conv2D, i64),
+    Sc {
+        scconv: Box<ScConv>,
+        pool: bool,
+        path: String,
+    },
 }
 
 pub fn conv3x3(
@@ -30,23 +51,27 @@ pub fn conv3x3(
         return Ok(Conv3x3::Sc { scconv, pool: stride == 2, path });
     }
     let config = nn::ConvConfig { stride, padding: 1, bias: false, ..Default::default() };
-    Ok(Conv3x3::Plain(nn::conv2d(p, in_planes, out_planes, 3, config)))
+    Ok(Conv3x3::Plain(nn::conv2d(p, in_planes, out_planes, 3, config), stride))
 }
 
 impl Conv3x3 {
     /// In training the ScConv runs its reference mode, the one with gradients, whatever its execution.
     fn forward(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
         match self {
-            Conv3x3::Plain(conv) => profile::scope("conv3x3 (plain)", || conv.forward(x)),
+            Conv3x3::Plain(conv, _) => profile::scope("conv3x3 (plain)", || conv.forward(x)),
             Conv3x3::Sc { scconv, pool, path } => {
                 let y = match gates {
-                    Some(log) => {
+                    GateLog::Record(log) => {
                         let (y, gate) = scconv.forward_recording_gate(x);
                         log.push((path.clone(), gate));
                         y
                     }
-                    None if train => scconv.forward_reference(x),
-                    None => scconv.forward(x),
+                    GateLog::Inject(given) => match given.iter().find(|(p, _)| p == path) {
+                        Some((_, decisions)) => scconv.forward_given_decisions(x, decisions),
+                        None => scconv.forward(x),
+                    },
+                    GateLog::Off if train => scconv.forward_reference(x),
+                    GateLog::Off => scconv.forward(x),
                 };
                 if *pool {
                     profile::scope("ScConv's 2x2 pool", || {
@@ -63,7 +88,7 @@ impl Conv3x3 {
 impl Conv3x3 {
     fn scconv_mut(&mut self) -> Option<&mut ScConv> {
         match self {
-            Conv3x3::Plain(_) => None,
+            Conv3x3::Plain(..) => None,
             Conv3x3::Sc { scconv, .. } => Some(scconv),
         }
     }
@@ -76,14 +101,16 @@ fn conv1x1(p: nn::Path, in_planes: i64, out_planes: i64, stride: i64) -> nn::Con
 /// `downsample`: a strided 1x1 conv and a BatchNorm, as `nn.Sequential` (keys `downsample.0/1`).
 #[derive(Debug)]
 pub struct Downsample {
-    conv: nn::Conv2D,
-    bn: nn::BatchNorm,
+    pub(crate) conv: nn::Conv2D,
+    pub(crate) bn: nn::BatchNorm,
+    pub(crate) stride: i64,
 }
 
-pub fn downsample(p: nn::Path, in_planes: i64, out_planes: i64, stride: i64) -> Downsample {
+pub(crate) fn downsample(p: nn::Path, in_planes: i64, out_planes: i64, stride: i64) -> Downsample {
     Downsample {
         conv: conv1x1(&p / "0", in_planes, out_planes, stride),
-        bn: nn::batch_norm2d(&p / "1", out_planes, Default::default()),
+        bn: batch_norm2d(&p / "1", out_planes),
+        stride,
     }
 }
 
@@ -113,19 +140,19 @@ pub struct BlockSpec {
 
 #[derive(Debug)]
 pub struct BasicBlock {
-    conv1: Conv3x3,
-    bn1: nn::BatchNorm,
-    conv2: Conv3x3,
-    bn2: nn::BatchNorm,
-    downsample: Option<Downsample>,
+    pub(crate) conv1: Conv3x3,
+    pub(crate) bn1: nn::BatchNorm,
+    pub(crate) conv2: Conv3x3,
+    pub(crate) bn2: nn::BatchNorm,
+    pub(crate) downsample: Option<Downsample>,
 }
 
 pub fn basic_block(p: nn::Path, s: &BlockSpec) -> Result<BasicBlock, ScConvError> {
     Ok(BasicBlock {
         conv1: conv3x3(&p / "conv1", s.in_planes, s.planes, s.stride, s.sc.as_ref())?,
-        bn1: nn::batch_norm2d(&p / "bn1", s.planes, Default::default()),
+        bn1: batch_norm2d(&p / "bn1", s.planes),
         conv2: conv3x3(&p / "conv2", s.planes, s.planes, 1, s.sc.as_ref())?,
-        bn2: nn::batch_norm2d(&p / "bn2", s.planes, Default::default()),
+        bn2: batch_norm2d(&p / "bn2", s.planes),
         downsample: s.downsample.then(|| downsample(&p / "downsample", s.in_planes, s.planes, s.stride)),
     })
 }
@@ -141,24 +168,24 @@ impl BasicBlock {
 
 #[derive(Debug)]
 pub struct Bottleneck {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    conv2: Conv3x3,
-    bn2: nn::BatchNorm,
-    conv3: nn::Conv2D,
-    bn3: nn::BatchNorm,
-    downsample: Option<Downsample>,
+    pub(crate) conv1: nn::Conv2D,
+    pub(crate) bn1: nn::BatchNorm,
+    pub(crate) conv2: Conv3x3,
+    pub(crate) bn2: nn::BatchNorm,
+    pub(crate) conv3: nn::Conv2D,
+    pub(crate) bn3: nn::BatchNorm,
+    pub(crate) downsample: Option<Downsample>,
 }
 
 pub fn bottleneck(p: nn::Path, s: &BlockSpec) -> Result<Bottleneck, ScConvError> {
     let (width, out) = (s.planes, s.planes * 4);
     Ok(Bottleneck {
         conv1: conv1x1(&p / "conv1", s.in_planes, width, 1),
-        bn1: nn::batch_norm2d(&p / "bn1", width, Default::default()),
+        bn1: batch_norm2d(&p / "bn1", width),
         conv2: conv3x3(&p / "conv2", width, width, s.stride, s.sc.as_ref())?,
-        bn2: nn::batch_norm2d(&p / "bn2", width, Default::default()),
+        bn2: batch_norm2d(&p / "bn2", width),
         conv3: conv1x1(&p / "conv3", width, out, 1),
-        bn3: nn::batch_norm2d(&p / "bn3", out, Default::default()),
+        bn3: batch_norm2d(&p / "bn3", out),
         downsample: s.downsample.then(|| downsample(&p / "downsample", s.in_planes, out, s.stride)),
     })
 }

@@ -1,6 +1,6 @@
 //! Whole networks: torchvision-layout ResNets, plain or with ScConv (SC-ResNet), whose PyTorch twins
 //! are in `parity/models.py`.
-mod blocks;
+pub(crate) mod blocks;
 pub mod config;
 pub mod resnet;
 

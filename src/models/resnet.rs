@@ -1,22 +1,22 @@
 //! `ResNet`: torchvision's forward (`conv1, bn1, relu, maxpool, layer1..4, avgpool, flatten, fc`).
-use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog};
+use super::blocks::{basic_block, bottleneck, Block, BlockSpec, GateLog, BATCHNORM_EPS};
 use super::config::{BlockKind, ResNetConfig};
 use crate::cuda::CudaGraph;
 use crate::error::ScConvError;
 use crate::fast::Execution;
 use crate::input::{self, Expected};
-use crate::sru::Gate;
+use crate::sru::{Gate, GateDecisions};
 use std::borrow::Borrow;
-use tch::{nn, nn::Module, nn::ModuleT, Tensor};
+use tch::{nn, nn::BatchNormConfig, nn::Module, nn::ModuleT, Tensor};
 
 /// A torchvision-layout ResNet, plain or SC (see `ResNetConfig`). `forward_t` is torchvision's
 /// forward; `nn::ModuleT` with `train = false` is inference.
 #[derive(Debug)]
 pub struct ResNet {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    stages: Vec<Vec<Block>>,
-    fc: nn::Linear,
+    pub(crate) conv1: nn::Conv2D,
+    pub(crate) bn1: nn::BatchNorm,
+    pub(crate) stages: Vec<Vec<Block>>,
+    pub(crate) fc: nn::Linear,
     config: ResNetConfig,
 }
 
@@ -34,7 +34,8 @@ fn build(p: &nn::Path, config: &ResNetConfig) -> Result<ResNet, ScConvError> {
     let stem = nn::ConvConfig { stride, padding, bias: false, ..Default::default() };
     let mut in_planes = config.widths[0];
     let conv1 = nn::conv2d(p / "conv1", config.in_channels, in_planes, kernel, stem);
-    let bn1 = nn::batch_norm2d(p / "bn1", in_planes, Default::default());
+    let bn1 =
+        nn::batch_norm2d(p / "bn1", in_planes, BatchNormConfig { eps: BATCHNORM_EPS, ..Default::default() });
     let expansion = config.block.expansion();
     let mut stages = Vec::new();
     for (index, (&planes, &blocks)) in config.widths.iter().zip(&config.layers).enumerate() {
@@ -79,7 +80,7 @@ impl ResNet {
     /// path first if wanted; see [`CudaGraph::capture`] for what is fixed at capture.
     pub fn cuda_graph(&self, example: &Tensor) -> Result<CudaGraph<'_>, ScConvError> {
         self.check_input(example)?;
-        CudaGraph::capture(self, example, |x| self.run(x, false, &mut None))
+        CudaGraph::capture(self, example, |x| self.run(x, false, &mut GateLog::Off))
     }
 
     fn run(&self, x: &Tensor, train: bool, gates: &mut GateLog) -> Tensor {
@@ -95,18 +96,29 @@ impl ResNet {
     /// Eval-mode logits after checking the input (rank, channels, dtype, device, sizes).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
         self.check_input(x)?;
-        input::guard(|| self.run(x, false, &mut None))
+        input::guard(|| self.run(x, false, &mut GateLog::Off))
     }
 
     /// Eval-mode logits and the gate of every ScConv, keyed by its path (`layer1.0.conv2`, ...).
     pub fn forward_recording_gates(&self, x: &Tensor) -> Result<(Tensor, Vec<(String, Gate)>), ScConvError> {
         self.check_input(x)?;
         let mut log = Vec::new();
-        let logits = self.run(x, false, &mut Some(&mut log));
+        let logits = self.run(x, false, &mut GateLog::Record(&mut log));
         Ok((logits, log))
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
+    /// Eval-mode logits with every ScConv taking the decisions given for its path (from
+    /// `forward_recording_gates`, of this network or another): the layered checks of a compiled form.
+    pub fn forward_with_decisions(
+        &self,
+        x: &Tensor,
+        decisions: &[(String, GateDecisions)],
+    ) -> Result<Tensor, ScConvError> {
+        self.check_input(x)?;
+        input::guard(|| self.run(x, false, &mut GateLog::Inject(decisions)))
+    }
+
+    pub(crate) fn check_input(&self, x: &Tensor) -> Result<(), ScConvError> {
         let [_, _, h, w] = input::check(x, &Expected::of(self.config.in_channels, &self.fc.ws))?;
         self.check_spatial(h, w)
     }
@@ -138,6 +150,6 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.run(x, train, &mut None)
+        self.run(x, train, &mut GateLog::Off)
     }
 }

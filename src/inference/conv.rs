@@ -1,0 +1,236 @@
+//! One convolution of the inference form and what follows it (an eval-mode BatchNorm, a ReLU, a
+//! residual add), in the state the passes leave it: each pass changes one thing, so each can be tested
+//! alone against the state before it.
+//! - `fold`: the BatchNorm becomes the convolution's weight and bias (`fold::fold_batchnorm`);
+//! - `fuse`: the ReLU and the residual add run in the convolution's epilogue (one oneDNN primitive,
+//!   `mkldnn::_convolution_pointwise`) when the shim is built, else in place on its output;
+//! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see.
+use super::ffi::{self, ConvGeometry};
+use super::fold::{self, BatchNormParams};
+use crate::error::ScConvError;
+use tch::{nn, Tensor};
+
+/// A convolution with its BatchNorm (until folded), ReLU and epilogue state.
+#[derive(Debug)]
+pub struct InferenceConv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    geometry: ConvGeometry,
+    /// The BatchNorm after the convolution, until the fold pass.
+    batchnorm: Option<BatchNormParams>,
+    relu: bool,
+    /// ReLU and residual add in the epilogue: oneDNN's with the shim, else in place on the output.
+    fused: bool,
+    /// The weight in oneDNN's layout for one input size (`None`: the dense weight).
+    packed: Option<Tensor>,
+}
+
+impl InferenceConv {
+    /// The convolution `conv` (its weight and bias shared, not copied) with `geometry` (tch keeps a
+    /// layer's stride and padding private, so the builder of the network gives them).
+    pub fn new(conv: &nn::Conv2D, geometry: ConvGeometry) -> InferenceConv {
+        InferenceConv {
+            weight: conv.ws.detach(),
+            bias: conv.bs.as_ref().map(Tensor::detach),
+            geometry,
+            batchnorm: None,
+            relu: false,
+            fused: false,
+            packed: None,
+        }
+    }
+
+    /// Followed by the eval-mode BatchNorm `bn`.
+    pub fn then_batchnorm(mut self, bn: BatchNormParams) -> InferenceConv {
+        self.batchnorm = Some(bn);
+        self
+    }
+
+    /// Followed by a ReLU (after the BatchNorm and, in `forward_add`, after the residual add).
+    pub fn then_relu(mut self) -> InferenceConv {
+        self.relu = true;
+        self
+    }
+
+    /// The fold pass: the BatchNorm into the weight and bias (no-op without one).
+    pub fn fold(&mut self) {
+        if let Some(bn) = self.batchnorm.take() {
+            let (weight, bias) = fold::fold_batchnorm(&self.weight, self.bias.as_ref(), &bn);
+            (self.weight, self.bias, self.packed) = (weight, Some(bias), None);
+        }
+    }
+
+    /// The fuse pass: ReLU and residual add into the convolution's epilogue. Refused while a
+    /// BatchNorm sits between them (fold first).
+    pub fn fuse(&mut self) -> Result<(), ScConvError> {
+        if self.batchnorm.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "fuse needs the BatchNorm folded first (the fold pass)".into(),
+            ));
+        }
+        self.fused = true;
+        Ok(())
+    }
+
+    /// The prepack pass: the weight reordered once into oneDNN's layout for inputs of `input_size`
+    /// (N, C, H, W). Needs the shim (libtorch's own convolution would reorder it back every call).
+    pub fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        if !ffi::shim_built() {
+            return Err(ScConvError::InvalidInput(
+                "prepack needs the oneDNN shim, which this build lacks".into(),
+            ));
+        }
+        let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, input_size))
+            .map_err(|e| ScConvError::InvalidInput(format!("prepack: {e}")))?;
+        self.packed = Some(packed);
+        Ok(())
+    }
+
+    pub(crate) fn weight_kind(&self) -> tch::Kind {
+        self.weight.kind()
+    }
+
+    pub(crate) fn weight_device(&self) -> tch::Device {
+        self.weight.device()
+    }
+
+    /// Which passes have run on it: (folded, fused, prepacked).
+    pub fn state(&self) -> (bool, bool, bool) {
+        (self.batchnorm.is_none(), self.fused, self.packed.is_some())
+    }
+
+    /// `relu(bn(conv(x)))`, each part where configured.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.fused && ffi::shim_built() {
+            return expect_onednn(ffi::conv_pointwise(
+                x,
+                self.onednn_weight(),
+                self.bias.as_ref(),
+                &self.geometry,
+                self.relu,
+            ));
+        }
+        let mut y = self.conv_then_batchnorm(x);
+        match (self.relu, self.fused) {
+            (true, true) => y.relu_(),
+            (true, false) => y.relu(),
+            (false, _) => y,
+        }
+    }
+
+    /// `relu(bn(conv(x)) + residual)`; fused, the result is written into `residual` in place.
+    pub fn forward_add(&self, x: &Tensor, mut residual: Tensor) -> Tensor {
+        if self.fused && ffi::shim_built() {
+            let w = self.onednn_weight();
+            expect_onednn(ffi::conv_pointwise_add_(
+                &mut residual,
+                x,
+                w,
+                self.bias.as_ref(),
+                &self.geometry,
+                self.relu,
+            ));
+            return residual;
+        }
+        let mut y = self.conv_then_batchnorm(x);
+        if !self.fused {
+            let y = y + residual;
+            return if self.relu { y.relu() } else { y };
+        }
+        y += residual;
+        if self.relu {
+            y.relu_()
+        } else {
+            y
+        }
+    }
+
+    fn onednn_weight(&self) -> &Tensor {
+        self.packed.as_ref().unwrap_or(&self.weight)
+    }
+
+    /// The convolution (oneDNN's primitive when prepacked, else libtorch's) and the BatchNorm when
+    /// not folded.
+    fn conv_then_batchnorm(&self, x: &Tensor) -> Tensor {
+        let g = &self.geometry;
+        let y = match &self.packed {
+            Some(w) if ffi::shim_built() => {
+                expect_onednn(ffi::conv_pointwise(x, w, self.bias.as_ref(), g, false))
+            }
+            _ => x.conv2d(&self.weight, self.bias.as_ref(), g.stride, g.padding, g.dilation, g.groups),
+        };
+        match &self.batchnorm {
+            Some(bn) => bn.forward(&y),
+            None => y,
+        }
+    }
+}
+
+/// A oneDNN failure on input the network checked is a bug or an allocation failure: a panic, as tch's
+/// own operations do (`input::guard` turns it into an error at the public entry points).
+fn expect_onednn<T>(result: Result<T, String>) -> T {
+    result.unwrap_or_else(|e| panic!("oneDNN convolution: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::VarStore;
+    use tch::{Device, Kind};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    }
+
+    /// `relu(conv(x) + b + residual)` in fp64, the truth both sides are measured against.
+    fn truth(conv: &nn::Conv2D, bias: &Tensor, x: &Tensor, residual: &Tensor) -> Tensor {
+        let d = |t: &Tensor| t.to_kind(Kind::Double);
+        let y = d(x).conv2d(&d(&conv.ws), Some(&d(bias)), [2, 2], [1, 1], [1, 1], 1);
+        (y + d(residual)).relu()
+    }
+
+    /// Each pass on one convolution with a residual add and ReLU: fusing (oneDNN's post-ops, or in
+    /// place) and prepacking change only the kernel's summation order, so each state is as accurate
+    /// against fp64 as libtorch's own convolution-add-ReLU (twice its error plus one output rounding).
+    #[test]
+    fn fuse_and_prepack_keep_a_convolutions_accuracy() {
+        let vs = VarStore::new(Device::Cpu);
+        let config = nn::ConvConfig { stride: 2, padding: 1, bias: false, ..Default::default() };
+        let layer = nn::conv2d(vs.root() / "c", 24, 48, 3, config);
+        let x = Tensor::randn([3, 24, 14, 14], (Kind::Float, Device::Cpu));
+        let residual = Tensor::randn([3, 48, 7, 7], (Kind::Float, Device::Cpu));
+        let bias = Tensor::randn([48], (Kind::Float, Device::Cpu));
+        let truth = truth(&layer, &bias, &x, &residual);
+        let reference =
+            tch::no_grad(|| (x.conv2d(&layer.ws, Some(&bias), [2, 2], [1, 1], [1, 1], 1) + &residual).relu());
+        let ulp = truth.abs().max().double_value(&[]) * f64::powi(2.0, -24);
+        let budget = 2.0 * max_abs_diff(&reference, &truth) + ulp;
+        let mut conv = InferenceConv::new(&layer, ConvGeometry::square(2, 1, 1)).then_relu();
+        conv.bias = Some(bias);
+        let mut states = vec![("plain", tch::no_grad(|| conv.forward_add(&x, residual.copy())))];
+        conv.fuse().unwrap();
+        states.push(("fused", tch::no_grad(|| conv.forward_add(&x, residual.copy()))));
+        if ffi::shim_built() {
+            conv.prepack([3, 24, 14, 14]).unwrap();
+            states.push(("prepacked", tch::no_grad(|| conv.forward_add(&x, residual.copy()))));
+            assert_eq!(conv.state(), (true, true, true));
+        }
+        for (state, y) in &states {
+            let err = max_abs_diff(y, &truth);
+            assert!(err <= budget, "{state}: off by {err:e}, budget {budget:e}");
+        }
+    }
+
+    #[test]
+    fn fuse_before_fold_is_refused() {
+        let vs = VarStore::new(Device::Cpu);
+        let layer = nn::conv2d(vs.root() / "c", 4, 4, 1, Default::default());
+        let bn = nn::batch_norm2d(vs.root() / "bn", 4, Default::default());
+        let mut conv = InferenceConv::new(&layer, ConvGeometry::square(1, 0, 1))
+            .then_batchnorm(BatchNormParams::of(&bn, 1e-5));
+        assert!(conv.fuse().unwrap_err().to_string().contains("fold"));
+        conv.fold();
+        conv.fuse().unwrap();
+        assert_eq!(conv.state(), (true, true, false));
+    }
+}

@@ -1,0 +1,44 @@
+//! The inference form of a whole network: a [`ResNet`](crate::models::ResNet), built and loaded
+//! exactly as PyTorch's, compiled for inference by named passes ([`Pass`]) the way ONNX Runtime's
+//! graph optimizer reads, each a small step tested on its own:
+//! - [`Pass::FoldBatchnorm`]: every BatchNorm folded into the convolution before it
+//!   ([`fold_batchnorm`]), or, after an ScConv, into its CRU's fuse weights (scale) and a shift;
+//! - [`Pass::FuseEpilogues`]: ReLU and residual add in the convolution's epilogue (libtorch's oneDNN
+//!   `_convolution_pointwise` post-ops, through this crate's C++ shim), in place after an ScConv;
+//! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout;
+//! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
+//!
+//! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
+//! (the reference's gate decisions on the same input). Folding changes rounding (a folded weight is
+//! `W * scale` rounded once, and the convolution sums other products), so the form's numbers are held
+//! to PyTorch's own fp32 accuracy rather than to its bits: against an fp64 run of the model with the
+//! same gate decisions, the form's logits may be off by at most twice what the fp32 reference itself
+//! is off, plus one rounding of the largest logit. A gate decision can still flip where the folded
+//! arithmetic moves `z` across the threshold; [`InferenceResNet::forward_recording_decisions`]
+//! and `crate::models::ResNet::forward_recording_gates` let a caller count them by layer
+//! (`scconv-tch infer --execution inference --decisions` does). See docs/speed.md for what each
+//! pass measured.
+//!
+//! ```no_run
+//! use scconv_tch::inference::InferenceResNet;
+//! use scconv_tch::models::{resnet, ResNetConfig};
+//! use tch::{nn::VarStore, Device, Kind, Tensor};
+//!
+//! # fn main() -> Result<(), scconv_tch::ScConvError> {
+//! let vs = VarStore::new(Device::Cpu);
+//! let model = resnet(vs.root(), &ResNetConfig::named("resnet50", true)?)?;
+//! let form = InferenceResNet::compiled(&model, [8, 3, 224, 224])?; // every pass
+//! let logits = form.try_forward(&Tensor::randn([8, 3, 224, 224], (Kind::Float, Device::Cpu)))?;
+//! # Ok(()) }
+//! ```
+mod conv;
+mod ffi;
+mod fold;
+mod network;
+mod scconv_step;
+
+pub use conv::InferenceConv;
+pub use ffi::{parallel_for, shim_built, ConvGeometry};
+pub use fold::{fold_batchnorm, BatchNormParams};
+pub use network::{InferenceResNet, Pass};
+pub use scconv_step::ScConvStep;

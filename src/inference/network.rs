@@ -1,0 +1,332 @@
+//! The inference form of a whole `ResNet`: its layers as steps (`InferenceConv`, `ScConvStep`) that
+//! borrow the exact model's tensors, compiled by named passes (`Pass`), each of which changes one thing
+//! and leaves a network that computes the same function.
+use super::conv::InferenceConv;
+use super::ffi::ConvGeometry;
+use super::fold::BatchNormParams;
+use super::scconv_step::ScConvStep;
+use crate::error::ScConvError;
+use crate::input;
+use crate::models::blocks::{Block, Conv3x3, Downsample, BATCHNORM_EPS};
+use crate::models::ResNet;
+use crate::profile::scope;
+use crate::sru::GateDecisions;
+use tch::{nn, Tensor};
+
+/// A compilation pass of the inference form, applied in the order given (see [`Pass::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pass {
+    /// Every BatchNorm into the convolution before it (stem, 1x1 and 3x3 convs, downsample), or into
+    /// the CRU's fuse weights (scale) and a shift where it follows an ScConv.
+    FoldBatchnorm,
+    /// ReLU and residual add into each convolution's epilogue (oneDNN post-ops), or in place.
+    FuseEpilogues,
+    /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
+    Prepack,
+    /// Activations kept channels-last (NHWC strides) between the plain convolutions.
+    ChannelsLast,
+}
+
+impl Pass {
+    /// Every pass, in the order they compose.
+    pub const ALL: [Pass; 4] = [Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack, Pass::ChannelsLast];
+}
+
+/// One residual 3x3 step.
+#[derive(Debug)]
+enum Step<'a> {
+    Conv(InferenceConv),
+    Sc(Box<ScConvStep<'a>>),
+}
+
+#[derive(Debug)]
+struct InferenceBlock<'a> {
+    /// All but the last run in order; the last adds the residual.
+    steps: Vec<Step<'a>>,
+    downsample: Option<InferenceConv>,
+}
+
+/// The inference form of a [`ResNet`] (see `crate::inference`), borrowing its weights.
+#[derive(Debug)]
+pub struct InferenceResNet<'a> {
+    model: &'a ResNet,
+    stem: InferenceConv,
+    blocks: Vec<InferenceBlock<'a>>,
+    channels_last: bool,
+    passes: Vec<Pass>,
+}
+
+fn conv(c: &nn::Conv2D, stride: i64, padding: i64, bn: &nn::BatchNorm) -> InferenceConv {
+    InferenceConv::new(c, ConvGeometry::square(stride, padding, 1))
+        .then_batchnorm(BatchNormParams::of(bn, BATCHNORM_EPS))
+}
+
+fn residual_step<'a>(c: &'a Conv3x3, bn: &nn::BatchNorm, relu: bool) -> Result<Step<'a>, ScConvError> {
+    Ok(match c {
+        Conv3x3::Plain(layer, stride) => {
+            let step = conv(layer, *stride, 1, bn);
+            Step::Conv(if relu { step.then_relu() } else { step })
+        }
+        Conv3x3::Sc { scconv, pool, path } => {
+            let bn = BatchNormParams::of(bn, BATCHNORM_EPS);
+            Step::Sc(Box::new(ScConvStep::new(scconv, path, *pool, bn, relu)?))
+        }
+    })
+}
+
+fn downsample(d: &Option<Downsample>) -> Option<InferenceConv> {
+    d.as_ref().map(|d| conv(&d.conv, d.stride, 0, &d.bn))
+}
+
+fn block(b: &Block) -> Result<InferenceBlock<'_>, ScConvError> {
+    Ok(match b {
+        Block::Basic(b) => InferenceBlock {
+            steps: vec![residual_step(&b.conv1, &b.bn1, true)?, residual_step(&b.conv2, &b.bn2, true)?],
+            downsample: downsample(&b.downsample),
+        },
+        Block::Bottleneck(b) => InferenceBlock {
+            steps: vec![
+                Step::Conv(conv(&b.conv1, 1, 0, &b.bn1).then_relu()),
+                residual_step(&b.conv2, &b.bn2, true)?,
+                Step::Conv(conv(&b.conv3, 1, 0, &b.bn3).then_relu()),
+            ],
+            downsample: downsample(&b.downsample),
+        },
+    })
+}
+
+impl<'a> InferenceResNet<'a> {
+    /// The network's layers as inference steps, no pass applied yet: the same function as the
+    /// model's eval-mode forward with every ScConv on its fast path.
+    pub fn new(model: &'a ResNet) -> Result<InferenceResNet<'a>, ScConvError> {
+        let (kernel, stride) = if model.config().small_input { (3, 1) } else { (7, 2) };
+        let stem = conv(&model.conv1, stride, kernel / 2, &model.bn1).then_relu();
+        let blocks = model.stages.iter().flatten().map(block).collect::<Result<_, _>>()?;
+        Ok(InferenceResNet { model, stem, blocks, channels_last: false, passes: Vec::new() })
+    }
+
+    /// The form with every pass of [`Pass::ALL`] applied, prepacked for inputs of `input_size`
+    /// (without the shim, all but `Prepack`).
+    pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
+        let mut form = InferenceResNet::new(model)?;
+        for pass in Pass::ALL {
+            if pass == Pass::Prepack && !super::ffi::shim_built() {
+                continue;
+            }
+            form.apply(pass, input_size)?;
+        }
+        Ok(form)
+    }
+
+    /// The passes applied so far, in order.
+    pub fn passes(&self) -> &[Pass] {
+        &self.passes
+    }
+
+    /// Applies `pass`; `Prepack` reorders the weights for inputs of `input_size` (N, C, H, W), which
+    /// are then fastest (other sizes still run, correctly). Errors: fuse before fold, prepack without
+    /// the shim, a pass applied twice.
+    pub fn apply(&mut self, pass: Pass, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        if self.passes.contains(&pass) {
+            return Err(ScConvError::InvalidInput(format!("the pass {pass:?} is applied already")));
+        }
+        match pass {
+            Pass::FoldBatchnorm => self.each_step(|s| {
+                s.fold();
+                Ok(())
+            })?,
+            Pass::FuseEpilogues => self.each_step(|s| s.fuse())?,
+            Pass::Prepack => self.prepack(input_size)?,
+            Pass::ChannelsLast => self.channels_last = true,
+        }
+        self.passes.push(pass);
+        Ok(())
+    }
+
+    fn each_step(
+        &mut self,
+        f: impl Fn(&mut dyn FoldAndFuse) -> Result<(), ScConvError>,
+    ) -> Result<(), ScConvError> {
+        f(&mut self.stem)?;
+        for block in &mut self.blocks {
+            for step in &mut block.steps {
+                match step {
+                    Step::Conv(c) => f(c)?,
+                    Step::Sc(s) => f(s.as_mut())?,
+                }
+            }
+            if let Some(d) = &mut block.downsample {
+                f(d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reorders every plain convolution's weight for the input size it sees: one forward pass on zeros
+    /// records each convolution's input shape.
+    fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        let x = Tensor::zeros(input_size, (self.stem.weight_kind(), self.stem.weight_device()));
+        let shapes = input::guard(|| tch::no_grad(|| self.conv_input_shapes(&x)))?;
+        let mut shapes = shapes.into_iter();
+        let mut next = |c: &mut InferenceConv| match shapes.next() {
+            Some(shape) => c.prepack(shape),
+            None => Err(ScConvError::InvalidInput("prepack: a convolution saw no input".into())),
+        };
+        next(&mut self.stem)?;
+        for block in &mut self.blocks {
+            if let Some(d) = &mut block.downsample {
+                next(d)?;
+            }
+            for step in &mut block.steps {
+                if let Step::Conv(c) = step {
+                    next(c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The input shape of every plain convolution in `prepack`'s order (stem; per block: downsample,
+    /// then its convolutions).
+    fn conv_input_shapes(&self, x: &Tensor) -> Vec<[i64; 4]> {
+        let shape = |t: &Tensor| <[i64; 4]>::try_from(t.size()).expect("4-d activations");
+        let mut shapes = vec![shape(x)];
+        let mut x = self.after_stem(x);
+        for block in &self.blocks {
+            if block.downsample.is_some() {
+                shapes.push(shape(&x));
+            }
+            let mut out = x.shallow_clone();
+            for step in &block.steps {
+                if let Step::Conv(_) = step {
+                    shapes.push(shape(&out));
+                }
+                out = match step {
+                    Step::Conv(c) => c.forward(&out),
+                    Step::Sc(s) => s.forward(&out, None, None),
+                };
+            }
+            x = out;
+        }
+        shapes
+    }
+
+    fn after_stem(&self, x: &Tensor) -> Tensor {
+        let x = if self.channels_last { to_channels_last(x) } else { x.shallow_clone() };
+        let x = scope("stem", || self.stem.forward(&x));
+        match self.model.config().small_input {
+            true => x,
+            false => x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
+        }
+    }
+
+    fn run(&self, x: &Tensor, gates: &mut FormGates) -> Tensor {
+        let mut x = self.after_stem(x);
+        for block in &self.blocks {
+            x = self.run_block(block, x, gates);
+        }
+        let pooled = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+        pooled.apply(&self.model.fc)
+    }
+
+    fn run_block(&self, block: &InferenceBlock, x: Tensor, gates: &mut FormGates) -> Tensor {
+        let identity = match &block.downsample {
+            Some(d) => scope("downsample", || d.forward(&x)),
+            None => x.shallow_clone(),
+        };
+        let (last, first) = block.steps.split_last().expect("a block has steps");
+        let mut out = x;
+        for step in first {
+            out = self.run_step(step, &out, None, gates);
+        }
+        // `out` and `identity` are not read again: the last step may write into `identity`.
+        self.run_step(last, &out, Some(identity), gates)
+    }
+
+    fn run_step(&self, step: &Step, x: &Tensor, residual: Option<Tensor>, gates: &mut FormGates) -> Tensor {
+        match (step, residual) {
+            (Step::Conv(c), None) => scope("conv (inference form)", || c.forward(x)),
+            (Step::Conv(c), Some(r)) => scope("conv + add (inference form)", || c.forward_add(x, r)),
+            (Step::Sc(s), residual) => {
+                let x = x.contiguous(); // the SRU kernel reads NCHW
+                let given = match gates {
+                    FormGates::Record(log) => {
+                        if let Some(mask) = s.info_mask(&x) {
+                            log.push((s.path.clone(), mask));
+                        }
+                        None
+                    }
+                    FormGates::Inject(given) => given.iter().find(|(p, _)| *p == s.path).map(|(_, d)| d),
+                    FormGates::Off => None,
+                };
+                s.forward(&x, residual, given)
+            }
+        }
+    }
+
+    /// Eval-mode logits after the model's input checks.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor, ScConvError> {
+        self.model.check_input(x)?;
+        input::guard(|| tch::no_grad(|| self.run(x, &mut FormGates::Off)))
+    }
+
+    /// Logits and each ScConv's informative mask as this form decides it, keyed by path.
+    pub fn forward_recording_decisions(
+        &self,
+        x: &Tensor,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>), ScConvError> {
+        self.model.check_input(x)?;
+        let mut log = Vec::new();
+        let logits = input::guard(|| tch::no_grad(|| self.run(x, &mut FormGates::Record(&mut log))))?;
+        Ok((logits, log))
+    }
+
+    /// Logits with every ScConv taking the decisions given for its path (the reference's, from
+    /// `ResNet::forward_recording_gates`): what is left is the form's rounding.
+    pub fn forward_with_decisions(
+        &self,
+        x: &Tensor,
+        decisions: &[(String, GateDecisions)],
+    ) -> Result<Tensor, ScConvError> {
+        self.model.check_input(x)?;
+        input::guard(|| tch::no_grad(|| self.run(x, &mut FormGates::Inject(decisions))))
+    }
+}
+
+/// What the ScConv steps do with their gates in one forward pass.
+enum FormGates<'g> {
+    Off,
+    Record(&'g mut Vec<(String, Tensor)>),
+    Inject(&'g [(String, GateDecisions)]),
+}
+
+/// `x` with channels-last strides (the same NCHW sizes): libtorch's and oneDNN's convolutions then
+/// read and write NHWC and keep it.
+fn to_channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// A step the fold and fuse passes act on.
+trait FoldAndFuse {
+    fn fold(&mut self);
+    fn fuse(&mut self) -> Result<(), ScConvError>;
+}
+
+impl FoldAndFuse for InferenceConv {
+    fn fold(&mut self) {
+        InferenceConv::fold(self)
+    }
+    fn fuse(&mut self) -> Result<(), ScConvError> {
+        InferenceConv::fuse(self)
+    }
+}
+
+impl FoldAndFuse for ScConvStep<'_> {
+    fn fold(&mut self) {
+        ScConvStep::fold(self)
+    }
+    fn fuse(&mut self) -> Result<(), ScConvError> {
+        ScConvStep::fuse(self)
+    }
+}

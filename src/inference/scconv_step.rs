@@ -1,0 +1,116 @@
+//! An ScConv of the inference form with what follows it in its block: its 2x2 pool (at stride 2), the
+//! BatchNorm, a ReLU and possibly the residual add. The ScConv runs its fast path (the same gate
+//! decisions as the reference on the same input); the fold pass moves the BatchNorm's scale into the
+//! CRU's fuse weights and its shift after the pool (per channel, both commute with the pool), and the
+//! fuse pass runs the shift, add and ReLU in place.
+use super::fold::BatchNormParams;
+use crate::error::ScConvError;
+use crate::fast::{Execution, FastPath};
+use crate::profile::scope;
+use crate::sru::GateDecisions;
+use crate::ScConv;
+use tch::Tensor;
+
+/// One ScConv step of an inference form, borrowing the exact model's ScConv.
+#[derive(Debug)]
+pub struct ScConvStep<'a> {
+    scconv: &'a ScConv,
+    /// Its path in the network (`layer1.0.conv2`), as the gate reports name it.
+    pub(crate) path: String,
+    fast: FastPath,
+    pool: bool,
+    batchnorm: Option<BatchNormParams>,
+    /// The folded BatchNorm: scale (in the fuse weights) and shift, each `[C]`.
+    folded: Option<(Tensor, Tensor)>,
+    relu: bool,
+    fused: bool,
+}
+
+impl<'a> ScConvStep<'a> {
+    /// `scconv` at `path`, then its pool (`pool`), the eval-mode `bn`, and a ReLU when `relu`.
+    pub fn new(
+        scconv: &'a ScConv,
+        path: &str,
+        pool: bool,
+        bn: BatchNormParams,
+        relu: bool,
+    ) -> Result<Self, ScConvError> {
+        let fast = FastPath::new(&scconv.SRU, Execution::Fast)?;
+        let path = path.to_string();
+        Ok(ScConvStep { scconv, path, fast, pool, batchnorm: Some(bn), folded: None, relu, fused: false })
+    }
+
+    /// The fold pass: the BatchNorm as the CRU's output scale and a shift after the pool.
+    pub fn fold(&mut self) {
+        if let Some(bn) = self.batchnorm.take() {
+            let (scale, shift) = bn.scale_shift();
+            self.folded = Some((scale, shift.view([1, -1, 1, 1])));
+        }
+    }
+
+    /// The fuse pass: shift, residual add and ReLU in place (after fold).
+    pub fn fuse(&mut self) -> Result<(), ScConvError> {
+        if self.batchnorm.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "fuse needs the BatchNorm folded first (the fold pass)".into(),
+            ));
+        }
+        self.fused = true;
+        Ok(())
+    }
+
+    /// The ScConv's informative mask on `x`, as this step decides it.
+    pub(crate) fn info_mask(&self, x: &Tensor) -> Option<Tensor> {
+        self.fast.info_mask(&self.scconv.SRU, x)
+    }
+
+    /// `relu(bn(pool(scconv(x))) [+ residual])`, the ScConv's decisions `given` where passed.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<Tensor>,
+        given: Option<&GateDecisions>,
+    ) -> Tensor {
+        let scale = self.folded.as_ref().map(|(scale, _)| scale);
+        let y = match given {
+            None => self.scconv.forward_fast(&self.fast, x, scale),
+            Some(decisions) => {
+                let sru_out = self.scconv.SRU.forward_with_decisions(x, &decisions.to_device(x.device()));
+                self.scconv.CRU.forward_fused(&sru_out, false, self.fast.copies_squeeze_inputs(), scale)
+            }
+        };
+        let y = match self.pool {
+            true => scope("ScConv's 2x2 pool", || y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)),
+            false => y,
+        };
+        let y = match (&self.batchnorm, &self.folded) {
+            (Some(bn), _) => bn.forward(&y),
+            (None, Some((_, shift))) if self.fused => {
+                let mut y = y;
+                y += shift;
+                y
+            }
+            (None, Some((_, shift))) => y + shift,
+            (None, None) => y,
+        };
+        self.epilogue(y, residual)
+    }
+
+    fn epilogue(&self, mut y: Tensor, residual: Option<Tensor>) -> Tensor {
+        if self.fused {
+            if let Some(r) = residual {
+                y += r;
+            }
+            return if self.relu { y.relu_() } else { y };
+        }
+        let y = match residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        if self.relu {
+            y.relu()
+        } else {
+            y
+        }
+    }
+}
