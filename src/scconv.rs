@@ -4,7 +4,7 @@ use crate::config::ScConvConfig;
 use crate::cru::{cru, Cru};
 use crate::cuda::CudaGraph;
 use crate::error::ScConvError;
-use crate::fast::{Execution, FastPath};
+use crate::fast::{CruConvs, Execution, FastPath};
 use crate::input::{self, Expected};
 use crate::sru::{sru, Gate, GateDecisions, Sru};
 use std::borrow::Borrow;
@@ -126,10 +126,18 @@ impl ScConv {
     /// The fast path's forward with `fast` (this module's or another's, e.g. an inference form's), its
     /// output channels scaled by `scale` (`[C]`) in the CRU's fuse weights where given: a BatchNorm
     /// folded into the CRU's last step (`crate::inference`).
-    pub(crate) fn forward_fast(&self, fast: &FastPath, x: &Tensor, scale: Option<&Tensor>) -> Tensor {
+    /// `convs` runs the CRU's convolutions where given (else its own layers).
+    pub(crate) fn forward_fast(
+        &self,
+        fast: &FastPath,
+        x: &Tensor,
+        scale: Option<&Tensor>,
+        convs: Option<&dyn CruConvs>,
+    ) -> Tensor {
         let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
         tch::no_grad(|| match sru_out {
             Some(sru_out) => self.CRU.forward_fused(
+                convs.unwrap_or(&self.CRU),
                 &sru_out,
                 fast.uses_cuda_fuse_kernel(),
                 fast.copies_squeeze_inputs(),
@@ -155,6 +163,6 @@ impl Module for ScConv {
         let Some(fast) = &self.fast else {
             return crate::profile::scope("ScConv (reference mode)", || self.forward_reference(x));
         };
-        self.forward_fast(fast, x, None)
+        self.forward_fast(fast, x, None, None)
     }
 }

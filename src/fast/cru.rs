@@ -8,6 +8,34 @@ use crate::cru::Cru;
 use crate::profile::scope;
 use tch::{nn::Module, Tensor};
 
+/// The CRU's convolutions, as the fused forward calls them.
+pub(crate) trait CruConvs {
+    /// `(squeeze1(up), squeeze2(low))`.
+    fn squeezes(&self, up: &Tensor, low: &Tensor) -> (Tensor, Tensor);
+    /// `GWC(up) + PWC1(up)`.
+    fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor;
+    /// `PWC2(low)`.
+    fn pwc2(&self, low: &Tensor) -> Tensor;
+}
+
+/// The CRU's own layers (libtorch's convolutions), the sum in place where the reference allocates:
+/// every large allocation is a fresh run of page faults.
+impl CruConvs for Cru {
+    fn squeezes(&self, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
+        (self.squeeze1.forward(up), self.squeeze2.forward(low))
+    }
+
+    fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor {
+        let mut y1 = self.GWC.forward(up);
+        y1 += self.PWC1.forward(up);
+        y1
+    }
+
+    fn pwc2(&self, low: &Tensor) -> Tensor {
+        self.PWC2.forward(low)
+    }
+}
+
 impl Cru {
     /// The CRU for inference: `cuda_kernels` runs the fuse's weighted sum as one CUDA kernel;
     /// `copy_squeeze_inputs` gives each squeeze conv a contiguous copy of its channel slice (the CPU:
@@ -20,8 +48,10 @@ impl Cru {
     /// kernel 5, offset 1000: outside the fp32 tolerance).
     ///
     /// `scale` (`[C]`, optional) multiplies each output channel, folded into the fuse's weights.
+    /// The CRU's convolutions are run by `convs`: its own layers, or an inference form's prepacked ones.
     pub(crate) fn forward_fused(
         &self,
+        convs: &dyn CruConvs,
         x: &Tensor,
         cuda_kernels: bool,
         copy_squeeze_inputs: bool,
@@ -33,14 +63,12 @@ impl Cru {
                 true => (split[0].contiguous(), split[1].contiguous()),
                 false => (split[0].shallow_clone(), split[1].shallow_clone()),
             };
-            (self.squeeze1.forward(&up), self.squeeze2.forward(&low))
+            convs.squeezes(&up, &low)
         };
         let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
-        // In place where the reference allocates: every large allocation is a fresh run of page faults.
-        let mut y1 = scope("CRU GWC", || self.GWC.forward(&up));
-        scope("CRU PWC1 (+=)", || y1 += self.PWC1.forward(&up));
+        let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
-        let y2_head = scope("CRU PWC2", || self.PWC2.forward(&low));
+        let y2_head = scope("CRU PWC2", || convs.pwc2(&low));
         scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, scale))
     }
 

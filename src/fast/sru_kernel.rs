@@ -7,6 +7,7 @@
 //! `gn_x` (2023-09-12/14), with `gn_x` computed here from the statistics (`GroupBatchnorm2d`) or given
 //! by libtorch's `group_norm` (`torch_gn`); or the soft gate of 2023-10-19, which weighs `x` with the
 //! sigmoid's own value and so reads `r = sigmoid(z)` as libtorch computed it (see `FastPath`).
+use super::welford::SharedOut;
 use tch::{Device, Kind, Tensor};
 
 /// The custom GroupBatchnorm2d's statistics and affine, as plain fp32 values.
@@ -170,9 +171,10 @@ pub fn fused_gate_reconstruct(
     out
 }
 
-/// The loop over (sample, channel pair). On the calling thread: threads of our own were measured
-/// slower and erratic on a 2-core machine, as libtorch's OpenMP workers keep spinning after each of
-/// its parallel operations (medians up to 2x worse, outliers of 15 ms).
+/// The loop over (sample, channel pair), on libtorch's own threads (`crate::inference::parallel_for`,
+/// the OpenMP pool its operations use: threads of our own were measured slower and erratic on a
+/// 2-core machine, as those workers keep spinning after each libtorch operation). Each pair writes
+/// its own two output planes with the same per-element operations wherever it runs.
 fn reconstruct<const RULE: u8, const GN_GIVEN: bool>(
     x: &Tensor,
     xs: &[f32],
@@ -180,20 +182,24 @@ fn reconstruct<const RULE: u8, const GN_GIVEN: bool>(
     os: &mut [f32],
     k: &GateConstants,
 ) {
-    let [_, c, h, w] = <[i64; 4]>::try_from(x.size()).expect("caller checked the rank");
-    let (c, plane) = (c as usize, (h * w) as usize);
+    let [n, c, h, w] = <[i64; 4]>::try_from(x.size()).expect("caller checked the rank");
+    let (n, c, plane) = (n as usize, c as usize, (h * w) as usize);
     let half = c / 2;
-    for (s, o) in os.chunks_mut(c * plane).enumerate() {
-        let (x, aux) = (&xs[s * c * plane..][..c * plane], &aux[s * c * plane..][..c * plane]);
-        let (o_lo, o_hi) = o.split_at_mut(half * plane);
-        for (ch, (o_lo, o_hi)) in o_lo.chunks_mut(plane).zip(o_hi.chunks_mut(plane)).enumerate() {
-            let lo = ch * plane..(ch + 1) * plane;
-            let hi = (ch + half) * plane..(ch + half + 1) * plane;
+    let out = SharedOut(os.as_mut_ptr());
+    let grain = (1 << 14) / plane.max(1) + 1;
+    crate::inference::parallel_for(n * half, grain, |pairs| {
+        for pair in pairs {
+            let (s, ch) = (pair / half, pair % half);
+            let (lo, hi) = ((s * c + ch) * plane, (s * c + ch + half) * plane);
+            // SAFETY: pair (s, ch) alone writes planes ch and ch + half of sample s, inside `os`,
+            // which outlives the call.
+            let (o_lo, o_hi) = unsafe { (out.slice(lo, plane), out.slice(hi, plane)) };
             let gates = (ChannelGate::new(k, s, ch, c), ChannelGate::new(k, s, ch + half, c));
-            let xs = (&x[lo.clone()], &x[hi.clone()]);
-            reconstruct_pair::<RULE, GN_GIVEN>(xs, (&aux[lo], &aux[hi]), gates, o_lo, o_hi);
+            let xs = (&xs[lo..lo + plane], &xs[hi..hi + plane]);
+            let auxs = (&aux[lo..lo + plane], &aux[hi..hi + plane]);
+            reconstruct_pair::<RULE, GN_GIVEN>(xs, auxs, gates, o_lo, o_hi);
         }
-    }
+    });
 }
 
 /// `[x_11 + x_22, x_12 + x_21]` for one channel `lo` of the first half and its partner `hi`.

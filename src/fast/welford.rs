@@ -38,14 +38,38 @@ impl Welford {
 }
 
 /// The unbiased std of each of `rows` consecutive rows of `len` values, as libtorch computes it; `None`
-/// for a single row (see the module comment). On the calling thread (see `sru_kernel::fused_gate_reconstruct`).
+/// for a single row (see the module comment). Groups of `LANES` rows run on libtorch's threads
+/// (`crate::inference::parallel_for`); each row's operations are the same wherever it runs.
 pub fn rows_std(data: &[f32], rows: usize, len: usize) -> Option<Vec<f32>> {
     if rows * len != data.len() || rows < 2 {
         return None;
     }
     let mut out = vec![0.0f32; rows];
-    std_of_rows(data, len, &mut out);
+    let shared = SharedOut(out.as_mut_ptr());
+    let groups = rows.div_ceil(LANES);
+    let grain = (1 << 15) / (LANES * len) + 1;
+    crate::inference::parallel_for(groups, grain, |range| {
+        let (first, last) = (range.start * LANES, (range.end * LANES).min(rows));
+        // SAFETY: chunks of groups are disjoint, so each thread writes its own rows of `out`, which
+        // outlives the call.
+        let out = unsafe { shared.slice(first, last - first) };
+        std_of_rows(&data[first * len..last * len], len, out);
+    });
     Some(out)
+}
+
+/// A pointer to output that the threads of `parallel_for` write in disjoint parts.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user writes only its own disjoint range through the pointer.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The `len` elements at `offset` (a method, so that closures capture the `Sync` wrapper).
+    /// SAFETY: the range lies inside the output, which outlives the use, and no one else touches it.
+    #[allow(clippy::mut_from_ref)] // the point: disjoint mutable parts handed to several threads
+    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
 }
 
 /// `LANES` rows at a time, then the rest one by one.

@@ -106,12 +106,18 @@ impl<'a> InferenceResNet<'a> {
         Ok(InferenceResNet { model, stem, blocks, channels_last: false, passes: Vec::new() })
     }
 
-    /// The form with every pass of [`Pass::ALL`] applied, prepacked for inputs of `input_size`
-    /// (without the shim, all but `Prepack`).
+    /// The form with the passes that measured fastest applied, prepacked for inputs of `input_size`:
+    /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks (their ScConvs read NCHW, and
+    /// converting at each one cost more than it saved: docs/speed.md) and `Prepack` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
         let mut form = InferenceResNet::new(model)?;
         for pass in Pass::ALL {
-            if pass == Pass::Prepack && !super::ffi::shim_built() {
+            let skipped = match pass {
+                Pass::Prepack => !super::ffi::shim_built(),
+                Pass::ChannelsLast => model.config().sc,
+                _ => false,
+            };
+            if skipped {
                 continue;
             }
             form.apply(pass, input_size)?;
@@ -163,33 +169,32 @@ impl<'a> InferenceResNet<'a> {
         Ok(())
     }
 
-    /// Reorders every plain convolution's weight for the input size it sees: one forward pass on zeros
-    /// records each convolution's input shape.
+    /// Reorders every convolution's weight for the input size it sees: one forward pass on zeros
+    /// records each step's input shape.
     fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
         let x = Tensor::zeros(input_size, (self.stem.weight_kind(), self.stem.weight_device()));
-        let shapes = input::guard(|| tch::no_grad(|| self.conv_input_shapes(&x)))?;
+        let shapes = input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?;
         let mut shapes = shapes.into_iter();
-        let mut next = |c: &mut InferenceConv| match shapes.next() {
-            Some(shape) => c.prepack(shape),
-            None => Err(ScConvError::InvalidInput("prepack: a convolution saw no input".into())),
-        };
-        next(&mut self.stem)?;
+        let mut next =
+            || shapes.next().ok_or_else(|| ScConvError::InvalidInput("prepack: a step saw no input".into()));
+        self.stem.prepack(next()?)?;
         for block in &mut self.blocks {
             if let Some(d) = &mut block.downsample {
-                next(d)?;
+                d.prepack(next()?)?;
             }
             for step in &mut block.steps {
-                if let Step::Conv(c) = step {
-                    next(c)?;
+                match step {
+                    Step::Conv(c) => c.prepack(next()?)?,
+                    Step::Sc(s) => s.prepack(next()?)?,
                 }
             }
         }
         Ok(())
     }
 
-    /// The input shape of every plain convolution in `prepack`'s order (stem; per block: downsample,
-    /// then its convolutions).
-    fn conv_input_shapes(&self, x: &Tensor) -> Vec<[i64; 4]> {
+    /// The input shape of every step in `prepack`'s order (stem; per block: downsample, then its
+    /// steps).
+    fn step_input_shapes(&self, x: &Tensor) -> Vec<[i64; 4]> {
         let shape = |t: &Tensor| <[i64; 4]>::try_from(t.size()).expect("4-d activations");
         let mut shapes = vec![shape(x)];
         let mut x = self.after_stem(x);
@@ -199,13 +204,8 @@ impl<'a> InferenceResNet<'a> {
             }
             let mut out = x.shallow_clone();
             for step in &block.steps {
-                if let Step::Conv(_) = step {
-                    shapes.push(shape(&out));
-                }
-                out = match step {
-                    Step::Conv(c) => c.forward(&out),
-                    Step::Sc(s) => s.forward(&out, None, None),
-                };
+                shapes.push(shape(&out));
+                out = self.run_step(step, &out, None, &mut FormGates::Off);
             }
             x = out;
         }

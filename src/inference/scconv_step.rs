@@ -3,13 +3,15 @@
 //! decisions as the reference on the same input); the fold pass moves the BatchNorm's scale into the
 //! CRU's fuse weights and its shift after the pool (per channel, both commute with the pool), and the
 //! fuse pass runs the shift, add and ReLU in place.
+use super::conv::InferenceConv;
+use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use crate::error::ScConvError;
-use crate::fast::{Execution, FastPath};
+use crate::fast::{CruConvs, Execution, FastPath};
 use crate::profile::scope;
 use crate::sru::GateDecisions;
 use crate::ScConv;
-use tch::Tensor;
+use tch::{nn, Tensor};
 
 /// One ScConv step of an inference form, borrowing the exact model's ScConv.
 #[derive(Debug)]
@@ -24,6 +26,57 @@ pub struct ScConvStep<'a> {
     folded: Option<(Tensor, Tensor)>,
     relu: bool,
     fused: bool,
+    /// The CRU's convolutions prepacked for oneDNN (the prepack pass).
+    cru: Option<PackedCru>,
+}
+
+/// The CRU's five convolutions as prepacked oneDNN primitives, `GWC + PWC1` as one with the sum in
+/// its epilogue.
+#[derive(Debug)]
+struct PackedCru {
+    squeeze1: InferenceConv,
+    squeeze2: InferenceConv,
+    gwc: InferenceConv,
+    pwc1: InferenceConv,
+    pwc2: InferenceConv,
+}
+
+impl PackedCru {
+    /// For an ScConv input of `size` (N, C, H, W).
+    fn new(scconv: &ScConv, size: [i64; 4]) -> Result<PackedCru, ScConvError> {
+        let (cru, config) = (&scconv.CRU, scconv.config());
+        let [n, _, h, w] = size;
+        let k = config.group_kernel_size;
+        let pointwise = ConvGeometry::square(1, 0, 1);
+        let conv = |layer: &nn::Conv2D, geometry, in_channels| -> Result<InferenceConv, ScConvError> {
+            let mut conv = InferenceConv::new(layer, geometry);
+            conv.fuse()?;
+            conv.prepack([n, in_channels, h, w])?;
+            Ok(conv)
+        };
+        let (up, low) = (config.squeezed_up(), config.squeezed_low());
+        Ok(PackedCru {
+            squeeze1: conv(&cru.squeeze1, pointwise, config.up_channel())?,
+            squeeze2: conv(&cru.squeeze2, pointwise, config.low_channel())?,
+            gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size), up)?,
+            pwc1: conv(&cru.PWC1, pointwise, up)?,
+            pwc2: conv(&cru.PWC2, pointwise, low)?,
+        })
+    }
+}
+
+impl CruConvs for PackedCru {
+    fn squeezes(&self, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
+        (self.squeeze1.forward(up), self.squeeze2.forward(low))
+    }
+
+    fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor {
+        self.gwc.forward_add(up, self.pwc1.forward(up))
+    }
+
+    fn pwc2(&self, low: &Tensor) -> Tensor {
+        self.pwc2.forward(low)
+    }
 }
 
 impl<'a> ScConvStep<'a> {
@@ -37,7 +90,17 @@ impl<'a> ScConvStep<'a> {
     ) -> Result<Self, ScConvError> {
         let fast = FastPath::new(&scconv.SRU, Execution::Fast)?;
         let path = path.to_string();
-        Ok(ScConvStep { scconv, path, fast, pool, batchnorm: Some(bn), folded: None, relu, fused: false })
+        Ok(ScConvStep {
+            scconv,
+            path,
+            fast,
+            pool,
+            batchnorm: Some(bn),
+            folded: None,
+            relu,
+            fused: false,
+            cru: None,
+        })
     }
 
     /// The fold pass: the BatchNorm as the CRU's output scale and a shift after the pool.
@@ -59,6 +122,12 @@ impl<'a> ScConvStep<'a> {
         Ok(())
     }
 
+    /// The prepack pass: the CRU's convolutions as prepacked oneDNN primitives for inputs of `size`.
+    pub fn prepack(&mut self, size: [i64; 4]) -> Result<(), ScConvError> {
+        self.cru = Some(PackedCru::new(self.scconv, size)?);
+        Ok(())
+    }
+
     /// The ScConv's informative mask on `x`, as this step decides it.
     pub(crate) fn info_mask(&self, x: &Tensor) -> Option<Tensor> {
         self.fast.info_mask(&self.scconv.SRU, x)
@@ -72,11 +141,14 @@ impl<'a> ScConvStep<'a> {
         given: Option<&GateDecisions>,
     ) -> Tensor {
         let scale = self.folded.as_ref().map(|(scale, _)| scale);
+        let convs = self.cru.as_ref().map(|c| c as &dyn CruConvs);
         let y = match given {
-            None => self.scconv.forward_fast(&self.fast, x, scale),
+            None => self.scconv.forward_fast(&self.fast, x, scale, convs),
             Some(decisions) => {
                 let sru_out = self.scconv.SRU.forward_with_decisions(x, &decisions.to_device(x.device()));
-                self.scconv.CRU.forward_fused(&sru_out, false, self.fast.copies_squeeze_inputs(), scale)
+                let cru = &self.scconv.CRU;
+                let copies = self.fast.copies_squeeze_inputs();
+                tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale))
             }
         };
         let y = match self.pool {

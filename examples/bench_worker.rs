@@ -1,0 +1,174 @@
+//! The Rust side of `make bench-peers` (`scripts/bench_peers.py`): builds and loads the networks once,
+//! then times or runs them on request, so that the peers (in the driver's Python process) and every
+//! mode of this crate are timed in interleaved rounds, each in a warm, long-running process, as a
+//! serving process would run them.
+//!
+//! One request per line on stdin, one JSON answer per line on stdout:
+//! - `load NAME CONFIG.json WEIGHTS.safetensors|-` builds the network of a training record (or a
+//!   `ResNetConfig` JSON) with those weights (`-`: the random ones the driver exported instead);
+//! - `compile NAME N C H W [PASSES]`: the inference form for inputs of that size, with every pass or
+//!   the comma-separated ones given (`fold-batchnorm,fuse-epilogues,prepack,channels-last`);
+//! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
+//! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
+//! - `decisions NAME INPUT.safetensors`: the inference form's differing gate decisions by layer.
+//!
+//! MODE is `reference`, `fast` or `inference`.
+//!
+//! ```sh
+//! cargo run --release --example bench_worker
+//! ```
+use scconv_tch::inference::InferenceResNet;
+use scconv_tch::models::{resnet, ResNet, ResNetConfig};
+use scconv_tch::{weights, Execution};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::time::Instant;
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+
+type Error = Box<dyn std::error::Error>;
+
+/// A network in its three modes: `exact` switches between reference and fast; `form` borrows a second
+/// copy (leaked: the worker lives as long as the benchmark).
+struct Network {
+    exact: ResNet,
+    _vs: VarStore,
+    shared: &'static ResNet,
+    form: Option<InferenceResNet<'static>>,
+}
+
+fn build(config_path: &str, weights_path: &str) -> Result<(VarStore, ResNet), Error> {
+    let text = std::fs::read_to_string(config_path)?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let config: ResNetConfig = serde_json::from_value(value.get("config").cloned().unwrap_or(value))?;
+    tch::manual_seed(0);
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = resnet(vs.root(), &config)?;
+    if weights_path != "-" {
+        weights::load(&mut vs, weights_path)?;
+    }
+    Ok((vs, model))
+}
+
+impl Network {
+    fn load(config: &str, weights: &str) -> Result<Network, Error> {
+        let (vs, exact) = build(config, weights)?;
+        let (shared_vs, shared) = build(config, weights)?;
+        Box::leak(Box::new(shared_vs));
+        Ok(Network { exact, _vs: vs, shared: Box::leak(Box::new(shared)), form: None })
+    }
+
+    fn forward(&mut self, mode: &str, x: &Tensor) -> Result<Tensor, Error> {
+        Ok(match mode {
+            "reference" | "fast" => {
+                let execution = if mode == "fast" { Execution::Fast } else { Execution::Reference };
+                if self.exact.config().sc {
+                    self.exact.set_scconv_execution(execution)?;
+                }
+                tch::no_grad(|| self.exact.forward_t(x, false))
+            }
+            "inference" => {
+                let form = self.form.as_ref().ok_or("compile the inference form first")?;
+                form.try_forward(x)?
+            }
+            other => return Err(format!("unknown mode {other}").into()),
+        })
+    }
+}
+
+fn size(words: &[&str]) -> Result<[i64; 4], Error> {
+    let v: Vec<i64> = words.iter().map(|w| w.parse()).collect::<Result<_, _>>()?;
+    Ok(v.try_into().map_err(|_| "four sizes")?)
+}
+
+fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result<&'a mut Network, Error> {
+    networks.get_mut(name).ok_or_else(|| format!("no network {name}").into())
+}
+
+fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_json::Value, Error> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["load", name, config, weights] => {
+            networks.insert(name.to_string(), Network::load(config, weights)?);
+            Ok(serde_json::json!({"ok": true}))
+        }
+        ["compile", name, n_, c, h, w, passes @ ..] => {
+            let n = network(networks, name)?;
+            let size = size(&[n_, c, h, w])?;
+            n.form = Some(match passes {
+                [] => InferenceResNet::compiled(n.shared, size)?,
+                [list] => {
+                    let mut form = InferenceResNet::new(n.shared)?;
+                    for pass in list.split(',').filter(|p| !p.is_empty()) {
+                        form.apply(serde_json::from_value(serde_json::json!(pass))?, size)?;
+                    }
+                    form
+                }
+                _ => return Err("compile NAME N C H W [PASS,PASS,...]".into()),
+            });
+            let passes = n.form.as_ref().map(|f| f.passes().to_vec());
+            Ok(serde_json::json!({"ok": true, "passes": passes}))
+        }
+        ["run", name, mode, input, output] => {
+            let n = network(networks, name)?;
+            let x = Tensor::read_safetensors(input)?
+                .into_iter()
+                .find(|(k, _)| k == "input")
+                .ok_or("no `input`")?
+                .1;
+            let logits = n.forward(mode, &x)?;
+            Tensor::write_safetensors(&[("logits", &logits)], output)?;
+            Ok(serde_json::json!({"ok": true}))
+        }
+        ["time", name, mode, rest @ ..] if rest.len() == 6 => {
+            let n = network(networks, name)?;
+            let x = Tensor::randn(size(&rest[..4])?, (Kind::Float, Device::Cpu));
+            let (warmup, runs): (usize, usize) = (rest[4].parse()?, rest[5].parse()?);
+            for _ in 0..warmup {
+                drop(n.forward(mode, &x)?);
+            }
+            let mut ms = Vec::new();
+            for _ in 0..runs {
+                let start = Instant::now();
+                drop(n.forward(mode, &x)?);
+                ms.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(serde_json::json!({"ms": ms}))
+        }
+        ["decisions", name, input] => {
+            let n = network(networks, name)?;
+            let x = Tensor::read_safetensors(input)?
+                .into_iter()
+                .find(|(k, _)| k == "input")
+                .ok_or("no `input`")?
+                .1;
+            let form = n.form.as_ref().ok_or("compile the inference form first")?;
+            let (_, masks) = form.forward_recording_decisions(&x)?;
+            let (_, gates) = tch::no_grad(|| n.shared.forward_recording_gates(&x))?;
+            let mut layers = Vec::new();
+            for ((path, mask), (_, gate)) in masks.iter().zip(&gates) {
+                let differing = mask.ne_tensor(&gate.decisions.info_mask).sum(Kind::Int64).int64_value(&[]);
+                layers.push(
+                    serde_json::json!({"layer": path, "differing": differing, "positions": mask.numel()}),
+                );
+            }
+            Ok(serde_json::json!({"layers": layers}))
+        }
+        _ => Err(format!("unknown request: {line}").into()),
+    }
+}
+
+fn main() -> Result<(), Error> {
+    tch::set_num_threads(std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2));
+    let mut networks = HashMap::new();
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let answer =
+            handle(&mut networks, &line).unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}));
+        let mut out = stdout.lock();
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
