@@ -2,7 +2,7 @@
 # Fashion-MNIST in Rust, then the block parity table) and `make test` (every test).
 # Each runs the setup first: torch==2.11.0 from PyPI into its own virtual environment, and Debian's
 # Fashion-MNIST package (both idempotent).
-.PHONY: setup demo test fixtures model-fixtures sample train cuda-build cuda-run
+.PHONY: setup demo test fixtures model-fixtures sample train cuda-build cuda-run bench-peers
 
 setup:
 	@scripts/setup_torch.sh
@@ -25,6 +25,13 @@ test: setup
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
 	scripts/check_package.sh
+
+# This crate's modes against PyTorch eager, TorchScript, torch.compile, ONNX Runtime and OpenVINO on the
+# same networks, timed in one run (about 20 minutes; not part of `make test`). Installs the peers into
+# ~/.cache/scconv-tch/peers, writes docs/bench/peers-cpu.{json,md,png}.
+bench-peers: setup
+	cargo build --release --quiet --example bench_worker
+	.venv/bin/python scripts/bench_peers.py
 
 # Rewrites the committed fixtures from the Python reference (byte-for-byte on the same kind of CPU:
 # see the README).

@@ -3,7 +3,13 @@ mod commands;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use commands::{bench::run_bench, export::run_export, infer::run_infer, info, parity::run_parity};
+use commands::{
+    bench::run_bench,
+    export::run_export,
+    infer::{run_infer, InferMode},
+    info,
+    parity::run_parity,
+};
 use scconv_tch::harness::bench::BenchOptions;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::weights::LoadOptions;
@@ -144,13 +150,31 @@ enum Command {
         /// Where to run: cpu, or cuda (the first GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
-        /// How the ScConvs run: the line-for-line reference or the fast path.
-        #[arg(long, value_enum, default_value_t = ExecutionArg::Reference)]
-        execution: ExecutionArg,
+        /// How the network runs: the ScConvs' reference or fast path, or the whole network's
+        /// inference form (BatchNorm folded, fused oneDNN convolutions; CPU only).
+        #[arg(long, value_enum, default_value_t = InferExecutionArg::Reference)]
+        execution: InferExecutionArg,
+        /// With `--execution inference`: count, by layer, the gate decisions of the inference form that
+        /// differ from the reference mode's on the same images (a second pass over them).
+        #[arg(long)]
+        decisions: bool,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `infer` runs a network, as a command-line value.
+#[derive(Clone, Copy, ValueEnum)]
+enum InferExecutionArg {
+    /// The reference's operations, one for one.
+    Reference,
+    /// The fast path: the fused Rust kernel on the CPU, libtorch operations on CUDA.
+    Fast,
+    /// The fast path through libtorch operations only (what runs on CUDA), to test it on the CPU.
+    FastTensorOps,
+    /// The inference form of the whole network (scconv_tch::inference): folded, fused, prepacked.
+    Inference,
 }
 
 /// `Execution`, as a command-line value.
@@ -333,8 +357,23 @@ fn run(command: Command) -> Result<ExitCode> {
             let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
-        Command::Infer { models, data, png, batch, device, execution, json } => {
-            run_infer(&models, &data, png.as_deref(), batch, device.resolve()?, execution.into(), json)
+        Command::Infer { models, data, png, batch, device, execution, decisions, json } => {
+            let mode = match execution {
+                InferExecutionArg::Reference => InferMode::Model(Execution::Reference),
+                InferExecutionArg::Fast => InferMode::Model(Execution::Fast),
+                InferExecutionArg::FastTensorOps => InferMode::Model(Execution::FastTensorOps),
+                InferExecutionArg::Inference => InferMode::Inference { decisions },
+            };
+            if decisions && !matches!(mode, InferMode::Inference { .. }) {
+                bail!(
+                    "--decisions counts the inference form's differing decisions: add --execution inference"
+                );
+            }
+            let device = device.resolve()?;
+            if matches!(mode, InferMode::Inference { .. }) && device != Device::Cpu {
+                bail!("--execution inference runs on the CPU (its passes are oneDNN's); use --execution fast on CUDA");
+            }
+            run_infer(&models, &data, png.as_deref(), batch, device, mode, json)
         }
     }
 }

@@ -2,7 +2,8 @@
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::harness::data::{self, Images};
-use scconv_tch::harness::infer::{class_name, score, Classifier, Scores};
+use scconv_tch::harness::infer::{class_name, differing_decisions, score, Classifier, Scores};
+use scconv_tch::inference::InferenceResNet;
 use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,11 +31,23 @@ fn load_images(data: &str, png: Option<&Path>) -> Result<(Images, String, bool)>
     Ok((images, format!("Fashion-MNIST test images in {}", dir.display()), test_set))
 }
 
+/// How `infer` runs each network.
+#[derive(Clone, Copy)]
+pub enum InferMode {
+    /// The model itself, its ScConvs in this execution mode.
+    Model(Execution),
+    /// The whole network's inference form (`scconv_tch::inference`); `decisions` also counts its gate
+    /// decisions that differ from the reference mode's.
+    Inference { decisions: bool },
+}
+
 struct Run {
     classifier: Classifier,
     predictions: Vec<i64>,
     scores: Scores,
     images_per_second: f64,
+    /// With `--decisions`: per ScConv layer, (path, differing decisions, decisions made).
+    decisions: Option<Vec<(String, i64, i64)>>,
 }
 
 pub fn run_infer(
@@ -43,7 +56,7 @@ pub fn run_infer(
     png: Option<&Path>,
     batch: i64,
     device: Device,
-    execution: Execution,
+    mode: InferMode,
     json: bool,
 ) -> Result<ExitCode> {
     let (images, source, test_set) = load_images(data, png)?;
@@ -52,25 +65,58 @@ pub fn run_infer(
     for path in models {
         let mut classifier =
             Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
-        classifier.model.set_scconv_execution(execution)?;
+        if let InferMode::Model(execution) = mode {
+            classifier.model.set_scconv_execution(execution)?;
+        }
+        let form = match mode {
+            InferMode::Inference { .. } => {
+                Some(InferenceResNet::compiled(&classifier.model, input_size(&classifier, &images, batch))?)
+            }
+            InferMode::Model(_) => None,
+        };
         let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(classifier.record.name.clone());
-        let (predictions, elapsed) = classifier.classify(&images, batch, |k| bar.inc(k))?;
+        let (predictions, elapsed) = match &form {
+            Some(form) => {
+                classifier.classify_with(&images, batch, |k| bar.inc(k), |x| form.try_forward(x))?
+            }
+            None => classifier.classify(&images, batch, |k| bar.inc(k))?,
+        };
         bar.finish_and_clear();
+        let decisions = match (&form, mode) {
+            (Some(form), InferMode::Inference { decisions: true }) => {
+                Some(differing_decisions(&classifier.model, form, &images, batch)?)
+            }
+            _ => None,
+        };
+        drop(form);
         let pytorch = test_set.then_some(classifier.record.test_predictions.as_slice());
         let scores = score(&predictions, images.labels.as_deref(), pytorch);
         let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
-        runs.push(Run { classifier, predictions, scores, images_per_second });
+        runs.push(Run { classifier, predictions, scores, images_per_second, decisions });
     }
     if json {
         return print_json(&runs, &source, device);
     }
     println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
     print!("{}", infer_table(&runs));
+    for r in &runs {
+        if let Some(layers) = r.decisions.as_ref().filter(|layers| !layers.is_empty()) {
+            let total: i64 = layers.iter().map(|(_, differing, _)| differing).sum();
+            let made: i64 = layers.iter().map(|(_, _, made)| made).sum();
+            println!(
+                "{}: {total} of {made} gate decisions differ from the reference mode",
+                r.classifier.record.name
+            );
+            for (layer, differing, made) in layers {
+                println!("    {layer:<18} {differing:>8} of {made}");
+            }
+        }
+    }
     for r in runs.iter().filter(|r| test_set && r.scores.agreeing.is_none()) {
         let (known, images) = (r.classifier.record.test_predictions.len(), r.predictions.len());
         println!(
@@ -87,6 +133,12 @@ pub fn run_infer(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The size the inference form is prepacked for: a full batch of the images.
+fn input_size(classifier: &Classifier, images: &Images, batch: i64) -> [i64; 4] {
+    let [n, h, w] = <[i64; 3]>::try_from(images.pixels.size()).unwrap_or([batch, 28, 28]);
+    [batch.min(n.max(1)), classifier.record.config.in_channels, h, w]
+}
+
 fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
     let rows: Vec<_> = runs
         .iter()
@@ -95,6 +147,9 @@ fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
                 "name": r.classifier.record.name, "parameters": r.classifier.parameters(),
                 "pytorch_test_accuracy": r.classifier.record.test_accuracy, "scores": r.scores,
                 "images_per_second": r.images_per_second, "predictions": r.predictions,
+                "differing_decisions": r.decisions.as_ref().map(|layers| layers.iter()
+                    .map(|(layer, differing, made)| serde_json::json!({"layer": layer, "differing": differing, "made": made}))
+                    .collect::<Vec<_>>()),
             })
         })
         .collect();

@@ -2,12 +2,13 @@
 //! weights file, PyTorch's test predictions), batching, and agreement with PyTorch.
 use crate::error::ScConvError;
 use crate::harness::data::{normalize, Images};
+use crate::inference::InferenceResNet;
 use crate::models::{resnet, ResNet, ResNetConfig};
 use crate::weights;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tch::{nn::VarStore, Device};
+use tch::{nn::VarStore, Device, Tensor};
 
 /// Fashion-MNIST's class names, by label.
 pub const CLASSES: [&str; 10] = [
@@ -76,7 +77,18 @@ impl Classifier {
         &self,
         images: &Images,
         batch: i64,
+        progress: impl FnMut(u64),
+    ) -> Result<(Vec<i64>, Duration), ScConvError> {
+        self.classify_with(images, batch, progress, |x| self.model.try_forward(x))
+    }
+
+    /// `classify` with the logits of each batch from `forward` (e.g. an inference form of the model).
+    pub fn classify_with(
+        &self,
+        images: &Images,
+        batch: i64,
         mut progress: impl FnMut(u64),
+        forward: impl Fn(&Tensor) -> Result<Tensor, ScConvError>,
     ) -> Result<(Vec<i64>, Duration), ScConvError> {
         let n = images.pixels.size()[0];
         let device = self.vs.device();
@@ -85,7 +97,7 @@ impl Classifier {
         for begin in (0..n).step_by(batch.max(1) as usize) {
             let end = (begin + batch).min(n);
             let x = normalize(&images.pixels.narrow(0, begin, end - begin)).to_device(device);
-            let logits = tch::no_grad(|| self.model.try_forward(&x))?;
+            let logits = tch::no_grad(|| forward(&x))?;
             let classes = Vec::<i64>::try_from(logits.argmax(1, false).to_device(Device::Cpu))?;
             predictions.extend(classes);
             progress((end - begin) as u64);
@@ -93,6 +105,32 @@ impl Classifier {
         // Each batch's classes are copied to the host, which waits for the device: the time is real.
         Ok((predictions, start.elapsed()))
     }
+}
+
+/// The gate decisions of `form` that differ from the reference mode's on `images` (`batch` at a time):
+/// per ScConv layer, (path, differing decisions, decisions made).
+pub fn differing_decisions(
+    model: &ResNet,
+    form: &InferenceResNet,
+    images: &Images,
+    batch: i64,
+) -> Result<Vec<(String, i64, i64)>, ScConvError> {
+    let mut layers: Vec<(String, i64, i64)> = Vec::new();
+    let n = images.pixels.size()[0];
+    for begin in (0..n).step_by(batch.max(1) as usize) {
+        let x = normalize(&images.pixels.narrow(0, begin, batch.min(n - begin)));
+        let (_, masks) = form.forward_recording_decisions(&x)?;
+        let (_, gates) = tch::no_grad(|| model.forward_recording_gates(&x))?;
+        for (i, ((path, mask), (_, gate))) in masks.iter().zip(&gates).enumerate() {
+            let differing = mask.ne_tensor(&gate.decisions.info_mask).sum(tch::Kind::Int64).int64_value(&[]);
+            if layers.len() <= i {
+                layers.push((path.clone(), 0, 0));
+            }
+            layers[i].1 += differing;
+            layers[i].2 += mask.numel() as i64;
+        }
+    }
+    Ok(layers)
 }
 
 /// Accuracy against labels, and agreement with PyTorch's predictions (same image order).

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""`make bench-peers`: this crate's modes against the runtimes a user would pick instead, on the same
+networks (the PyTorch twins of parity/models.py; the trained Fashion-MNIST pair with its weights), in
+one run on this machine.
+
+1. Installs onnxruntime and openvino (and onnx, onnxscript, matplotlib) from PyPI into their own folder
+   (default ~/.cache/scconv-tch/peers), never into the PyTorch venv; that folder goes at the *end* of
+   sys.path, so the venv's torch and numpy are the ones imported.
+2. Exports every network: ONNX (opset 17, torch.onnx.export with dynamo=False) for ONNX Runtime and
+   OpenVINO, TorchScript (trace, freeze, optimize_for_inference), torch.compile with freezing.
+3. Checks every runtime's logits against PyTorch eager on one batch: max |diff| / max |ref| and the
+   argmax agreement; this crate's modes through `examples/bench_worker.rs`, which reads the same weights.
+4. Times them in interleaved rounds in two warm processes (this one and the worker, which waits idle on
+   its pipe while the peers run), the same threads and batches for all: images/s from the median.
+5. Writes docs/bench/peers-cpu.json, a Markdown table (peers-cpu.md) and a picture (peers-cpu.png).
+
+A peer that cannot be installed, exported or run fails the run, naming it.
+"""
+import argparse
+import copy
+import gzip
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "parity"))
+
+# A pause before each runtime's turn: the thread pools of the one before (OpenMP's, ONNX Runtime's,
+# OpenVINO's TBB) keep spinning for a while after their last call, and on 2 cores a spinning pool in
+# the other process took the next runtime's CPU (measured: our Fashion-MNIST batch 1 at 173 images/s
+# right after the peers, 1,095 alone).
+QUIET_S = 0.5
+PEER_PACKAGES = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "openvino==2026.4.1", "matplotlib==3.11.2"]
+MEAN, STD = 0.2860, 0.3530  # the training script's Fashion-MNIST normalisation (src/harness/data)
+
+
+def fail(what, err):
+    raise SystemExit(f"bench-peers: {what}: {err}")
+
+
+def install_peers(folder):
+    marker = folder / ".installed"
+    if marker.exists() and marker.read_text().split() == PEER_PACKAGES:
+        return
+    print(f"bench-peers: installing {', '.join(PEER_PACKAGES)} into {folder}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--upgrade", "--target", str(folder), *PEER_PACKAGES]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        fail("could not install the peers (" + " ".join(PEER_PACKAGES) + ")", done.stderr[-2000:])
+    marker.write_text(" ".join(PEER_PACKAGES))
+
+
+def import_peers(folder):
+    sys.path.append(str(folder))  # after the venv: its torch and numpy win
+    peers = {}
+    for name in ["onnxruntime", "openvino", "onnx", "matplotlib"]:
+        try:
+            peers[name] = __import__(name)
+        except Exception as err:  # noqa: BLE001 - any import failure names the peer
+            fail(f"could not import {name} from {folder}", err)
+    import numpy
+    import torch
+    for module in (numpy, torch):
+        if str(folder) in str(module.__file__):
+            fail(f"{folder} shadows the venv's {module.__name__}", module.__file__)
+    return peers
+
+
+def sample_images(n):
+    """The first n shipped Fashion-MNIST test images, normalised as the training script does."""
+    import numpy
+    import torch
+    path = ROOT / "weights/fashion-mnist-sample/t10k-images-first1000-idx3-ubyte.gz"
+    data = numpy.frombuffer(gzip.open(path).read()[16:], dtype=numpy.uint8).reshape(-1, 28, 28)
+    x = torch.from_numpy(data[:n].copy()).float()
+    return ((x / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+def networks():
+    """(name, config, weights or None, input shape without the batch, batches)."""
+    out = [
+        ("resnet50", {"block": "bottleneck", "layers": [3, 4, 6, 3]}, None, (3, 224, 224), [8, 1]),
+        ("sc_resnet50", {"block": "bottleneck", "layers": [3, 4, 6, 3], "sc": True}, None, (3, 224, 224), [8, 1]),
+    ]
+    for name in ["fmnist_plain", "fmnist_sc"]:
+        record = json.loads((ROOT / f"weights/{name}.json").read_text())
+        out.append((name, record["config"], ROOT / "weights" / record["weights"], (1, 28, 28), [256, 1]))
+    return out
+
+
+class Worker:
+    """examples/bench_worker.rs over a pipe."""
+
+    def __init__(self, binary, threads):
+        env = dict(os.environ, THREADS=str(threads))
+        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline() or '{"error": "the worker exited"}')
+        if "error" in answer:
+            fail(f"scconv-tch ({line.split()[0]} {line.split()[1]})", answer["error"])
+        return answer
+
+
+def build_twin(config, weights):
+    import models
+    import torch
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model = models.build(config).eval()
+    if weights is not None:
+        model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def export_all(name, model, shape, batches, tmp, peers, threads):
+    """Every peer runtime for `model`, per batch: {runtime: {batch: callable(x) -> torch.Tensor}}."""
+    import numpy
+    import torch
+    ort, ov = peers["onnxruntime"], peers["openvino"]
+    runtimes = {r: {} for r in ["PyTorch eager", "TorchScript frozen", "torch.compile freezing", "ONNX Runtime", "OpenVINO"]}
+    onnx_path = tmp / f"{name}.onnx"
+    example = torch.randn(batches[0], *shape)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, example, str(onnx_path), opset_version=17, dynamo=False,
+                              input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    except Exception as err:  # noqa: BLE001
+        fail(f"torch.onnx.export of {name}", err)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001
+        fail(f"ONNX Runtime on {name}", err)
+    core = ov.Core()
+    for batch in batches:
+        x = torch.randn(batch, *shape)
+        runtimes["PyTorch eager"][batch] = model
+        with torch.no_grad():
+            try:
+                traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x).eval()))
+            except Exception as err:  # noqa: BLE001
+                fail(f"TorchScript of {name} (batch {batch})", err)
+            runtimes["TorchScript frozen"][batch] = traced
+            try:
+                with torch._inductor.config.patch(freezing=True):
+                    compiled = torch.compile(copy.deepcopy(model), dynamic=False)
+                    compiled(x)
+            except Exception as err:  # noqa: BLE001
+                fail(f"torch.compile of {name} (batch {batch})", err)
+            runtimes["torch.compile freezing"][batch] = compiled
+        runtimes["ONNX Runtime"][batch] = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
+        try:
+            ov_model = core.read_model(str(onnx_path))
+            ov_model.reshape({"input": [batch, *shape]})
+            ov_compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                                "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+        except Exception as err:  # noqa: BLE001
+            fail(f"OpenVINO on {name} (batch {batch})", err)
+        runtimes["OpenVINO"][batch] = lambda x, c=ov_compiled: torch.from_numpy(numpy.asarray(c([x.numpy()])[0]))
+    return runtimes
+
+
+def compare(out, ref):
+    out, ref = out.float(), ref.float()
+    return {"max_abs_diff_rel": float((out - ref).abs().max() / ref.abs().max()),
+            "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs/bench")
+    parser.add_argument("--peers", type=pathlib.Path, default=pathlib.Path.home() / ".cache/scconv-tch/peers")
+    parser.add_argument("--worker", type=pathlib.Path, default=ROOT / "target/release/examples/bench_worker")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per runtime per round")
+    parser.add_argument("--only", nargs="*", help="network names (default: all four)")
+    args = parser.parse_args()
+
+    install_peers(args.peers)
+    peers = import_peers(args.peers)
+    import torch
+    from safetensors.torch import save_file
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.peers.parent / "inductor-cache"))
+    worker = Worker(args.worker, args.threads)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-peers-"))
+
+    cases, results = [], {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                                      "torch": torch.__version__, "onnxruntime": peers["onnxruntime"].__version__,
+                                      "openvino": peers["openvino"].__version__, "when": time.strftime("%Y-%m-%d %H:%M")},
+                          "networks": []}
+    for name, config, weights, shape, batches in networks():
+        if args.only and name not in args.only:
+            continue
+        print(f"bench-peers: exporting {name}", flush=True)
+        model = build_twin(config, weights)
+        weights_file = tmp / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, str(weights_file))
+        config_file = tmp / f"{name}.json"
+        config_file.write_text(json.dumps(config))
+        runtimes = export_all(name, model, shape, batches, tmp, peers, args.threads)
+        ours = ["reference", "fast", "inference"] if config.get("sc") else ["reference", "inference"]
+        for batch in batches:
+            key = f"{name}@{batch}"
+            worker.ask(f"load {key} {config_file} {weights_file}")
+            worker.ask(f"compile {key} {batch} {' '.join(map(str, shape))}")
+        # Accuracy on one batch of the first size: real images for Fashion-MNIST, a seeded normal input else.
+        batch = batches[0]
+        torch.manual_seed(1)
+        x = sample_images(batch) if shape == (1, 28, 28) else torch.randn(batch, *shape)
+        with torch.no_grad():
+            ref = model(x)
+        accuracy = {}
+        for runtime, per_batch in runtimes.items():
+            with torch.no_grad():
+                accuracy[runtime] = compare(per_batch[batch](x), ref)
+        save_file({"input": x.contiguous()}, str(tmp / "input.safetensors"))
+        from safetensors.torch import load_file
+        for mode in ours:
+            worker.ask(f"run {name}@{batch} {mode} {tmp / 'input.safetensors'} {tmp / 'out.safetensors'}")
+            accuracy[f"scconv-tch {mode}"] = compare(load_file(str(tmp / "out.safetensors"))["logits"], ref)
+        decisions = worker.ask(f"decisions {name}@{batch} {tmp / 'input.safetensors'}")["layers"] if config.get("sc") else []
+        entry = {"name": name, "batches": batches, "accuracy": accuracy, "inference_form_decisions": decisions, "timings": {}}
+        results["networks"].append(entry)
+        cases.append((entry, shape, runtimes, ours))
+
+    for round_ in range(args.rounds):
+        print(f"bench-peers: round {round_ + 1} of {args.rounds}", flush=True)
+        for entry, shape, runtimes, ours in cases:
+            for batch in entry["batches"]:
+                x = torch.randn(batch, *shape)
+                timings = entry["timings"].setdefault(str(batch), {})
+                # Batch 1 runs take a millisecond or so: more of them, after more warm-up, per turn.
+                warmup, runs = (1, args.runs) if batch > 1 else (10, 10 * args.runs)
+                for runtime, per_batch in runtimes.items():
+                    f = per_batch[batch]
+                    time.sleep(QUIET_S)
+                    with torch.no_grad():
+                        for _ in range(warmup):
+                            f(x)
+                        for _ in range(runs):
+                            start = time.perf_counter()
+                            f(x)
+                            timings.setdefault(runtime, []).append((time.perf_counter() - start) * 1e3)
+                for mode in ours:
+                    time.sleep(QUIET_S)
+                    ms = worker.ask(f"time {entry['name']}@{batch} {mode} {batch} {' '.join(map(str, shape))} {warmup} {runs}")["ms"]
+                    timings.setdefault(f"scconv-tch {mode}", []).extend(ms)
+
+    for entry in results["networks"]:
+        entry["images_per_second"] = {
+            batch: {runtime: int(batch) / (statistics.median(ms) / 1e3) for runtime, ms in per_runtime.items()}
+            for batch, per_runtime in entry["timings"].items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers-cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "peers-cpu.md").write_text(table(results))
+    picture(results, args.out / "peers-cpu.png", peers["matplotlib"])
+    print(table(results))
+
+
+PEERS = ["PyTorch eager", "TorchScript frozen", "torch.compile freezing", "ONNX Runtime", "OpenVINO"]
+OURS = ["scconv-tch reference", "scconv-tch fast", "scconv-tch inference"]
+
+
+def table(results):
+    m = results["machine"]
+    lines = [f"Images/s, {m['threads']} threads, forward only, median of every timed run over interleaved rounds "
+             f"({m['when']}; torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, OpenVINO {m['openvino']}). "
+             "Best peer in bold; the last columns: our inference form over the best peer, and SC over plain.", "",
+             "| network (batch) | " + " | ".join(PEERS + OURS) + " | inference / best peer |",
+             "|---|" + "---:|" * (len(PEERS) + len(OURS) + 1)]
+    for entry in results["networks"]:
+        for batch, ips in entry["images_per_second"].items():
+            best = max(PEERS, key=lambda r: ips[r])
+            cells = [f"**{ips[r]:,.1f}**" if r == best else f"{ips[r]:,.1f}" for r in PEERS]
+            cells += [f"{ips[r]:,.1f}" if r in ips else "—" for r in OURS]
+            ratio = ips["scconv-tch inference"] / ips[best]
+            lines.append(f"| {entry['name']} ({batch}) | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    lines += ["", "Max |diff| / max |ref| against PyTorch eager on one batch (argmax agreement):", "",
+              "| network | " + " | ".join(PEERS[1:] + OURS) + " |", "|---|" + "---:|" * (len(PEERS) - 1 + len(OURS))]
+    for entry in results["networks"]:
+        acc = entry["accuracy"]
+        cells = [f"{acc[r]['max_abs_diff_rel']:.1e} ({acc[r]['argmax_agreement']:.3f})" if r in acc else "—"
+                 for r in PEERS[1:] + OURS]
+        lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    sc = [e for e in results["networks"] if e["inference_form_decisions"]]
+    if sc:
+        lines += ["", "Gate decisions of the inference form that differ from the reference mode (same batch):", ""]
+        for entry in sc:
+            layers = entry["inference_form_decisions"]
+            total = sum(layer["differing"] for layer in layers)
+            where = ", ".join(f"{layer['layer']} {layer['differing']}" for layer in layers if layer["differing"]) or "none"
+            lines.append(f"- {entry['name']}: {total} of {sum(layer['positions'] for layer in layers):,} ({where})")
+    pairs = [("sc_resnet50", "resnet50"), ("fmnist_sc", "fmnist_plain")]
+    by_name = {e["name"]: e for e in results["networks"]}
+    ratio_lines = []
+    for sc_name, plain_name in pairs:
+        if sc_name in by_name and plain_name in by_name:
+            for batch in by_name[sc_name]["images_per_second"]:
+                sc_ips = by_name[sc_name]["images_per_second"][batch]["scconv-tch inference"]
+                plain_ips = by_name[plain_name]["images_per_second"][batch]["scconv-tch inference"]
+                ratio_lines.append(f"- {sc_name} / {plain_name}, inference form, batch {batch}: {sc_ips / plain_ips:.2f}x")
+    if ratio_lines:
+        lines += ["", "SC over plain in the inference form:", "", *ratio_lines]
+    return "\n".join(lines) + "\n"
+
+
+def picture(results, path, matplotlib):
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [(f"{e['name']} ({b})", ips) for e in results["networks"] for b, ips in e["images_per_second"].items()]
+    runtimes = PEERS + OURS
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.9 * len(rows)), squeeze=False)
+    for ax, (label, ips) in zip(axes[:, 0], rows):
+        names = [r for r in runtimes if r in ips]
+        colors = ["#8da0cb" if r in PEERS else "#fc8d62" for r in names]
+        ax.barh(names, [ips[r] for r in names], color=colors)
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("images/s (higher is better); blue: peers, orange: scconv-tch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
