@@ -60,7 +60,7 @@ fn corpus() -> &'static (PathBuf, Manifest) {
 }
 
 /// Held by the tests that read the big files, so that the CLI's runs are timed and measured without
-/// this binary's other tests reading a 2.4M-deep nesting beside them on the same two cores.
+/// this binary's other tests reading a 1.2M-deep nesting beside them on the same two cores.
 static BIG_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const ADDRESS_SPACE: u64 = 4 << 30;
