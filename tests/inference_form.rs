@@ -150,6 +150,15 @@ fn other_batch_sizes_than_the_prepacked_one_run_correctly() {
 }
 
 #[test]
+fn a_network_other_than_fp32_on_the_cpu_is_refused() {
+    let config = fmnist_config(true);
+    let (mut vs, model, _, _) = network_and_f64_twin(&config, 7);
+    vs.double();
+    let err = InferenceResNet::new(&model).unwrap_err().to_string();
+    assert!(err.contains("fp32 networks on the CPU") && err.contains("Double"), "{err}");
+}
+
+#[test]
 fn bad_input_is_an_error_not_a_crash() {
     let config = fmnist_config(true);
     let (_vs, model, _, _) = network_and_f64_twin(&config, 6);

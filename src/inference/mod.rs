@@ -9,7 +9,9 @@
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //!
 //! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
-//! (the reference's gate decisions on the same input). Folding changes rounding (a folded weight is
+//! (the reference's gate decisions on the same input). Build the form after loading the weights: the
+//! folded and prepacked weights are copies, so a later change to the model's weights (another
+//! `weights::load` into its `VarStore`) is not seen until the form is built again. Folding changes rounding (a folded weight is
 //! `W * scale` rounded once, and the convolution sums other products), so the form's numbers are held
 //! to PyTorch's own fp32 accuracy rather than to its bits: against an fp64 run of the model with the
 //! same gate decisions, the form's logits may be off by at most twice what the fp32 reference itself

@@ -98,8 +98,16 @@ fn block(b: &Block) -> Result<InferenceBlock<'_>, ScConvError> {
 
 impl<'a> InferenceResNet<'a> {
     /// The network's layers as inference steps, no pass applied yet: the same function as the
-    /// model's eval-mode forward with every ScConv on its fast path.
+    /// model's eval-mode forward with every ScConv on its fast path. For fp32 networks on the CPU (its
+    /// passes are oneDNN's); others are refused.
     pub fn new(model: &'a ResNet) -> Result<InferenceResNet<'a>, ScConvError> {
+        let (kind, device) = (model.conv1.ws.kind(), model.conv1.ws.device());
+        if kind != tch::Kind::Float || device != tch::Device::Cpu {
+            return Err(ScConvError::InvalidInput(format!(
+                "the inference form runs fp32 networks on the CPU (its passes are oneDNN's); this one is \
+                 {kind:?} on {device:?}: use the model itself (`set_scconv_execution(Execution::Fast)`)"
+            )));
+        }
         let (kernel, stride) = if model.config().small_input { (3, 1) } else { (7, 2) };
         let stem = conv(&model.conv1, stride, kernel / 2, &model.bn1).then_relu();
         let blocks = model.stages.iter().flatten().map(block).collect::<Result<_, _>>()?;
