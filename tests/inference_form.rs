@@ -127,8 +127,11 @@ fn a_pass_out_of_order_or_twice_is_an_error() {
     let config = fmnist_config(false);
     let (_vs, model, _, _) = network_and_f64_twin(&config, 4);
     let mut form = InferenceResNet::new(&model).unwrap();
-    let err = form.apply(Pass::FuseEpilogues, [1, 1, 28, 28]).unwrap_err().to_string();
-    assert!(err.contains("fold"), "{err}");
+    for early in [Pass::FuseEpilogues, Pass::Prepack] {
+        let err = form.apply(early, [1, 1, 28, 28]).unwrap_err().to_string();
+        assert!(err.contains("fold"), "{early:?}: {err}");
+    }
+    assert!(form.passes().is_empty(), "a refused pass is not recorded");
     form.apply(Pass::FoldBatchnorm, [1, 1, 28, 28]).unwrap();
     let err = form.apply(Pass::FoldBatchnorm, [1, 1, 28, 28]).unwrap_err().to_string();
     assert!(err.contains("applied already"), "{err}");

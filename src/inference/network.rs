@@ -139,11 +139,17 @@ impl<'a> InferenceResNet<'a> {
     }
 
     /// Applies `pass`; `Prepack` reorders the weights for inputs of `input_size` (N, C, H, W), which
-    /// are then fastest (other sizes still run, correctly). Errors: fuse before fold, prepack without
-    /// the shim, a pass applied twice.
+    /// are then fastest (other sizes still run, correctly). Errors: fuse or prepack before fold,
+    /// prepack without the shim, a pass applied twice.
     pub fn apply(&mut self, pass: Pass, input_size: [i64; 4]) -> Result<(), ScConvError> {
         if self.passes.contains(&pass) {
             return Err(ScConvError::InvalidInput(format!("the pass {pass:?} is applied already")));
+        }
+        // Folding replaces the weights that prepacking reorders.
+        if pass == Pass::Prepack && !self.passes.contains(&Pass::FoldBatchnorm) {
+            return Err(ScConvError::InvalidInput(
+                "prepack needs the BatchNorms folded first (the fold pass)".into(),
+            ));
         }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
