@@ -17,6 +17,7 @@
 //! ```sh
 //! cargo run --release --example bench_worker
 //! ```
+use scconv_tch::harness::infer::differing_decisions_on;
 use scconv_tch::inference::InferenceResNet;
 use scconv_tch::models::{resnet, ResNet, ResNetConfig};
 use scconv_tch::{weights, Execution};
@@ -81,6 +82,12 @@ fn size(words: &[&str]) -> Result<[i64; 4], Error> {
     Ok(v.try_into().map_err(|_| "four sizes")?)
 }
 
+/// The tensor `input` of a safetensors file.
+fn read_input(path: &str) -> Result<Tensor, Error> {
+    let tensors = Tensor::read_safetensors(path)?;
+    Ok(tensors.into_iter().find(|(k, _)| k == "input").ok_or("no `input`")?.1)
+}
+
 fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result<&'a mut Network, Error> {
     networks.get_mut(name).ok_or_else(|| format!("no network {name}").into())
 }
@@ -111,11 +118,7 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
         }
         ["run", name, mode, input, output] => {
             let n = network(networks, name)?;
-            let x = Tensor::read_safetensors(input)?
-                .into_iter()
-                .find(|(k, _)| k == "input")
-                .ok_or("no `input`")?
-                .1;
+            let x = read_input(input)?;
             let logits = n.forward(mode, &x)?;
             Tensor::write_safetensors(&[("logits", &logits)], output)?;
             Ok(serde_json::json!({"ok": true}))
@@ -137,21 +140,14 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
         }
         ["decisions", name, input] => {
             let n = network(networks, name)?;
-            let x = Tensor::read_safetensors(input)?
-                .into_iter()
-                .find(|(k, _)| k == "input")
-                .ok_or("no `input`")?
-                .1;
+            let x = read_input(input)?;
             let form = n.form.as_ref().ok_or("compile the inference form first")?;
-            let (_, masks) = form.forward_recording_decisions(&x)?;
-            let (_, gates) = tch::no_grad(|| n.shared.forward_recording_gates(&x))?;
-            let mut layers = Vec::new();
-            for ((path, mask), (_, gate)) in masks.iter().zip(&gates) {
-                let differing = mask.ne_tensor(&gate.decisions.info_mask).sum(Kind::Int64).int64_value(&[]);
-                layers.push(
-                    serde_json::json!({"layer": path, "differing": differing, "positions": mask.numel()}),
-                );
-            }
+            let layers: Vec<_> = differing_decisions_on(n.shared, form, &x)?
+                .into_iter()
+                .map(|(layer, differing, positions)| {
+                    serde_json::json!({"layer": layer, "differing": differing, "positions": positions})
+                })
+                .collect();
             Ok(serde_json::json!({"layers": layers}))
         }
         _ => Err(format!("unknown request: {line}").into()),

@@ -123,15 +123,15 @@ impl ScConv {
         self.CRU.forward(&self.SRU.forward_with_decisions(x, &decisions))
     }
 
-    /// The fast path's forward with `fast` (this module's or another's, e.g. an inference form's), its
-    /// output channels scaled by `scale` (`[C]`) in the CRU's fuse weights where given: a BatchNorm
-    /// folded into the CRU's last step (`crate::inference`).
+    /// The fast path's forward with `fast` (this module's or another's, e.g. an inference form's), the
+    /// CRU's fuse weights multiplied by `fuse_scale` (`(1, 2C, 1, 1)`: a per-channel output scale, given
+    /// for both branches) where given: a BatchNorm folded into the CRU's last step (`crate::inference`).
     /// `convs` runs the CRU's convolutions where given (else its own layers).
     pub(crate) fn forward_fast(
         &self,
         fast: &FastPath,
         x: &Tensor,
-        scale: Option<&Tensor>,
+        fuse_scale: Option<&Tensor>,
         convs: Option<&dyn CruConvs>,
     ) -> Tensor {
         let sru_out = crate::profile::scope("SRU", || fast.sru_into_kept_buffer(&self.SRU, x));
@@ -141,10 +141,10 @@ impl ScConv {
                 &sru_out,
                 fast.uses_cuda_fuse_kernel(),
                 fast.copies_squeeze_inputs(),
-                scale,
+                fuse_scale,
             ),
-            None => match scale {
-                Some(scale) => self.forward_reference(x) * scale.view([1, -1, 1, 1]),
+            None => match fuse_scale {
+                Some(s) => self.forward_reference(x) * s.narrow(1, 0, self.config.op_channel),
                 None => self.forward_reference(x),
             },
         })

@@ -47,7 +47,8 @@ impl Cru {
     /// C = 64, offset 1000), and GWC + PWC1 as one dense conv (6.3e-6 at C = 56, group_size 1,
     /// kernel 5, offset 1000: outside the fp32 tolerance).
     ///
-    /// `scale` (`[C]`, optional) multiplies each output channel, folded into the fuse's weights.
+    /// `fuse_scale` (optional, `(1, 2C, 1, 1)`) multiplies the fuse's weights: a per-channel scale of
+    /// the output, given twice (`w[c]` and `w[C + c]` both weigh output channel c).
     /// The CRU's convolutions are run by `convs`: its own layers, or an inference form's prepacked ones.
     pub(crate) fn forward_fused(
         &self,
@@ -55,7 +56,7 @@ impl Cru {
         x: &Tensor,
         cuda_kernels: bool,
         copy_squeeze_inputs: bool,
-        scale: Option<&Tensor>,
+        fuse_scale: Option<&Tensor>,
     ) -> Tensor {
         let squeeze = || {
             let split = x.split_with_sizes([self.up_channel, self.low_channel], 1);
@@ -69,7 +70,7 @@ impl Cru {
         let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || convs.pwc2(&low));
-        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, scale))
+        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, fuse_scale))
     }
 
     fn fuse(
@@ -78,15 +79,14 @@ impl Cru {
         y2_head: &Tensor,
         low: &Tensor,
         cuda_kernels: bool,
-        scale: Option<&Tensor>,
+        fuse_scale: Option<&Tensor>,
     ) -> Tensor {
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
         let weights = self.fuse_weights(&pooled);
-        // Output channel c is w[c] * Y1[c] + w[C + c] * Y2[c]: both weights take its scale.
-        let weights = match scale {
-            Some(scale) => weights * Tensor::cat(&[scale, scale], 0).view([1, -1, 1, 1]),
+        let weights = match fuse_scale {
+            Some(fuse_scale) => weights * fuse_scale,
             None => weights,
         };
         if cuda_kernels {

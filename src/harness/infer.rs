@@ -107,8 +107,27 @@ impl Classifier {
     }
 }
 
-/// The gate decisions of `form` that differ from the reference mode's on `images` (`batch` at a time):
-/// per ScConv layer, (path, differing decisions, decisions made).
+/// The gate decisions of `form` that differ from the reference mode's on the input `x`: per ScConv
+/// layer, (path, differing decisions, decisions made).
+pub fn differing_decisions_on(
+    model: &ResNet,
+    form: &InferenceResNet,
+    x: &Tensor,
+) -> Result<Vec<(String, i64, i64)>, ScConvError> {
+    let (_, masks) = form.forward_recording_decisions(x)?;
+    let (_, gates) = tch::no_grad(|| model.forward_recording_gates(x))?;
+    let count =
+        |mask: &Tensor, reference: &Tensor| mask.ne_tensor(reference).sum(tch::Kind::Int64).int64_value(&[]);
+    Ok(masks
+        .iter()
+        .zip(&gates)
+        .map(|((path, mask), (_, gate))| {
+            (path.clone(), count(mask, &gate.decisions.info_mask), mask.numel() as i64)
+        })
+        .collect())
+}
+
+/// `differing_decisions_on` summed over `images`, `batch` at a time.
 pub fn differing_decisions(
     model: &ResNet,
     form: &InferenceResNet,
@@ -119,15 +138,11 @@ pub fn differing_decisions(
     let n = images.pixels.size()[0];
     for begin in (0..n).step_by(batch.max(1) as usize) {
         let x = normalize(&images.pixels.narrow(0, begin, batch.min(n - begin)));
-        let (_, masks) = form.forward_recording_decisions(&x)?;
-        let (_, gates) = tch::no_grad(|| model.forward_recording_gates(&x))?;
-        for (i, ((path, mask), (_, gate))) in masks.iter().zip(&gates).enumerate() {
-            let differing = mask.ne_tensor(&gate.decisions.info_mask).sum(tch::Kind::Int64).int64_value(&[]);
-            if layers.len() <= i {
-                layers.push((path.clone(), 0, 0));
+        for (i, (path, differing, made)) in differing_decisions_on(model, form, &x)?.into_iter().enumerate() {
+            match layers.get_mut(i) {
+                Some(layer) => (layer.1, layer.2) = (layer.1 + differing, layer.2 + made),
+                None => layers.push((path, differing, made)),
             }
-            layers[i].1 += differing;
-            layers[i].2 += mask.numel() as i64;
         }
     }
     Ok(layers)

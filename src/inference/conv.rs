@@ -64,9 +64,7 @@ impl InferenceConv {
     /// BatchNorm sits between them (fold first).
     pub fn fuse(&mut self) -> Result<(), ScConvError> {
         if self.batchnorm.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "fuse needs the BatchNorm folded first (the fold pass)".into(),
-            ));
+            return Err(fuse_needs_fold());
         }
         self.fused = true;
         Ok(())
@@ -110,12 +108,7 @@ impl InferenceConv {
                 self.relu,
             ));
         }
-        let mut y = self.conv_then_batchnorm(x);
-        match (self.relu, self.fused) {
-            (true, true) => y.relu_(),
-            (true, false) => y.relu(),
-            (false, _) => y,
-        }
+        epilogue(self.conv_then_batchnorm(x), None, self.relu, self.fused)
     }
 
     /// `relu(bn(conv(x)) + residual)`; fused, the result is written into `residual` in place.
@@ -132,17 +125,7 @@ impl InferenceConv {
             ));
             return residual;
         }
-        let mut y = self.conv_then_batchnorm(x);
-        if !self.fused {
-            let y = y + residual;
-            return if self.relu { y.relu() } else { y };
-        }
-        y += residual;
-        if self.relu {
-            y.relu_()
-        } else {
-            y
-        }
+        epilogue(self.conv_then_batchnorm(x), Some(residual), self.relu, self.fused)
     }
 
     fn onednn_weight(&self) -> &Tensor {
@@ -163,6 +146,31 @@ impl InferenceConv {
             Some(bn) => bn.forward(&y),
             None => y,
         }
+    }
+}
+
+/// The fuse pass's refusal while a BatchNorm is not folded.
+pub(super) fn fuse_needs_fold() -> ScConvError {
+    ScConvError::InvalidInput("fuse needs the BatchNorm folded first (the fold pass)".into())
+}
+
+/// `relu(y + residual)`, each part where asked: in place on `y` when `in_place` (the fuse pass's
+/// form where no oneDNN epilogue runs), else as new tensors like the reference's operations.
+pub(super) fn epilogue(mut y: Tensor, residual: Option<Tensor>, relu: bool, in_place: bool) -> Tensor {
+    if !in_place {
+        let y = match residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        return if relu { y.relu() } else { y };
+    }
+    if let Some(r) = residual {
+        y += r;
+    }
+    if relu {
+        y.relu_()
+    } else {
+        y
     }
 }
 

@@ -92,6 +92,17 @@ fn checked(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_i
     }
 }
 
+/// A shim call that writes a new heap tensor into its `out` argument on success.
+#[cfg(scconv_cpu_shim)]
+fn new_tensor(
+    f: impl FnOnce(*mut *mut torch_sys::C_tensor, *mut std::os::raw::c_char, usize) -> std::os::raw::c_int,
+) -> Result<Tensor, String> {
+    let mut out = std::ptr::null_mut();
+    checked(|err, len| f(&mut out, err, len))?;
+    // SAFETY: the shim returned 0, so `out` is a `new at::Tensor` for us to own.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 /// `conv(x, w) + b`, then ReLU when `relu`, in one oneDNN primitive (`w`: a dense weight or one
 /// reordered by `Tensor::mkldnn_reorder_conv2d_weight`).
 #[cfg(scconv_cpu_shim)]
@@ -102,10 +113,9 @@ pub fn conv_pointwise(
     g: &ConvGeometry,
     relu: bool,
 ) -> Result<Tensor, String> {
-    let mut out = std::ptr::null_mut();
     let b = b.map_or(std::ptr::null(), Tensor::as_ptr);
-    checked(|err, len| unsafe {
-        // SAFETY: live tensors for the call; `out` receives a new heap tensor that `from_ptr` owns.
+    new_tensor(|out, err, len| unsafe {
+        // SAFETY: live tensors for the call; `out` receives a new heap tensor.
         raw::scc_conv_pointwise(
             x.as_ptr(),
             w.as_ptr(),
@@ -115,13 +125,11 @@ pub fn conv_pointwise(
             g.dilation.as_ptr(),
             g.groups,
             relu as _,
-            &mut out,
+            out,
             err,
             len,
         )
-    })?;
-    // SAFETY: the shim returned 0, so `out` is a `new at::Tensor` for us to own.
-    Ok(unsafe { Tensor::from_ptr(out) })
+    })
 }
 
 /// `other = conv(x, w) + b + other`, then ReLU when `relu`, in place, in one oneDNN primitive.
@@ -156,9 +164,8 @@ pub fn conv_pointwise_add_(
 /// `w` reordered once into oneDNN's blocked layout for inputs of `input_size` (an mkldnn tensor).
 #[cfg(scconv_cpu_shim)]
 pub fn reorder_conv_weight(w: &Tensor, g: &ConvGeometry, input_size: [i64; 4]) -> Result<Tensor, String> {
-    let mut out = std::ptr::null_mut();
-    checked(|err, len| unsafe {
-        // SAFETY: a live tensor; `out` receives a new heap tensor that `from_ptr` owns.
+    new_tensor(|out, err, len| unsafe {
+        // SAFETY: a live tensor; `out` receives a new heap tensor.
         raw::scc_reorder_conv_weight(
             w.as_ptr(),
             g.padding.as_ptr(),
@@ -166,13 +173,11 @@ pub fn reorder_conv_weight(w: &Tensor, g: &ConvGeometry, input_size: [i64; 4]) -
             g.dilation.as_ptr(),
             g.groups,
             input_size.as_ptr(),
-            &mut out,
+            out,
             err,
             len,
         )
-    })?;
-    // SAFETY: the shim returned 0, so `out` is a `new at::Tensor` for us to own.
-    Ok(unsafe { Tensor::from_ptr(out) })
+    })
 }
 
 #[cfg(not(scconv_cpu_shim))]

@@ -3,7 +3,7 @@
 //! decisions as the reference on the same input); the fold pass moves the BatchNorm's scale into the
 //! CRU's fuse weights and its shift after the pool (per channel, both commute with the pool), and the
 //! fuse pass runs the shift, add and ReLU in place.
-use super::conv::InferenceConv;
+use super::conv::{epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use crate::error::ScConvError;
@@ -22,7 +22,9 @@ pub struct ScConvStep<'a> {
     fast: FastPath,
     pool: bool,
     batchnorm: Option<BatchNormParams>,
-    /// The folded BatchNorm: scale (in the fuse weights) and shift, each `[C]`.
+    /// The folded BatchNorm: its scale as the fuse weights' factor `(1, 2C, 1, 1)` (output channel c
+    /// is `w[c] * Y1[c] + w[C + c] * Y2[c]`, so both weights take its scale) and its shift
+    /// `(1, C, 1, 1)`.
     folded: Option<(Tensor, Tensor)>,
     relu: bool,
     fused: bool,
@@ -107,16 +109,15 @@ impl<'a> ScConvStep<'a> {
     pub fn fold(&mut self) {
         if let Some(bn) = self.batchnorm.take() {
             let (scale, shift) = bn.scale_shift();
-            self.folded = Some((scale, shift.view([1, -1, 1, 1])));
+            let fuse_scale = Tensor::cat(&[&scale, &scale], 0).view([1, -1, 1, 1]);
+            self.folded = Some((fuse_scale, shift.view([1, -1, 1, 1])));
         }
     }
 
     /// The fuse pass: shift, residual add and ReLU in place (after fold).
     pub fn fuse(&mut self) -> Result<(), ScConvError> {
         if self.batchnorm.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "fuse needs the BatchNorm folded first (the fold pass)".into(),
-            ));
+            return Err(fuse_needs_fold());
         }
         self.fused = true;
         Ok(())
@@ -165,24 +166,6 @@ impl<'a> ScConvStep<'a> {
             (None, Some((_, shift))) => y + shift,
             (None, None) => y,
         };
-        self.epilogue(y, residual)
-    }
-
-    fn epilogue(&self, mut y: Tensor, residual: Option<Tensor>) -> Tensor {
-        if self.fused {
-            if let Some(r) = residual {
-                y += r;
-            }
-            return if self.relu { y.relu_() } else { y };
-        }
-        let y = match residual {
-            Some(r) => y + r,
-            None => y,
-        };
-        if self.relu {
-            y.relu()
-        } else {
-            y
-        }
+        epilogue(y, residual, self.relu, self.fused)
     }
 }
