@@ -41,17 +41,17 @@ pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool
         );
     } else {
         println!(
-            "fixtures {} (PyTorch {} on {}, seed {}), Rust {execution:?} on {device:?}, rtol {} atol {} x max|ref|, {}",
+            "fixtures {} (PyTorch {} on {}, seed {}), Rust {execution:?} on {device:?}, {}",
             dir.display(),
             manifest.torch_version,
             manifest.device,
             manifest.seed,
-            policy.tolerance.rtol,
-            policy.tolerance.atol,
-            if policy.same_kernels {
-                "same kernels: no gate flips allowed"
+            if execution == Execution::Reference {
+                policy.describe()
             } else {
-                "across devices: flips allowed in the gate band only"
+                let fast =
+                    scconv_tch::harness::parity::Policy { tolerance: policy.fast_tolerance(), ..policy };
+                fast.describe()
             }
         );
         print!("{table}");

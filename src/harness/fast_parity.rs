@@ -78,7 +78,11 @@ pub fn run_all(
     policy: &Policy,
 ) -> Result<Vec<FastCaseReport>, ScConvError> {
     let manifest: Manifest = Manifest::read(dir)?;
-    manifest.cases.iter().map(|case| run_case(dir, case, device, execution, policy.tolerance)).collect()
+    manifest
+        .cases
+        .iter()
+        .map(|case| run_case(dir, case, device, execution, policy.fast_tolerance()))
+        .collect()
 }
 
 /// The table `scconv-tch parity --execution ...` prints.

@@ -20,7 +20,11 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    /// fp32 against fp32 with the same arithmetic: a few ulps at most, plus slack for reductions.
+    /// The same operations on the same kernels (the reference mode against CPU fixtures made on this
+    /// kind of CPU): every value equal (`==`; a NaN never is), gradients and decisions included.
+    pub const EXACT: Tolerance = Tolerance { rtol: 0.0, atol: 0.0 };
+    /// fp32 against fp32 with other arithmetic (the fast paths; CUDA against CUDA fixtures): a few
+    /// ulps at most, plus slack for reductions.
     pub const FP32: Tolerance = Tolerance { rtol: 1e-5, atol: 1e-6 };
     /// CUDA with TF32 convolutions (cuDNN's default on Ampere and later) against fp32: TF32 rounds conv
     /// inputs to 10 mantissa bits (relative 2^-11 = 4.9e-4). PyTorch itself, CUDA TF32 vs CPU, measured
@@ -41,9 +45,11 @@ impl Tolerance {
 pub const GATE_BAND: f64 = 2.384185791015625e-7; // 2^-22
 
 /// How strict a run is. Same kernels (Rust CPU vs CPU fixtures, Rust CUDA vs fixtures made on the same
-/// GPU) must flip no gate decision; across devices, decisions may flip inside the band only.
+/// GPU) must flip no gate decision; across devices, decisions may flip inside the band only. The
+/// reference mode on the CPU against fixtures of this kind of CPU is held to `Tolerance::EXACT`.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Policy {
+    /// For the reference mode (the PyTorch twin's operations in its order).
     pub tolerance: Tolerance,
     pub same_kernels: bool,
 }
@@ -54,12 +60,39 @@ impl Policy {
     pub fn for_run(fixture_device: &str, device: Device, tf32: bool) -> Policy {
         let on_cuda = device.is_cuda();
         let same_kernels = fixture_device.starts_with("cuda") == on_cuda;
-        let tolerance = match (on_cuda && !same_kernels, tf32) {
-            (false, _) => Tolerance::FP32,
-            (true, true) => Tolerance::TF32,
-            (true, false) => Tolerance::FP32_ACROSS_DEVICES,
+        let tolerance = match (on_cuda, same_kernels, tf32) {
+            (false, true, _) => Tolerance::EXACT,
+            (true, false, true) => Tolerance::TF32,
+            (true, false, false) => Tolerance::FP32_ACROSS_DEVICES,
+            // CUDA against CUDA fixtures (cuDNN may pick other algorithms run to run), CPU against CUDA's.
+            _ => Tolerance::FP32,
         };
         Policy { tolerance, same_kernels }
+    }
+
+    /// For the fast paths, whose arithmetic is their own (another summation order, fused operations):
+    /// never tighter than `Tolerance::FP32`.
+    pub fn fast_tolerance(&self) -> Tolerance {
+        if self.tolerance == Tolerance::EXACT {
+            Tolerance::FP32
+        } else {
+            self.tolerance
+        }
+    }
+
+    /// The header line's description of the policy.
+    pub fn describe(&self) -> String {
+        let values = if self.tolerance == Tolerance::EXACT {
+            "exact (==)".to_string()
+        } else {
+            format!("rtol {} atol {} x max|ref|", self.tolerance.rtol, self.tolerance.atol)
+        };
+        let gates = if self.same_kernels {
+            "same kernels: no gate flips allowed"
+        } else {
+            "across devices: flips allowed in the gate band only"
+        };
+        format!("{values}, {gates}")
     }
 }
 
@@ -144,10 +177,11 @@ pub fn compare(actual: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<Co
     let max_abs_ref = reference.abs().max().double_value(&[]);
     let max_abs_err = err.max().double_value(&[]);
     let allowed = reference.abs() * tol.rtol + tol.atol * max_abs_ref;
-    // A zero allowance (an all-zero reference) tolerates only an exact match; NaN anywhere fails.
-    let tolerance_used = if max_abs_err.is_nan() || (max_abs_ref == 0.0 && max_abs_err > 0.0) {
+    // A zero allowance (`EXACT`, an all-zero reference) tolerates only an exact match; NaN anywhere fails.
+    let exact_only = max_abs_ref == 0.0 || tol == Tolerance::EXACT;
+    let tolerance_used = if max_abs_err.is_nan() || (exact_only && max_abs_err > 0.0) {
         f64::INFINITY
-    } else if max_abs_ref == 0.0 {
+    } else if max_abs_err == 0.0 {
         0.0
     } else {
         (err / allowed).max().double_value(&[])
@@ -427,6 +461,15 @@ pub fn table(reports: &[CaseReport], policy: &Policy) -> String {
             r.gate.flips(),
             verdict(r.passed(policy))
         );
+        if r.gate.flips() > 0 {
+            out += &format!(
+                "    end to end not held to the tolerance: {} decisions flipped (inside the band: {}); \
+                 downstream checked with the reference's decisions (tol used {:.3})\n",
+                r.gate.flips(),
+                r.gate.flips_in_band,
+                r.with_reference_gate.values().map(|c| c.tolerance_used).fold(0.0, f64::max)
+            );
+        }
         for p in &r.problems {
             out += &format!("    problem: {p}\n");
         }
@@ -481,6 +524,18 @@ mod tests {
     }
 
     #[test]
+    fn exact_tolerates_no_difference_at_all() {
+        let reference = t(&[100.0, 1.0, 0.0, -0.0]);
+        let same = compare(&t(&[100.0, 1.0, -0.0, 0.0]), &reference, Tolerance::EXACT).unwrap();
+        assert!(same.passed() && same.tolerance_used == 0.0, "{same:?}");
+        // One ulp of 100 (a summation order changed) fails.
+        let ulp = compare(&t(&[100.0f32.next_up(), 1.0, 0.0, 0.0]), &reference, Tolerance::EXACT).unwrap();
+        assert!(!ulp.passed(), "{ulp:?}");
+        let nan = compare(&t(&[f32::NAN]), &t(&[f32::NAN]), Tolerance::EXACT).unwrap();
+        assert!(!nan.passed(), "a NaN is equal to nothing");
+    }
+
+    #[test]
     fn nan_and_shape_mismatch_fail() {
         let nan = compare(&t(&[f32::NAN, 1.0]), &t(&[1.0, 1.0]), Tolerance::FP32).unwrap();
         assert_eq!(nan.tolerance_used, f64::INFINITY, "NaN must not hide in a max");
@@ -501,7 +556,8 @@ mod tests {
 
     #[test]
     fn cross_device_tf32_policy_is_the_looser_one() {
-        assert_eq!(Policy::for_run("cpu", Device::Cpu, true).tolerance, Tolerance::FP32);
+        assert_eq!(Policy::for_run("cpu", Device::Cpu, true).tolerance, Tolerance::EXACT);
+        assert_eq!(Policy::for_run("cpu", Device::Cpu, true).fast_tolerance(), Tolerance::FP32);
         assert!(Policy::for_run("cpu", Device::Cpu, true).same_kernels);
         let cross = Policy::for_run("cpu", Device::Cuda(0), true);
         assert_eq!((cross.tolerance, cross.same_kernels), (Tolerance::TF32, false));
@@ -514,7 +570,8 @@ mod tests {
     fn cpu_fixtures_from_another_kind_of_cpu_are_checked_across_devices() {
         let here = cpu_kernels();
         assert!(here.ends_with(" threads") && here.contains('/'), "{here}");
-        assert!(Policy::for_fixtures("cpu", Some(&here), Device::Cpu, false).same_kernels);
+        let same = Policy::for_fixtures("cpu", Some(&here), Device::Cpu, false);
+        assert_eq!((same.tolerance, same.same_kernels), (Tolerance::EXACT, true));
         assert!(Policy::for_fixtures("cpu", None, Device::Cpu, false).same_kernels);
         let other = Policy::for_fixtures("cpu", Some("AVX512/16 threads x"), Device::Cpu, false);
         assert_eq!((other.tolerance, other.same_kernels), (Tolerance::FP32_ACROSS_DEVICES, false));

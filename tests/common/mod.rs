@@ -82,7 +82,8 @@ pub fn assert_fast_parity(
     let label = format!("{label}-{execution:?}");
     let reports =
         fast_parity::run_all(dir, device, execution, policy).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let table = record_table(&label, dir, device, policy, &fast_parity::table(&reports, policy));
+    let held_to = Policy { tolerance: policy.fast_tolerance(), ..*policy };
+    let table = record_table(&label, dir, device, &held_to, &fast_parity::table(&reports, policy));
     let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
     assert!(failed.is_empty(), "{label}: cases failing fast-path parity: {failed:?}\n{table}");
     reports
@@ -90,7 +91,7 @@ pub fn assert_fast_parity(
 
 /// Prints a parity table and records it in `target/parity-reports/<label>.txt`; it must have rows.
 fn record_table(label: &str, dir: &Path, device: Device, policy: &Policy, rows: &str) -> String {
-    let table = format!("{label}: {} on {device:?}, policy {policy:?}\n{rows}", dir.display());
+    let table = format!("{label}: {} on {device:?}, {}\n{rows}", dir.display(), policy.describe());
     println!("{table}");
     let record_dir = crate_dir().join("target/parity-reports");
     std::fs::create_dir_all(&record_dir).expect("cannot create target/parity-reports");
