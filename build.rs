@@ -41,8 +41,14 @@ fn main() {
 /// `src/inference/shim.cpp`: libtorch's oneDNN convolutions with fused epilogues and its thread pool,
 /// which tch does not bind (about 5 s to compile). If it does not compile, the crate builds without it
 /// and says so: the inference form then runs libtorch's plain convolutions (`cfg(scconv_cpu_shim)` off).
+/// `SCCONV_NO_CPU_SHIM=1` builds without it on purpose (what `tests/cpu_shim.rs` must then catch).
 fn build_cpu_shim(lib_dir: &Path) {
     println!("cargo:rerun-if-changed=src/inference/shim.cpp");
+    println!("cargo:rerun-if-env-changed=SCCONV_NO_CPU_SHIM");
+    if std::env::var_os("SCCONV_NO_CPU_SHIM").is_some_and(|v| v == "1") {
+        println!("cargo:warning=SCCONV_NO_CPU_SHIM=1: the inference form's oneDNN shim is left out");
+        return;
+    }
     let torch = lib_dir.parent().unwrap_or(lib_dir);
     let compiled = cc::Build::new()
         .cpp(true)

@@ -81,10 +81,13 @@ TABLES = {"blocks": blocks_table, "networks": networks_table, "summary": summary
 
 
 def replace(text, runs):
+    """The text with its marked tables rewritten, and the kinds of table it marks."""
+    found = []
     for kind, make in TABLES.items():
         pattern = re.compile(rf"(<!-- speed-tables:{kind}:begin -->\n)(?:.*?\n)?(<!-- speed-tables:{kind}:end -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + make(runs) + "\n" + m.group(2), text)
-    return text
+        text, count = pattern.subn(lambda m: m.group(1) + make(runs) + "\n" + m.group(2), text)
+        found += [kind] * count
+    return text, found
 
 
 def main():
@@ -99,14 +102,23 @@ def main():
         for kind, make in TABLES.items():
             print(f"{kind}:\n{make(runs)}\n")
         return 0
-    stale = []
+    stale, marked = [], []
     for path in documents:
         text = open(path).read()
-        updated = replace(text, runs)
+        updated, found = replace(text, runs)
+        if not found:
+            print(f"{path} has no speed-tables markers (<!-- speed-tables:KIND:begin/end -->)", file=sys.stderr)
+            return 1
+        marked += found
         if args.write:
             open(path, "w").write(updated)
         elif updated != text:
             stale.append(path)
+    missing = [kind for kind in TABLES if kind not in marked]
+    twice = sorted({kind for kind in marked if marked.count(kind) > 1})
+    if missing or twice:
+        print(f"speed tables: missing {missing}, marked more than once {twice}", file=sys.stderr)
+        return 1
     if stale:
         print(f"speed tables out of date in {', '.join(stale)}: run scripts/speed_tables.py --write", file=sys.stderr)
         return 1

@@ -109,6 +109,21 @@ fn unused_keys_are_reported_not_fatal_when_not_strict() {
     let err = weights::load_with(&mut vs, &file, &everything).unwrap_err().to_string();
     assert!(err.contains("missing keys"), "{err}");
     assert_matches_pytorch(&block, "expected_checkpoint.safetensors");
+
+    // A state dict with two keys the block has no variable for (a head, an EMA copy): loaded without
+    // them when not strict, and both reported; refused naming them when strict.
+    let mut tensors = weights::read(files().join("state_dict_2023-10-19.pt")).unwrap();
+    tensors.push(("head.weight".into(), Tensor::ones([10, 32], (tch::Kind::Float, Device::Cpu))));
+    tensors.push(("ema.SRU.gn.weight".into(), Tensor::ones([32], (tch::Kind::Float, Device::Cpu))));
+    let extra = scratch_dir("checkpoints-extra").join("extra_keys.safetensors");
+    Tensor::write_safetensors(&tensors, &extra).unwrap();
+    let (mut vs, fresh) = self::block(&config);
+    let report = weights::load_with(&mut vs, &extra, &LoadOptions { select: None, strict: false }).unwrap();
+    assert_eq!(report.unexpected, ["ema.SRU.gn.weight", "head.weight"], "{report:?}");
+    assert_eq!(report.loaded.len(), 8, "{report:?}");
+    assert_matches_pytorch(&fresh, "expected_2023-10-19.safetensors");
+    let strict = load_error(&config, &extra, &LoadOptions { select: None, strict: true });
+    assert!(strict.contains("unexpected keys") && strict.contains("head.weight"), "{strict}");
 }
 
 #[test]

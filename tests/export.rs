@@ -98,10 +98,26 @@ fn the_cli_exports_and_describes_a_2023_10_19_network() {
     });
     let record_file = dir.join("record.json");
     std::fs::write(&record_file, record.to_string()).unwrap();
-    let info = Command::new(common::bin()).args(["info", "--model"]).arg(&record_file).output().unwrap();
-    let text = String::from_utf8_lossy(&info.stdout);
-    assert!(info.status.success(), "{text}{}", String::from_utf8_lossy(&info.stderr));
-    assert!(text.contains("layer1.0.conv2"), "{text}");
+    let info =
+        Command::new(common::bin()).args(["info", "--json", "--model"]).arg(&record_file).output().unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    // The ScConv rows: fewer parameters than the plain 3x3 conv they replace.
+    let counted: std::collections::BTreeSet<String> = info["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["parameters"].as_i64() < r["plain_parameters"].as_i64())
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    let tensors = weights::read(fixtures.join(case["tensors"].as_str().unwrap())).unwrap();
+    // PyTorch's ScConvs: one recorded gate each (`gate.<path>.info_mask`).
+    let recorded: std::collections::BTreeSet<String> = tensors
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix("gate.")?.strip_suffix(".info_mask").map(str::to_string))
+        .collect();
+    assert!(recorded.len() >= 2, "the fixture records its ScConvs: {recorded:?}");
+    assert_eq!(counted, recorded, "info's ScConv rows are PyTorch's ScConvs");
     let out = dir.join("network.pt");
     let export = Command::new(common::bin())
         .args(["export", "--model"])
@@ -111,7 +127,6 @@ fn the_cli_exports_and_describes_a_2023_10_19_network() {
         .output()
         .unwrap();
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
-    let tensors = weights::read(fixtures.join(case["tensors"].as_str().unwrap())).unwrap();
     let get = |name: &str| tensors.iter().find(|(k, _)| k == name).unwrap().1.shallow_clone();
     let logits = tch::no_grad(|| CModule::load(&out).unwrap().forward(&get("input")));
     assert_close("exported 2023-10-19 network vs PyTorch", &logits, &get("logits"));

@@ -8,7 +8,9 @@
 //! Each file goes through the CLI in a child process under a 4 GiB address-space limit, so a reader
 //! that allocates what a file declares fails alone instead of taking the machine: a file that loads
 //! exits 0, a refused one prints one `error:` line (what the case says it must name), and either ends
-//! within 10 s with a peak memory under 1 GiB above the plain state dict's. The files PyTorch loads
+//! within 10 s of CPU time (its own, from `wait4`'s rusage, so a job beside it cannot make it flake;
+//! `RLIMIT_CPU` ends a runaway reader) with a peak memory under 1 GiB above the plain state dict's. A
+//! child still running after `WALL_KILL` is killed and fails the test instead of hanging it. The files PyTorch loads
 //! load through the library bit-identical to what PyTorch's own load gave.
 mod common;
 
@@ -64,15 +66,24 @@ fn corpus() -> &'static (PathBuf, Manifest) {
 static BIG_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const ADDRESS_SPACE: u64 = 4 << 30;
-const MAX_WALL: Duration = Duration::from_secs(10);
+const MAX_CPU: Duration = Duration::from_secs(10);
+/// The kernel's backstop: SIGXCPU a little past the bound, so the bound itself is judged from rusage.
+const CPU_LIMIT_SECONDS: u64 = 12;
+/// Generous: only a reader stuck without using CPU (or a machine stalled) gets here.
+const WALL_KILL: Duration = Duration::from_secs(180);
 const MAX_GROWTH_KIB: i64 = 1 << 20;
 const LONGEST_LINE: usize = 800;
 
 /// What one CLI run did.
 struct Run {
     code: Option<i32>,
+    /// The signal that ended it, if one did (SIGXCPU: past `CPU_LIMIT_SECONDS`).
+    signal: Option<i32>,
     stderr: String,
-    wall: Duration,
+    /// User plus system time, all its threads.
+    cpu: Duration,
+    /// Killed at `WALL_KILL`.
+    hung: bool,
     peak_kib: i64,
 }
 
@@ -91,23 +102,44 @@ fn export(dir: &Path, config: &Path, case: &Case) -> Run {
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: ADDRESS_SPACE, rlim_max: ADDRESS_SPACE };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
+            let limits = [
+                (libc::RLIMIT_AS, ADDRESS_SPACE, ADDRESS_SPACE),
+                (libc::RLIMIT_CPU, CPU_LIMIT_SECONDS, CPU_LIMIT_SECONDS + 2),
+            ];
+            for (resource, soft, hard) in limits {
+                let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     let start = Instant::now();
     let child = command.spawn().unwrap();
+    let pid = child.id() as i32;
     let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // SAFETY: waits for our own child; `status` and `usage` are valid for writes.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32, "wait4 failed");
-    let wall = start.elapsed();
+    let mut hung = false;
+    loop {
+        // SAFETY: polls our own child; `status` and `usage` are valid for writes.
+        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        assert!(reaped >= 0, "wait4 failed");
+        if reaped == pid {
+            break;
+        }
+        if start.elapsed() > WALL_KILL && !hung {
+            hung = true;
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    let signal = libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status));
     let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-    Run { code, stderr, wall, peak_kib: usage.ru_maxrss }
+    let cpu = time(usage.ru_utime) + time(usage.ru_stime);
+    Run { code, signal, stderr, cpu, hung, peak_kib: usage.ru_maxrss }
 }
 
 /// Why a run broke the case's promises, or `None`.
@@ -116,7 +148,9 @@ fn broken(case: &Case, run: &Run, baseline_kib: i64) -> Option<String> {
     let shape = match case.expect.as_str() {
         "loads" if run.code == Some(0) => None,
         "loads" => Some("it should load".to_string()),
-        _ if !matches!(run.code, Some(1 | 2)) => Some(format!("exit {:?}, not a refusal", run.code)),
+        _ if !matches!(run.code, Some(1 | 2)) => {
+            Some(format!("exit {:?} (signal {:?}), not a refusal", run.code, run.signal))
+        }
         _ if lines.len() != 1 || !lines[0].starts_with("error:") => Some(format!("{} lines", lines.len())),
         _ if lines[0].len() > LONGEST_LINE => Some(format!("an error line of {} bytes", lines[0].len())),
         _ if case.says.as_ref().is_some_and(|s| !lines[0].contains(s.as_str())) => {
@@ -125,8 +159,10 @@ fn broken(case: &Case, run: &Run, baseline_kib: i64) -> Option<String> {
         _ => None,
     };
     let growth = run.peak_kib - baseline_kib;
-    let bounds = if run.wall > MAX_WALL {
-        Some(format!("{:.1} s", run.wall.as_secs_f64()))
+    let bounds = if run.hung {
+        Some(format!("still running after {} s of wall-clock time: killed", WALL_KILL.as_secs()))
+    } else if run.cpu > MAX_CPU || run.signal == Some(libc::SIGXCPU) {
+        Some(format!("{:.1} s of CPU time (signal {:?})", run.cpu.as_secs_f64(), run.signal))
     } else if growth > MAX_GROWTH_KIB {
         Some(format!("peak memory {} MiB above the plain file's", growth >> 10))
     } else {

@@ -32,13 +32,22 @@ fn random_configs_match_the_reference_and_invalid_ones_are_rejected() {
     let policy = Policy::for_run("cpu", Device::Cpu, false);
     let reports = assert_parity(&dir, Device::Cpu, &policy, "cpu-random");
     assert_eq!(reports.len(), 200);
+    // The draws spread over the versions (a quarter each), the fuses (a quarter paper) and, in the later
+    // versions, both GroupNorms: each share far above the bound (at least 20 of an expected 50; 20 is
+    // five standard deviations below).
     let manifest: Manifest = Manifest::read(&dir).unwrap();
-    let seed_global = manifest
-        .cases
-        .iter()
-        .filter(|c| c.config.variant == Variant::V20230727 && c.config.fuse == Fuse::Global);
-    let seed_global = seed_global.count();
-    assert!(seed_global < 200, "the draws include later versions and the paper's fuse");
+    let count =
+        |keep: &dyn Fn(&ScConvConfig) -> bool| manifest.cases.iter().filter(|c| keep(&c.config)).count();
+    for variant in Variant::ALL {
+        let n = count(&|c| c.variant == variant);
+        assert!(n >= 20, "seed {seed}: only {n} of 200 cases of {variant:?}");
+    }
+    let paper = count(&|c| c.fuse == Fuse::Paper);
+    assert!((20..=100).contains(&paper), "seed {seed}: {paper} of 200 cases with the paper's fuse");
+    for torch_gn in [false, true] {
+        let n = count(&|c| c.variant != Variant::V20230727 && c.torch_gn == torch_gn);
+        assert!(n >= 20, "seed {seed}: only {n} later-version cases with torch_gn = {torch_gn}");
+    }
     for execution in [Execution::Fast, Execution::FastTensorOps] {
         let fast = assert_fast_parity(&dir, Device::Cpu, execution, &policy, "cpu-random");
         assert_eq!(fast.len(), 200, "every case, of every version and fuse, through the fast path");

@@ -76,6 +76,9 @@ pub struct HalfCaseReport {
     pub flips: i64,
     /// The output against PyTorch's converted module (`dtype_tolerance`).
     pub output: Comparison,
+    /// The dtype's `z` against PyTorch's converted module's: equal (`Tolerance::EXACT`), the same
+    /// operations on the same kernels. The same for every execution of a case (the reference's gate).
+    pub z_vs_converted: Comparison,
     /// The dtype's `z` against the fp32 module's (reported; see the module docs). The same for every
     /// execution of a case (the reference's gate).
     pub z_vs_fp32: Comparison,
@@ -92,6 +95,7 @@ pub struct HalfCaseReport {
 impl HalfCaseReport {
     pub fn passed(&self) -> bool {
         self.flips == 0
+            && self.z_vs_converted.passed()
             && self.output.passed()
             && self.fp32_flips_outside_band == 0
             && self.with_fp32_decisions.passed()
@@ -124,9 +128,13 @@ pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<H
     tch::no_grad(|| {
         let gate = block.try_gate(&x)?;
         let z = gate.z.to_kind(Kind::Float);
+        // PyTorch's own z in the dtype: the band below is widened by its error, never by the error of
+        // the result under test (Rust's z, held to PyTorch's bit for bit here).
+        let z_pytorch = get("gate.z")?.to_kind(Kind::Float);
+        let z_vs_converted = compare(&z, &z_pytorch, Tolerance::EXACT)?;
         let tol = against_fp32_tolerance(kind);
         let z_vs_fp32 = compare(&z, &z32, tol)?;
-        // Explained: fp32's z is within the dtype's error of z of the threshold, or inside the band
+        // Explained: fp32's z is within PyTorch's dtype error of z of the threshold, or inside the band
         // where the dtype's sigmoid rounds to t although fp32's does not (between logit(t) and the
         // dtype's edge of the gate: for the hard gate its calibrated z_t, about -4.9e-4 for fp16 at
         // t = 0.5 and -3.9e-3 for bf16; for the soft gate's `r > t` the smallest z whose sigmoid
@@ -138,7 +146,7 @@ pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<H
             _ => crate::fast::threshold::calibrate_for(t, device, kind)? as f64,
         };
         let slack = (z_t - logit).abs() + unit_roundoff(kind) * logit.abs();
-        let crossed = (&z32 - logit).abs().le_tensor(&((&z - &z32).abs() + slack));
+        let crossed = (&z32 - logit).abs().le_tensor(&((&z_pytorch - &z32).abs() + slack));
         let fed = block.forward_with_decisions(&x, &GateDecisions::from_info_mask(&decisions32))?;
         let with_fp32_decisions = compare(&fed, &output32, tol)?;
         let mut reports = Vec::new();
@@ -157,6 +165,7 @@ pub fn run_case(dir: &Path, case: &HalfCaseSpec, device: Device) -> Result<Vec<H
                 execution: format!("{execution:?}"),
                 flips: count(&decided.logical_xor(&info)),
                 output: compare(&y, &output, dtype_tolerance(kind))?,
+                z_vs_converted: z_vs_converted.clone(),
                 z_vs_fp32: z_vs_fp32.clone(),
                 fp32_flips_outside_band: count(&flipped.logical_and(&crossed.logical_not())),
                 fp32_flips_in_band: count(&flipped.logical_and(&crossed)),
@@ -181,15 +190,24 @@ fn count(t: &Tensor) -> i64 {
 /// The reports as a table.
 pub fn table(reports: &[HalfCaseReport]) -> String {
     let mut out = format!(
-        "{:<28} {:<14} {:>6} {:>12} {:>12} {:>14} {:>12} {:>6}\n",
-        "case", "execution", "flips", "out rel err", "z vs fp32", "fp32 flips", "fed vs fp32", ""
+        "{:<28} {:<14} {:>6} {:>9} {:>12} {:>12} {:>14} {:>12} {:>6}\n",
+        "case",
+        "execution",
+        "flips",
+        "z = torch",
+        "out rel err",
+        "z vs fp32",
+        "fp32 flips",
+        "fed vs fp32",
+        ""
     );
     for r in reports {
         out += &format!(
-            "{:<28} {:<14} {:>6} {:>12.2e} {:>12.2e} {:>7} ({:>3} ok) {:>12.2e} {:>6}\n",
+            "{:<28} {:<14} {:>6} {:>9} {:>12.2e} {:>12.2e} {:>7} ({:>3} ok) {:>12.2e} {:>6}\n",
             r.name,
             r.execution,
             r.flips,
+            if r.z_vs_converted.passed() { "yes" } else { "NO" },
             r.output.relative(),
             r.z_vs_fp32.relative(),
             r.fp32_flips_outside_band,

@@ -1,0 +1,33 @@
+//! The inference form's CPU shim (`src/inference/shim.cpp`: libtorch's fused oneDNN convolutions, its
+//! prepacked weights and thread pool) is part of every build in this repository. `build.rs` only warns
+//! when it does not compile (a user's odd toolchain still gets a working crate, with libtorch's plain
+//! convolutions), so without this test the form's `Prepack` pass and fused epilogues could drop out of
+//! `make test` unseen.
+use scconv_tch::inference::{shim_built, InferenceResNet, Pass};
+use scconv_tch::models::{resnet, ResNetConfig};
+use tch::{nn::VarStore, Device};
+
+#[test]
+fn this_build_has_the_cpu_shim() {
+    assert!(
+        shim_built(),
+        "this build has no CPU shim: see build.rs's warning (a C++17 compiler and libtorch's headers under \
+         .libtorch/include are needed; SCCONV_NO_CPU_SHIM must be unset)"
+    );
+}
+
+#[test]
+fn the_compiled_form_applies_every_pass_it_names() {
+    for sc in [false, true] {
+        let vs = VarStore::new(Device::Cpu);
+        let mut config = ResNetConfig::named("resnet18", sc).unwrap();
+        config.num_classes = 10;
+        let model = resnet(vs.root(), &config).unwrap();
+        let form = InferenceResNet::compiled(&model, [1, 3, 64, 64]).unwrap();
+        let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack];
+        if !sc {
+            expected.push(Pass::ChannelsLast);
+        }
+        assert_eq!(form.passes(), expected, "sc {sc}");
+    }
+}
