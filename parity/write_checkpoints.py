@@ -12,12 +12,19 @@ For the 2023-10-19 model M (nn.GroupNorm, soft gate) also:
                          output of M after load_state_dict of those weights (copy_ converts them)
   whole_model.pt         torch.save(M)                                (a pickled nn.Module)
   foreign_global.pt      a dict whose pickle asks for os.system (written, never loaded here)
+  no_crc32.pt            M's state dict saved after torch.serialization.set_crc32_options(False)
+                         (every entry's stored CRC-32 is 0)
+  corrupt_storage.pt     M's state dict with one byte of one storage flipped, its CRC-32 left as
+                         written (PyTorch 2.11's torch.load reads it without a word)
+  corrupt_pickle.pt      the same with one byte of a key in data.pkl flipped
 and `manifest.json` naming the config of each file.
 """
 import argparse
 import json
 import os
+import struct
 import sys
+import zipfile
 from collections import OrderedDict
 
 import torch
@@ -49,6 +56,31 @@ def trained_like(model):
 def output(model, x):
     with torch.no_grad():
         return model(x).contiguous()
+
+
+def entry_data_start(path, suffix):
+    """Where the bytes of the archive entry whose name ends with `suffix` begin in the file."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+        assert info.compress_type == zipfile.ZIP_STORED, "torch.save stores its entries"
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def find_in_entry(path, suffix, needle):
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(suffix))
+        return archive.read(name).index(needle)
+
+
+def write_flipped(path, suffix, offset, out):
+    """A copy of `path` with byte `offset` of the entry ending in `suffix` flipped (its CRC-32 kept)."""
+    data = bytearray(open(path, "rb").read())
+    data[entry_data_start(path, suffix) + offset] ^= 0x01
+    open(out, "wb").write(bytes(data))
 
 
 def main():
@@ -86,6 +118,13 @@ def main():
 
     torch.save(head, os.path.join(args.out, "whole_model.pt"))
     torch.save({"weight": torch.ones(2), "payload": RunsShell()}, os.path.join(args.out, "foreign_global.pt"))
+    torch.serialization.set_crc32_options(False)
+    torch.save(head.state_dict(), os.path.join(args.out, "no_crc32.pt"))
+    torch.serialization.set_crc32_options(True)
+    plain = os.path.join(args.out, "state_dict_2023-10-19.pt")
+    write_flipped(plain, "data/0", 1, os.path.join(args.out, "corrupt_storage.pt"))
+    write_flipped(plain, "data.pkl", find_in_entry(plain, "data.pkl", b"SRU.gn.weight") + 7,
+                  os.path.join(args.out, "corrupt_pickle.pt"))
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     print(f"checkpoints for {', '.join(VERSIONS)} in {args.out}")

@@ -23,6 +23,7 @@ import collections
 import io
 import json
 import os
+import re
 import struct
 import sys
 import zipfile
@@ -241,6 +242,8 @@ SAYS = {
     "storage_typed_twice": "read one storage",
     "nested_lists_unselected": "--select model.",
     "model_key_of_an_unreadable_dtype": "wrong dtype for SRU.gn.gamma: a tensor of dtype uint16",
+    "deflate_pickle_lying_size": "its pickle is cut at the entry's declared size (128 bytes)",
+    "storage_of_i64_max_elements": "claims 9223372036854775807 elements",
 }
 
 
@@ -252,6 +255,17 @@ def two_typed_storage(sd):
     items = entries(saved(sd))
     # storages are numbered in pickling order; the gamma's (first key) is "0", beta's is "1"
     return write_zip(replace_entry(items, "data.pkl", lambda d: d.replace(b"X\x01\x00\x00\x000", b"X\x01\x00\x00\x001", 1)))
+
+
+def huge_storage(sd):
+    """The first storage's element count (in its persistent id: 'storage', type, key, 'cpu', count)
+    rewritten to i64::MAX, as LONG1 with 8 bytes."""
+    items = entries(saved(sd))
+    # the location string, its memo put (BINPUT or LONG_BINPUT) if any, then the count
+    count = re.compile(rb"(X\x03\x00\x00\x00cpu(?:q.|r....)?)(K.|M..|J....)", re.S)
+    huge = b"\x8a\x08" + struct.pack("<q", 2**63 - 1)
+    rewritten = lambda d: count.sub(lambda m: m.group(1) + huge, d, count=1)  # noqa: E731
+    return write_zip(replace_entry(items, "data.pkl", rewritten))
 
 
 def children(value):
@@ -321,7 +335,10 @@ def main():
     sd = state_dict()
     keys = set(sd)
     manifest = {"config": CONFIG, "cases": []}
-    every = list(cases(sd, args.small)) + [("storage_typed_twice", two_typed_storage(sd), None, "refused", "8 dtype", True)]
+    every = list(cases(sd, args.small)) + [
+        ("storage_typed_twice", two_typed_storage(sd), None, "refused", "8 dtype", True),
+        ("storage_of_i64_max_elements", huge_storage(sd), None, "refused", "6 error text", True),
+    ]
     for name, data, select, expect, cause, try_torch in every:
         path = os.path.join(args.out, f"{name}.pt")
         with open(path, "wb") as f:

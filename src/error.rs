@@ -77,6 +77,12 @@ pub enum ConfigError {
     /// `op_channel` above `MAX_CHANNELS`.
     #[error("op_channel {0} is more than any block can hold (at most 65536)")]
     TooManyChannels(i64),
+    /// The block would hold more than `MAX_PARAMETERS` parameters.
+    #[error(
+        "op_channel {op_channel}: the block would hold {parameters} parameters ({:.1} GB in fp32), more \
+         than a model may hold (2^30, 4.3 GB)", *parameters as f64 * 4e-9
+    )]
+    TooManyParameters { op_channel: i64, parameters: i64 },
     /// `op_channel` is odd.
     #[error("op_channel must be even (the SRU reconstructs by splitting channels in halves), got {0}")]
     OddChannels(i64),

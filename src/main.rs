@@ -154,8 +154,8 @@ enum Command {
         /// inference form (BatchNorm folded, fused oneDNN convolutions; CPU only).
         #[arg(long, value_enum, default_value_t = InferExecutionArg::Reference)]
         execution: InferExecutionArg,
-        /// With `--execution inference`: count, by layer, the gate decisions of the inference form that
-        /// differ from the reference mode's on the same images (a second pass over them).
+        /// With `--execution fast`, `fast-tensor-ops` or `inference`: count, by layer, the gate decisions
+        /// that differ from the reference mode's on the same images (a second pass over them).
         #[arg(long)]
         decisions: bool,
         /// Print the results as JSON.
@@ -358,15 +358,17 @@ fn run(command: Command) -> Result<ExitCode> {
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
         Command::Infer { models, data, png, batch, device, execution, decisions, json } => {
+            let model = |execution| InferMode::Model { execution, decisions };
             let mode = match execution {
-                InferExecutionArg::Reference => InferMode::Model(Execution::Reference),
-                InferExecutionArg::Fast => InferMode::Model(Execution::Fast),
-                InferExecutionArg::FastTensorOps => InferMode::Model(Execution::FastTensorOps),
+                InferExecutionArg::Reference => model(Execution::Reference),
+                InferExecutionArg::Fast => model(Execution::Fast),
+                InferExecutionArg::FastTensorOps => model(Execution::FastTensorOps),
                 InferExecutionArg::Inference => InferMode::Inference { decisions },
             };
-            if decisions && !matches!(mode, InferMode::Inference { .. }) {
+            if decisions && matches!(execution, InferExecutionArg::Reference) {
                 bail!(
-                    "--decisions counts the inference form's differing decisions: add --execution inference"
+                    "--decisions counts the decisions that differ from the reference mode's: add --execution \
+                     fast, fast-tensor-ops or inference"
                 );
             }
             let device = device.resolve()?;

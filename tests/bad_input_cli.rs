@@ -456,8 +456,8 @@ fn assert_one_error_line(output: &std::process::Output, expected: &str, case: &s
     assert!(!err.contains("panicked") && !err.contains("frame #"), "{case}: {err}");
 }
 
-/// clap's errors, numbers out of range, and libtorch failures outside `try_forward` all end as one
-/// `error:` line with exit 2; `--help` is not an error.
+/// clap's errors, numbers out of range, models past the bounds, and libtorch failures outside
+/// `try_forward` all end as one `error:` line with exit 2; `--help` is not an error.
 #[test]
 fn argument_errors_and_libtorch_failures_are_one_line() {
     let c = Corpus::new("deaths");
@@ -480,11 +480,35 @@ fn argument_errors_and_libtorch_failures_are_one_line() {
         (vec!["info", "--channels", "1099511627776"], "1099511627776"),
         (vec!["infer", "--model", "weights/fmnist_sc.json", "--batch", "0"], "0"),
         (vec!["info", "--scconv", &huge], "more than any block can hold"),
-        (vec!["export", "--model", &terabytes, "--out", &out], "libtorch failed"),
+        // Terabytes of `fc` weights: refused from the config, naming the field, before libtorch is asked.
+        (vec!["export", "--model", &terabytes, "--out", &out], "num_classes: 17179869184 classes, more than"),
     ];
     for (args, expected) in &cases {
         assert_one_error_line(&run(args), expected, &format!("{args:?}"));
     }
+    assert!(!Path::new(&out).exists());
+    // Within the bounds but past the memory there is (a block of 4.9e8 parameters, 1.9 GB, under a
+    // 4 GiB address-space limit that libtorch's own libraries take most of): libtorch's allocation
+    // failure is one line too.
+    let big_block = c.file("big_block.json", br#"{"op_channel": 16384}"#);
+    let mut export = Command::new(common::bin());
+    export.args(["export", "--scconv", &big_block, "--out", &out]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        export.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 4 << 30, rlim_max: 4 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert_one_error_line(
+        &export.output().unwrap(),
+        "libtorch failed",
+        "an allocation past the address space",
+    );
     assert!(!Path::new(&out).exists());
     let help = run(&["--help"]);
     assert_eq!(help.status.code(), Some(0));

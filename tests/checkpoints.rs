@@ -259,3 +259,26 @@ fn only_the_tensors_the_model_takes_are_read() {
     let grown_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
     assert!(grown_mib < 512, "peak memory grew by {grown_mib} MiB: the unrelated tensor was read");
 }
+
+/// Every entry's CRC-32 is checked as it is read (issue 29; PyTorch 2.11's `torch.load` checks none): a
+/// byte flipped in a storage is an error naming the entry and the tensors on it, one flipped in the
+/// pickle names data.pkl; an archive written with `set_crc32_options(False)` (every stored CRC 0) loads.
+#[test]
+fn a_corrupt_archive_is_refused_by_its_crc_and_one_without_crcs_loads() {
+    let config = config("2023-10-19");
+    let err = load_error(&config, &files().join("corrupt_storage.pt"), &LoadOptions::default());
+    assert!(err.contains("do not match the archive's CRC-32") && err.contains("data/0"), "{err}");
+    assert!(err.contains("tensors on it: "), "{err}");
+    let err = load_error(&config, &files().join("corrupt_pickle.pt"), &LoadOptions::default());
+    assert!(err.contains("do not match the archive's CRC-32") && err.contains("data.pkl"), "{err}");
+
+    let no_crc = files().join("no_crc32.pt");
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&no_crc).unwrap()).unwrap();
+    for i in 0..archive.len() {
+        let entry = archive.by_index(i).unwrap();
+        assert_eq!(entry.crc32(), 0, "{:?}: written without a CRC", entry.name());
+    }
+    let (mut vs, block) = block(&config);
+    weights::load(&mut vs, &no_crc).unwrap();
+    assert_matches_pytorch(&block, "expected_checkpoint.safetensors");
+}

@@ -111,3 +111,41 @@ fn the_full_test_set_agrees_with_pytorch_on_every_image() {
         assert_eq!(scores["agreeing"], 10000, "{model}: disagreements {}", scores["disagreements"]);
     }
 }
+
+/// `--execution fast --decisions` counts, by layer, the fast mode's gate decisions that differ from
+/// the reference mode's on the same images (the fast path keeps the reference's decisions block by
+/// block; in a network each block's input differs in its last bits, so a decision at the gate's edge
+/// may flip): every ScConv of the network listed, the count bounded, PyTorch's classes kept.
+#[test]
+fn fast_mode_counts_its_differing_decisions_by_layer() {
+    let args = ["infer", "--model", "weights/fmnist_sc.json", "--data", "sample", "--execution", "fast"];
+    let out = scconv_tch(&[&args[..], &["--decisions", "--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &json["runs"][0];
+    assert_eq!(run["scores"]["agreeing"], 1000);
+    let layers = run["differing_decisions"].as_array().expect("decisions counted");
+    let record =
+        scconv_tch::harness::infer::ModelRecord::read(&crate_dir().join("weights/fmnist_sc.json")).unwrap();
+    let model =
+        scconv_tch::models::resnet(tch::nn::VarStore::new(tch::Device::Cpu).root(), &record.config).unwrap();
+    let x = tch::Tensor::zeros([1, 1, 28, 28], (tch::Kind::Float, tch::Device::Cpu));
+    let (_, gates) = tch::no_grad(|| model.forward_recording_gates(&x)).unwrap();
+    let paths: Vec<&str> = layers.iter().map(|l| l["layer"].as_str().unwrap()).collect();
+    assert_eq!(paths, gates.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), "every ScConv, in order");
+    let (differing, made) = layers
+        .iter()
+        .fold((0, 0), |(d, m), l| (d + l["differing"].as_i64().unwrap(), m + l["made"].as_i64().unwrap()));
+    println!("fast mode: {differing} of {made} decisions differ from the reference mode's");
+    assert!(made >= 1000 * 28 * 28, "decisions of every image: {made}");
+    assert!(differing as f64 <= 1e-6 * made as f64, "{differing} of {made}");
+    let table = text(&scconv_tch(&[&args[..], &["--decisions"]].concat()));
+    assert!(table.contains("gate decisions differ from the reference mode"), "{table}");
+    let refused =
+        scconv_tch(&["infer", "--model", "weights/fmnist_sc.json", "--data", "sample", "--decisions"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("add --execution fast"),
+        "{}",
+        text(&refused)
+    );
+}

@@ -2,7 +2,7 @@
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::harness::data::{self, Images};
-use scconv_tch::harness::infer::{class_name, differing_decisions, score, Classifier, Scores};
+use scconv_tch::harness::infer::{class_name, differing_decisions, score, Classifier, Decider, Scores};
 use scconv_tch::inference::InferenceResNet;
 use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
@@ -34,8 +34,9 @@ fn load_images(data: &str, png: Option<&Path>) -> Result<(Images, String, bool)>
 /// How `infer` runs each network.
 #[derive(Clone, Copy)]
 pub enum InferMode {
-    /// The model itself, its ScConvs in this execution mode.
-    Model(Execution),
+    /// The model itself, its ScConvs in this execution mode; `decisions` also counts their gate
+    /// decisions that differ from the reference mode's.
+    Model { execution: Execution, decisions: bool },
     /// The whole network's inference form (`scconv_tch::inference`); `decisions` also counts its gate
     /// decisions that differ from the reference mode's.
     Inference { decisions: bool },
@@ -65,14 +66,14 @@ pub fn run_infer(
     for path in models {
         let mut classifier =
             Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
-        if let InferMode::Model(execution) = mode {
+        if let InferMode::Model { execution, .. } = mode {
             classifier.model.set_scconv_execution(execution)?;
         }
         let form = match mode {
             InferMode::Inference { .. } => {
                 Some(InferenceResNet::compiled(&classifier.model, input_size(&classifier, &images, batch))?)
             }
-            InferMode::Model(_) => None,
+            InferMode::Model { .. } => None,
         };
         let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
         bar.set_style(
@@ -89,7 +90,10 @@ pub fn run_infer(
         bar.finish_and_clear();
         let decisions = match (&form, mode) {
             (Some(form), InferMode::Inference { decisions: true }) => {
-                Some(differing_decisions(&classifier.model, form, &images, batch)?)
+                Some(differing_decisions(&classifier.model, Decider::Form(form), &images, batch)?)
+            }
+            (None, InferMode::Model { decisions: true, .. }) => {
+                Some(differing_decisions(&classifier.model, Decider::Model, &images, batch)?)
             }
             _ => None,
         };

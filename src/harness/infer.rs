@@ -107,15 +107,34 @@ impl Classifier {
     }
 }
 
-/// The gate decisions of `form` that differ from the reference mode's on the input `x`: per ScConv
-/// layer, (path, differing decisions, decisions made).
+/// What decides the gates whose decisions are counted against the reference mode's.
+#[derive(Clone, Copy)]
+pub enum Decider<'a> {
+    /// The whole network's inference form.
+    Form(&'a InferenceResNet<'a>),
+    /// The model itself, each ScConv in its execution mode (`Execution::Fast`: the fast path's own).
+    Model,
+}
+
+/// The gate decisions of `decider` that differ from the reference mode's on the input `x`: per ScConv
+/// layer, (path, differing decisions, decisions made). Both sides must name the same layers in order.
 pub fn differing_decisions_on(
     model: &ResNet,
-    form: &InferenceResNet,
+    decider: Decider,
     x: &Tensor,
 ) -> Result<Vec<(String, i64, i64)>, ScConvError> {
-    let (_, masks) = form.forward_recording_decisions(x)?;
+    let (_, masks) = match decider {
+        Decider::Form(form) => form.forward_recording_decisions(x)?,
+        Decider::Model => tch::no_grad(|| model.forward_recording_decisions(x))?,
+    };
     let (_, gates) = tch::no_grad(|| model.forward_recording_gates(x))?;
+    if masks.len() != gates.len() || masks.iter().zip(&gates).any(|((a, _), (b, _))| a != b) {
+        return Err(ScConvError::InvalidModel(format!(
+            "{} decided gates against the reference mode's {}: not the same layers",
+            masks.len(),
+            gates.len()
+        )));
+    }
     let count =
         |mask: &Tensor, reference: &Tensor| mask.ne_tensor(reference).sum(tch::Kind::Int64).int64_value(&[]);
     Ok(masks
@@ -130,7 +149,7 @@ pub fn differing_decisions_on(
 /// `differing_decisions_on` summed over `images`, `batch` at a time.
 pub fn differing_decisions(
     model: &ResNet,
-    form: &InferenceResNet,
+    decider: Decider,
     images: &Images,
     batch: i64,
 ) -> Result<Vec<(String, i64, i64)>, ScConvError> {
@@ -138,7 +157,9 @@ pub fn differing_decisions(
     let n = images.pixels.size()[0];
     for begin in (0..n).step_by(batch.max(1) as usize) {
         let x = normalize(&images.pixels.narrow(0, begin, batch.min(n - begin)));
-        for (i, (path, differing, made)) in differing_decisions_on(model, form, &x)?.into_iter().enumerate() {
+        for (i, (path, differing, made)) in
+            differing_decisions_on(model, decider, &x)?.into_iter().enumerate()
+        {
             match layers.get_mut(i) {
                 Some(layer) => (layer.1, layer.2) = (layer.1 + differing, layer.2 + made),
                 None => layers.push((path, differing, made)),

@@ -16,6 +16,9 @@ pub enum GateLog<'a> {
     Record(&'a mut Vec<(String, Gate)>),
     /// Each ScConv uses the decisions listed under its path (computes its own where none is).
     Inject(&'a [(String, GateDecisions)]),
+    /// Each ScConv runs as its execution mode says and appends its path and the informative mask it
+    /// decided (the fast path's own where it runs one, else the reference's gate).
+    RecordDecided(&'a mut Vec<(String, Tensor)>),
 }
 
 /// Every BatchNorm of the networks is built with this `eps` (torchvision's default, PyTorch's
@@ -70,6 +73,14 @@ impl Conv3x3 {
                         Some((_, decisions)) => scconv.forward_given_decisions(x, decisions),
                         None => scconv.forward(x),
                     },
+                    GateLog::RecordDecided(log) => {
+                        let decided = match scconv.try_fast_info_mask(x) {
+                            Ok(Some(mask)) => mask,
+                            _ => scconv.SRU.gate(x).decisions.info_mask,
+                        };
+                        log.push((path.clone(), decided));
+                        scconv.forward(x)
+                    }
                     GateLog::Off if train => scconv.forward_reference(x),
                     GateLog::Off => scconv.forward(x),
                 };

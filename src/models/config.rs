@@ -1,5 +1,5 @@
 //! `ResNetConfig`: the same JSON the Python twin (`parity/models.py::build`) reads.
-use crate::config::ScConvSettings;
+use crate::config::{ScConvSettings, MAX_CHANNELS, MAX_PARAMETERS};
 use crate::error::ScConvError;
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,7 @@ impl ResNetConfig {
                 self.num_classes, self.in_channels
             ));
         }
+        self.validate_size()?;
         if !self.sc && self.scconv != ScConvSettings::default() {
             return invalid(
                 "\"scconv\" settings are given, but \"sc\" is false (the network has no ScConv)".into(),
@@ -120,9 +121,101 @@ impl ResNetConfig {
                 })?;
             }
         }
+        self.validate_cost()
+    }
+
+    /// The input side `info` and the size bounds assume: 224, or 28 with `small_input`.
+    pub fn default_side(&self) -> i64 {
+        if self.small_input {
+            28
+        } else {
+            224
+        }
+    }
+
+    /// Each count within its bound, so that the costs below cannot overflow.
+    fn validate_size(&self) -> Result<(), ScConvError> {
+        let too_big = |field: &str, value: String, limit: i64| {
+            Err(ScConvError::InvalidModel(format!(
+                "{field}: {value}, more than the {limit} a network may have"
+            )))
+        };
+        let blocks = self.layers.iter().fold(0i64, |sum, &n| sum.saturating_add(n));
+        if blocks > MAX_BLOCKS {
+            return too_big("layers", format!("{blocks} residual blocks in all"), MAX_BLOCKS);
+        }
+        if let Some(width) = self.widths.iter().find(|&&w| w > MAX_CHANNELS) {
+            return too_big("widths", format!("a stage {width} channels wide"), MAX_CHANNELS);
+        }
+        if self.in_channels > MAX_CHANNELS {
+            return too_big("in_channels", format!("{} input channels", self.in_channels), MAX_CHANNELS);
+        }
+        if self.num_classes > MAX_CLASSES {
+            return too_big("num_classes", format!("{} classes", self.num_classes), MAX_CLASSES);
+        }
         Ok(())
     }
+
+    /// Parameters and the activations of one image (at `default_side`) within `MAX_PARAMETERS` and
+    /// `MAX_ACTIVATIONS_PER_IMAGE`, estimated from the config before anything is built.
+    fn validate_cost(&self) -> Result<(), ScConvError> {
+        let side = self.default_side();
+        let rows = crate::info::network_costs(self, side, side);
+        let parameters: i64 =
+            rows.iter().map(|r| if self.sc { r.parameters } else { r.plain_parameters }).sum();
+        if parameters > MAX_PARAMETERS {
+            return Err(ScConvError::InvalidModel(format!(
+                "layers, widths and num_classes: the network would hold {parameters} parameters ({:.1} GB in \
+                 fp32), more than a model may hold (2^30, 4.3 GB)",
+                parameters as f64 * 4e-9
+            )));
+        }
+        let activations = self.activations_per_image(side);
+        if activations > MAX_ACTIVATIONS_PER_IMAGE as f64 {
+            return Err(ScConvError::InvalidModel(format!(
+                "layers and widths: one {side}x{side} image would make about {activations:.3e} activation values \
+                 ({:.1} GB in fp32), more than the 2^28 (1.1 GB) a network may make per image",
+                activations * 4e-9
+            )));
+        }
+        Ok(())
+    }
+
+    /// The values one image's forward pass writes at `side` x `side` (the stem's and every block's
+    /// convolution outputs, a downsample's too): an estimate for the bound, in f64 so it cannot overflow.
+    fn activations_per_image(&self, side: i64) -> f64 {
+        let (mut h, mut w) = if self.small_input { (side, side) } else { ((side + 1) / 2, (side + 1) / 2) };
+        let mut total = (self.widths[0] * h * w) as f64;
+        if !self.small_input {
+            (h, w) = ((h + 1) / 2, (w + 1) / 2);
+        }
+        let expansion = self.block.expansion() as f64;
+        for (index, (&planes, &blocks)) in self.widths.iter().zip(&self.layers).enumerate() {
+            if index > 0 {
+                (h, w) = ((h + 1) / 2, (w + 1) / 2);
+            }
+            let map = (h * w) as f64 * planes as f64;
+            // Basic: two 3x3 outputs; bottleneck: 1x1, 3x3, 1x1 (x expansion); one downsample a stage.
+            let per_block = match self.block {
+                BlockKind::Basic => 2.0 * map,
+                BlockKind::Bottleneck => (2.0 + expansion) * map,
+            };
+            total += per_block * blocks as f64 + expansion * map;
+        }
+        total
+    }
 }
+
+/// The most residual blocks a network may have in all: torchvision's deepest ResNet has 50, the
+/// 1001-layer CIFAR ResNets 333.
+pub const MAX_BLOCKS: i64 = 1000;
+
+/// The most classes a network may have (ImageNet-21k has 21,843).
+pub const MAX_CLASSES: i64 = 1 << 20;
+
+/// The most activation values one image may make in a forward pass at `ResNetConfig::default_side`:
+/// 2^28 (1 GiB in fp32; ResNet-50 at 224x224 makes about 2.5e7).
+pub const MAX_ACTIVATIONS_PER_IMAGE: i64 = 1 << 28;
 
 #[cfg(test)]
 mod tests {

@@ -107,6 +107,19 @@ impl ResNet {
         Ok((logits, log))
     }
 
+    /// Eval-mode logits and, by path, the informative mask each ScConv decided in its execution mode
+    /// (with `Execution::Fast`, the fast path's own decisions, as the network's forward takes them):
+    /// what `infer --execution fast --decisions` compares with the reference mode's.
+    pub fn forward_recording_decisions(
+        &self,
+        x: &Tensor,
+    ) -> Result<(Tensor, Vec<(String, Tensor)>), ScConvError> {
+        self.check_input(x)?;
+        let mut log = Vec::new();
+        let logits = input::guard(|| self.run(x, false, &mut GateLog::RecordDecided(&mut log)))?;
+        Ok((logits, log))
+    }
+
     /// Eval-mode logits with every ScConv taking the decisions given for its path (from
     /// `forward_recording_gates`, of this network or another): the layered checks of a compiled form.
     pub fn forward_with_decisions(

@@ -19,8 +19,23 @@ pub(crate) fn index(path: &Path) -> Result<Vec<(String, Found)>, String> {
     archive.check_byte_order(&prefix)?;
     let budget = pickle_budget(archive.len);
     let pickle = {
-        let data = archive.entry(&format!("{prefix}data.pkl"), None)?;
-        pickle::read(BufReader::new(data), budget).map_err(|e| explain(path, e))?
+        let name = format!("{prefix}data.pkl");
+        let mut data = BufReader::new(archive.entry(&name, None)?);
+        let read = pickle::read(&mut data, budget);
+        let entry = data.into_inner();
+        let pickle = read.map_err(|e| match entry.exhausted() {
+            // The reader stopped where the entry's declared size ends: the pickle was cut there.
+            true => format!(
+                "entry {}: its pickle is cut at the entry's declared size ({} bytes) before its STOP \
+                 opcode ({}); the archive's sizes are wrong (a damaged file?)",
+                super::shown(&name),
+                entry.size,
+                explain(path, e)
+            ),
+            false => explain(path, e),
+        })?;
+        entry.verify_after_stop()?;
+        pickle
     };
     let found = flatten::tensors(&pickle)?;
     drop(pickle);
@@ -70,7 +85,7 @@ fn check_storages(found: &[(String, Found)]) -> Result<(), String> {
 pub(crate) fn fetch(path: &Path, refs: &[(String, TensorRef)]) -> Result<Vec<(String, Tensor)>, String> {
     let mut archive = Archive::open(path)?;
     let prefix = archive.pickle_prefix()?;
-    let mut storages = Storages { archive: &mut archive, prefix: &prefix, cache: HashMap::new() };
+    let mut storages = Storages { archive: &mut archive, prefix: &prefix, refs, cache: HashMap::new() };
     refs.iter().map(|(key, spec)| Ok((key.clone(), storages.tensor(key, spec)?))).collect()
 }
 
@@ -110,7 +125,9 @@ impl Archive {
         let name = format!("{prefix}byteorder");
         if self.zip.index_for_name(&name).is_some() {
             let mut order = Vec::new();
-            self.entry(&name, Some(16))?.read_to_end(&mut order).map_err(|e| format!("entry {name}: {e}"))?;
+            let mut entry = self.entry(&name, Some(16))?;
+            entry.read_to_end(&mut order).map_err(|e| format!("entry {name}: {e}"))?;
+            entry.verify()?;
             if order != b"little" {
                 return Err(format!(
                     "byte order {:?}: only little-endian files are read",
@@ -122,9 +139,9 @@ impl Archive {
     }
 
     /// A reader of entry `name`, refusing one whose declared sizes cannot be (its compressed bytes
-    /// past the file's end) or whose size is not `expected`; it yields at most the declared size,
-    /// whatever the compressed stream holds.
-    fn entry(&mut self, name: &str, expected: Option<u64>) -> Result<impl Read + '_, String> {
+    /// past the file's end) or whose size is larger than `expected`; it yields at most the declared
+    /// size, whatever the compressed stream holds, and checks the bytes against the entry's CRC-32.
+    fn entry(&mut self, name: &str, expected: Option<u64>) -> Result<Checked<impl Read + '_>, String> {
         let file_len = self.len;
         let file = self.zip.by_name(name).map_err(|e| format!("entry {}: {e}", super::shown(name)))?;
         let (size, compressed) = (file.size(), file.compressed_size());
@@ -137,7 +154,71 @@ impl Archive {
         if let Some(expected) = expected.filter(|&e| size > e) {
             return Err(format!("entry {} holds {size} bytes, more than its {expected}", super::shown(name)));
         }
-        Ok(file.take(size))
+        let stored = file.crc32();
+        Ok(Checked {
+            data: file.take(size),
+            size,
+            stored,
+            hasher: crc32fast::Hasher::new(),
+            name: name.into(),
+        })
+    }
+}
+
+/// The most bytes read after a pickle's STOP opcode to check its entry's CRC-32 (`torch.save` writes
+/// none there; a bigger tail, which PyTorch's reader ignores too, is left unread and unchecked).
+const MAX_AFTER_STOP: u64 = 1 << 20;
+
+/// An entry's declared bytes, with their CRC-32 computed as they are read. PyTorch writes every
+/// entry's CRC unless told not to (`torch.serialization.set_crc32_options(False)`: then each entry's
+/// stored CRC is 0, and is not checked; a real CRC is 0 once in 2^32).
+struct Checked<R> {
+    data: std::io::Take<R>,
+    /// The declared (uncompressed) size.
+    size: u64,
+    stored: u32,
+    hasher: crc32fast::Hasher,
+    name: String,
+}
+
+impl<R: Read> Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.data.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R: Read> Checked<R> {
+    /// Whether every declared byte has been read.
+    fn exhausted(&self) -> bool {
+        self.data.limit() == 0
+    }
+
+    /// After the whole entry was read: its CRC-32 is the stored one (or none was stored). An entry
+    /// that ended before its declared size is left to the caller's size check.
+    fn verify(self) -> Result<(), String> {
+        let computed = self.hasher.clone().finalize();
+        if !self.exhausted() || self.stored == 0 || computed == self.stored {
+            return Ok(());
+        }
+        Err(format!(
+            "entry {}: its bytes do not match the archive's CRC-32 (stored {:08x}, computed {computed:08x}): \
+             a corrupt or altered file, download it again",
+            super::shown(&self.name),
+            self.stored
+        ))
+    }
+
+    /// For the pickle, read up to its STOP opcode: the rest of the entry read too (up to
+    /// `MAX_AFTER_STOP`), then `verify`.
+    fn verify_after_stop(mut self) -> Result<(), String> {
+        if self.data.limit() > MAX_AFTER_STOP || self.stored == 0 {
+            return Ok(());
+        }
+        std::io::copy(&mut self, &mut std::io::sink())
+            .map_err(|e| format!("entry {}: {e}", super::shown(&self.name)))?;
+        self.verify()
     }
 }
 
@@ -176,10 +257,19 @@ fn starts_upper(name: &str) -> bool {
 struct Storages<'a> {
     archive: &'a mut Archive,
     prefix: &'a str,
+    /// Every tensor asked for, for naming those on a corrupt storage.
+    refs: &'a [(String, TensorRef)],
     cache: HashMap<String, Tensor>,
 }
 
 impl Storages<'_> {
+    /// The keys of the tensors asked for that view `storage`, for an error.
+    fn on_storage(&self, storage: &str) -> String {
+        let keys: Vec<String> =
+            self.refs.iter().filter(|(_, r)| r.storage == storage).map(|(k, _)| super::shown(k)).collect();
+        keys.join(", ")
+    }
+
     /// The tensor `spec` describes (a view `index` checked against its storage): a strided view of
     /// the storage, copied out (contiguous).
     fn tensor(&mut self, key: &str, spec: &TensorRef) -> Result<Tensor, String> {
@@ -198,13 +288,19 @@ impl Storages<'_> {
 
     fn read_storage(&mut self, key: &str, spec: &TensorRef) -> Result<Tensor, String> {
         let element = spec.kind.elt_size_in_bytes() as u64;
-        let bytes_expected = (spec.storage_numel as u64).checked_mul(element).ok_or("storage too large")?;
         let name = format!("{}data/{}", self.prefix, spec.storage);
+        let bytes_expected = (spec.storage_numel as u64).checked_mul(element).ok_or_else(|| {
+            format!(
+                "tensor {}: its storage {} claims {} elements of {element} bytes, more bytes than a file can hold",
+                super::shown(key),
+                super::shown(&name),
+                spec.storage_numel
+            )
+        })?;
         let mut bytes = Vec::new();
-        self.archive
-            .entry(&name, Some(bytes_expected))?
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("entry {}: {e}", super::shown(&name)))?;
+        let mut entry = self.archive.entry(&name, Some(bytes_expected))?;
+        entry.read_to_end(&mut bytes).map_err(|e| format!("entry {}: {e}", super::shown(&name)))?;
+        entry.verify().map_err(|e| format!("{e}; tensors on it: {}", self.on_storage(&spec.storage)))?;
         if bytes.len() as u64 != bytes_expected {
             return Err(format!(
                 "tensor {}: its storage {} holds {} bytes, {bytes_expected} expected (truncated file?)",

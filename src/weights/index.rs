@@ -42,11 +42,12 @@ impl Index {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(|e| e.to_string())?;
-        let metadata: safetensors::tensor::Metadata =
+        let Header(entries) =
             serde_json::from_slice(&header).map_err(|e| format!("not a safetensors header: {e}"))?;
         let data_len = file_len.saturating_sub(8 + header_len);
+        check_layout(&entries, data_len)?;
         let mut tensors = BTreeMap::new();
-        for (name, info) in metadata.tensors() {
+        for (name, info) in entries {
             let entry = Entry {
                 shape: info.shape.iter().map(|&d| d as i64).collect(),
                 kind: Ok(kind_of(info.dtype, &name)?),
@@ -129,6 +130,76 @@ impl Index {
             }
         }
     }
+}
+
+/// A safetensors header's tensors in file order, each name once (`__metadata__`, free text, skipped).
+/// The `safetensors` crate's own `Metadata` keeps the last of two entries with one name (a JSON map),
+/// so the header is read here; its `TensorInfo` is the crate's.
+struct Header(Vec<(String, safetensors::tensor::TensorInfo)>);
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Header, D::Error> {
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+struct HeaderVisitor;
+
+impl<'de> serde::de::Visitor<'de> for HeaderVisitor {
+    type Value = Header;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of tensors")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+        let mut entries = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<Option<BTreeMap<String, String>>>()?;
+                continue;
+            }
+            if !seen.insert(name.clone()) {
+                let shown = super::shown(&name);
+                return Err(serde::de::Error::custom(format!("the tensor name {shown} appears twice")));
+            }
+            entries.push((name, map.next_value()?));
+        }
+        Ok(Header(entries))
+    }
+}
+
+/// The format's rules on where the data lies (as the `safetensors` crate and Python's `safetensors`
+/// enforce them): taken in offset order, each tensor begins where the one before ended, the first at 0,
+/// and the last ends where the file does, so no byte belongs to two tensors and none to no tensor.
+fn check_layout(entries: &[(String, safetensors::tensor::TensorInfo)], data_len: u64) -> Result<(), String> {
+    let mut by_offset: Vec<&(String, safetensors::tensor::TensorInfo)> = entries.iter().collect();
+    by_offset.sort_by_key(|(_, info)| info.data_offsets);
+    let mut covered = 0u64;
+    for (name, info) in by_offset {
+        let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        if begin != covered || end < begin {
+            let what = match begin.cmp(&covered) {
+                _ if end < begin => "ends before it begins",
+                std::cmp::Ordering::Less => "overlaps the tensor before it",
+                _ => "leaves a gap after the tensor before it",
+            };
+            return Err(format!(
+                "invalid offset for tensor {}: its data ({begin}, {end}) {what}, which ends at byte {covered}; \
+                 the format lays tensors end to end",
+                super::shown(name)
+            ));
+        }
+        covered = end;
+    }
+    if covered != data_len {
+        return Err(format!(
+            "incomplete metadata: the tensors cover {covered} of the {data_len} bytes after the header (the \
+             format requires every byte to belong to a tensor)"
+        ));
+    }
+    Ok(())
 }
 
 fn kind_of(dtype: safetensors::Dtype, name: &str) -> Result<Kind, String> {
