@@ -492,18 +492,7 @@ fn argument_errors_and_libtorch_failures_are_one_line() {
     // failure is one line too.
     let big_block = c.file("big_block.json", br#"{"op_channel": 16384}"#);
     let mut export = Command::new(common::bin());
-    export.args(["export", "--scconv", &big_block, "--out", &out]);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        export.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: 4 << 30, rlim_max: 4 << 30 };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::limit_address_space(export.args(["export", "--scconv", &big_block, "--out", &out]), 4 << 30);
     assert_one_error_line(
         &export.output().unwrap(),
         "libtorch failed",

@@ -6,7 +6,6 @@
 mod common;
 
 use common::{bin, scratch_dir};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,18 +14,7 @@ const ADDRESS_SPACE: u64 = 4 << 30;
 /// The CLI with `args`, in a child limited to `ADDRESS_SPACE`.
 fn limited(args: &[&str]) -> Output {
     let mut command = Command::new(bin());
-    command.args(args);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: ADDRESS_SPACE, rlim_max: ADDRESS_SPACE };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    command.output().expect("cannot run scconv-tch")
+    common::limit_address_space(command.args(args), ADDRESS_SPACE).output().expect("cannot run scconv-tch")
 }
 
 /// Exit 2 and one `error:` line that says `expected` (no signal death, no allocation failure).

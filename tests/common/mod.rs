@@ -7,6 +7,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
+/// Limits the child `command` starts to `bytes` of address space (`RLIMIT_AS`), so an input that makes
+/// the process ask for gigabytes fails there alone instead of taking the machine.
+pub fn limit_address_space(command: &mut Command, bytes: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The crate's folder: `$SCCONV_ROOT` when the test binary runs from a copy elsewhere (the GPU
 /// machine), else where it was built.
 pub fn crate_dir() -> PathBuf {
