@@ -281,7 +281,11 @@ fn check_idx(bytes: &[u8], gzipped: bool) {
         labels.extend((n as u32).to_be_bytes());
         labels.extend(std::iter::repeat_n(1u8, n));
         std::fs::write(dir.join("t10k-labels-idx1-ubyte"), labels).unwrap();
-        let _ = scconv_tch::harness::data::read_idx_split(&dir);
+        let split = scconv_tch::harness::data::read_idx_split(&dir);
+        // Accepted images of the split's shape (n x h x w, n >= 1) with matching labels must read.
+        if array.dims.len() == 3 && (1..=1 << 16).contains(&array.dims[0]) {
+            assert!(split.is_ok(), "{:?}: {:?}", array.dims, split.err());
+        }
     }
 }
 
@@ -361,6 +365,44 @@ fn check_resnet(text: &str) {
     let x = Tensor::randn([1, config.in_channels, side, side], (Kind::Float, Device::Cpu));
     let run = tch::no_grad(|| model.try_forward(&x));
     assert!(run.is_ok(), "{config:?} validated but does not run on {side}x{side}: {:?}", run.err());
+}
+
+/// `validate()` accepting a config means the block builds and runs: 400 configs drawn (fixed seed) from
+/// small values of every setting, every version and fuse, so that many validate (the JSON grammar above
+/// rarely produces a valid one); each accepted one runs on a 1 x C x 5 x 5 input, and at least 100 do.
+#[test]
+fn every_config_validate_accepts_builds_and_runs() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut pick = |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize % n
+    };
+    let mut accepted = 0;
+    for _ in 0..400 {
+        let variant = scconv_tch::Variant::ALL[pick(4)];
+        let config = ScConvConfig {
+            op_channel: [2, 4, 6, 8, 12, 16, 24, 32, 48, 64][pick(10)],
+            group_num: [1, 2, 3, 4, 8, 16][pick(6)],
+            alpha: [0.1, 0.25, 0.5, 0.75, 0.9][pick(5)],
+            squeeze_radio: [1, 2, 3, 4][pick(4)],
+            group_size: [1, 2, 4][pick(3)],
+            group_kernel_size: [1, 3, 5][pick(3)],
+            fuse: [scconv_tch::Fuse::Global, scconv_tch::Fuse::Paper][pick(2)],
+            torch_gn: variant != scconv_tch::Variant::V20230727 && pick(2) == 1,
+            ..ScConvConfig::for_variant(2, variant)
+        };
+        if config.validate().is_err() {
+            continue;
+        }
+        accepted += 1;
+        let vs = VarStore::new(Device::Cpu);
+        let model = scconv(vs.root(), &config).expect("a validated config builds");
+        let x = Tensor::randn([1, config.op_channel, 5, 5], (Kind::Float, Device::Cpu));
+        let run = tch::no_grad(|| model.try_forward(&x));
+        assert!(run.is_ok(), "{config:?} validated but does not run: {:?}", run.err());
+    }
+    println!("{accepted} of 400 drawn configs validated, each built and ran");
+    assert!(accepted >= 100, "only {accepted} of 400 drawn configs validated");
 }
 
 proptest! {

@@ -5,7 +5,7 @@ mod common;
 use common::{crate_dir, python, scratch_dir};
 use scconv_tch::harness::model_parity::ModelCaseSpec;
 use scconv_tch::harness::model_parity::{self, ModelCaseReport};
-use scconv_tch::harness::parity::Manifest;
+use scconv_tch::harness::parity::{Manifest, Tolerance};
 use scconv_tch::models::{resnet, ResNetConfig};
 use std::path::Path;
 use std::process::Command;
@@ -26,10 +26,16 @@ fn generate_with(out: &Path, cases: &str, extra: &[&str]) {
     assert!(status.success(), "parity/generate_model_fixtures.py --cases {cases} failed ({status})");
 }
 
-fn assert_models(dir: &Path, label: &str) -> Vec<ModelCaseReport> {
+/// Every network of `dir` under its manifest's policy: on the kind of CPU that made the fixtures, logits
+/// equal to PyTorch's (`==`) and no decision flipped. Fixtures made now (`fresh`) are made here, so they
+/// must get that policy.
+fn assert_models(dir: &Path, label: &str, fresh: bool) -> Vec<ModelCaseReport> {
     let policy = Manifest::<ModelCaseSpec>::read(dir).unwrap().policy(Device::Cpu, false);
+    if fresh {
+        assert!(policy.same_kernels && policy.tolerance == Tolerance::EXACT, "{label}: {policy:?}");
+    }
     let reports = model_parity::run_all(dir, Device::Cpu, &policy).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let table = model_parity::table(&reports, &policy);
+    let table = format!("{}\n{}", policy.describe(), model_parity::table(&reports, &policy));
     println!("{label}\n{table}");
     let record = crate_dir().join("target/parity-reports");
     std::fs::create_dir_all(&record).unwrap();
@@ -44,7 +50,7 @@ fn assert_models(dir: &Path, label: &str) -> Vec<ModelCaseReport> {
 fn random_weight_networks_match_pytorch_on_cpu() {
     let dir = scratch_dir("models-random");
     generate(&dir, "random");
-    let reports = assert_models(&dir, "models-random-cpu");
+    let reports = assert_models(&dir, "models-random-cpu", true);
     assert_eq!(reports.len(), 5);
     let gates: Vec<usize> = reports.iter().map(|r| r.layers.len()).collect();
     assert_eq!(gates, [0, 13, 16, 5, 13], "ScConv count per network");
@@ -53,7 +59,7 @@ fn random_weight_networks_match_pytorch_on_cpu() {
 /// Fast logits of `case` within the fp32 tolerance of PyTorch's and of the reference mode's, with the
 /// same classes (the fast path's decisions are the reference mode's, block by block: tests/versions.rs).
 fn assert_fast_network_matches(dir: &Path, case: &ModelCaseSpec) {
-    use scconv_tch::harness::parity::{compare, read_tensors, Tolerance};
+    use scconv_tch::harness::parity::{compare, read_tensors};
     use scconv_tch::{weights, Execution};
     let mut vs = VarStore::new(Device::Cpu);
     let mut model = resnet(vs.root(), &case.config).unwrap();
@@ -83,7 +89,7 @@ fn a_torch_saved_2023_10_19_sc_resnet_matches_pytorch_in_both_modes() {
     assert!(case.state_dict.ends_with(".pt"), "{}", case.state_dict);
     let block = case.config.scconv.config(64).unwrap();
     assert_eq!((block.variant, block.torch_gn, block.group_num), (scconv_tch::Variant::V20231019, true, 4));
-    let reports = assert_models(&dir, "models-v2023-10-19-pt-cpu");
+    let reports = assert_models(&dir, "models-v2023-10-19-pt-cpu", true);
     assert_eq!(reports[0].layers.len(), 13);
     assert_fast_network_matches(&dir, case);
 }
@@ -92,7 +98,7 @@ fn a_torch_saved_2023_10_19_sc_resnet_matches_pytorch_in_both_modes() {
 #[test]
 fn committed_networks_of_every_later_version_match_pytorch_in_both_modes() {
     let dir = crate_dir().join("weights/parity-models/versions");
-    let reports = assert_models(&dir, "models-versions-cpu");
+    let reports = assert_models(&dir, "models-versions-cpu", false);
     assert_eq!(reports.len(), 4);
     let manifest: Manifest<ModelCaseSpec> = Manifest::read(&dir).unwrap();
     for case in &manifest.cases {
@@ -127,7 +133,7 @@ fn resnet18_34_101_parameter_counts_match_pytorch() {
 #[test]
 fn the_trained_fashion_mnist_networks_match_pytorch_on_real_images() {
     let dir = crate_dir().join("weights/parity-models");
-    let reports = assert_models(&dir, "models-trained-cpu");
+    let reports = assert_models(&dir, "models-trained-cpu", false);
     let names: Vec<&str> = reports.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["fmnist_plain", "fmnist_sc"]);
 }
