@@ -22,17 +22,21 @@ pub(crate) fn index(path: &Path) -> Result<Vec<(String, Found)>, String> {
         let name = format!("{prefix}data.pkl");
         let mut data = BufReader::new(archive.entry(&name, None)?);
         let read = pickle::read(&mut data, budget);
+        // Every declared byte consumed by the pickle machine (none left in the buffer) when it failed
+        // on malformed data: the pickle was cut at the entry's declared size.
+        let consumed = data.buffer().is_empty();
         let entry = data.into_inner();
-        let pickle = read.map_err(|e| match entry.exhausted() {
-            // The reader stopped where the entry's declared size ends: the pickle was cut there.
-            true => format!(
-                "entry {}: its pickle is cut at the entry's declared size ({} bytes) before its STOP \
+        let pickle = read.map_err(|e| {
+            match consumed && entry.exhausted() && matches!(e, PickleError::Malformed(_)) {
+                true => format!(
+                    "entry {}: its pickle is cut at the entry's declared size ({} bytes) before its STOP \
                  opcode ({}); the archive's sizes are wrong (a damaged file?)",
-                super::shown(&name),
-                entry.size,
-                explain(path, e)
-            ),
-            false => explain(path, e),
+                    super::shown(&name),
+                    entry.size,
+                    explain(path, e)
+                ),
+                false => explain(path, e),
+            }
         })?;
         entry.verify_after_stop()?;
         pickle
