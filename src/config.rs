@@ -177,7 +177,9 @@ impl ScConvSettings {
 
 /// JSON's block config: `op_channel` and the `ScConvSettings` fields, parsed typed, so a key given
 /// twice, an unknown key or a value of the wrong type (an array where a number belongs) is an error at
-/// its first token, before anything is built.
+/// its first token, before anything is built. The fields are spelled out rather than
+/// `#[serde(flatten)] settings`: flatten buffers every other key's value whole (a huge array included)
+/// and cannot refuse unknown or repeated keys.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScConvConfigJson {

@@ -586,11 +586,7 @@ fn export_writes_safely() {
         tch::CModule::load(&target).expect("the file holds a whole module");
     }
 
-    let partial: Vec<_> = std::fs::read_dir(&c.dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
-        .collect();
+    let partial = partial_files(&c.dir);
     assert!(partial.is_empty(), "temporary files left: {partial:?}");
 }
 

@@ -17,6 +17,11 @@ fn limited(args: &[&str]) -> Output {
     common::limit_address_space(command.args(args), ADDRESS_SPACE).output().expect("cannot run scconv-tch")
 }
 
+/// `scconv-tch info FLAG PATH` (`--scconv` or `--model`), limited as above.
+fn info(flag: &str, path: &Path) -> Output {
+    limited(&["info", flag, path.to_str().unwrap()])
+}
+
 /// Exit 2 and one `error:` line that says `expected` (no signal death, no allocation failure).
 fn assert_refused(output: &Output, expected: &str, case: &str) {
     let err = String::from_utf8_lossy(&output.stderr);
@@ -81,54 +86,30 @@ fn a_block_config_with_a_huge_array_is_refused_without_allocating() {
     // 40 MB: past the size bound, refused unread.
     let numbers = "1,".repeat(20_000_000);
     let big = write(&dir, "big.json", format!(r#"{{"op_channel": [{numbers}1]}}"#));
-    assert_refused(
-        &limited(&["info", "--scconv", big.to_str().unwrap()]),
-        "larger than 1048576 bytes",
-        "40 MB",
-    );
+    assert_refused(&info("--scconv", &big), "larger than 1048576 bytes", "40 MB");
     // 600 kB: within it, refused at the array's first bracket.
     let numbers = "1,".repeat(300_000);
     let small = write(&dir, "small.json", format!(r#"{{"op_channel": [{numbers}1]}}"#));
-    assert_refused(
-        &limited(&["info", "--scconv", small.to_str().unwrap()]),
-        "invalid type: sequence, expected i64",
-        "600 kB",
-    );
+    assert_refused(&info("--scconv", &small), "invalid type: sequence, expected i64", "600 kB");
 }
 
 #[test]
 fn a_key_given_twice_is_refused_by_name() {
     let dir = scratch_dir("format-rules-duplicates");
     let block = write(&dir, "block.json", r#"{"op_channel": 32, "group_num": 4, "op_channel": 64}"#);
-    assert_refused(
-        &limited(&["info", "--scconv", block.to_str().unwrap()]),
-        "duplicate field `op_channel`",
-        "block",
-    );
+    assert_refused(&info("--scconv", &block), "duplicate field `op_channel`", "block");
     let setting = write(&dir, "setting.json", r#"{"op_channel": 32, "alpha": 0.5, "alpha": 0.25}"#);
-    assert_refused(
-        &limited(&["info", "--scconv", setting.to_str().unwrap()]),
-        "duplicate field `alpha`",
-        "setting",
-    );
+    assert_refused(&info("--scconv", &setting), "duplicate field `alpha`", "setting");
     let network = r#"{"block": "basic", "layers": [1], "widths": [32], "widths": [64]}"#;
     let path = write(&dir, "record.json", record(network));
-    assert_refused(
-        &limited(&["info", "--model", path.to_str().unwrap()]),
-        "duplicate field `widths`",
-        "network",
-    );
+    assert_refused(&info("--model", &path), "duplicate field `widths`", "network");
     let twice = record(r#"{"block": "basic", "layers": [1], "widths": [32]}"#).replacen(
         r#""name": "n","#,
         r#""name": "n", "name": "m","#,
         1,
     );
     let path = write(&dir, "twice.json", twice);
-    assert_refused(
-        &limited(&["info", "--model", path.to_str().unwrap()]),
-        "duplicate field `name`",
-        "record",
-    );
+    assert_refused(&info("--model", &path), "duplicate field `name`", "record");
 }
 
 #[test]

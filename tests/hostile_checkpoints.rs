@@ -19,7 +19,6 @@ use scconv_tch::weights::{self, LoadOptions};
 use scconv_tch::{scconv, ScConvConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -99,22 +98,8 @@ fn export(dir: &Path, config: &Path, case: &Case) -> Run {
     }
     let stderr_path = dir.join(format!("{}.stderr", case.name));
     command.stdout(Stdio::null()).stderr(std::fs::File::create(&stderr_path).unwrap());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            let limits = [
-                (libc::RLIMIT_AS, ADDRESS_SPACE, ADDRESS_SPACE),
-                (libc::RLIMIT_CPU, CPU_LIMIT_SECONDS, CPU_LIMIT_SECONDS + 2),
-            ];
-            for (resource, soft, hard) in limits {
-                let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-                if libc::setrlimit(resource, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    common::limit_address_space(&mut command, ADDRESS_SPACE);
+    common::limit(&mut command, libc::RLIMIT_CPU, CPU_LIMIT_SECONDS, CPU_LIMIT_SECONDS + 2);
     let start = Instant::now();
     let child = command.spawn().unwrap();
     let pid = child.id() as i32;

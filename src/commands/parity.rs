@@ -46,13 +46,7 @@ pub fn run_parity(dir: PathBuf, device: Device, execution: Execution, json: bool
             manifest.torch_version,
             manifest.device,
             manifest.seed,
-            if execution == Execution::Reference {
-                policy.describe()
-            } else {
-                let fast =
-                    scconv_tch::harness::parity::Policy { tolerance: policy.fast_tolerance(), ..policy };
-                fast.describe()
-            }
+            if execution == Execution::Reference { policy } else { policy.fast() }.describe()
         );
         print!("{table}");
         println!("{} of {} cases pass", verdicts.iter().filter(|&&v| v).count(), verdicts.len());

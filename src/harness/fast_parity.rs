@@ -81,7 +81,7 @@ pub fn run_all(
     manifest
         .cases
         .iter()
-        .map(|case| run_case(dir, case, device, execution, policy.fast_tolerance()))
+        .map(|case| run_case(dir, case, device, execution, policy.fast().tolerance))
         .collect()
 }
 

@@ -70,14 +70,11 @@ impl Policy {
         Policy { tolerance, same_kernels }
     }
 
-    /// For the fast paths, whose arithmetic is their own (another summation order, fused operations):
-    /// never tighter than `Tolerance::FP32`.
-    pub fn fast_tolerance(&self) -> Tolerance {
-        if self.tolerance == Tolerance::EXACT {
-            Tolerance::FP32
-        } else {
-            self.tolerance
-        }
+    /// The policy the fast paths are held to, whose arithmetic is their own (another summation order,
+    /// fused operations): this one, its tolerance never tighter than `Tolerance::FP32`.
+    pub fn fast(&self) -> Policy {
+        let tolerance = if self.tolerance == Tolerance::EXACT { Tolerance::FP32 } else { self.tolerance };
+        Policy { tolerance, ..*self }
     }
 
     /// The header line's description of the policy.
@@ -557,7 +554,7 @@ mod tests {
     #[test]
     fn cross_device_tf32_policy_is_the_looser_one() {
         assert_eq!(Policy::for_run("cpu", Device::Cpu, true).tolerance, Tolerance::EXACT);
-        assert_eq!(Policy::for_run("cpu", Device::Cpu, true).fast_tolerance(), Tolerance::FP32);
+        assert_eq!(Policy::for_run("cpu", Device::Cpu, true).fast().tolerance, Tolerance::FP32);
         assert!(Policy::for_run("cpu", Device::Cpu, true).same_kernels);
         let cross = Policy::for_run("cpu", Device::Cuda(0), true);
         assert_eq!((cross.tolerance, cross.same_kernels), (Tolerance::TF32, false));

@@ -202,15 +202,16 @@ impl<R: Read> Checked<R> {
     /// After the whole entry was read: its CRC-32 is the stored one (or none was stored). An entry
     /// that ended before its declared size is left to the caller's size check.
     fn verify(self) -> Result<(), String> {
-        let computed = self.hasher.clone().finalize();
-        if !self.exhausted() || self.stored == 0 || computed == self.stored {
+        let exhausted = self.exhausted();
+        let Checked { stored, hasher, name, .. } = self;
+        let computed = hasher.finalize();
+        if !exhausted || stored == 0 || computed == stored {
             return Ok(());
         }
         Err(format!(
-            "entry {}: its bytes do not match the archive's CRC-32 (stored {:08x}, computed {computed:08x}): \
-             a corrupt or altered file, download it again",
-            super::shown(&self.name),
-            self.stored
+            "entry {}: its bytes do not match the archive's CRC-32 (stored {stored:08x}, computed \
+             {computed:08x}): a corrupt or altered file, download it again",
+            super::shown(&name)
         ))
     }
 

@@ -55,7 +55,7 @@ impl Index {
             let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
             let numel = info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
             let bytes = numel.and_then(|n| n.checked_mul(info.dtype.size() as u64));
-            if bytes.is_none() || bytes != end.checked_sub(begin) || end > data_len {
+            if bytes.is_none() || bytes != end.checked_sub(begin) {
                 return Err(format!(
                     "tensor {name}: shape {:?} of {:?} does not fit its data offsets ({begin}, {end}) in {data_len} bytes",
                     info.shape, info.dtype

@@ -10,12 +10,22 @@ use tch::{Device, Kind, Tensor};
 /// Limits the child `command` starts to `bytes` of address space (`RLIMIT_AS`), so an input that makes
 /// the process ask for gigabytes fails there alone instead of taking the machine.
 pub fn limit_address_space(command: &mut Command, bytes: u64) -> &mut Command {
+    limit(command, libc::RLIMIT_AS, bytes, bytes)
+}
+
+/// Sets the resource limit `resource` (soft, hard) of the child `command` starts.
+pub fn limit(
+    command: &mut Command,
+    resource: libc::__rlimit_resource_t,
+    soft: u64,
+    hard: u64,
+) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(move || {
-            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            if libc::setrlimit(resource, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -98,8 +108,7 @@ pub fn assert_fast_parity(
     let label = format!("{label}-{execution:?}");
     let reports =
         fast_parity::run_all(dir, device, execution, policy).unwrap_or_else(|e| panic!("{label}: {e}"));
-    let held_to = Policy { tolerance: policy.fast_tolerance(), ..*policy };
-    let table = record_table(&label, dir, device, &held_to, &fast_parity::table(&reports, policy));
+    let table = record_table(&label, dir, device, &policy.fast(), &fast_parity::table(&reports, policy));
     let failed: Vec<&str> = reports.iter().filter(|r| !r.passed(policy)).map(|r| r.name.as_str()).collect();
     assert!(failed.is_empty(), "{label}: cases failing fast-path parity: {failed:?}\n{table}");
     reports
