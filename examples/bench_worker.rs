@@ -17,7 +17,7 @@
 //! ```sh
 //! cargo run --release --example bench_worker
 //! ```
-use scconv_tch::harness::infer::{differing_decisions_on, Decider};
+use scconv_tch::harness::infer::{differences_on, Decider};
 use scconv_tch::inference::InferenceResNet;
 use scconv_tch::models::{resnet, ResNet, ResNetConfig};
 use scconv_tch::{weights, Execution};
@@ -142,7 +142,8 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             let n = network(networks, name)?;
             let x = read_input(input)?;
             let form = n.form.as_ref().ok_or("compile the inference form first")?;
-            let layers: Vec<_> = differing_decisions_on(n.shared, Decider::Form(form), &x)?
+            let layers: Vec<_> = differences_on(n.shared, Decider::Form(form), &x)?
+                .layers
                 .into_iter()
                 .map(|(layer, differing, positions)| {
                     serde_json::json!({"layer": layer, "differing": differing, "positions": positions})

@@ -12,7 +12,9 @@ ResNet-50's is 66 MB); the last is an SC-ResNet-18 of the current head (2023-10-
 images of the shipped sample.
 
 Per case: `NAME.tensors.safetensors` with `input`, `logits`, and for each ScConv at path P (e.g.
-`layer1.0.conv2`) `gate.P.z` and `gate.P.info_mask`; one `manifest.json` for all cases.
+`layer1.0.conv2`) `gate.P.z` and `gate.P.info_mask`; one `manifest.json` for all cases. The trained cases
+also hold `logits_bf16_autocast`: the same batch under PyTorch's CPU bf16 autocast with the fp32 run's gate
+decisions injected (PyTorch's own bf16 accuracy, the bound of the bf16 inference form's test).
 """
 import argparse
 import gzip
@@ -96,6 +98,22 @@ def record_gates(model, config):
     return gates
 
 
+def bf16_autocast_logits(model, x, gates):
+    """Logits under CPU bf16 autocast, each ScConv's gate taking the fp32 run's decisions (`gates`):
+    its sigmoid's output replaced by the recorded mask as 1.0 / 0.0, which the seed's `>= 0.5` reads back
+    unchanged (the trained networks are the seed's version, whose output uses the gate only so)."""
+    handles = []
+    for path, module in model.named_modules():
+        if type(module).__name__ == "ScConv":
+            mask = gates[f"gate.{path}.info_mask"]
+            handles.append(module.SRU.sigomid.register_forward_hook(lambda _m, _i, _o, mask=mask: mask.float()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).float()
+    for handle in handles:
+        handle.remove()
+    return logits
+
+
 def sample_images(count):
     path = os.path.join(ROOT, "weights", "fashion-mnist-sample", "t10k-images-first1000-idx3-ubyte.gz")
     with gzip.open(path, "rb") as f:
@@ -150,6 +168,8 @@ def main():
             from safetensors.torch import load_file  # trained weights are safetensors; only this mode needs it
             model.load_state_dict(load_file(os.path.join(ROOT, "weights", record["weights"])))
             tensors = run(model, record["config"], sample_images(TRAINED_BATCH), args.device)
+            assert not record["config"].get("scconv"), "the injected bf16 gates assume the seed's version"
+            tensors["logits_bf16_autocast"] = bf16_autocast_logits(model, tensors["input"], tensors)
             manifest["cases"].append({"name": name, "config": full_config(record["config"]),
                                       "state_dict": os.path.relpath(os.path.join(ROOT, "weights", record["weights"]),
                                                                     os.path.abspath(args.out)),

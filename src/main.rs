@@ -11,6 +11,7 @@ use commands::{
     parity::run_parity,
 };
 use scconv_tch::harness::bench::BenchOptions;
+use scconv_tch::inference::Precision;
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::weights::LoadOptions;
 use scconv_tch::Execution;
@@ -155,9 +156,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = InferExecutionArg::Reference)]
         execution: InferExecutionArg,
         /// With `--execution fast`, `fast-tensor-ops` or `inference`: count, by layer, the gate decisions
-        /// that differ from the reference mode's on the same images (a second pass over them).
+        /// that differ from the reference mode's on the same images (a second pass over them), and the
+        /// largest logit difference.
         #[arg(long)]
         decisions: bool,
+        /// With `--execution inference`: the form's precision. bf16 runs the convolutions on the CPU's
+        /// bf16 units, emulated (same numbers, no speed-up, with a warning) on CPUs without them.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+        precision: PrecisionArg,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
@@ -175,6 +181,27 @@ enum InferExecutionArg {
     FastTensorOps,
     /// The inference form of the whole network (scconv_tch::inference): folded, fused, prepacked.
     Inference,
+}
+
+/// The inference form's precision, as a command-line value.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum PrecisionArg {
+    /// fp32 throughout.
+    Fp32,
+    /// bf16 convolutions (oneDNN's, or emulated where the CPU has no bf16 units), the rest fp32.
+    Bf16,
+    /// The bf16 form's numbers computed in fp32 tensors on any CPU.
+    Bf16Emulated,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(arg: PrecisionArg) -> Precision {
+        match arg {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Bf16Emulated => Precision::Bf16Emulated,
+        }
+    }
 }
 
 /// `Execution`, as a command-line value.
@@ -357,14 +384,19 @@ fn run(command: Command) -> Result<ExitCode> {
             let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
-        Command::Infer { models, data, png, batch, device, execution, decisions, json } => {
+        Command::Infer { models, data, png, batch, device, execution, decisions, precision, json } => {
             let model = |execution| InferMode::Model { execution, decisions };
             let mode = match execution {
                 InferExecutionArg::Reference => model(Execution::Reference),
                 InferExecutionArg::Fast => model(Execution::Fast),
                 InferExecutionArg::FastTensorOps => model(Execution::FastTensorOps),
-                InferExecutionArg::Inference => InferMode::Inference { decisions },
+                InferExecutionArg::Inference => {
+                    InferMode::Inference { decisions, precision: precision.into() }
+                }
             };
+            if precision != PrecisionArg::Fp32 && !matches!(execution, InferExecutionArg::Inference) {
+                bail!("--precision chooses the inference form's precision: add --execution inference");
+            }
             if decisions && matches!(execution, InferExecutionArg::Reference) {
                 bail!(
                     "--decisions counts the decisions that differ from the reference mode's: add --execution \

@@ -5,10 +5,11 @@
 mod common;
 
 use common::crate_dir;
+use common::trained::{differing_decisions, f64_twin, max_abs_diff, pytorch_batch, reference_decisions};
 use scconv_tch::harness::infer::Classifier;
 use scconv_tch::inference::{InferenceResNet, Pass};
 use scconv_tch::models::{resnet, ResNet, ResNetConfig};
-use scconv_tch::{Execution, GateDecisions};
+use scconv_tch::Execution;
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -46,16 +47,6 @@ fn network_and_f64_twin(config: &ResNetConfig, seed: i64) -> (VarStore, ResNet, 
     twin_vs.copy(&vs).unwrap();
     twin_vs.double();
     (vs, model, twin_vs, twin)
-}
-
-/// The reference's decisions on `x` (fp32), by path.
-fn reference_decisions(model: &ResNet, x: &Tensor) -> Vec<(String, GateDecisions)> {
-    let (_, gates) = tch::no_grad(|| model.forward_recording_gates(x)).unwrap();
-    gates.into_iter().map(|(path, gate)| (path, gate.decisions)).collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
 /// The form's logits against fp64 truth may be off by at most twice what the fp32 reference is off,
@@ -178,57 +169,6 @@ fn bad_input_is_an_error_not_a_crash() {
     }
 }
 
-/// The fixture batch `weights/parity-models` holds for a trained network: PyTorch's input, logits and
-/// each ScConv's decisions (`gate.<path>.info_mask`), in forward order.
-struct PytorchBatch {
-    input: Tensor,
-    logits: Tensor,
-    decisions: Vec<(String, GateDecisions)>,
-}
-
-fn pytorch_batch(name: &str, model: &ResNet) -> PytorchBatch {
-    let path = crate_dir().join(format!("weights/parity-models/{name}.tensors.safetensors"));
-    let tensors: std::collections::BTreeMap<String, Tensor> =
-        scconv_tch::weights::read(&path).unwrap().into_iter().collect();
-    let input = tensors["input"].shallow_clone();
-    // The model's own ScConv paths, in forward order, each with PyTorch's recorded decisions.
-    let (_, gates) = tch::no_grad(|| model.forward_recording_gates(&input)).unwrap();
-    let recorded = tensors.keys().filter(|k| k.ends_with(".info_mask")).count();
-    assert_eq!(
-        recorded,
-        gates.len(),
-        "{name}: PyTorch recorded {recorded} gates, the network has {}",
-        gates.len()
-    );
-    let decisions = gates
-        .iter()
-        .map(|(path, _)| {
-            let mask = &tensors[&format!("gate.{path}.info_mask")];
-            (path.clone(), GateDecisions::from_info_mask(mask))
-        })
-        .collect();
-    PytorchBatch { input, logits: tensors["logits"].shallow_clone(), decisions }
-}
-
-/// Decisions the form made that differ from `expected`, summed over layers, and the positions decided;
-/// the two lists must name the same layers in the same order.
-fn differing_decisions(made: &[(String, Tensor)], expected: &[(String, GateDecisions)]) -> (i64, i64) {
-    assert_eq!(
-        made.len(),
-        expected.len(),
-        "the form recorded {} gates, expected {}",
-        made.len(),
-        expected.len()
-    );
-    let (mut differing, mut positions) = (0, 0);
-    for ((path, mask), (expected_path, decisions)) in made.iter().zip(expected) {
-        assert_eq!(path, expected_path);
-        differing += mask.ne_tensor(&decisions.info_mask).sum(Kind::Int64).int64_value(&[]);
-        positions += mask.numel() as i64;
-    }
-    (differing, positions)
-}
-
 /// Differing decisions allowed against the reference: 1 in a million. They come from the form's other
 /// rounding (about 1e-7 of a value) meeting a `z` just as close to the gate's edge; measured 106 of
 /// 690M on the 10,000 test images (0.15 in a million).
@@ -250,10 +190,7 @@ fn the_trained_networks_keep_pytorchs_classes() {
         assert!(form.passes().contains(&Pass::Prepack) && form.passes().contains(&Pass::FuseEpilogues));
 
         let batch = pytorch_batch(name, model);
-        let mut twin_vs = VarStore::new(Device::Cpu);
-        let twin = resnet(twin_vs.root(), model.config()).unwrap();
-        twin_vs.copy(&classifier.vs).unwrap();
-        twin_vs.double();
+        let (_twin_vs, twin) = f64_twin(&classifier.vs, model.config());
         let truth =
             twin.forward_with_decisions(&batch.input.to_kind(Kind::Double), &batch.decisions).unwrap();
         let injected = form.forward_with_decisions(&batch.input, &batch.decisions).unwrap();

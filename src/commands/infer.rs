@@ -2,8 +2,8 @@
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use scconv_tch::harness::data::{self, Images};
-use scconv_tch::harness::infer::{class_name, differing_decisions, score, Classifier, Decider, Scores};
-use scconv_tch::inference::InferenceResNet;
+use scconv_tch::harness::infer::{class_name, differences, score, Classifier, Decider, Differences, Scores};
+use scconv_tch::inference::{Arithmetic, InferenceResNet, Precision};
 use scconv_tch::Execution;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,9 +37,9 @@ pub enum InferMode {
     /// The model itself, its ScConvs in this execution mode; `decisions` also counts their gate
     /// decisions that differ from the reference mode's.
     Model { execution: Execution, decisions: bool },
-    /// The whole network's inference form (`scconv_tch::inference`); `decisions` also counts its gate
-    /// decisions that differ from the reference mode's.
-    Inference { decisions: bool },
+    /// The whole network's inference form (`scconv_tch::inference`) in `precision`; `decisions` also
+    /// counts its gate decisions that differ from the reference mode's.
+    Inference { decisions: bool, precision: Precision },
 }
 
 struct Run {
@@ -47,8 +47,10 @@ struct Run {
     predictions: Vec<i64>,
     scores: Scores,
     images_per_second: f64,
-    /// With `--decisions`: per ScConv layer, (path, differing decisions, decisions made).
-    decisions: Option<Vec<(String, i64, i64)>>,
+    /// With `--decisions`: how it differs from the reference mode (gate decisions by layer, logits).
+    decisions: Option<Differences>,
+    /// The inference form's arithmetic, when it ran one.
+    arithmetic: Option<Arithmetic>,
 }
 
 pub fn run_infer(
@@ -70,11 +72,19 @@ pub fn run_infer(
             classifier.model.set_scconv_execution(execution)?;
         }
         let form = match mode {
-            InferMode::Inference { .. } => {
-                Some(InferenceResNet::compiled(&classifier.model, input_size(&classifier, &images, batch))?)
+            InferMode::Inference { precision, .. } => {
+                let size = input_size(&classifier, &images, batch);
+                let form = InferenceResNet::compiled_with(&classifier.model, size, precision)?;
+                if let Arithmetic::Bf16Emulated { why } = form.arithmetic() {
+                    if precision == Precision::Bf16 && !json {
+                        eprintln!("warning: the bf16 form runs emulated in fp32, with bf16's numbers and no speed-up: {why}");
+                    }
+                }
+                Some(form)
             }
             InferMode::Model { .. } => None,
         };
+        let arithmetic = form.as_ref().map(|f| f.arithmetic().clone());
         let bar = if n >= 2000 && !json { ProgressBar::new(n) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")
@@ -89,11 +99,11 @@ pub fn run_infer(
         };
         bar.finish_and_clear();
         let decisions = match (&form, mode) {
-            (Some(form), InferMode::Inference { decisions: true }) => {
-                Some(differing_decisions(&classifier.model, Decider::Form(form), &images, batch)?)
+            (Some(form), InferMode::Inference { decisions: true, .. }) => {
+                Some(differences(&classifier.model, Decider::Form(form), &images, batch)?)
             }
             (None, InferMode::Model { decisions: true, .. }) => {
-                Some(differing_decisions(&classifier.model, Decider::Model, &images, batch)?)
+                Some(differences(&classifier.model, Decider::Model, &images, batch)?)
             }
             _ => None,
         };
@@ -101,15 +111,27 @@ pub fn run_infer(
         let pytorch = test_set.then_some(classifier.record.test_predictions.as_slice());
         let scores = score(&predictions, images.labels.as_deref(), pytorch);
         let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
-        runs.push(Run { classifier, predictions, scores, images_per_second, decisions });
+        runs.push(Run { classifier, predictions, scores, images_per_second, decisions, arithmetic });
     }
     if json {
         return print_json(&runs, &source, device);
     }
     println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
     print!("{}", infer_table(&runs));
+    if let Some(arithmetic) = runs.iter().find_map(|r| r.arithmetic.as_ref()) {
+        println!("inference form: {}", arithmetic.describe());
+    }
     for r in &runs {
-        if let Some(layers) = r.decisions.as_ref().filter(|layers| !layers.is_empty()) {
+        if let Some(d) = &r.decisions {
+            println!(
+                "{}: logits differ from the reference mode's (PyTorch's fp32) by at most {:.3e} ({:.2e} of the largest, {:.3})",
+                r.classifier.record.name,
+                d.max_logit_diff,
+                d.max_logit_diff / d.max_reference_logit,
+                d.max_reference_logit
+            );
+        }
+        if let Some(layers) = r.decisions.as_ref().map(|d| &d.layers).filter(|layers| !layers.is_empty()) {
             let total: i64 = layers.iter().map(|(_, differing, _)| differing).sum();
             let made: i64 = layers.iter().map(|(_, _, made)| made).sum();
             println!(
@@ -151,9 +173,12 @@ fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
                 "name": r.classifier.record.name, "parameters": r.classifier.parameters(),
                 "pytorch_test_accuracy": r.classifier.record.test_accuracy, "scores": r.scores,
                 "images_per_second": r.images_per_second, "predictions": r.predictions,
-                "differing_decisions": r.decisions.as_ref().map(|layers| layers.iter()
+                "differing_decisions": r.decisions.as_ref().map(|d| d.layers.iter()
                     .map(|(layer, differing, made)| serde_json::json!({"layer": layer, "differing": differing, "made": made}))
                     .collect::<Vec<_>>()),
+                "max_logit_diff": r.decisions.as_ref().map(|d| d.max_logit_diff),
+                "max_reference_logit": r.decisions.as_ref().map(|d| d.max_reference_logit),
+                "arithmetic": r.arithmetic.as_ref().map(Arithmetic::describe),
             })
         })
         .collect();

@@ -6,7 +6,7 @@
 use crate::config::Fuse;
 use crate::cru::Cru;
 use crate::profile::scope;
-use tch::{nn::Module, Tensor};
+use tch::{nn::Module, Kind, Tensor};
 
 /// The CRU's convolutions, as the fused forward calls them.
 pub(crate) trait CruConvs {
@@ -16,6 +16,11 @@ pub(crate) trait CruConvs {
     fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor;
     /// `PWC2(low)`.
     fn pwc2(&self, low: &Tensor) -> Tensor;
+    /// Whether the fuse computes in fp32 on these convolutions' outputs (the bf16 inference form's,
+    /// stored in bf16); otherwise it computes in their own kind, as the reference does.
+    fn fuse_in_fp32(&self) -> bool {
+        false
+    }
 }
 
 /// The CRU's own layers (libtorch's convolutions), the sum in place where the reference allocates:
@@ -70,6 +75,10 @@ impl Cru {
         let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || convs.pwc2(&low));
+        let y1 = match convs.fuse_in_fp32() {
+            true => y1.to_kind(Kind::Float),
+            false => y1,
+        };
         scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, fuse_scale))
     }
 
@@ -83,7 +92,12 @@ impl Cru {
     ) -> Tensor {
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
-        let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| t.adaptive_avg_pool2d([1, 1])).collect();
+        let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
+            // The bf16 form's tensors pooled in fp32 (bf16 pooling would round the means).
+            (Kind::BFloat16, Kind::Float) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
+            _ => t.adaptive_avg_pool2d([1, 1]),
+        };
+        let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| pool(t)).collect();
         let weights = self.fuse_weights(&pooled);
         let weights = match fuse_scale {
             Some(fuse_scale) => weights * fuse_scale,

@@ -116,18 +116,42 @@ pub enum Decider<'a> {
     Model,
 }
 
-/// The gate decisions of `decider` that differ from the reference mode's on the input `x`: per ScConv
-/// layer, (path, differing decisions, decisions made). Both sides must name the same layers in order.
-pub fn differing_decisions_on(
-    model: &ResNet,
-    decider: Decider,
-    x: &Tensor,
-) -> Result<Vec<(String, i64, i64)>, ScConvError> {
-    let (_, masks) = match decider {
+/// How a decider's forward differs from the reference mode's (which is PyTorch's fp32 eager, bit for
+/// bit, on the CPUs the parity suite runs on): per ScConv layer, (path, differing gate decisions,
+/// decisions made), in forward order; and the largest logit difference with the largest reference
+/// logit (its scale).
+#[derive(Debug, Clone, Default)]
+pub struct Differences {
+    /// Per ScConv layer: (path, differing decisions, decisions made).
+    pub layers: Vec<(String, i64, i64)>,
+    /// max |logits - reference logits| over the images.
+    pub max_logit_diff: f64,
+    /// max |reference logits| over the images.
+    pub max_reference_logit: f64,
+}
+
+impl Differences {
+    /// `other`'s images added: decisions summed by layer, the maxima kept.
+    fn add(&mut self, other: Differences) {
+        for (i, (path, differing, made)) in other.layers.into_iter().enumerate() {
+            match self.layers.get_mut(i) {
+                Some(layer) => (layer.1, layer.2) = (layer.1 + differing, layer.2 + made),
+                None => self.layers.push((path, differing, made)),
+            }
+        }
+        self.max_logit_diff = self.max_logit_diff.max(other.max_logit_diff);
+        self.max_reference_logit = self.max_reference_logit.max(other.max_reference_logit);
+    }
+}
+
+/// How `decider` differs from the reference mode on the input `x` (both must name the same layers in
+/// order).
+pub fn differences_on(model: &ResNet, decider: Decider, x: &Tensor) -> Result<Differences, ScConvError> {
+    let (logits, masks) = match decider {
         Decider::Form(form) => form.forward_recording_decisions(x)?,
         Decider::Model => tch::no_grad(|| model.forward_recording_decisions(x))?,
     };
-    let (_, gates) = tch::no_grad(|| model.forward_recording_gates(x))?;
+    let (reference, gates) = tch::no_grad(|| model.forward_recording_gates(x))?;
     if masks.len() != gates.len() || masks.iter().zip(&gates).any(|((a, _), (b, _))| a != b) {
         return Err(ScConvError::InvalidModel(format!(
             "{} decided gates against the reference mode's {}: not the same layers",
@@ -137,36 +161,33 @@ pub fn differing_decisions_on(
     }
     let count =
         |mask: &Tensor, reference: &Tensor| mask.ne_tensor(reference).sum(tch::Kind::Int64).int64_value(&[]);
-    Ok(masks
+    let layers = masks
         .iter()
         .zip(&gates)
         .map(|((path, mask), (_, gate))| {
             (path.clone(), count(mask, &gate.decisions.info_mask), mask.numel() as i64)
         })
-        .collect())
+        .collect();
+    let double = |t: &Tensor| t.to_kind(tch::Kind::Double);
+    let max_logit_diff = (double(&logits) - double(&reference)).abs().max().double_value(&[]);
+    let max_reference_logit = reference.abs().max().double_value(&[]);
+    Ok(Differences { layers, max_logit_diff, max_reference_logit })
 }
 
-/// `differing_decisions_on` summed over `images`, `batch` at a time.
-pub fn differing_decisions(
+/// `differences_on` over `images`, `batch` at a time.
+pub fn differences(
     model: &ResNet,
     decider: Decider,
     images: &Images,
     batch: i64,
-) -> Result<Vec<(String, i64, i64)>, ScConvError> {
-    let mut layers: Vec<(String, i64, i64)> = Vec::new();
+) -> Result<Differences, ScConvError> {
+    let mut total = Differences::default();
     let n = images.pixels.size()[0];
     for begin in (0..n).step_by(batch.max(1) as usize) {
         let x = normalize(&images.pixels.narrow(0, begin, batch.min(n - begin)));
-        for (i, (path, differing, made)) in
-            differing_decisions_on(model, decider, &x)?.into_iter().enumerate()
-        {
-            match layers.get_mut(i) {
-                Some(layer) => (layer.1, layer.2) = (layer.1 + differing, layer.2 + made),
-                None => layers.push((path, differing, made)),
-            }
-        }
+        total.add(differences_on(model, decider, &x)?);
     }
-    Ok(layers)
+    Ok(total)
 }
 
 /// Accuracy against labels, and agreement with PyTorch's predictions (same image order).

@@ -4,9 +4,12 @@
 //! - `fold`: the BatchNorm becomes the convolution's weight and bias (`fold::fold_batchnorm`);
 //! - `fuse`: the ReLU and the residual add run in the convolution's epilogue (one oneDNN primitive,
 //!   `mkldnn::_convolution_pointwise`) when the shim is built, else in place on its output;
+//! - `cast` (the bf16 form only): weight and bias stored in bf16, and so its input and output
+//!   (`precision::Arithmetic`);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see.
 use super::ffi::{self, ConvGeometry};
 use super::fold::{self, BatchNormParams};
+use super::precision::Arithmetic;
 use crate::error::ScConvError;
 use tch::{nn, Tensor};
 
@@ -23,6 +26,8 @@ pub struct InferenceConv {
     fused: bool,
     /// The weight in oneDNN's layout for one input size (`None`: the dense weight).
     packed: Option<Tensor>,
+    /// How its weight, input and output are stored (the cast pass).
+    arithmetic: Arithmetic,
 }
 
 impl InferenceConv {
@@ -37,6 +42,7 @@ impl InferenceConv {
             relu: false,
             fused: false,
             packed: None,
+            arithmetic: Arithmetic::Fp32,
         }
     }
 
@@ -84,8 +90,29 @@ impl InferenceConv {
         Ok(())
     }
 
-    pub(crate) fn weight_kind(&self) -> tch::Kind {
-        self.weight.kind()
+    /// The cast pass: weight and bias stored as `arithmetic` stores values (rounded to bf16 once,
+    /// after folding), and so its input and output from then on. Refused before fold (the BatchNorm
+    /// is folded in fp32) and after prepack (which reorders the weight it casts).
+    pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
+        if self.batchnorm.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "casting needs the BatchNorm folded first (the fold pass)".into(),
+            ));
+        }
+        if self.packed.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "cast before prepack: the packed weight would stay fp32".into(),
+            ));
+        }
+        self.weight = arithmetic.store(&self.weight);
+        self.bias = self.bias.as_ref().map(|b| arithmetic.store(b));
+        self.arithmetic = arithmetic.clone();
+        Ok(())
+    }
+
+    /// How it stores its weight, input and output.
+    pub fn arithmetic(&self) -> &Arithmetic {
+        &self.arithmetic
     }
 
     pub(crate) fn weight_device(&self) -> tch::Device {
@@ -97,22 +124,23 @@ impl InferenceConv {
         (self.batchnorm.is_none(), self.fused, self.packed.is_some())
     }
 
-    /// `relu(bn(conv(x)))`, each part where configured.
+    /// `relu(bn(conv(x)))`, each part where configured; in bf16 (after `cast`), `x` is stored in bf16
+    /// first and the result is bf16.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = &self.arithmetic.store(x);
         if self.fused && ffi::shim_built() {
-            return expect_onednn(ffi::conv_pointwise(
-                x,
-                self.onednn_weight(),
-                self.bias.as_ref(),
-                &self.geometry,
-                self.relu,
-            ));
+            let y =
+                ffi::conv_pointwise(x, self.onednn_weight(), self.bias.as_ref(), &self.geometry, self.relu);
+            return self.arithmetic.store(&expect_onednn(y));
         }
-        epilogue(self.conv_then_batchnorm(x), None, self.relu, self.fused)
+        self.arithmetic.store(&epilogue(self.conv_then_batchnorm(x), None, self.relu, self.fused))
     }
 
-    /// `relu(bn(conv(x)) + residual)`; fused, the result is written into `residual` in place.
-    pub fn forward_add(&self, x: &Tensor, mut residual: Tensor) -> Tensor {
+    /// `relu(bn(conv(x)) + residual)`; fused, the result is written into `residual` in place (into
+    /// its bf16 copy when it is not stored as this convolution stores values).
+    pub fn forward_add(&self, x: &Tensor, residual: Tensor) -> Tensor {
+        let x = &self.arithmetic.store(x);
+        let mut residual = self.arithmetic.store(&residual);
         if self.fused && ffi::shim_built() {
             let w = self.onednn_weight();
             expect_onednn(ffi::conv_pointwise_add_(
@@ -123,9 +151,9 @@ impl InferenceConv {
                 &self.geometry,
                 self.relu,
             ));
-            return residual;
+            return self.arithmetic.store(&residual);
         }
-        epilogue(self.conv_then_batchnorm(x), Some(residual), self.relu, self.fused)
+        self.arithmetic.store(&epilogue(self.conv_then_batchnorm(x), Some(residual), self.relu, self.fused))
     }
 
     fn onednn_weight(&self) -> &Tensor {
@@ -227,6 +255,44 @@ mod tests {
             let err = max_abs_diff(y, &truth);
             assert!(err <= budget, "{state}: off by {err:e}, budget {budget:e}");
         }
+    }
+
+    /// The cast pass (emulated bf16, as on every CPU): the output is bf16 values, and it is the fp32
+    /// convolution-add-ReLU of the bf16-rounded input, weight, bias and residual, rounded once (within
+    /// one bf16 step: oneDNN and libtorch sum in other orders, which can tip a rounding).
+    #[test]
+    fn a_cast_convolution_rounds_its_operands_and_its_output_to_bf16_once() {
+        use crate::inference::precision::{round_to_bf16, Arithmetic, Precision};
+        let vs = VarStore::new(Device::Cpu);
+        let config = nn::ConvConfig { stride: 2, padding: 1, ..Default::default() };
+        let layer = nn::conv2d(vs.root() / "c", 24, 48, 3, config);
+        let x = Tensor::randn([3, 24, 14, 14], (Kind::Float, Device::Cpu));
+        let residual = Tensor::randn([3, 48, 7, 7], (Kind::Float, Device::Cpu));
+        let r = round_to_bf16;
+        let bias = layer.bs.as_ref().unwrap();
+        let expected = tch::no_grad(|| {
+            let y = r(&x).conv2d(&r(&layer.ws), Some(&r(bias)), [2, 2], [1, 1], [1, 1], 1);
+            r(&(y + r(&residual)).relu())
+        });
+        let mut conv = InferenceConv::new(&layer, ConvGeometry::square(2, 1, 1)).then_relu();
+        conv.fuse().unwrap();
+        conv.cast(&Arithmetic::for_precision(Precision::Bf16Emulated)).unwrap();
+        if ffi::shim_built() {
+            conv.prepack([3, 24, 14, 14]).unwrap();
+        }
+        let y = tch::no_grad(|| conv.forward_add(&x, residual.copy()));
+        assert!(y.equal(&r(&y)), "the output holds bf16 values");
+        let step = expected.abs().max().double_value(&[]) / 128.0;
+        assert!(max_abs_diff(&y, &expected) <= step, "{} > {step}", max_abs_diff(&y, &expected));
+        assert!(
+            max_abs_diff(&y, &expected)
+                < max_abs_diff(&y, &tch::no_grad(|| conv_fp32(&layer, &x, &residual)))
+        );
+        assert!(!layer.ws.equal(&r(&layer.ws)), "the model's own weight is not changed");
+    }
+
+    fn conv_fp32(layer: &nn::Conv2D, x: &Tensor, residual: &Tensor) -> Tensor {
+        (x.conv2d(&layer.ws, layer.bs.as_ref(), [2, 2], [1, 1], [1, 1], 1) + residual).relu()
     }
 
     #[test]

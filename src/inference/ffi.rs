@@ -72,6 +72,7 @@ mod raw {
             err: *mut c_char,
             len: usize,
         ) -> c_int;
+        pub fn scc_mkldnn_bf16_supported(out: *mut c_int, err: *mut c_char, len: usize) -> c_int;
         pub fn scc_parallel_for(
             begin: i64,
             end: i64,
@@ -178,6 +179,20 @@ pub fn reorder_conv_weight(w: &Tensor, g: &ConvGeometry, input_size: [i64; 4]) -
             len,
         )
     })
+}
+
+/// Whether libtorch's oneDNN takes bf16 tensors on this CPU (`torch.ops.mkldnn._is_mkldnn_bf16_supported`).
+#[cfg(scconv_cpu_shim)]
+pub fn mkldnn_bf16_supported() -> Result<bool, String> {
+    let mut out = 0;
+    // SAFETY: `out` is a live int for the call.
+    checked(|err, len| unsafe { raw::scc_mkldnn_bf16_supported(&mut out, err, len) })?;
+    Ok(out != 0)
+}
+
+#[cfg(not(scconv_cpu_shim))]
+pub fn mkldnn_bf16_supported() -> Result<bool, String> {
+    Err("this build has no oneDNN shim (see the build warning)".into())
 }
 
 #[cfg(not(scconv_cpu_shim))]

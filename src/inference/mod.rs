@@ -37,10 +37,12 @@ mod conv;
 mod ffi;
 mod fold;
 mod network;
+mod precision;
 mod scconv_step;
 
 pub use conv::InferenceConv;
 pub use ffi::{parallel_for, shim_built, ConvGeometry};
 pub use fold::{fold_batchnorm, BatchNormParams};
 pub use network::{InferenceResNet, Pass};
+pub use precision::{bf16_support, cpu_bf16_flags, round_to_bf16, Arithmetic, Precision};
 pub use scconv_step::ScConvStep;

@@ -4,6 +4,7 @@
 use super::conv::InferenceConv;
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
+use super::precision::{as_fp32, Arithmetic, Precision};
 use super::scconv_step::ScConvStep;
 use crate::error::ScConvError;
 use crate::input;
@@ -22,6 +23,10 @@ pub enum Pass {
     FoldBatchnorm,
     /// ReLU and residual add into each convolution's epilogue (oneDNN post-ops), or in place.
     FuseEpilogues,
+    /// The bf16 form's cast (after fold, before prepack): every convolution's weight and bias stored in
+    /// bf16 once, and so the activations between them (`crate::inference::Precision`). Refused in an
+    /// fp32 form.
+    Bf16,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
     /// Activations kept channels-last (NHWC strides) between the plain convolutions.
@@ -29,8 +34,18 @@ pub enum Pass {
 }
 
 impl Pass {
-    /// Every pass, in the order they compose.
+    /// Every pass of the fp32 form, in the order they compose.
     pub const ALL: [Pass; 4] = [Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack, Pass::ChannelsLast];
+
+    /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
+    /// [`Pass::Bf16`] after the fuse for the bf16 precisions.
+    pub fn all_for(precision: Precision) -> Vec<Pass> {
+        let mut passes = Pass::ALL.to_vec();
+        if precision != Precision::Fp32 {
+            passes.insert(2, Pass::Bf16);
+        }
+        passes
+    }
 }
 
 /// One residual 3x3 step.
@@ -55,6 +70,8 @@ pub struct InferenceResNet<'a> {
     blocks: Vec<InferenceBlock<'a>>,
     channels_last: bool,
     passes: Vec<Pass>,
+    /// The arithmetic its precision runs in on this machine, decided once when the form is built.
+    arithmetic: Arithmetic,
 }
 
 fn conv(c: &nn::Conv2D, stride: i64, padding: i64, bn: &nn::BatchNorm) -> InferenceConv {
@@ -101,6 +118,15 @@ impl<'a> InferenceResNet<'a> {
     /// model's eval-mode forward with every ScConv on its fast path. For fp32 networks on the CPU (its
     /// passes are oneDNN's); others are refused.
     pub fn new(model: &'a ResNet) -> Result<InferenceResNet<'a>, ScConvError> {
+        InferenceResNet::with_precision(model, Precision::Fp32)
+    }
+
+    /// As [`InferenceResNet::new`], for a form of `precision` (its arithmetic on this CPU decided
+    /// now: [`InferenceResNet::arithmetic`]); the [`Pass::Bf16`] pass then casts it.
+    pub fn with_precision(
+        model: &'a ResNet,
+        precision: Precision,
+    ) -> Result<InferenceResNet<'a>, ScConvError> {
         let (kind, device) = (model.conv1.ws.kind(), model.conv1.ws.device());
         if kind != tch::Kind::Float || device != tch::Device::Cpu {
             return Err(ScConvError::InvalidInput(format!(
@@ -111,15 +137,32 @@ impl<'a> InferenceResNet<'a> {
         let (kernel, stride) = if model.config().small_input { (3, 1) } else { (7, 2) };
         let stem = conv(&model.conv1, stride, kernel / 2, &model.bn1).then_relu();
         let blocks = model.stages.iter().flatten().map(block).collect::<Result<_, _>>()?;
-        Ok(InferenceResNet { model, stem, blocks, channels_last: false, passes: Vec::new() })
+        let arithmetic = Arithmetic::for_precision(precision);
+        Ok(InferenceResNet { model, stem, blocks, channels_last: false, passes: Vec::new(), arithmetic })
+    }
+
+    /// How this form computes on this machine: fp32, bf16 natively, or bf16 emulated (and why).
+    pub fn arithmetic(&self) -> &Arithmetic {
+        &self.arithmetic
     }
 
     /// The form with the passes that measured fastest applied, prepacked for inputs of `input_size`:
     /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks (their ScConvs read NCHW, and
     /// converting at each one cost more than it saved: docs/speed.md) and `Prepack` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
-        let mut form = InferenceResNet::new(model)?;
-        for pass in Pass::ALL {
+        InferenceResNet::compiled_with(model, input_size, Precision::Fp32)
+    }
+
+    /// As [`InferenceResNet::compiled`], in `precision`: the bf16 precisions add [`Pass::Bf16`]. A
+    /// `Precision::Bf16` form runs emulated where the CPU has no bf16 units: check
+    /// [`InferenceResNet::arithmetic`] (the CLI warns).
+    pub fn compiled_with(
+        model: &'a ResNet,
+        input_size: [i64; 4],
+        precision: Precision,
+    ) -> Result<InferenceResNet<'a>, ScConvError> {
+        let mut form = InferenceResNet::with_precision(model, precision)?;
+        for pass in Pass::all_for(precision) {
             let skipped = match pass {
                 Pass::Prepack => !super::ffi::shim_built(),
                 Pass::ChannelsLast => model.config().sc,
@@ -139,8 +182,8 @@ impl<'a> InferenceResNet<'a> {
     }
 
     /// Applies `pass`; `Prepack` reorders the weights for inputs of `input_size` (N, C, H, W), which
-    /// are then fastest (other sizes still run, correctly). Errors: fuse or prepack before fold,
-    /// prepack without the shim, a pass applied twice.
+    /// are then fastest (other sizes still run, correctly). Errors: fuse, bf16 or prepack before fold,
+    /// bf16 after prepack or in an fp32 form, prepack without the shim, a pass applied twice.
     pub fn apply(&mut self, pass: Pass, input_size: [i64; 4]) -> Result<(), ScConvError> {
         if self.passes.contains(&pass) {
             return Err(ScConvError::InvalidInput(format!("the pass {pass:?} is applied already")));
@@ -151,12 +194,21 @@ impl<'a> InferenceResNet<'a> {
                 "prepack needs the BatchNorms folded first (the fold pass)".into(),
             ));
         }
+        if pass == Pass::Bf16 && !self.arithmetic.is_bf16() {
+            return Err(ScConvError::InvalidInput(
+                "the bf16 pass casts a form built for bf16 (`with_precision`); this one is fp32".into(),
+            ));
+        }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
                 s.fold();
                 Ok(())
             })?,
             Pass::FuseEpilogues => self.each_step(|s| s.fuse())?,
+            Pass::Bf16 => {
+                let arithmetic = self.arithmetic.clone();
+                self.each_step(|s| s.cast(&arithmetic))?
+            }
             Pass::Prepack => self.prepack(input_size)?,
             Pass::ChannelsLast => self.channels_last = true,
         }
@@ -186,7 +238,7 @@ impl<'a> InferenceResNet<'a> {
     /// Reorders every convolution's weight for the input size it sees: one forward pass on zeros
     /// records each step's input shape.
     fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
-        let x = Tensor::zeros(input_size, (self.stem.weight_kind(), self.stem.weight_device()));
+        let x = Tensor::zeros(input_size, (tch::Kind::Float, self.stem.weight_device()));
         let shapes = input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?;
         let mut shapes = shapes.into_iter();
         let mut next =
@@ -240,7 +292,8 @@ impl<'a> InferenceResNet<'a> {
         for block in &self.blocks {
             x = self.run_block(block, x, gates);
         }
-        let pooled = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+        // The logits in fp32 from the last activation (bf16 in the bf16 form).
+        let pooled = as_fp32(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1);
         pooled.apply(&self.model.fc)
     }
 
@@ -263,7 +316,7 @@ impl<'a> InferenceResNet<'a> {
             (Step::Conv(c), None) => scope("conv (inference form)", || c.forward(x)),
             (Step::Conv(c), Some(r)) => scope("conv + add (inference form)", || c.forward_add(x, r)),
             (Step::Sc(s), residual) => {
-                let x = x.contiguous(); // the SRU kernel reads NCHW
+                let x = s.input(x); // the SRU kernel reads fp32 NCHW
                 let given = match gates {
                     FormGates::Record(log) => {
                         if let Some(mask) = s.info_mask(&x) {
@@ -325,6 +378,7 @@ fn to_channels_last(x: &Tensor) -> Tensor {
 trait FoldAndFuse {
     fn fold(&mut self);
     fn fuse(&mut self) -> Result<(), ScConvError>;
+    fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError>;
 }
 
 impl FoldAndFuse for InferenceConv {
@@ -334,6 +388,9 @@ impl FoldAndFuse for InferenceConv {
     fn fuse(&mut self) -> Result<(), ScConvError> {
         InferenceConv::fuse(self)
     }
+    fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
+        InferenceConv::cast(self, arithmetic)
+    }
 }
 
 impl FoldAndFuse for ScConvStep<'_> {
@@ -342,5 +399,8 @@ impl FoldAndFuse for ScConvStep<'_> {
     }
     fn fuse(&mut self) -> Result<(), ScConvError> {
         ScConvStep::fuse(self)
+    }
+    fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
+        ScConvStep::cast(self, arithmetic)
     }
 }

@@ -2,10 +2,13 @@
 //! BatchNorm, a ReLU and possibly the residual add. The ScConv runs its fast path (the same gate
 //! decisions as the reference on the same input); the fold pass moves the BatchNorm's scale into the
 //! CRU's fuse weights and its shift after the pool (per channel, both commute with the pool), and the
-//! fuse pass runs the shift, add and ReLU in place.
+//! fuse pass runs the shift, add and ReLU in place. In the bf16 form (the cast pass) the CRU's
+//! convolutions run in bf16 and everything else in fp32 on their bf16 values, the step's output
+//! stored in bf16 once (`precision`).
 use super::conv::{epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
+use super::precision::{as_fp32, Arithmetic};
 use crate::error::ScConvError;
 use crate::fast::{CruConvs, Execution, FastPath};
 use crate::profile::scope;
@@ -28,14 +31,16 @@ pub struct ScConvStep<'a> {
     folded: Option<(Tensor, Tensor)>,
     relu: bool,
     fused: bool,
-    /// The CRU's convolutions prepacked for oneDNN (the prepack pass).
-    cru: Option<PackedCru>,
+    /// The CRU's convolutions as the form's own (the cast or the prepack pass makes them).
+    cru: Option<FormCru>,
+    /// How the step stores its output (the cast pass).
+    arithmetic: Arithmetic,
 }
 
-/// The CRU's five convolutions as prepacked oneDNN primitives, `GWC + PWC1` as one with the sum in
-/// its epilogue.
+/// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
+/// say), `GWC + PWC1` as one with the sum in its epilogue.
 #[derive(Debug)]
-struct PackedCru {
+struct FormCru {
     squeeze1: InferenceConv,
     squeeze2: InferenceConv,
     gwc: InferenceConv,
@@ -43,31 +48,40 @@ struct PackedCru {
     pwc2: InferenceConv,
 }
 
-impl PackedCru {
-    /// For an ScConv input of `size` (N, C, H, W).
-    fn new(scconv: &ScConv, size: [i64; 4]) -> Result<PackedCru, ScConvError> {
+impl FormCru {
+    fn new(scconv: &ScConv, arithmetic: &Arithmetic) -> Result<FormCru, ScConvError> {
         let (cru, config) = (&scconv.CRU, scconv.config());
-        let [n, _, h, w] = size;
         let k = config.group_kernel_size;
         let pointwise = ConvGeometry::square(1, 0, 1);
-        let conv = |layer: &nn::Conv2D, geometry, in_channels| -> Result<InferenceConv, ScConvError> {
+        let conv = |layer: &nn::Conv2D, geometry| -> Result<InferenceConv, ScConvError> {
             let mut conv = InferenceConv::new(layer, geometry);
             conv.fuse()?;
-            conv.prepack([n, in_channels, h, w])?;
+            conv.cast(arithmetic)?;
             Ok(conv)
         };
-        let (up, low) = (config.squeezed_up(), config.squeezed_low());
-        Ok(PackedCru {
-            squeeze1: conv(&cru.squeeze1, pointwise, config.up_channel())?,
-            squeeze2: conv(&cru.squeeze2, pointwise, config.low_channel())?,
-            gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size), up)?,
-            pwc1: conv(&cru.PWC1, pointwise, up)?,
-            pwc2: conv(&cru.PWC2, pointwise, low)?,
+        Ok(FormCru {
+            squeeze1: conv(&cru.squeeze1, pointwise)?,
+            squeeze2: conv(&cru.squeeze2, pointwise)?,
+            gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size))?,
+            pwc1: conv(&cru.PWC1, pointwise)?,
+            pwc2: conv(&cru.PWC2, pointwise)?,
         })
+    }
+
+    /// Prepacked for an ScConv input of `size` (N, C, H, W).
+    fn prepack(&mut self, scconv: &ScConv, size: [i64; 4]) -> Result<(), ScConvError> {
+        let config = scconv.config();
+        let [n, _, h, w] = size;
+        let (up, low) = (config.squeezed_up(), config.squeezed_low());
+        self.squeeze1.prepack([n, config.up_channel(), h, w])?;
+        self.squeeze2.prepack([n, config.low_channel(), h, w])?;
+        self.gwc.prepack([n, up, h, w])?;
+        self.pwc1.prepack([n, up, h, w])?;
+        self.pwc2.prepack([n, low, h, w])
     }
 }
 
-impl CruConvs for PackedCru {
+impl CruConvs for FormCru {
     fn squeezes(&self, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
         (self.squeeze1.forward(up), self.squeeze2.forward(low))
     }
@@ -78,6 +92,10 @@ impl CruConvs for PackedCru {
 
     fn pwc2(&self, low: &Tensor) -> Tensor {
         self.pwc2.forward(low)
+    }
+
+    fn fuse_in_fp32(&self) -> bool {
+        self.pwc2.arithmetic().is_bf16()
     }
 }
 
@@ -102,6 +120,7 @@ impl<'a> ScConvStep<'a> {
             relu,
             fused: false,
             cru: None,
+            arithmetic: Arithmetic::Fp32,
         })
     }
 
@@ -123,10 +142,38 @@ impl<'a> ScConvStep<'a> {
         Ok(())
     }
 
+    /// The cast pass: the CRU's convolutions stored as `arithmetic` stores values, and the step's
+    /// output (after fold, before prepack, as a convolution's).
+    pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
+        if self.batchnorm.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "casting needs the BatchNorm folded first (the fold pass)".into(),
+            ));
+        }
+        if self.cru.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "cast before prepack: the packed weights would stay fp32".into(),
+            ));
+        }
+        self.cru = Some(FormCru::new(self.scconv, arithmetic)?);
+        self.arithmetic = arithmetic.clone();
+        Ok(())
+    }
+
     /// The prepack pass: the CRU's convolutions as prepacked oneDNN primitives for inputs of `size`.
     pub fn prepack(&mut self, size: [i64; 4]) -> Result<(), ScConvError> {
-        self.cru = Some(PackedCru::new(self.scconv, size)?);
+        let mut cru = match self.cru.take() {
+            Some(cru) => cru,
+            None => FormCru::new(self.scconv, &self.arithmetic)?,
+        };
+        cru.prepack(self.scconv, size)?;
+        self.cru = Some(cru);
         Ok(())
+    }
+
+    /// `x` as the ScConv's fast path reads it: fp32, NCHW.
+    pub(crate) fn input(&self, x: &Tensor) -> Tensor {
+        as_fp32(x).contiguous()
     }
 
     /// The ScConv's informative mask on `x`, as this step decides it.
@@ -166,6 +213,6 @@ impl<'a> ScConvStep<'a> {
             (None, Some((_, shift))) => y + shift,
             (None, None) => y,
         };
-        epilogue(y, residual, self.relu, self.fused)
+        self.arithmetic.store(&epilogue(y, residual, self.relu, self.fused))
     }
 }

@@ -5,6 +5,7 @@
 // - `mkldnn::_convolution_pointwise_.binary`: the same with the residual add (and ReLU) fused, written
 //   into the residual tensor in place;
 // - `mkldnn::_reorder_convolution_weight`: a weight prepacked once for an input size;
+// - `mkldnn::_is_mkldnn_bf16_supported`: whether libtorch's oneDNN runs bf16 on this CPU;
 // - `at::parallel_for`: libtorch's own thread pool for our kernels (no second pool beside OpenMP's).
 //
 // Tensors cross as tch's `torch::Tensor*`. Every function returns 0 on success, or non-zero with a
@@ -82,6 +83,20 @@ int scc_reorder_conv_weight(const at::Tensor* w, const int64_t* padding, const i
     torch::jit::Stack stack{*w, pair(padding), pair(stride), pair(dilation), groups, size};
     reorder.callBoxed(stack);
     *out = new at::Tensor(stack.back().toTensor());
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, len, e.what());
+    return 1;
+  }
+}
+
+// Whether libtorch's oneDNN takes bf16 tensors on this CPU: 1 or 0 in `out`.
+int scc_mkldnn_bf16_supported(int* out, char* err, size_t len) {
+  try {
+    static const c10::OperatorHandle check = op("mkldnn::_is_mkldnn_bf16_supported", "");
+    torch::jit::Stack stack;
+    check.callBoxed(stack);
+    *out = stack.back().toBool() ? 1 : 0;
     return 0;
   } catch (const std::exception& e) {
     set_err(err, len, e.what());

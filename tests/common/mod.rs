@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
+pub mod trained;
+
 /// Limits the child `command` starts to `bytes` of address space (`RLIMIT_AS`), so an input that makes
 /// the process ask for gigabytes fails there alone instead of taking the machine.
 pub fn limit_address_space(command: &mut Command, bytes: u64) -> &mut Command {
