@@ -9,9 +9,10 @@ setup:
 	@scripts/setup_data.sh || echo "setup: continuing with the shipped 1,000-image sample"
 
 # Release build: the fast path's Rust kernels are slow unoptimised.
+# `infer --compare`: each trained network in every mode side by side (reference, fast, the fp32 and
+# bf16 inference forms): accuracy, classes agreeing with PyTorch, differing gate decisions, images/s.
 demo: setup
-	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --model weights/fmnist_plain.json
-	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --execution fast
+	cargo run --release --quiet -- infer --model weights/fmnist_sc.json --model weights/fmnist_plain.json --compare
 	cargo run --release --quiet -- parity --execution fast
 
 # The parity tests record their tables in target/parity-reports/. Then: the README's commands and a

@@ -164,6 +164,10 @@ enum Command {
         /// bf16 units, emulated (same numbers, no speed-up, with a warning) on CPUs without them.
         #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
         precision: PrecisionArg,
+        /// Every mode side by side for each network: reference, fast, the fp32 and the bf16 inference
+        /// forms (CPU), with their gate decisions and logits compared with the reference mode's.
+        #[arg(long, conflicts_with_all = ["execution", "precision", "decisions"])]
+        compare: bool,
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
@@ -384,7 +388,18 @@ fn run(command: Command) -> Result<ExitCode> {
             let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
-        Command::Infer { models, data, png, batch, device, execution, decisions, precision, json } => {
+        Command::Infer {
+            models,
+            data,
+            png,
+            batch,
+            device,
+            execution,
+            decisions,
+            precision,
+            compare,
+            json,
+        } => {
             let model = |execution| InferMode::Model { execution, decisions };
             let mode = match execution {
                 InferExecutionArg::Reference => model(Execution::Reference),
@@ -404,10 +419,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 );
             }
             let device = device.resolve()?;
-            if matches!(mode, InferMode::Inference { .. }) && device != Device::Cpu {
-                bail!("--execution inference runs on the CPU (its passes are oneDNN's); use --execution fast on CUDA");
+            if (compare || matches!(mode, InferMode::Inference { .. })) && device != Device::Cpu {
+                bail!(
+                    "--execution inference and --compare run the inference forms, on the CPU (their passes are \
+                     oneDNN's); use --execution fast on CUDA"
+                );
             }
-            run_infer(&models, &data, png.as_deref(), batch, device, mode, json)
+            let modes = if compare { InferMode::all() } else { vec![mode] };
+            run_infer(&models, &data, png.as_deref(), batch, device, &modes, json)
         }
     }
 }

@@ -149,3 +149,97 @@ fn fast_mode_counts_its_differing_decisions_by_layer() {
         text(&refused)
     );
 }
+
+/// `--execution inference --precision bf16 --decisions`: the bf16 form's arithmetic named (emulated,
+/// with a warning on stderr, exactly where the CPU has no bf16 units), its classes within the floor of
+/// `tests/bf16_form.rs`, its logit difference and differing decisions reported by layer. `--precision`
+/// without the inference form is refused.
+#[test]
+fn the_bf16_form_reports_its_arithmetic_and_its_differences() {
+    let args = ["infer", "--model", "weights/fmnist_sc.json", "--data", "sample", "--execution", "inference"];
+    let out = scconv_tch(&[&args[..], &["--precision", "bf16", "--decisions", "--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &json["runs"][0];
+    let arithmetic = run["arithmetic"].as_str().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match scconv_tch::inference::bf16_support() {
+        Ok(()) => {
+            assert!(arithmetic.starts_with("bf16 (oneDNN") && !stderr.contains("warning"), "{arithmetic}")
+        }
+        Err(why) => {
+            assert!(arithmetic.contains("emulated") && arithmetic.contains(&why), "{arithmetic}");
+            assert!(
+                stderr.contains("warning: the bf16 form runs emulated") && stderr.contains(&why),
+                "{stderr}"
+            );
+        }
+    }
+    assert!(run["scores"]["agreeing"].as_i64().unwrap() >= 990, "{}", run["scores"]);
+    let (diff, largest) =
+        (run["max_logit_diff"].as_f64().unwrap(), run["max_reference_logit"].as_f64().unwrap());
+    assert!(diff > 1e-4 * largest && diff < 0.1 * largest, "bf16's logits: {diff} of {largest}");
+    let layers = run["differing_decisions"].as_array().unwrap();
+    assert_eq!(layers.len(), 4, "every ScConv");
+    assert!(
+        layers.iter().all(|l| l["differing"].as_i64().unwrap() > 0),
+        "bf16 flips decisions in every layer"
+    );
+    let refused = scconv_tch(&[
+        "infer",
+        "--model",
+        "weights/fmnist_sc.json",
+        "--data",
+        "sample",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("add --execution inference"),
+        "{}",
+        text(&refused)
+    );
+}
+
+/// An IDX folder of the sample's first `n` images and labels (not the test set in file order to
+/// `infer`: no agreement figure).
+fn first_images(n: usize) -> String {
+    let dir = scratch_dir(&format!("first-{n}-images"));
+    let sample = data::sample_dir();
+    for (from, to, header, size) in [
+        ("t10k-images-first1000-idx3-ubyte.gz", "t10k-images-idx3-ubyte", 16, 28 * 28),
+        ("t10k-labels-first1000-idx1-ubyte.gz", "t10k-labels-idx1-ubyte", 8, 1),
+    ] {
+        let mut bytes = Vec::new();
+        let file = std::fs::File::open(sample.join(from)).unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(file), &mut bytes).unwrap();
+        bytes.truncate(header + n * size);
+        bytes[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+        std::fs::write(dir.join(to), bytes).unwrap();
+    }
+    dir.display().to_string()
+}
+
+/// `--compare`: every mode side by side for each network, in the table and in the JSON (on 100
+/// images: a test's time).
+#[test]
+fn compare_puts_every_mode_side_by_side() {
+    let dir = first_images(100);
+    let args = ["infer", "--model", "weights/fmnist_sc.json", "--data", dir.as_str(), "--compare"];
+    let out = scconv_tch(&[&args[..], &["--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modes: Vec<&str> =
+        json["runs"].as_array().unwrap().iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["reference", "fast", "inference fp32", "inference bf16"]);
+    for run in json["runs"].as_array().unwrap() {
+        let counted = run["differing_decisions"].as_array().map(Vec::len);
+        assert_eq!(counted, (run["mode"] != "reference").then_some(4), "{}", run["mode"]);
+    }
+    let table = text(&scconv_tch(&args));
+    for mode in ["reference", "fast", "inference fp32", "inference bf16"] {
+        assert!(table.lines().any(|l| l.starts_with("fmnist_sc") && l.contains(mode)), "{mode}:\n{table}");
+    }
+    let refused = scconv_tch(&[&args[..], &["--execution", "fast"]].concat());
+    assert!(!refused.status.success(), "{}", text(&refused));
+}

@@ -2,14 +2,14 @@
 use anyhow::Result;
 use scconv_tch::harness::bench::{self, BenchOptions};
 use scconv_tch::harness::infer::ModelRecord;
-use scconv_tch::inference::InferenceResNet;
+use scconv_tch::inference::{Arithmetic, InferenceResNet, Precision};
 use scconv_tch::models::ResNetConfig;
 use scconv_tch::Execution;
 use std::path::Path;
 use std::process::ExitCode;
 use tch::nn::{ModuleT, VarStore};
-use tch::Device;
 use tch::Tensor;
+use tch::{Device, Kind};
 
 pub fn run_bench(
     device: Device,
@@ -90,7 +90,7 @@ pub fn run_bench(
     }
     for n in &networks {
         let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
-        println!("{:<28} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
+        println!("{:<40} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -100,19 +100,28 @@ pub fn run_bench(
 enum Mode {
     /// The model itself, its ScConvs in this execution mode.
     Model(Execution),
-    /// The inference form (`scconv_tch::inference`, every pass).
-    Inference,
+    /// The inference form (`scconv_tch::inference`, every pass) in this precision, built from an fp32
+    /// network.
+    Inference(Precision),
 }
 
 impl Mode {
-    /// Reference, fast (SC networks) and the inference form (the CPU: its passes are oneDNN's).
-    fn for_network(sc: bool, device: Device) -> Vec<Mode> {
+    /// Reference, fast (SC networks) in the bench's dtype; on the CPU (the forms' passes are oneDNN's)
+    /// the inference forms that dtype names: fp32 and bf16 for `float`, bf16 for `bf16`, none for
+    /// `half`.
+    fn for_network(sc: bool, device: Device, kind: Kind) -> Vec<Mode> {
         let mut modes = vec![Mode::Model(Execution::Reference)];
         if sc {
             modes.push(Mode::Model(Execution::Fast));
         }
         if device == Device::Cpu {
-            modes.push(Mode::Inference);
+            match kind {
+                Kind::Float => {
+                    modes.extend([Mode::Inference(Precision::Fp32), Mode::Inference(Precision::Bf16)])
+                }
+                Kind::BFloat16 => modes.push(Mode::Inference(Precision::Bf16)),
+                _ => {}
+            }
         }
         modes
     }
@@ -122,7 +131,9 @@ impl Mode {
             Mode::Model(Execution::Fast) => "fast",
             Mode::Model(Execution::FastTensorOps) => "fast-tensor-ops",
             Mode::Model(Execution::Reference) => "reference",
-            Mode::Inference => "inference",
+            Mode::Inference(Precision::Fp32) => "inference",
+            Mode::Inference(Precision::Bf16) => "inference bf16",
+            Mode::Inference(Precision::Bf16Emulated) => "inference bf16 emulated",
         }
     }
 
@@ -137,8 +148,11 @@ impl Mode {
 #[derive(serde::Serialize)]
 struct NetworkBench {
     name: String,
-    /// reference, fast or inference.
+    /// reference, fast, inference or inference bf16.
     mode: &'static str,
+    /// The inference form's arithmetic on this machine (`bf16 emulated ...` where the CPU has no bf16
+    /// units), for the form's rows.
+    arithmetic: Option<String>,
     batch: i64,
     timing: bench::Timing,
     images_per_second: f64,
@@ -175,20 +189,36 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         vs.set_kind(options.kind);
         let x = Tensor::randn([batch, config.in_channels, side, side], (options.kind, device));
-        let modes = Mode::for_network(config.sc, device);
+        // The forms are built from fp32 networks (they cast themselves): a second one where the
+        // bench's dtype is not fp32 (random weights time alike).
+        let fp32_vs = VarStore::new(device);
+        let fp32_model = match options.kind {
+            Kind::Float => None,
+            _ => Some(scconv_tch::models::resnet(fp32_vs.root(), &config)?),
+        };
+        let fp32_x = x.to_kind(Kind::Float);
+        let size = [batch, config.in_channels, side, side];
+        let modes = Mode::for_network(config.sc, device, options.kind);
         for &mode in &modes {
             if let Mode::Model(execution) = mode {
                 model.set_scconv_execution(execution)?;
             }
             let form = match mode {
-                Mode::Inference => {
-                    Some(InferenceResNet::compiled(&model, [batch, config.in_channels, side, side])?)
-                }
+                Mode::Inference(precision) => Some(InferenceResNet::compiled_with(
+                    fp32_model.as_ref().unwrap_or(&model),
+                    size,
+                    precision,
+                )?),
                 Mode::Model(_) => None,
             };
+            let arithmetic = form.as_ref().map(|f| f.arithmetic().clone());
+            if let Some(Arithmetic::Bf16Emulated { why }) = &arithmetic {
+                eprintln!("warning: {name}'s bf16 form runs emulated (bf16's numbers at fp32 speed or slower): {why}");
+            }
+            let input = if form.is_some() { &fp32_x } else { &x };
             let forward = || match &form {
-                Some(form) => form.try_forward(&x).expect("checked input"),
-                None => model.forward_t(&x, false),
+                Some(form) => form.try_forward(input).expect("checked input"),
+                None => model.forward_t(input, false),
             };
             let timing = tch::no_grad(|| bench::time(device, options.warmup, options.runs, forward));
             let profile = options.profile.then(|| {
@@ -213,10 +243,18 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
                 true => format!(" {}", options.scconv.variant.name()),
                 false => String::new(),
             };
-            let name = format!("{name}{version}{}", mode.suffix());
+            // A bf16 form that had no bf16 units to run on says so in its name.
+            let suffix = match (&arithmetic, mode) {
+                (Some(Arithmetic::Bf16Emulated { .. }), Mode::Inference(Precision::Bf16)) => {
+                    " (inference bf16, emulated)".to_string()
+                }
+                _ => mode.suffix(),
+            };
+            let name = format!("{name}{version}{suffix}");
             out.push(NetworkBench {
                 name,
                 mode: mode.name(),
+                arithmetic: arithmetic.as_ref().map(Arithmetic::describe),
                 batch,
                 images_per_second: per_second(&timing),
                 graph_images_per_second: graph_timing.as_ref().map(per_second),

@@ -42,8 +42,33 @@ pub enum InferMode {
     Inference { decisions: bool, precision: Precision },
 }
 
+impl InferMode {
+    /// Every mode side by side (`infer --compare`): the reference, the fast path (the model's own
+    /// decisions counted), the fp32 and the bf16 inference forms (theirs counted).
+    pub fn all() -> Vec<InferMode> {
+        vec![
+            InferMode::Model { execution: Execution::Reference, decisions: false },
+            InferMode::Model { execution: Execution::Fast, decisions: true },
+            InferMode::Inference { decisions: true, precision: Precision::Fp32 },
+            InferMode::Inference { decisions: true, precision: Precision::Bf16 },
+        ]
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            InferMode::Model { execution: Execution::Reference, .. } => "reference",
+            InferMode::Model { execution: Execution::Fast, .. } => "fast",
+            InferMode::Model { execution: Execution::FastTensorOps, .. } => "fast-tensor-ops",
+            InferMode::Inference { precision: Precision::Fp32, .. } => "inference fp32",
+            InferMode::Inference { precision: Precision::Bf16, .. } => "inference bf16",
+            InferMode::Inference { precision: Precision::Bf16Emulated, .. } => "inference bf16 emulated",
+        }
+    }
+}
+
 struct Run {
     classifier: Classifier,
+    mode: InferMode,
     predictions: Vec<i64>,
     scores: Scores,
     images_per_second: f64,
@@ -59,13 +84,13 @@ pub fn run_infer(
     png: Option<&Path>,
     batch: i64,
     device: Device,
-    mode: InferMode,
+    modes: &[InferMode],
     json: bool,
 ) -> Result<ExitCode> {
     let (images, source, test_set) = load_images(data, png)?;
     let n = images.pixels.size()[0] as u64;
-    let mut runs = Vec::new();
-    for path in models {
+    let (mut runs, mut warned) = (Vec::new(), false);
+    for (path, &mode) in models.iter().flat_map(|path| modes.iter().map(move |mode| (path, mode))) {
         let mut classifier =
             Classifier::load(path, device).with_context(|| format!("loading {}", path.display()))?;
         if let InferMode::Model { execution, .. } = mode {
@@ -76,7 +101,7 @@ pub fn run_infer(
                 let size = input_size(&classifier, &images, batch);
                 let form = InferenceResNet::compiled_with(&classifier.model, size, precision)?;
                 if let Arithmetic::Bf16Emulated { why } = form.arithmetic() {
-                    if precision == Precision::Bf16 && !json {
+                    if precision == Precision::Bf16 && !std::mem::replace(&mut warned, true) {
                         eprintln!("warning: the bf16 form runs emulated in fp32, with bf16's numbers and no speed-up: {why}");
                     }
                 }
@@ -111,13 +136,17 @@ pub fn run_infer(
         let pytorch = test_set.then_some(classifier.record.test_predictions.as_slice());
         let scores = score(&predictions, images.labels.as_deref(), pytorch);
         let images_per_second = predictions.len() as f64 / elapsed.as_secs_f64();
-        runs.push(Run { classifier, predictions, scores, images_per_second, decisions, arithmetic });
+        runs.push(Run { classifier, mode, predictions, scores, images_per_second, decisions, arithmetic });
     }
     if json {
         return print_json(&runs, &source, device);
     }
     println!("{} images: {source}, on {device:?}, batch {batch}", images.pixels.size()[0]);
-    print!("{}", infer_table(&runs));
+    print!("{}", infer_table(&runs, modes.len() > 1));
+    if modes.len() > 1 {
+        println!("gates differing: from the reference mode's (fraction of decisions); max logit diff: from the reference mode's logits (PyTorch's fp32), relative to the largest");
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(arithmetic) = runs.iter().find_map(|r| r.arithmetic.as_ref()) {
         println!("inference form: {}", arithmetic.describe());
     }
@@ -170,7 +199,7 @@ fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
         .iter()
         .map(|r| {
             serde_json::json!({
-                "name": r.classifier.record.name, "parameters": r.classifier.parameters(),
+                "name": r.classifier.record.name, "mode": r.mode.name(), "parameters": r.classifier.parameters(),
                 "pytorch_test_accuracy": r.classifier.record.test_accuracy, "scores": r.scores,
                 "images_per_second": r.images_per_second, "predictions": r.predictions,
                 "differing_decisions": r.decisions.as_ref().map(|d| d.layers.iter()
@@ -187,9 +216,14 @@ fn print_json(runs: &[Run], source: &str, device: Device) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn infer_table(runs: &[Run]) -> String {
+fn infer_table(runs: &[Run], by_mode: bool) -> String {
+    let mode_header = if by_mode {
+        format!(" {:<22} {:>18} {:>14}", "mode", "gates differing", "max logit diff")
+    } else {
+        String::new()
+    };
     let mut out = format!(
-        "{:<14} {:>11} {:>10} {:>20} {:>10}\n",
+        "{:<14}{mode_header} {:>11} {:>10} {:>20} {:>10}\n",
         "network", "parameters", "accuracy", "agrees with PyTorch", "images/s"
     );
     for r in runs {
@@ -199,21 +233,50 @@ fn infer_table(runs: &[Run]) -> String {
         let agreement = s
             .agreeing
             .map_or("-".into(), |a| format!("{a}/{} ({:.2}%)", s.images, 100.0 * a as f64 / s.images as f64));
+        let mode = match by_mode {
+            true => format!(" {:<22} {:>18} {:>14}", mode_label(r), gates_differing(r), logit_diff(r)),
+            false => String::new(),
+        };
         out += &format!(
-            "{:<14} {:>11} {:>10} {:>20} {:>10.0}\n",
+            "{:<14}{mode} {:>11} {:>10} {:>20} {:>10.0}\n",
             r.classifier.record.name,
             r.classifier.parameters(),
             accuracy,
             agreement,
             r.images_per_second
         );
-        for (index, rust, torch) in &s.disagreements {
-            out += &format!(
-                "    image {index}: Rust says {}, PyTorch said {}\n",
-                class_name(*rust),
-                class_name(*torch)
-            );
+        if !by_mode {
+            for (index, rust, torch) in &s.disagreements {
+                out += &format!(
+                    "    image {index}: Rust says {}, PyTorch said {}\n",
+                    class_name(*rust),
+                    class_name(*torch)
+                );
+            }
         }
     }
     out
+}
+
+/// The mode, `(emulated)` where a bf16 form had no bf16 units to run on.
+fn mode_label(r: &Run) -> String {
+    match (&r.arithmetic, r.mode) {
+        (Some(Arithmetic::Bf16Emulated { .. }), InferMode::Inference { precision: Precision::Bf16, .. }) => {
+            format!("{} (emul.)", r.mode.name())
+        }
+        _ => r.mode.name().to_string(),
+    }
+}
+
+/// Differing gate decisions against the reference mode, `-` where not counted or no ScConv.
+fn gates_differing(r: &Run) -> String {
+    let Some(d) = r.decisions.as_ref().filter(|d| !d.layers.is_empty()) else { return "-".into() };
+    let differing: i64 = d.layers.iter().map(|(_, differing, _)| differing).sum();
+    let made: i64 = d.layers.iter().map(|(_, _, made)| made).sum();
+    format!("{differing} ({:.1e})", differing as f64 / made.max(1) as f64)
+}
+
+/// The largest logit difference from the reference mode, relative to its largest logit.
+fn logit_diff(r: &Run) -> String {
+    r.decisions.as_ref().map_or("-".into(), |d| format!("{:.1e}", d.max_logit_diff / d.max_reference_logit))
 }
