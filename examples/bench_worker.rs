@@ -8,17 +8,20 @@
 //!   `ResNetConfig` JSON) with those weights (`-`: the random ones the driver exported instead);
 //! - `compile NAME N C H W [PASSES]`: the inference form for inputs of that size, with every pass or
 //!   the comma-separated ones given (`fold-batchnorm,fuse-epilogues,prepack,channels-last`);
+//! - `compile-bf16 NAME N C H W`: the bf16 inference form (`Precision::Bf16`, every pass); the answer
+//!   names its arithmetic (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
-//! - `decisions NAME INPUT.safetensors`: the inference form's differing gate decisions by layer.
+//! - `decisions NAME INPUT.safetensors [MODE]`: an inference form's (MODE `inference`, the default, or
+//!   `inference-bf16`) differing gate decisions by layer.
 //!
-//! MODE is `reference`, `fast` or `inference`.
+//! MODE is `reference`, `fast`, `inference` or `inference-bf16`.
 //!
 //! ```sh
 //! cargo run --release --example bench_worker
 //! ```
 use scconv_tch::harness::infer::{differences_on, Decider};
-use scconv_tch::inference::InferenceResNet;
+use scconv_tch::inference::{InferenceResNet, Precision};
 use scconv_tch::models::{resnet, ResNet, ResNetConfig};
 use scconv_tch::{weights, Execution};
 use std::collections::HashMap;
@@ -29,13 +32,14 @@ use tch::{Device, Kind, Tensor};
 
 type Error = Box<dyn std::error::Error>;
 
-/// A network in its three modes: `exact` switches between reference and fast; `form` borrows a second
-/// copy (leaked: the worker lives as long as the benchmark).
+/// A network in its four modes: `exact` switches between reference and fast; the forms borrow a
+/// second copy (leaked: the worker lives as long as the benchmark).
 struct Network {
     exact: ResNet,
     _vs: VarStore,
     shared: &'static ResNet,
     form: Option<InferenceResNet<'static>>,
+    form_bf16: Option<InferenceResNet<'static>>,
 }
 
 fn build(config_path: &str, weights_path: &str) -> Result<(VarStore, ResNet), Error> {
@@ -56,7 +60,16 @@ impl Network {
         let (vs, exact) = build(config, weights)?;
         let (shared_vs, shared) = build(config, weights)?;
         Box::leak(Box::new(shared_vs));
-        Ok(Network { exact, _vs: vs, shared: Box::leak(Box::new(shared)), form: None })
+        Ok(Network { exact, _vs: vs, shared: Box::leak(Box::new(shared)), form: None, form_bf16: None })
+    }
+
+    fn form(&self, mode: &str) -> Result<&InferenceResNet<'static>, Error> {
+        let form = match mode {
+            "inference" => self.form.as_ref(),
+            "inference-bf16" => self.form_bf16.as_ref(),
+            other => return Err(format!("{other} is not an inference form").into()),
+        };
+        form.ok_or_else(|| format!("compile the {mode} form first").into())
     }
 
     fn forward(&mut self, mode: &str, x: &Tensor) -> Result<Tensor, Error> {
@@ -68,10 +81,7 @@ impl Network {
                 }
                 tch::no_grad(|| self.exact.forward_t(x, false))
             }
-            "inference" => {
-                let form = self.form.as_ref().ok_or("compile the inference form first")?;
-                form.try_forward(x)?
-            }
+            "inference" | "inference-bf16" => self.form(mode)?.try_forward(x)?,
             other => return Err(format!("unknown mode {other}").into()),
         })
     }
@@ -116,6 +126,14 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             let passes = n.form.as_ref().map(|f| f.passes().to_vec());
             Ok(serde_json::json!({"ok": true, "passes": passes}))
         }
+        ["compile-bf16", name, n_, c, h, w] => {
+            let n = network(networks, name)?;
+            let form = InferenceResNet::compiled_with(n.shared, size(&[n_, c, h, w])?, Precision::Bf16)?;
+            let answer = serde_json::json!({"ok": true, "passes": form.passes(), "arithmetic": form.arithmetic().describe(),
+                "native": form.arithmetic() == &scconv_tch::inference::Arithmetic::Bf16Native});
+            n.form_bf16 = Some(form);
+            Ok(answer)
+        }
         ["run", name, mode, input, output] => {
             let n = network(networks, name)?;
             let x = read_input(input)?;
@@ -138,10 +156,10 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             }
             Ok(serde_json::json!({"ms": ms}))
         }
-        ["decisions", name, input] => {
+        ["decisions", name, input, mode @ ..] if mode.len() <= 1 => {
             let n = network(networks, name)?;
             let x = read_input(input)?;
-            let form = n.form.as_ref().ok_or("compile the inference form first")?;
+            let form = n.form(mode.first().copied().unwrap_or("inference"))?;
             let layers: Vec<_> = differences_on(n.shared, Decider::Form(form), &x)?
                 .layers
                 .into_iter()

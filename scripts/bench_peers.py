@@ -7,12 +7,22 @@ one run on this machine.
    (default ~/.cache/scconv-tch/peers), never into the PyTorch venv; that folder goes at the *end* of
    sys.path, so the venv's torch and numpy are the ones imported.
 2. Exports every network: ONNX (opset 17, torch.onnx.export with dynamo=False) for ONNX Runtime and
-   OpenVINO, TorchScript (trace, freeze, optimize_for_inference), torch.compile with freezing.
+   OpenVINO (f32 as asked, and with its defaults: bf16 on CPUs with bf16 units; the precision it chose is
+   recorded), TorchScript (trace, freeze, optimize_for_inference), torch.compile with freezing (fp32, and
+   under CPU bf16 autocast).
 3. Checks every runtime's logits against PyTorch eager on one batch: max |diff| / max |ref| and the
-   argmax agreement; this crate's modes through `examples/bench_worker.rs`, which reads the same weights.
+   argmax agreement; this crate's modes (the fp32 and bf16 inference forms included) through
+   `examples/bench_worker.rs`, which reads the same weights. For the trained Fashion-MNIST networks, every
+   runtime classifies the 10,000 test images (Debian's dataset-fashion-mnist; else the shipped 1,000):
+   classes differing from PyTorch fp32 eager, and accuracy.
 4. Times them in interleaved rounds in two warm processes (this one and the worker, which waits idle on
    its pipe while the peers run), the same threads and batches for all: images/s from the median.
-5. Writes docs/bench/peers-cpu.json, a Markdown table (peers-cpu.md) and a picture (peers-cpu.png).
+5. Writes docs/bench/peers-cpu.json (with `lscpu`'s model and flags), a Markdown table (peers-cpu.md)
+   and a picture (peers-cpu.png).
+
+On a CPU without bf16 units (no `avx512_bf16` / `amx_bf16`) libtorch's bf16 convolutions fall back to
+slow reference kernels and our bf16 form runs emulated: torch.compile bf16 is then checked for accuracy
+and classes on the Fashion-MNIST networks but not timed, and the tables say so.
 
 A peer that cannot be installed, exported or run fails the run, naming it.
 """
@@ -74,6 +84,49 @@ def import_peers(folder):
     return peers
 
 
+TEST_SET = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+def machine_cpu():
+    """lscpu's model name and flags, and whether the CPU has bf16 units."""
+    fields = {}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError) as err:
+        fail("lscpu", err)
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name", "?"), "flags": " ".join(flags),
+            "bf16_units": [f for f in flags if f in ("avx512_bf16", "amx_bf16")]}
+
+
+def test_images():
+    """The Fashion-MNIST test images and labels: Debian's 10,000, else the shipped first 1,000."""
+    import numpy
+    import torch
+    images, labels = TEST_SET / "t10k-images-idx3-ubyte.gz", TEST_SET / "t10k-labels-idx1-ubyte.gz"
+    if not images.exists():
+        sample = ROOT / "weights/fashion-mnist-sample"
+        images, labels = sample / "t10k-images-first1000-idx3-ubyte.gz", sample / "t10k-labels-first1000-idx1-ubyte.gz"
+    pixels = numpy.frombuffer(gzip.open(images).read()[16:], dtype=numpy.uint8).reshape(-1, 28, 28)
+    x = ((torch.from_numpy(pixels.copy()).float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    y = torch.from_numpy(numpy.frombuffer(gzip.open(labels).read()[8:], dtype=numpy.uint8).astype("int64"))
+    return x, y, str(images.parent)
+
+
+def classes(f, x, batch):
+    """f's classes on x, `batch` at a time (the last chunk padded: some runtimes take one batch size)."""
+    import torch
+    out = []
+    for begin in range(0, len(x), batch):
+        chunk = x[begin:begin + batch]
+        padded = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])]) if len(chunk) < batch else chunk
+        with torch.no_grad():
+            out.append(f(padded)[:len(chunk)].float().argmax(1))
+    return torch.cat(out)
+
+
 def sample_images(n):
     """The first n shipped Fashion-MNIST test images, normalised as the training script does."""
     import numpy
@@ -123,12 +176,14 @@ def build_twin(config, weights):
     return model
 
 
-def export_all(name, model, shape, batches, tmp, peers, threads):
-    """Every peer runtime for `model`, per batch: {runtime: {batch: callable(x) -> torch.Tensor}}."""
+def export_all(name, model, shape, batches, tmp, peers, threads, bf16_batches):
+    """Every peer runtime for `model`, per batch: {runtime: {batch: callable(x) -> torch.Tensor}}, and the
+    precision OpenVINO's defaults chose. torch.compile bf16 only at `bf16_batches`."""
     import numpy
     import torch
     ort, ov = peers["onnxruntime"], peers["openvino"]
-    runtimes = {r: {} for r in ["PyTorch eager", "TorchScript frozen", "torch.compile freezing", "ONNX Runtime", "OpenVINO"]}
+    runtimes = {r: {} for r in PEERS}
+    ov_default_precision = None
     onnx_path = tmp / f"{name}.onnx"
     example = torch.randn(batches[0], *shape)
     try:
@@ -161,16 +216,34 @@ def export_all(name, model, shape, batches, tmp, peers, threads):
             except Exception as err:  # noqa: BLE001
                 fail(f"torch.compile of {name} (batch {batch})", err)
             runtimes["torch.compile freezing"][batch] = compiled
+            if batch in bf16_batches:
+                try:
+                    with torch._inductor.config.patch(freezing=True), torch.autocast("cpu", dtype=torch.bfloat16):
+                        compiled_bf16 = torch.compile(copy.deepcopy(model), dynamic=False)
+                        compiled_bf16(x)
+                except Exception as err:  # noqa: BLE001
+                    fail(f"torch.compile bf16 of {name} (batch {batch})", err)
+                runtimes["torch.compile bf16"][batch] = lambda x, c=compiled_bf16: autocast_bf16(c, x)
         runtimes["ONNX Runtime"][batch] = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
-        try:
-            ov_model = core.read_model(str(onnx_path))
-            ov_model.reshape({"input": [batch, *shape]})
-            ov_compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                                "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
-        except Exception as err:  # noqa: BLE001
-            fail(f"OpenVINO on {name} (batch {batch})", err)
-        runtimes["OpenVINO"][batch] = lambda x, c=ov_compiled: torch.from_numpy(numpy.asarray(c([x.numpy()])[0]))
-    return runtimes
+        for runtime, precision in [("OpenVINO f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("OpenVINO default", {})]:
+            try:
+                ov_model = core.read_model(str(onnx_path))
+                ov_model.reshape({"input": [batch, *shape]})
+                ov_compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                                    "PERFORMANCE_HINT": "LATENCY", **precision})
+                if not precision:
+                    hint = ov_compiled.get_property("INFERENCE_PRECISION_HINT")
+                    ov_default_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+            except Exception as err:  # noqa: BLE001
+                fail(f"{runtime} on {name} (batch {batch})", err)
+            runtimes[runtime][batch] = lambda x, c=ov_compiled: torch.from_numpy(numpy.asarray(c([x.numpy()])[0]))
+    return runtimes, ov_default_precision
+
+
+def autocast_bf16(f, x):
+    import torch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return f(x).float()
 
 
 def compare(out, ref):
@@ -195,14 +268,25 @@ def main():
     import torch
     from safetensors.torch import save_file
     torch.set_num_threads(args.threads)
+    # Every network's forward is one code object to dynamo: its compiles (fp32 and bf16, per batch, per
+    # network) count against one recompile limit (8 by default), past which torch.compile silently runs
+    # eager. Raise it so every compiled runtime is compiled.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.peers.parent / "inductor-cache"))
     worker = Worker(args.worker, args.threads)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-peers-"))
 
-    cases, results = [], {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    cpu = machine_cpu()
+    # libtorch's own check passes on AVX-512 CPUs that emulate bf16: the CPU's flags decide.
+    bf16_native = bool(cpu["bf16_units"]) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cases, results = [], {"machine": {"cpu": platform.processor() or platform.machine(), "lscpu": cpu,
+                                      "bf16_native": bf16_native, "threads": args.threads,
                                       "torch": torch.__version__, "onnxruntime": peers["onnxruntime"].__version__,
                                       "openvino": peers["openvino"].__version__, "when": time.strftime("%Y-%m-%d %H:%M")},
                           "networks": []}
+    test_x, test_y, test_source = test_images()
+    results["machine"]["test_images"] = f"{len(test_x)} from {test_source}"
     for name, config, weights, shape, batches in networks():
         if args.only and name not in args.only:
             continue
@@ -212,12 +296,17 @@ def main():
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, str(weights_file))
         config_file = tmp / f"{name}.json"
         config_file.write_text(json.dumps(config))
-        runtimes = export_all(name, model, shape, batches, tmp, peers, args.threads)
-        ours = ["reference", "fast", "inference"] if config.get("sc") else ["reference", "inference"]
+        trained = shape == (1, 28, 28)
+        # Without bf16 units torch.compile bf16 runs libtorch's slow fallback: accuracy and classes of the
+        # Fashion-MNIST networks at their first batch size only, not timed.
+        bf16_batches = batches if bf16_native else (batches[:1] if trained else [])
+        runtimes, ov_default_precision = export_all(name, model, shape, batches, tmp, peers, args.threads, bf16_batches)
+        ours = ["reference", "fast", "inference", "inference-bf16"] if config.get("sc") else ["reference", "inference", "inference-bf16"]
         for batch in batches:
             key = f"{name}@{batch}"
             worker.ask(f"load {key} {config_file} {weights_file}")
             worker.ask(f"compile {key} {batch} {' '.join(map(str, shape))}")
+            bf16_form = worker.ask(f"compile-bf16 {key} {batch} {' '.join(map(str, shape))}")
         # Accuracy on one batch of the first size: real images for Fashion-MNIST, a seeded normal input else.
         batch = batches[0]
         torch.manual_seed(1)
@@ -226,17 +315,39 @@ def main():
             ref = model(x)
         accuracy = {}
         for runtime, per_batch in runtimes.items():
-            with torch.no_grad():
-                accuracy[runtime] = compare(per_batch[batch](x), ref)
-        save_file({"input": x.contiguous()}, str(tmp / "input.safetensors"))
+            if batch in per_batch:
+                with torch.no_grad():
+                    accuracy[runtime] = compare(per_batch[batch](x), ref)
         from safetensors.torch import load_file
+
+        def ours_f(mode, key=f"{name}@{batch}"):
+            def f(chunk):
+                save_file({"input": chunk.contiguous()}, str(tmp / "input.safetensors"))
+                worker.ask(f"run {key} {mode} {tmp / 'input.safetensors'} {tmp / 'out.safetensors'}")
+                return load_file(str(tmp / "out.safetensors"))["logits"]
+            return f
+
         for mode in ours:
-            worker.ask(f"run {name}@{batch} {mode} {tmp / 'input.safetensors'} {tmp / 'out.safetensors'}")
-            accuracy[f"scconv-tch {mode}"] = compare(load_file(str(tmp / "out.safetensors"))["logits"], ref)
-        decisions = worker.ask(f"decisions {name}@{batch} {tmp / 'input.safetensors'}")["layers"] if config.get("sc") else []
-        entry = {"name": name, "batches": batches, "accuracy": accuracy, "inference_form_decisions": decisions, "timings": {}}
+            accuracy[our_name(mode)] = compare(ours_f(mode)(x), ref)
+        save_file({"input": x.contiguous()}, str(tmp / "input.safetensors"))
+        decisions = {mode: worker.ask(f"decisions {name}@{batch} {tmp / 'input.safetensors'} {mode}")["layers"]
+                     for mode in ["inference", "inference-bf16"]} if config.get("sc") else {}
+        entry = {"name": name, "batches": batches, "accuracy": accuracy, "inference_form_decisions": decisions.get("inference", []),
+                 "bf16_form_decisions": decisions.get("inference-bf16", []), "bf16_form": bf16_form["arithmetic"],
+                 "openvino_default_precision": ov_default_precision, "timings": {}}
+        if trained:
+            print(f"bench-peers: {name}: classes of {len(test_x)} test images, every runtime", flush=True)
+            reference_classes = classes(model, test_x, batch)
+            runners = {r: pb[batch] for r, pb in runtimes.items() if batch in pb}
+            runners.update({our_name(mode): ours_f(mode) for mode in ours})
+            entry["test_set"] = {}
+            for runtime, f in runners.items():
+                predicted = classes(f, test_x, batch)
+                entry["test_set"][runtime] = {"differing_from_eager": int((predicted != reference_classes).sum()),
+                                              "accuracy": float((predicted == test_y).float().mean())}
         results["networks"].append(entry)
-        cases.append((entry, shape, runtimes, ours))
+        timed = {r: pb for r, pb in runtimes.items() if r != "torch.compile bf16" or bf16_native}
+        cases.append((entry, shape, timed, ours))
 
     for round_ in range(args.rounds):
         print(f"bench-peers: round {round_ + 1} of {args.rounds}", flush=True)
@@ -247,6 +358,8 @@ def main():
                 # Batch 1 runs take a millisecond or so: more of them, after more warm-up, per turn.
                 warmup, runs = (1, args.runs) if batch > 1 else (10, 10 * args.runs)
                 for runtime, per_batch in runtimes.items():
+                    if batch not in per_batch:
+                        continue
                     f = per_batch[batch]
                     time.sleep(QUIET_S)
                     with torch.no_grad():
@@ -259,7 +372,7 @@ def main():
                 for mode in ours:
                     time.sleep(QUIET_S)
                     ms = worker.ask(f"time {entry['name']}@{batch} {mode} {batch} {' '.join(map(str, shape))} {warmup} {runs}")["ms"]
-                    timings.setdefault(f"scconv-tch {mode}", []).extend(ms)
+                    timings.setdefault(our_name(mode), []).extend(ms)
 
     for entry in results["networks"]:
         entry["images_per_second"] = {
@@ -272,24 +385,47 @@ def main():
     print(table(results))
 
 
-PEERS = ["PyTorch eager", "TorchScript frozen", "torch.compile freezing", "ONNX Runtime", "OpenVINO"]
-OURS = ["scconv-tch reference", "scconv-tch fast", "scconv-tch inference"]
+PEERS = ["PyTorch eager", "TorchScript frozen", "torch.compile freezing", "ONNX Runtime", "OpenVINO f32",
+         "OpenVINO default", "torch.compile bf16"]
+FP32_PEERS = PEERS[:5]
+OURS = ["scconv-tch reference", "scconv-tch fast", "scconv-tch inference", "scconv-tch inference bf16"]
+
+
+def our_name(mode):
+    return "scconv-tch " + mode.replace("inference-bf16", "inference bf16")
+
+
+def cell(ips, runtime, bold=False):
+    if runtime not in ips:
+        return "—"
+    return f"**{ips[runtime]:,.1f}**" if bold else f"{ips[runtime]:,.1f}"
+
+
+def ratio(ips, ours, peer):
+    return f"{ips[ours] / ips[peer]:.2f}x" if ours in ips and peer in ips else "—"
 
 
 def table(results):
     m = results["machine"]
+    cpu = m.get("lscpu", {})
+    bf16 = ", ".join(cpu.get("bf16_units", [])) or "none"
     lines = [f"Images/s, {m['threads']} threads, forward only, median of every timed run over interleaved rounds "
              f"({m['when']}; torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, OpenVINO {m['openvino']}). "
-             "Best peer in bold; the last columns: our inference form over the best peer, and SC over plain.", "",
-             "| network (batch) | " + " | ".join(PEERS + OURS) + " | inference / best peer |",
-             "|---|" + "---:|" * (len(PEERS) + len(OURS) + 1)]
+             f"CPU: {cpu.get('model', m['cpu'])}; bf16 units: {bf16}. Best fp32 peer in bold; the last columns: "
+             "our fp32 form over the best fp32 peer, our bf16 form over OpenVINO's default and over torch.compile bf16.", ""]
+    if not m.get("bf16_native", True):
+        lines += ["**This CPU has no bf16 units**: OpenVINO's default precision is f32 here (recorded below), "
+                  "torch.compile bf16 is not timed (libtorch's bf16 convolutions fall back to slow kernels), and our "
+                  "bf16 form runs emulated (bf16's numbers in fp32 tensors: no speed-up).", ""]
+    lines += ["| network (batch) | " + " | ".join(PEERS + OURS) + " | fp32 form / best fp32 peer | bf16 form / OpenVINO default | bf16 form / torch.compile bf16 |",
+              "|---|" + "---:|" * (len(PEERS) + len(OURS) + 3)]
     for entry in results["networks"]:
         for batch, ips in entry["images_per_second"].items():
-            best = max(PEERS, key=lambda r: ips[r])
-            cells = [f"**{ips[r]:,.1f}**" if r == best else f"{ips[r]:,.1f}" for r in PEERS]
-            cells += [f"{ips[r]:,.1f}" if r in ips else "—" for r in OURS]
-            ratio = ips["scconv-tch inference"] / ips[best]
-            lines.append(f"| {entry['name']} ({batch}) | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+            best = max(FP32_PEERS, key=lambda r: ips[r])
+            cells = [cell(ips, r, r == best) for r in PEERS] + [cell(ips, r) for r in OURS]
+            cells += [ratio(ips, "scconv-tch inference", best), ratio(ips, "scconv-tch inference bf16", "OpenVINO default"),
+                      ratio(ips, "scconv-tch inference bf16", "torch.compile bf16")]
+            lines.append(f"| {entry['name']} ({batch}) | " + " | ".join(cells) + " |")
     lines += ["", "Max |diff| / max |ref| against PyTorch eager on one batch (argmax agreement):", "",
               "| network | " + " | ".join(PEERS[1:] + OURS) + " |", "|---|" + "---:|" * (len(PEERS) - 1 + len(OURS))]
     for entry in results["networks"]:
@@ -297,25 +433,42 @@ def table(results):
         cells = [f"{acc[r]['max_abs_diff_rel']:.1e} ({acc[r]['argmax_agreement']:.3f})" if r in acc else "—"
                  for r in PEERS[1:] + OURS]
         lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "OpenVINO's default precision (`INFERENCE_PRECISION_HINT`) and our bf16 form's arithmetic, as each reported:", ""]
+    for entry in results["networks"]:
+        lines.append(f"- {entry['name']}: OpenVINO {entry.get('openvino_default_precision')}; ours {entry.get('bf16_form')}")
+    tested = [e for e in results["networks"] if e.get("test_set")]
+    if tested:
+        runtimes = [r for r in PEERS + OURS if any(r in e["test_set"] for e in tested)]
+        lines += ["", f"The trained networks on {m.get('test_images', 'the test images')}: classes differing from PyTorch fp32 eager "
+                  "(accuracy):", "", "| network | " + " | ".join(runtimes) + " |", "|---|" + "---:|" * len(runtimes)]
+        for entry in tested:
+            t = entry["test_set"]
+            cells = [f"{t[r]['differing_from_eager']} ({100 * t[r]['accuracy']:.2f}%)" if r in t else "—" for r in runtimes]
+            lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
     sc = [e for e in results["networks"] if e["inference_form_decisions"]]
     if sc:
-        lines += ["", "Gate decisions of the inference form that differ from the reference mode (same batch):", ""]
+        lines += ["", "Gate decisions of the inference forms that differ from the reference mode (same batch):", ""]
         for entry in sc:
-            layers = entry["inference_form_decisions"]
-            total = sum(layer["differing"] for layer in layers)
-            where = ", ".join(f"{layer['layer']} {layer['differing']}" for layer in layers if layer["differing"]) or "none"
-            lines.append(f"- {entry['name']}: {total} of {sum(layer['positions'] for layer in layers):,} ({where})")
+            for label, key in [("fp32 form", "inference_form_decisions"), ("bf16 form", "bf16_form_decisions")]:
+                layers = entry.get(key) or []
+                if not layers:
+                    continue
+                total = sum(layer["differing"] for layer in layers)
+                where = ", ".join(f"{layer['layer']} {layer['differing']}" for layer in layers if layer["differing"]) or "none"
+                lines.append(f"- {entry['name']}, {label}: {total} of {sum(layer['positions'] for layer in layers):,} ({where})")
     pairs = [("sc_resnet50", "resnet50"), ("fmnist_sc", "fmnist_plain")]
     by_name = {e["name"]: e for e in results["networks"]}
     ratio_lines = []
     for sc_name, plain_name in pairs:
         if sc_name in by_name and plain_name in by_name:
             for batch in by_name[sc_name]["images_per_second"]:
-                sc_ips = by_name[sc_name]["images_per_second"][batch]["scconv-tch inference"]
-                plain_ips = by_name[plain_name]["images_per_second"][batch]["scconv-tch inference"]
-                ratio_lines.append(f"- {sc_name} / {plain_name}, inference form, batch {batch}: {sc_ips / plain_ips:.2f}x")
+                for form in ["scconv-tch inference", "scconv-tch inference bf16"]:
+                    sc_ips = by_name[sc_name]["images_per_second"][batch].get(form)
+                    plain_ips = by_name[plain_name]["images_per_second"][batch].get(form)
+                    if sc_ips and plain_ips:
+                        ratio_lines.append(f"- {sc_name} / {plain_name}, {form[11:]} form, batch {batch}: {sc_ips / plain_ips:.2f}x")
     if ratio_lines:
-        lines += ["", "SC over plain in the inference form:", "", *ratio_lines]
+        lines += ["", "SC over plain in the inference forms:", "", *ratio_lines]
     return "\n".join(lines) + "\n"
 
 
@@ -328,7 +481,9 @@ def picture(results, path, matplotlib):
     for ax, (label, ips) in zip(axes[:, 0], rows):
         names = [r for r in runtimes if r in ips]
         colors = ["#8da0cb" if r in PEERS else "#fc8d62" for r in names]
-        ax.barh(names, [ips[r] for r in names], color=colors)
+        emulated = not results["machine"].get("bf16_native", True)
+        labels = [f"{r} (emulated)" if emulated and r == "scconv-tch inference bf16" else r for r in names]
+        ax.barh(labels, [ips[r] for r in names], color=colors)
         ax.set_title(label, fontsize=9, loc="left")
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()

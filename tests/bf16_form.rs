@@ -67,9 +67,12 @@ fn the_bf16_pass_casts_a_bf16_form_after_fold_and_before_prepack() {
     assert!(err.contains("folded first"), "{err}");
     form.apply(Pass::FoldBatchnorm, size).unwrap();
     form.apply(Pass::Prepack, size).unwrap();
+    let probe = Tensor::randn(size, (Kind::Float, Device::Cpu));
+    let before = form.try_forward(&probe).unwrap();
     let err = form.apply(Pass::Bf16, size).unwrap_err().to_string();
     assert!(err.contains("before prepack"), "{err}");
     assert_eq!(form.passes(), &[Pass::FoldBatchnorm, Pass::Prepack]);
+    assert!(form.try_forward(&probe).unwrap().equal(&before), "a refused cast changes no step");
 
     // Fold then cast alone (no fuse, no prepack): the logits are the bf16 form's already.
     let mut cast = InferenceResNet::with_precision(&classifier.model, Precision::Bf16Emulated).unwrap();

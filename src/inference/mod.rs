@@ -5,6 +5,9 @@
 //!   ([`fold_batchnorm`]), or, after an ScConv, into its CRU's fuse weights (scale) and a shift;
 //! - [`Pass::FuseEpilogues`]: ReLU and residual add in the convolution's epilogue (libtorch's oneDNN
 //!   `_convolution_pointwise` post-ops, through this crate's C++ shim), in place after an ScConv;
+//! - [`Pass::Bf16`] (forms of [`Precision::Bf16`] only): every convolution's weight and bias stored in
+//!   bf16 once, after folding, and so its input and output ([`precision`](Precision): what runs in
+//!   bf16, what in fp32, and how CPUs without bf16 units emulate it);
 //! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout;
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //!
@@ -20,6 +23,11 @@
 //! and `crate::models::ResNet::forward_recording_gates` let a caller count them by layer
 //! (`scconv-tch infer --execution inference --decisions` does). See docs/speed.md for what each
 //! pass measured.
+//!
+//! The bf16 form ([`InferenceResNet::compiled_with`] and [`Precision::Bf16`]) is held to PyTorch's own
+//! bf16 accuracy instead: with the same decisions injected, its logits off the fp64 run by at most twice
+//! what PyTorch's CPU bf16 autocast is off, plus one bf16 rounding of the largest logit; it flips about
+//! 0.2% of the gate decisions (each counted by the same means).
 //!
 //! ```no_run
 //! use scconv_tch::inference::InferenceResNet;

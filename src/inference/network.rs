@@ -194,10 +194,8 @@ impl<'a> InferenceResNet<'a> {
                 "prepack needs the BatchNorms folded first (the fold pass)".into(),
             ));
         }
-        if pass == Pass::Bf16 && !self.arithmetic.is_bf16() {
-            return Err(ScConvError::InvalidInput(
-                "the bf16 pass casts a form built for bf16 (`with_precision`); this one is fp32".into(),
-            ));
+        if pass == Pass::Bf16 {
+            self.check_cast()?;
         }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
@@ -214,6 +212,21 @@ impl<'a> InferenceResNet<'a> {
         }
         self.passes.push(pass);
         Ok(())
+    }
+
+    /// Whether the bf16 pass may run now: in a bf16 form, after fold (the BatchNorms are folded in
+    /// fp32), before prepack (which reorders the weights it casts). Checked before any step changes.
+    fn check_cast(&self) -> Result<(), ScConvError> {
+        let refused = if !self.arithmetic.is_bf16() {
+            "the bf16 pass casts a form built for bf16 (`with_precision`); this one is fp32"
+        } else if !self.passes.contains(&Pass::FoldBatchnorm) {
+            "casting needs the BatchNorms folded first (the fold pass)"
+        } else if self.passes.contains(&Pass::Prepack) {
+            "cast before prepack: the packed weights would stay fp32"
+        } else {
+            return Ok(());
+        };
+        Err(ScConvError::InvalidInput(refused.into()))
     }
 
     fn each_step(
