@@ -97,6 +97,16 @@ fn bench_reports_every_resnet50_shape_as_json() {
         .collect();
     assert_eq!(shapes, [(64, 56), (128, 28), (256, 14), (512, 7)]);
     assert!(json["blocks"][0]["scconv"]["median_ms"].as_f64().is_some());
+    // On the CPU in fp32, each shape also times the inference form's ScConv step against the form's
+    // own 3x3 conv, in fp32 and bf16 (native or emulated, as the arithmetic says).
+    for block in json["blocks"].as_array().unwrap() {
+        let form = block["form"].as_array().expect("form rows");
+        let arithmetic: Vec<&str> = form.iter().map(|f| f["arithmetic"].as_str().unwrap()).collect();
+        assert_eq!(arithmetic.len(), 2, "{arithmetic:?}");
+        assert!(arithmetic[0] == "fp32" && arithmetic[1].starts_with("bf16"), "{arithmetic:?}");
+        assert!(form.iter().all(|f| f["scconv_step"]["median_ms"].as_f64().is_some()
+            && f["conv3x3"]["median_ms"].as_f64().is_some()));
+    }
 }
 
 #[test]

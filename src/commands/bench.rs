@@ -67,6 +67,26 @@ pub fn run_bench(
             b.scconv_fast.median_ms / b.conv3x3.median_ms
         );
     }
+    if blocks.iter().any(|b| !b.form.is_empty()) {
+        println!("inference form: the ScConv step against the form's own 3x3 conv (each with BatchNorm folded, ReLU fused, prepacked)");
+        println!(
+            "{:<10} {:>5} {:<14} {:>14} {:>12} {:>10}",
+            "shape", "batch", "arithmetic", "ScConv step ms", "conv3x3 ms", "step/conv"
+        );
+        for b in &blocks {
+            for f in &b.form {
+                println!(
+                    "{:<10} {:>5} {:<14} {:>14.3} {:>12.3} {:>9.2}x",
+                    format!("{}@{}", b.channels, b.size),
+                    b.batch,
+                    f.arithmetic,
+                    f.scconv_step.median_ms,
+                    f.conv3x3.median_ms,
+                    f.scconv_step.median_ms / f.conv3x3.median_ms
+                );
+            }
+        }
+    }
     if options.cuda_graph {
         println!("CUDA graphs (replay):");
         for b in &blocks {

@@ -2,6 +2,7 @@
 //! several timed runs; median and spread. CUDA runs are synchronised before each clock read.
 //! Timings are measurements, never test assertions.
 use crate::error::ScConvError;
+use crate::inference::{Arithmetic, BatchNormParams, ConvGeometry, InferenceConv, Precision, ScConvStep};
 use crate::{scconv, Execution};
 use serde::Serialize;
 use std::time::Instant;
@@ -74,6 +75,20 @@ pub struct BlockBench {
     pub conv3x3_graph: Option<Timing>,
     /// Whether the fast block ran the fused CUDA kernels (else libtorch operations).
     pub fused_cuda_kernels: bool,
+    /// On the CPU in fp32: the inference form's ScConv step against the form's own 3x3 convolution,
+    /// in each precision of the form.
+    pub form: Vec<FormBlockBench>,
+}
+
+/// The inference form's ScConv step (its BatchNorm folded into the fuse, shift and ReLU in place, the
+/// CRU's convolutions prepacked) against the form's own 3x3 convolution with the same BatchNorm and
+/// ReLU (folded, fused, prepacked): a residual 3x3 step each way, in one precision.
+#[derive(Debug, Clone, Serialize)]
+pub struct FormBlockBench {
+    /// The form's arithmetic on this machine: `fp32`, `bf16` (oneDNN's bf16 kernels), `bf16 emulated`.
+    pub arithmetic: String,
+    pub scconv_step: Timing,
+    pub conv3x3: Timing,
 }
 
 /// Times a captured graph's replay.
@@ -106,6 +121,7 @@ pub fn bench_block(
     let mut block = scconv(vs.root() / "scconv", &options.scconv.config(channels)?)?;
     let conv_config = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
     let conv = nn::conv2d(vs.root() / "conv3x3", channels, channels, 3, conv_config);
+    let batchnorm = nn::batch_norm2d(vs.root() / "bn", channels, Default::default());
     vs.set_kind(options.kind);
     let x = Tensor::randn([batch, channels, size, size], (options.kind, device));
     let (warmup, runs) = (options.warmup, options.runs);
@@ -121,6 +137,13 @@ pub fn bench_block(
             let mut graph = crate::cuda::CudaGraph::capture(&conv, &x, |x| conv.forward(x))?;
             conv3x3_graph = Some(time_graph(device, options, &mut graph)?);
         }
+        let form = match device == Device::Cpu && options.kind == Kind::Float {
+            true => [Precision::Fp32, Precision::Bf16]
+                .into_iter()
+                .map(|p| bench_form_block(&block, &conv, &batchnorm, &x, p, warmup, runs))
+                .collect::<Result<_, _>>()?,
+            false => Vec::new(),
+        };
         let dtype = format!("{:?}", options.kind);
         Ok(BlockBench {
             variant: options.scconv.variant.name().to_string(),
@@ -134,6 +157,40 @@ pub fn bench_block(
             scconv_fast_graph,
             conv3x3_graph,
             fused_cuda_kernels,
+            form,
         })
     })
+}
+
+/// One [`FormBlockBench`]: both steps built from `scconv`, `conv` and `batchnorm` with every pass of
+/// the form (`Pass::Bf16` too in bf16), prepacked for `x`'s size.
+fn bench_form_block(
+    scconv: &crate::ScConv,
+    conv: &nn::Conv2D,
+    batchnorm: &nn::BatchNorm,
+    x: &Tensor,
+    precision: Precision,
+    warmup: usize,
+    runs: usize,
+) -> Result<FormBlockBench, ScConvError> {
+    let size = <[i64; 4]>::try_from(x.size()).map_err(|_| ScConvError::InvalidInput("a 4-d input".into()))?;
+    let arithmetic = Arithmetic::for_precision(precision);
+    let bn = || BatchNormParams::of(batchnorm, crate::models::blocks::BATCHNORM_EPS);
+    let mut step = ScConvStep::new(scconv, "block", false, bn(), true)?;
+    let mut plain = InferenceConv::new(conv, ConvGeometry::square(1, 1, 1)).then_batchnorm(bn()).then_relu();
+    step.fold();
+    plain.fold();
+    step.fuse()?;
+    plain.fuse()?;
+    if arithmetic.is_bf16() {
+        step.cast(&arithmetic)?;
+        plain.cast(&arithmetic)?;
+    }
+    step.prepack(size)?;
+    plain.prepack(size)?;
+    // Each step reads its input as the form hands it over: bf16 where the form stores bf16.
+    let x = arithmetic.store(x);
+    let scconv_step = time(Device::Cpu, warmup, runs, || step.forward(&step.input(&x), None, None));
+    let conv3x3 = time(Device::Cpu, warmup, runs, || plain.forward(&x));
+    Ok(FormBlockBench { arithmetic: arithmetic.name().to_string(), scconv_step, conv3x3 })
 }

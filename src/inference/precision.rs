@@ -60,6 +60,15 @@ impl Arithmetic {
         !matches!(self, Arithmetic::Fp32)
     }
 
+    /// A short name for tables: `fp32`, `bf16`, `bf16 emulated`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arithmetic::Fp32 => "fp32",
+            Arithmetic::Bf16Native => "bf16",
+            Arithmetic::Bf16Emulated { .. } => "bf16 emulated",
+        }
+    }
+
     /// A one-line description for reports: `fp32`, `bf16 (oneDNN)`, `bf16 emulated (...)`.
     pub fn describe(&self) -> String {
         match self {
