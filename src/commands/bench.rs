@@ -209,16 +209,18 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         vs.set_kind(options.kind);
         let x = Tensor::randn([batch, config.in_channels, side, side], (options.kind, device));
+        let modes = Mode::for_network(config.sc, device, options.kind);
         // The forms are built from fp32 networks (they cast themselves): a second one where the
-        // bench's dtype is not fp32 (random weights time alike).
+        // bench's dtype is not fp32 and a form is timed (random weights time alike).
+        let forms = modes.iter().any(|m| matches!(m, Mode::Inference(_)));
         let fp32_vs = VarStore::new(device);
         let fp32_model = match options.kind {
             Kind::Float => None,
+            _ if !forms => None,
             _ => Some(scconv_tch::models::resnet(fp32_vs.root(), &config)?),
         };
         let fp32_x = x.to_kind(Kind::Float);
         let size = [batch, config.in_channels, side, side];
-        let modes = Mode::for_network(config.sc, device, options.kind);
         for &mode in &modes {
             if let Mode::Model(execution) = mode {
                 model.set_scconv_execution(execution)?;

@@ -94,16 +94,7 @@ impl InferenceConv {
     /// after folding), and so its input and output from then on. Refused before fold (the BatchNorm
     /// is folded in fp32) and after prepack (which reorders the weight it casts).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
-        if self.batchnorm.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "casting needs the BatchNorm folded first (the fold pass)".into(),
-            ));
-        }
-        if self.packed.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "cast before prepack: the packed weight would stay fp32".into(),
-            ));
-        }
+        cast_allowed(self.batchnorm.is_none(), self.packed.is_some())?;
         self.weight = arithmetic.store(&self.weight);
         self.bias = self.bias.as_ref().map(|b| arithmetic.store(b));
         self.arithmetic = arithmetic.clone();
@@ -180,6 +171,17 @@ impl InferenceConv {
 /// The fuse pass's refusal while a BatchNorm is not folded.
 pub(super) fn fuse_needs_fold() -> ScConvError {
     ScConvError::InvalidInput("fuse needs the BatchNorm folded first (the fold pass)".into())
+}
+
+/// The cast pass's refusals, for a convolution, an ScConv step or a whole form: before fold (the
+/// BatchNorm is folded in fp32), after prepack (which reorders the weights it casts).
+pub(super) fn cast_allowed(folded: bool, prepacked: bool) -> Result<(), ScConvError> {
+    let refused = match (folded, prepacked) {
+        (false, _) => "casting needs the BatchNorm folded first (the fold pass)",
+        (true, true) => "cast before prepack: the packed weights would stay fp32",
+        (true, false) => return Ok(()),
+    };
+    Err(ScConvError::InvalidInput(refused.into()))
 }
 
 /// `relu(y + residual)`, each part where asked: in place on `y` when `in_place` (the fuse pass's

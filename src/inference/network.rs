@@ -217,16 +217,13 @@ impl<'a> InferenceResNet<'a> {
     /// Whether the bf16 pass may run now: in a bf16 form, after fold (the BatchNorms are folded in
     /// fp32), before prepack (which reorders the weights it casts). Checked before any step changes.
     fn check_cast(&self) -> Result<(), ScConvError> {
-        let refused = if !self.arithmetic.is_bf16() {
-            "the bf16 pass casts a form built for bf16 (`with_precision`); this one is fp32"
-        } else if !self.passes.contains(&Pass::FoldBatchnorm) {
-            "casting needs the BatchNorms folded first (the fold pass)"
-        } else if self.passes.contains(&Pass::Prepack) {
-            "cast before prepack: the packed weights would stay fp32"
-        } else {
-            return Ok(());
-        };
-        Err(ScConvError::InvalidInput(refused.into()))
+        if !self.arithmetic.is_bf16() {
+            return Err(ScConvError::InvalidInput(
+                "the bf16 pass casts a form built for bf16 (`with_precision`); this one is fp32".into(),
+            ));
+        }
+        let applied = |pass| self.passes.contains(&pass);
+        super::conv::cast_allowed(applied(Pass::FoldBatchnorm), applied(Pass::Prepack))
     }
 
     fn each_step(

@@ -5,7 +5,7 @@
 //! fuse pass runs the shift, add and ReLU in place. In the bf16 form (the cast pass) the CRU's
 //! convolutions run in bf16 and everything else in fp32 on their bf16 values, the step's output
 //! stored in bf16 once (`precision`).
-use super::conv::{epilogue, fuse_needs_fold, InferenceConv};
+use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::precision::{as_fp32, Arithmetic};
@@ -145,16 +145,7 @@ impl<'a> ScConvStep<'a> {
     /// The cast pass: the CRU's convolutions stored as `arithmetic` stores values, and the step's
     /// output (after fold, before prepack, as a convolution's).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
-        if self.batchnorm.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "casting needs the BatchNorm folded first (the fold pass)".into(),
-            ));
-        }
-        if self.cru.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "cast before prepack: the packed weights would stay fp32".into(),
-            ));
-        }
+        cast_allowed(self.batchnorm.is_none(), self.cru.is_some())?;
         self.cru = Some(FormCru::new(self.scconv, arithmetic)?);
         self.arithmetic = arithmetic.clone();
         Ok(())
