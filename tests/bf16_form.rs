@@ -35,10 +35,8 @@ fn the_bf16_form_is_native_exactly_where_the_cpu_has_bf16_units() {
     assert_eq!(ours, kernels, "cpuid's bf16 flags against /proc/cpuinfo's");
     let classifier = trained("fmnist_sc");
     let form = InferenceResNet::compiled_with(&classifier.model, [4, 1, 28, 28], Precision::Bf16).unwrap();
-    // Every pass but channels-last, which SC networks skip (their ScConvs read NCHW).
-    let mut expected = Pass::all_for(Precision::Bf16);
-    expected.retain(|p| *p != Pass::ChannelsLast);
-    assert_eq!(form.passes(), expected.as_slice());
+    // Every pass (the seed's ScConv version has the channels-last kernel).
+    assert_eq!(form.passes(), Pass::all_for(Precision::Bf16).as_slice());
     println!("{}: {}", kernels.join(" "), form.arithmetic().describe());
     match bf16_support() {
         Ok(()) => assert_eq!(form.arithmetic(), &Arithmetic::Bf16Native),

@@ -5,6 +5,7 @@
 //! `make test` unseen.
 use scconv_tch::inference::{shim_built, InferenceResNet, Pass};
 use scconv_tch::models::{resnet, ResNetConfig};
+use scconv_tch::Variant;
 use tch::{nn::VarStore, Device};
 
 #[test]
@@ -18,16 +19,24 @@ fn this_build_has_the_cpu_shim() {
 
 #[test]
 fn the_compiled_form_applies_every_pass_it_names() {
-    for sc in [false, true] {
+    // Channels-last everywhere but in SC networks whose ScConv version has no channels-last kernel
+    // (the soft gate of 2023-10-19).
+    for (sc, variant, channels_last) in [
+        (false, Variant::V20230727, true),
+        (true, Variant::V20230727, true),
+        (true, Variant::V20230912, true),
+        (true, Variant::V20231019, false),
+    ] {
         let vs = VarStore::new(Device::Cpu);
         let mut config = ResNetConfig::named("resnet18", sc).unwrap();
         config.num_classes = 10;
+        config.scconv.variant = variant;
         let model = resnet(vs.root(), &config).unwrap();
         let form = InferenceResNet::compiled(&model, [1, 3, 64, 64]).unwrap();
         let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack];
-        if !sc {
+        if channels_last {
             expected.push(Pass::ChannelsLast);
         }
-        assert_eq!(form.passes(), expected, "sc {sc}");
+        assert_eq!(form.passes(), expected, "sc {sc}, {variant:?}");
     }
 }

@@ -87,6 +87,13 @@ pub fn run_bench(
             }
         }
     }
+    for b in &blocks {
+        for f in b.form.iter().filter(|f| f.scconv_step_profile.is_some()) {
+            let what = format!("{}@{} batch {} {}", b.channels, b.size, b.batch, f.arithmetic);
+            println!("form ScConv step {what}: {:.3} ms per forward", f.scconv_step.median_ms);
+            print_sections(f.scconv_step_profile.iter().flatten(), f.scconv_step.median_ms);
+        }
+    }
     if options.cuda_graph {
         println!("CUDA graphs (replay):");
         for b in &blocks {
@@ -104,15 +111,20 @@ pub fn run_bench(
     }
     for n in networks.iter().filter(|n| n.profile.is_some()) {
         println!("{} batch {}: {:.2} ms per forward", n.name, n.batch, n.timing.median_ms);
-        for (section, ms) in n.profile.iter().flatten() {
-            println!("    {section:<26} {ms:>9.2} ms {:>5.1}%", 100.0 * ms / n.timing.median_ms);
-        }
+        print_sections(n.profile.iter().flatten(), n.timing.median_ms);
     }
     for n in &networks {
         let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
         println!("{:<40} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A profile's sections: milliseconds per forward and their share of `total_ms`.
+fn print_sections<'a>(sections: impl Iterator<Item = &'a (String, f64)>, total_ms: f64) {
+    for (section, ms) in sections {
+        println!("    {section:<26} {ms:>9.3} ms {:>5.1}%", 100.0 * ms / total_ms);
+    }
 }
 
 /// How a network runs in a bench row.
@@ -243,17 +255,9 @@ fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkB
                 None => model.forward_t(input, false),
             };
             let timing = tch::no_grad(|| bench::time(device, options.warmup, options.runs, forward));
-            let profile = options.profile.then(|| {
-                scconv_tch::profile::enable(device);
-                tch::no_grad(|| (0..options.runs).for_each(|_| drop(forward())));
-                let sections = scconv_tch::profile::finish();
-                let per_run = |ms: f64| ms / options.runs as f64;
-                let mut rows: Vec<(String, f64)> =
-                    sections.iter().map(|(name, ms, _)| (name.to_string(), per_run(*ms))).collect();
-                let listed: f64 = rows.iter().map(|(_, ms)| ms).sum();
-                rows.push(("rest".into(), timing.median_ms - listed));
-                rows
-            });
+            let profile = options
+                .profile
+                .then(|| tch::no_grad(|| bench::profile(device, options.runs, &timing, forward)));
             let graph_timing = match (options.cuda_graph, mode) {
                 (true, Mode::Model(_)) => {
                     Some(bench::time_graph(device, &options, &mut model.cuda_graph(&x)?)?)

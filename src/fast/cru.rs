@@ -72,6 +72,31 @@ impl Cru {
             convs.squeezes(&up, &low)
         };
         let (up, low) = scope("CRU squeeze1, squeeze2", squeeze);
+        self.after_squeezes(convs, up, low, cuda_kernels, fuse_scale)
+    }
+
+    /// The CRU from its two squeeze inputs, the SRU's output split at `up_channel` (`up`, `low`: any
+    /// layout the convolutions take; the inference form's channels-last step writes them so).
+    pub(crate) fn forward_halves(
+        &self,
+        convs: &dyn CruConvs,
+        up: &Tensor,
+        low: &Tensor,
+        fuse_scale: Option<&Tensor>,
+    ) -> Tensor {
+        let (up, low) = scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low));
+        self.after_squeezes(convs, up, low, false, fuse_scale)
+    }
+
+    /// GWC + PWC1, PWC2 and the fuse on the squeezed `up` and `low`.
+    fn after_squeezes(
+        &self,
+        convs: &dyn CruConvs,
+        up: Tensor,
+        low: Tensor,
+        cuda_kernels: bool,
+        fuse_scale: Option<&Tensor>,
+    ) -> Tensor {
         let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(&up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || convs.pwc2(&low));

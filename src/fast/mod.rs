@@ -26,9 +26,9 @@
 //! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
 mod cru;
 pub(crate) use cru::CruConvs;
-mod sru_kernel;
+pub(crate) mod sru_kernel;
 pub mod threshold;
-mod welford;
+pub(crate) mod welford;
 
 use crate::config::Variant;
 use crate::error::ScConvError;
@@ -109,7 +109,7 @@ impl ChannelConstants {
 }
 
 /// The element rule of `sru`'s version.
-fn rule_of(sru: &Sru) -> Rule {
+pub(crate) fn rule_of(sru: &Sru) -> Rule {
     match sru.variant {
         Variant::V20230727 => Rule::MasksOnX,
         Variant::V20230912 | Variant::V20230914 => Rule::MasksOnGnX,

@@ -45,17 +45,17 @@ pub enum Rule {
 
 /// One channel of one sample: its statistics, affine, `w_gamma` and threshold.
 #[derive(Clone, Copy)]
-struct ChannelGate {
-    mean: f32,
-    denom: f32,
-    gamma: f32,
-    beta: f32,
-    w_gamma: f32,
-    threshold: f32,
+pub(crate) struct ChannelGate {
+    pub(crate) mean: f32,
+    pub(crate) denom: f32,
+    pub(crate) gamma: f32,
+    pub(crate) beta: f32,
+    pub(crate) w_gamma: f32,
+    pub(crate) threshold: f32,
 }
 
 impl ChannelGate {
-    fn new(k: &GateConstants, sample: usize, channel: usize, channels: usize) -> Self {
+    pub(crate) fn new(k: &GateConstants, sample: usize, channel: usize, channels: usize) -> Self {
         let (mut mean, mut denom, mut gamma, mut beta) = (0.0, 1.0, 1.0, 0.0);
         if let Some(n) = &k.norm {
             let group = sample * n.group_num + channel / (channels / n.group_num);
@@ -94,7 +94,7 @@ impl ChannelGate {
     /// `(x_1, x_2)` at one element: `aux` is `gn_x` when libtorch computed it, `r` for the soft gate,
     /// else unused. Each part is a mask (or weight) times its source, as in the reference.
     #[inline(always)]
-    fn parts<const RULE: u8, const GN_GIVEN: bool>(&self, x: f32, aux: f32) -> (f32, f32) {
+    pub(crate) fn parts<const RULE: u8, const GN_GIVEN: bool>(&self, x: f32, aux: f32) -> (f32, f32) {
         if RULE == SOFT {
             let (w1, w2) = self.soft_weights(aux);
             return (w1 * x, w2 * x);
@@ -105,10 +105,19 @@ impl ChannelGate {
         (info * source, noninfo * source)
     }
 
+    /// `(x_1, x_2)` at one element with the decision given (`info`; the other mask its complement, as
+    /// `GateDecisions::from_info_mask` makes it), for the hard gates on the custom norm.
+    #[inline(always)]
+    pub(crate) fn parts_decided<const RULE: u8>(&self, x: f32, info: bool) -> (f32, f32) {
+        let source = if RULE == ON_GN_X { self.gn(x) } else { x };
+        let (info, noninfo) = if info { (1.0, 0.0) } else { (0.0, 1.0) };
+        (info * source, noninfo * source)
+    }
+
     /// The informative decision at one element, as `parts` decides it (for the parity checks, so not
     /// specialised): `r > t` for the soft gate (`aux` is `r`), else `z >= z_t` from `gn_x` (`aux` when
     /// libtorch computed it).
-    fn informative(&self, rule: Rule, gn_given: bool, x: f32, aux: f32) -> bool {
+    pub(crate) fn informative(&self, rule: Rule, gn_given: bool, x: f32, aux: f32) -> bool {
         match rule {
             Rule::SoftOnX => aux > self.threshold,
             _ => self.masks(if gn_given { aux } else { self.gn(x) }).0 == 1.0,
@@ -117,8 +126,8 @@ impl ChannelGate {
 }
 
 // `Rule` as const generic parameters, so that each rule's loop is compiled (and vectorised) on its own.
-const ON_X: u8 = 0;
-const ON_GN_X: u8 = 1;
+pub(crate) const ON_X: u8 = 0;
+pub(crate) const ON_GN_X: u8 = 1;
 const SOFT: u8 = 2;
 
 fn rule_code(rule: Rule) -> u8 {

@@ -59,15 +59,15 @@ pub fn rows_std(data: &[f32], rows: usize, len: usize) -> Option<Vec<f32>> {
 }
 
 /// A pointer to output that the threads of `parallel_for` write in disjoint parts.
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
 // SAFETY: every user writes only its own disjoint range through the pointer.
-unsafe impl Sync for SharedOut {}
+unsafe impl<T: Send> Sync for SharedOut<T> {}
 
-impl SharedOut {
+impl<T> SharedOut<T> {
     /// The `len` elements at `offset` (a method, so that closures capture the `Sync` wrapper).
     /// SAFETY: the range lies inside the output, which outlives the use, and no one else touches it.
     #[allow(clippy::mut_from_ref)] // the point: disjoint mutable parts handed to several threads
-    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
 }

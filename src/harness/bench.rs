@@ -43,13 +43,31 @@ pub fn time(device: Device, warmup: usize, runs: usize, mut f: impl FnMut() -> T
     Timing { median_ms: ms[ms.len() / 2], min_ms: ms[0], max_ms: ms[ms.len() - 1], runs: ms.len() }
 }
 
+/// `f`'s instrumented sections (`crate::profile`) in milliseconds per call over `runs` calls, and
+/// "rest": what `timing` (its median) leaves outside them.
+pub fn profile(
+    device: Device,
+    runs: usize,
+    timing: &Timing,
+    mut f: impl FnMut() -> Tensor,
+) -> Vec<(String, f64)> {
+    crate::profile::enable(device);
+    (0..runs.max(1)).for_each(|_| drop(f()));
+    let per_run = |ms: f64| ms / runs.max(1) as f64;
+    let mut rows: Vec<(String, f64)> =
+        crate::profile::finish().iter().map(|(name, ms, _)| (name.to_string(), per_run(*ms))).collect();
+    let listed: f64 = rows.iter().map(|(_, ms)| ms).sum();
+    rows.push(("rest".into(), timing.median_ms - listed));
+    rows
+}
+
 /// What a bench run varies besides the shape: the dtype of weights and input, and whether the
 /// forward runs eagerly or replays a CUDA graph (`--cuda-graph`, CUDA only).
 #[derive(Debug, Clone, Copy)]
 pub struct BenchOptions {
     pub kind: Kind,
     pub cuda_graph: bool,
-    /// Time the networks' sections too (`crate::profile`).
+    /// Time the sections of the networks and of the form's ScConv step too (`crate::profile`).
     pub profile: bool,
     pub warmup: usize,
     pub runs: usize,
@@ -87,8 +105,12 @@ pub struct BlockBench {
 pub struct FormBlockBench {
     /// The form's arithmetic on this machine: `fp32`, `bf16` (oneDNN's bf16 kernels), `bf16 emulated`.
     pub arithmetic: String,
+    /// Whether the step ran its channels-last SRU (`Pass::ChannelsLast`; else it converted to NCHW).
+    pub channels_last: bool,
     pub scconv_step: Timing,
     pub conv3x3: Timing,
+    /// With `BenchOptions::profile`: the step's sections, milliseconds per forward.
+    pub scconv_step_profile: Option<Vec<(String, f64)>>,
 }
 
 /// Times a captured graph's replay.
@@ -140,7 +162,7 @@ pub fn bench_block(
         let form = match device == Device::Cpu && options.kind == Kind::Float {
             true => [Precision::Fp32, Precision::Bf16]
                 .into_iter()
-                .map(|p| bench_form_block(&block, &conv, &batchnorm, &x, p, warmup, runs))
+                .map(|p| bench_form_block(&block, &conv, &batchnorm, &x, p, options))
                 .collect::<Result<_, _>>()?,
             false => Vec::new(),
         };
@@ -170,9 +192,9 @@ fn bench_form_block(
     batchnorm: &nn::BatchNorm,
     x: &Tensor,
     precision: Precision,
-    warmup: usize,
-    runs: usize,
+    options: &BenchOptions,
 ) -> Result<FormBlockBench, ScConvError> {
+    let (warmup, runs) = (options.warmup, options.runs);
     let size = <[i64; 4]>::try_from(x.size()).map_err(|_| ScConvError::InvalidInput("a 4-d input".into()))?;
     let arithmetic = Arithmetic::for_precision(precision);
     let bn = || BatchNormParams::of(batchnorm, crate::models::blocks::BATCHNORM_EPS);
@@ -188,9 +210,19 @@ fn bench_form_block(
     }
     step.prepack(size)?;
     plain.prepack(size)?;
-    // Each step reads its input as the form hands it over: bf16 where the form stores bf16.
-    let x = arithmetic.store(x);
-    let scconv_step = time(Device::Cpu, warmup, runs, || step.forward(&step.input(&x), None, None));
+    let channels_last = step.channels_last()?;
+    // Each step reads its input as the form hands it over: bf16 where the form stores bf16, channels-last
+    // where the step's version has the channels-last kernel (the form's plain convolutions always).
+    let x = arithmetic.store(&x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]));
+    let step_forward = || step.forward(&step.input(&x), None, None);
+    let scconv_step = time(Device::Cpu, warmup, runs, step_forward);
+    let scconv_step_profile = options.profile.then(|| profile(Device::Cpu, runs, &scconv_step, step_forward));
     let conv3x3 = time(Device::Cpu, warmup, runs, || plain.forward(&x));
-    Ok(FormBlockBench { arithmetic: arithmetic.name().to_string(), scconv_step, conv3x3 })
+    Ok(FormBlockBench {
+        arithmetic: arithmetic.name().to_string(),
+        channels_last,
+        scconv_step,
+        conv3x3,
+        scconv_step_profile,
+    })
 }

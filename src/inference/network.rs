@@ -29,7 +29,8 @@ pub enum Pass {
     Bf16,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
-    /// Activations kept channels-last (NHWC strides) between the plain convolutions.
+    /// Activations kept channels-last (NHWC strides) between the convolutions, and the ScConv steps'
+    /// SRU reading and writing them so (for the hard gate on the custom norm; other versions convert).
     ChannelsLast,
 }
 
@@ -147,8 +148,9 @@ impl<'a> InferenceResNet<'a> {
     }
 
     /// The form with the passes that measured fastest applied, prepacked for inputs of `input_size`:
-    /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks (their ScConvs read NCHW, and
-    /// converting at each one cost more than it saved: docs/speed.md) and `Prepack` without the shim.
+    /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks whose ScConv version has no
+    /// channels-last kernel (the soft gate, `nn.GroupNorm`: converting at each ScConv cost more than it
+    /// saved, docs/speed.md) and `Prepack` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
         InferenceResNet::compiled_with(model, input_size, Precision::Fp32)
     }
@@ -165,7 +167,7 @@ impl<'a> InferenceResNet<'a> {
         for pass in Pass::all_for(precision) {
             let skipped = match pass {
                 Pass::Prepack => !super::ffi::shim_built(),
-                Pass::ChannelsLast => model.config().sc,
+                Pass::ChannelsLast => !form.sc_steps_run_channels_last(),
                 _ => false,
             };
             if skipped {
@@ -174,6 +176,27 @@ impl<'a> InferenceResNet<'a> {
             form.apply(pass, input_size)?;
         }
         Ok(form)
+    }
+
+    /// Whether every ScConv step has a channels-last kernel for its version (true without ScConvs):
+    /// where one has not, converting at each would cost more than channels-last saves (docs/speed.md).
+    fn sc_steps_run_channels_last(&self) -> bool {
+        self.blocks.iter().flat_map(|b| &b.steps).all(|step| match step {
+            Step::Sc(s) => super::channels_last_sru::ChannelsLastSru::covers(&s.scconv_ref().SRU),
+            Step::Conv(_) => true,
+        })
+    }
+
+    fn each_sc_step(
+        &mut self,
+        mut f: impl FnMut(&mut ScConvStep<'a>) -> Result<(), ScConvError>,
+    ) -> Result<(), ScConvError> {
+        for step in self.blocks.iter_mut().flat_map(|b| &mut b.steps) {
+            if let Step::Sc(s) = step {
+                f(s)?;
+            }
+        }
+        Ok(())
     }
 
     /// The passes applied so far, in order.
@@ -208,7 +231,10 @@ impl<'a> InferenceResNet<'a> {
                 self.each_step(|s| s.cast(&arithmetic))?
             }
             Pass::Prepack => self.prepack(input_size)?,
-            Pass::ChannelsLast => self.channels_last = true,
+            Pass::ChannelsLast => {
+                self.each_sc_step(|s| s.channels_last().map(drop))?;
+                self.channels_last = true
+            }
         }
         self.passes.push(pass);
         Ok(())

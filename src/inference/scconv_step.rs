@@ -5,6 +5,7 @@
 //! fuse pass runs the shift, add and ReLU in place. In the bf16 form (the cast pass) the CRU's
 //! convolutions run in bf16 and everything else in fp32 on their bf16 values, the step's output
 //! stored in bf16 once (`precision`).
+use super::channels_last_sru::{channels_last_fp32, ChannelsLastSru};
 use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
@@ -35,6 +36,10 @@ pub struct ScConvStep<'a> {
     cru: Option<FormCru>,
     /// How the step stores its output (the cast pass).
     arithmetic: Arithmetic,
+    /// The channels-last pass's SRU (`channels_last_sru`): read and written NHWC, in two passes.
+    channels_last: Option<ChannelsLastSru>,
+    /// Its `(up, low)` of the last forward, written over by the next (`ChannelsLastSru::forward`).
+    sru_buffers: std::cell::RefCell<Option<(Tensor, Tensor)>>,
 }
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
@@ -121,6 +126,8 @@ impl<'a> ScConvStep<'a> {
             fused: false,
             cru: None,
             arithmetic: Arithmetic::Fp32,
+            channels_last: None,
+            sru_buffers: Default::default(),
         })
     }
 
@@ -162,14 +169,36 @@ impl<'a> ScConvStep<'a> {
         Ok(())
     }
 
-    /// `x` as the ScConv's fast path reads it: fp32, NCHW.
-    pub(crate) fn input(&self, x: &Tensor) -> Tensor {
-        as_fp32(x).contiguous()
+    /// The channels-last pass: the SRU read and written channels-last (`channels_last_sru`), for the
+    /// versions that kernel covers; `Ok(false)` (the step unchanged, reading NCHW) for the others.
+    pub fn channels_last(&mut self) -> Result<bool, ScConvError> {
+        self.channels_last = ChannelsLastSru::new(&self.scconv.SRU, self.scconv.config().up_channel())?;
+        Ok(self.channels_last.is_some())
     }
 
-    /// The ScConv's informative mask on `x`, as this step decides it.
+    /// Whether the channels-last pass applied to this step (its ScConv version has the kernel).
+    pub fn runs_channels_last(&self) -> bool {
+        self.channels_last.is_some()
+    }
+
+    pub(crate) fn scconv_ref(&self) -> &ScConv {
+        self.scconv
+    }
+
+    /// `x` as this step's SRU reads it: fp32, channels-last after the channels-last pass, else NCHW.
+    pub(crate) fn input(&self, x: &Tensor) -> Tensor {
+        scope("ScConv step input (fp32, its layout)", || match self.channels_last {
+            Some(_) => channels_last_fp32(x),
+            None => as_fp32(x).contiguous(),
+        })
+    }
+
+    /// The ScConv's informative mask on `x` (as `input` gives it), as this step decides it.
     pub(crate) fn info_mask(&self, x: &Tensor) -> Option<Tensor> {
-        self.fast.info_mask(&self.scconv.SRU, x)
+        match &self.channels_last {
+            Some(sru) => Some(tch::no_grad(|| sru.info_mask(x))),
+            None => self.fast.info_mask(&self.scconv.SRU, x),
+        }
     }
 
     /// `relu(bn(pool(scconv(x))) [+ residual])`, the ScConv's decisions `given` where passed.
@@ -181,17 +210,31 @@ impl<'a> ScConvStep<'a> {
     ) -> Tensor {
         let scale = self.folded.as_ref().map(|(scale, _)| scale);
         let convs = self.cru.as_ref().map(|c| c as &dyn CruConvs);
-        let y = match given {
-            None => self.scconv.forward_fast(&self.fast, x, scale, convs),
-            Some(decisions) => {
+        let y = match (&self.channels_last, given) {
+            (Some(sru), given) => tch::no_grad(|| {
+                let buffers = self.sru_buffers.take();
+                let (up, low) =
+                    scope("SRU (channels-last)", || sru.forward(x, given.map(|d| &d.info_mask), buffers));
+                let y = self.scconv.CRU.forward_halves(convs.unwrap_or(&self.scconv.CRU), &up, &low, scale);
+                // The CRU has read both (its output is a new tensor): the next forward may write them.
+                self.sru_buffers.replace(Some((up, low)));
+                y
+            }),
+            (None, None) => self.scconv.forward_fast(&self.fast, x, scale, convs),
+            (None, Some(decisions)) => {
                 let sru_out = self.scconv.SRU.forward_with_decisions(x, &decisions.to_device(x.device()));
                 let cru = &self.scconv.CRU;
                 let copies = self.fast.copies_squeeze_inputs();
                 tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale))
             }
         };
+        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
+    }
+
+    /// `relu(bn(pool(y)) [+ residual])` on the ScConv's output, stored as the step stores values.
+    fn after_scconv(&self, y: Tensor, residual: Option<Tensor>) -> Tensor {
         let y = match self.pool {
-            true => scope("ScConv's 2x2 pool", || y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)),
+            true => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
             false => y,
         };
         let y = match (&self.batchnorm, &self.folded) {

@@ -1,0 +1,534 @@
+//! The form's SRU on channels-last (NHWC) activations, the layout the prepacked convolutions around it
+//! read and write fastest (docs/speed.md): two passes over `x` instead of the fast path's four.
+//! 1. The GroupBatchnorm2d statistics of every group in one read: per channel, sums of `x - K` and
+//!    `(x - K)^2` in f64 (`K` the group's first value, so the variance does not cancel on a large
+//!    common offset), combined per group. The reference's are libtorch's fp32 `mean` and its Welford
+//!    `std`: these round differently in the last bit now and then, which can move a `z` that sits at
+//!    the gate's threshold (the form's differing decisions are counted, `--decisions`).
+//! 2. Per element the fast path's operations (`ChannelGate`: `gn_x` and `z` in the reference's order,
+//!    `z >= z_t`), the cross-reconstruction, and the CRU's two squeeze inputs written as separate
+//!    channels-last tensors (no split, no copies).
+//!
+//! For the hard gate on the custom norm (2023-07-27, 2023-09-12/14 without `torch_gn`), as the CUDA
+//! kernels; other versions keep the fast path's NCHW step.
+use crate::config::Variant;
+use crate::error::ScConvError;
+use crate::fast::sru_kernel::{ChannelGate, GateConstants, Normalisation, Rule, ON_GN_X, ON_X};
+use crate::fast::welford::SharedOut;
+use crate::fast::{rule_of, threshold};
+use crate::inference::parallel_for;
+use crate::sru::Sru;
+use tch::{Device, Kind, Tensor};
+
+/// Elements of `x` one task reads: enough to amortise a task, small enough for both threads.
+const TASK_ELEMENTS: usize = 1 << 14;
+
+/// The SRU's constants as the channels-last kernel reads them.
+#[derive(Debug)]
+pub(crate) struct ChannelsLastSru {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    w_gamma: Vec<f32>,
+    /// The hard gate's calibrated `z_t` (`crate::fast::threshold`).
+    threshold: f32,
+    groups: usize,
+    eps: f32,
+    rule: Rule,
+    /// The CRU's split: channels `[0, up_channel)` go to `up`, the rest to `low`.
+    up_channel: usize,
+}
+
+/// A tensor's shape as (N, C, H, W) element counts.
+fn dims(x: &Tensor) -> [usize; 4] {
+    let size = x.size();
+    [size[0], size[1], size[2], size[3]].map(|d| d as usize)
+}
+
+/// `x` in fp32 with channels-last strides, contiguous (a copy only where it is not so already).
+pub(crate) fn channels_last_fp32(x: &Tensor) -> Tensor {
+    let x = super::precision::as_fp32(x);
+    let [_, c, h, w] = x.size()[..] else { return x };
+    if x.stride() == [h * w * c, 1, w * c, c] {
+        return x;
+    }
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// An uninitialised fp32 channels-last tensor of logical shape (N, C, H, W).
+fn empty_channels_last([n, c, h, w]: [usize; 4]) -> Tensor {
+    let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
+    Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (Kind::Float, Device::Cpu))
+}
+
+impl ChannelsLastSru {
+    /// For `sru` (an fp32 CPU module of the seed's version or 2023-09-12/14 on the custom norm);
+    /// `None` for the other versions (the soft gate, `nn.GroupNorm`).
+    pub(crate) fn new(sru: &Sru, up_channel: i64) -> Result<Option<ChannelsLastSru>, ScConvError> {
+        if !ChannelsLastSru::covers(sru) {
+            return Ok(None);
+        }
+        let values = |t: &Tensor| {
+            Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1))
+                .map_err(|e| ScConvError::InvalidInput(format!("the SRU's constants: {e}")))
+        };
+        let w_gamma = tch::no_grad(|| sru.w_gamma());
+        Ok(Some(ChannelsLastSru {
+            gamma: values(&sru.gn.gamma)?,
+            beta: values(&sru.gn.beta)?,
+            w_gamma: values(&w_gamma)?,
+            threshold: threshold::calibrate_for(sru.gate_treshold, Device::Cpu, Kind::Float)?,
+            groups: sru.gn.group_num as usize,
+            eps: sru.gn.eps as f32, // the reference adds a Python float to an fp32 tensor in fp32
+            rule: rule_of(sru),
+            up_channel: up_channel as usize,
+        }))
+    }
+
+    /// Whether this kernel computes `sru`'s version: the hard gate on the custom norm.
+    pub(crate) fn covers(sru: &Sru) -> bool {
+        rule_of(sru) != Rule::SoftOnX && !sru.gn.torch_gn && sru.variant != Variant::V20231019
+    }
+
+    /// The SRU of `x` (fp32, channels-last contiguous: `channels_last_fp32`) as the CRU's two squeeze
+    /// inputs `(up, low)`, channels-last; with `given` (an info mask of `x`'s shape) deciding in place of
+    /// the gate.
+    ///
+    /// Written into `reuse` where it holds two tensors of the sizes needed that nothing else reads
+    /// meanwhile (the step's buffers of its previous forward): fresh tensors of this size cost a page
+    /// fault per 4 KiB written.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        given: Option<&Tensor>,
+        reuse: Option<(Tensor, Tensor)>,
+    ) -> (Tensor, Tensor) {
+        let [n, c, h, w] = dims(x);
+        let gates = self.gates(x);
+        let sizes = [[n, self.up_channel, h, w], [n, c - self.up_channel, h, w]];
+        let (up, low) = match reuse {
+            Some((up, low)) if [dims(&up), dims(&low)] == sizes => (up, low),
+            _ => (empty_channels_last(sizes[0]), empty_channels_last(sizes[1])),
+        };
+        let given = given.map(|m| m.permute([0, 2, 3, 1]).to_kind(Kind::Uint8).contiguous());
+        // SAFETY: `x`, `given`, `up` and `low` are contiguous CPU tensors of the sizes read, alive
+        // until the end of this function; `up` and `low` are fresh or buffers no one reads meanwhile.
+        let (xs, mask) = unsafe { (elements::<f32>(x), given.as_ref().map(|m| elements::<u8>(m))) };
+        let up_out = SharedOut(up.data_ptr() as *mut f32);
+        let low_out = SharedOut(low.data_ptr() as *mut f32);
+        let rows = Rows {
+            xs,
+            gates: GateArrays::of(&gates),
+            mask: mask.unwrap_or(&[]),
+            channels: c,
+            positions: h * w,
+            up_channel: self.up_channel,
+        };
+        match (self.rule == Rule::MasksOnGnX, mask.is_some()) {
+            (false, false) => rows.reconstruct::<ON_X, false>(n, &up_out, &low_out),
+            (true, false) => rows.reconstruct::<ON_GN_X, false>(n, &up_out, &low_out),
+            (false, true) => rows.reconstruct::<ON_X, true>(n, &up_out, &low_out),
+            (true, true) => rows.reconstruct::<ON_GN_X, true>(n, &up_out, &low_out),
+        }
+        (up, low)
+    }
+
+    /// The informative mask this kernel decides on `x` (bool, `x`'s logical shape).
+    pub(crate) fn info_mask(&self, x: &Tensor) -> Tensor {
+        let [n, c, h, w] = dims(x);
+        let gates = self.gates(x);
+        // SAFETY: as in `forward`, for reading only.
+        let xs = unsafe { elements::<f32>(x) };
+        let mask: Vec<u8> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (sample, channel) = (i / (h * w * c), i % c);
+                gates[sample * c + channel].informative(self.rule, false, v, 0.0) as u8
+            })
+            .collect();
+        let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
+        Tensor::from_slice(&mask).view([n, h, w, c]).permute([0, 3, 1, 2]).to_kind(Kind::Bool)
+    }
+
+    /// Every (sample, channel)'s gate from this `x`'s statistics.
+    fn gates(&self, x: &Tensor) -> Vec<ChannelGate> {
+        let [n, c, h, w] = dims(x);
+        // SAFETY: as in `forward`, for reading only.
+        let xs = unsafe { elements::<f32>(x) };
+        let (mean, denom) = self.statistics(xs, n, c, h * w);
+        let constants = GateConstants {
+            w_gamma: self.w_gamma.clone(),
+            threshold: self.threshold,
+            norm: Some(Normalisation {
+                mean,
+                denom,
+                gamma: self.gamma.clone(),
+                beta: self.beta.clone(),
+                group_num: self.groups,
+            }),
+        };
+        (0..n * c).map(|i| ChannelGate::new(&constants, i / c, i % c, c)).collect()
+    }
+
+    /// `mean` and `std + eps` (unbiased, as the reference's `std`) of each (sample, group), row-major
+    /// `(N, G)`, from channels-last `xs`.
+    fn statistics(&self, xs: &[f32], n: usize, c: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let (groups, per_group) = (self.groups, c / self.groups);
+        // The shift of every channel: its group's first value in the sample.
+        let shift: Vec<f64> = (0..n * c)
+            .map(|i| f64::from(xs[(i / c) * positions * c + (i % c) / per_group * per_group]))
+            .collect();
+        let chunk = (TASK_ELEMENTS / c).max(1);
+        let chunks = positions.div_ceil(chunk);
+        // Per task (sample, chunk of positions): each channel's shifted sum and sum of squares.
+        let mut partial = vec![0.0f64; n * chunks * 2 * c];
+        let out = SharedOut(partial.as_mut_ptr());
+        parallel_for(n * chunks, 1, |tasks| {
+            for task in tasks {
+                let (sample, first) = (task / chunks, task % chunks * chunk);
+                let last = (first + chunk).min(positions);
+                // SAFETY: task `task` alone writes its 2c sums, inside `partial`, which outlives the call.
+                let sums = unsafe { out.slice(task * 2 * c, 2 * c) };
+                let rows = &xs[(sample * positions + first) * c..(sample * positions + last) * c];
+                let shift = &shift[sample * c..][..c];
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { shifted_sums_avx2(rows, shift, sums) };
+                    continue;
+                }
+                shifted_sums(rows, shift, sums);
+            }
+        });
+        let count = (positions * per_group) as f64;
+        let (mut mean, mut denom) = (Vec::with_capacity(n * groups), Vec::with_capacity(n * groups));
+        for sample in 0..n {
+            for group in 0..groups {
+                let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                for chunk in 0..chunks {
+                    let sums = &partial[(sample * chunks + chunk) * 2 * c..][..2 * c];
+                    s1 += sums[group * per_group..][..per_group].iter().sum::<f64>();
+                    s2 += sums[c + group * per_group..][..per_group].iter().sum::<f64>();
+                }
+                let k = shift[sample * c + group * per_group];
+                let variance = ((s2 - s1 * s1 / count) / (count - 1.0)).max(0.0);
+                mean.push((k + s1 / count) as f32);
+                denom.push(variance.sqrt() as f32 + self.eps);
+            }
+        }
+        (mean, denom)
+    }
+}
+
+/// Every (sample, channel)'s gate constants, one array per field (so that the channel loop
+/// vectorises), row-major `(N, C)`.
+struct GateArrays {
+    mean: Vec<f32>,
+    denom: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    w_gamma: Vec<f32>,
+    threshold: f32,
+}
+
+impl GateArrays {
+    fn of(gates: &[ChannelGate]) -> GateArrays {
+        let field = |f: fn(&ChannelGate) -> f32| gates.iter().map(f).collect();
+        GateArrays {
+            mean: field(|g| g.mean),
+            denom: field(|g| g.denom),
+            gamma: field(|g| g.gamma),
+            beta: field(|g| g.beta),
+            w_gamma: field(|g| g.w_gamma),
+            threshold: gates.first().map_or(0.0, |g| g.threshold),
+        }
+    }
+
+    /// Channels `[from, from + len)` of sample row `at` (= sample * C) as gates, by index.
+    fn slice(&self, at: usize, len: usize) -> GateSlice<'_> {
+        GateSlice {
+            mean: &self.mean[at..][..len],
+            denom: &self.denom[at..][..len],
+            gamma: &self.gamma[at..][..len],
+            beta: &self.beta[at..][..len],
+            w_gamma: &self.w_gamma[at..][..len],
+            threshold: self.threshold,
+        }
+    }
+}
+
+struct GateSlice<'a> {
+    mean: &'a [f32],
+    denom: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    w_gamma: &'a [f32],
+    threshold: f32,
+}
+
+impl GateSlice<'_> {
+    #[inline(always)]
+    fn gate(&self, i: usize) -> ChannelGate {
+        ChannelGate {
+            mean: self.mean[i],
+            denom: self.denom[i],
+            gamma: self.gamma[i],
+            beta: self.beta[i],
+            w_gamma: self.w_gamma[i],
+            threshold: self.threshold,
+        }
+    }
+}
+
+/// The gate pass's inputs: channels-last `xs`, the gates, and the given decisions (`GIVEN`).
+struct Rows<'a> {
+    xs: &'a [f32],
+    gates: GateArrays,
+    mask: &'a [u8],
+    channels: usize,
+    positions: usize,
+    up_channel: usize,
+}
+
+impl Rows<'_> {
+    /// `[x_11 + x_22, x_12 + x_21]` at every position, written as `up` (the first `up_channel`
+    /// channels) and `low` (the rest): `(x_1, x_2)` of each element by `RULE`'s gate, or by the
+    /// decision `mask` gives (`GIVEN`). Tasks are (sample, chunk of positions), on libtorch's threads.
+    fn reconstruct<const RULE: u8, const GIVEN: bool>(&self, n: usize, up: &SharedOut, low: &SharedOut) {
+        let (c, positions, cup) = (self.channels, self.positions, self.up_channel);
+        let half = c / 2;
+        let chunk = (TASK_ELEMENTS / c).max(1);
+        let chunks = positions.div_ceil(chunk);
+        parallel_for(n * chunks, 1, |tasks| {
+            for task in tasks {
+                let (sample, first) = (task / chunks, task % chunks * chunk);
+                let last = (first + chunk).min(positions);
+                let (from, to) = (sample * positions + first, sample * positions + last);
+                let halves = (self.gates.slice(sample * c, half), self.gates.slice(sample * c + half, half));
+                let xs = &self.xs[from * c..to * c];
+                let mask = if GIVEN { &self.mask[from * c..to * c] } else { &[][..] };
+                // SAFETY: positions [from, to) are written by this task alone, inside `up` and `low`
+                // (N * positions rows of `cup` and `c - cup` values, alive for the call).
+                let (up, low) = unsafe {
+                    (
+                        up.slice(from * cup, (to - from) * cup),
+                        low.slice(from * (c - cup), (to - from) * (c - cup)),
+                    )
+                };
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { reconstruct_rows_avx2::<RULE, GIVEN>(xs, mask, &halves, up, low) };
+                    continue;
+                }
+                reconstruct_rows::<RULE, GIVEN>(xs, mask, &halves, up, low);
+            }
+        });
+    }
+}
+
+/// Whether this CPU runs the AVX2 builds of the loops: 8 lanes instead of the baseline's 4, the same
+/// operations in the same order, so the same bits (Rust never contracts into fused multiply-adds).
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Each channel's sums of `x - shift` and `(x - shift)^2` over channels-last `rows`, added into
+/// `sums` (`[s1; c]` then `[s2; c]`).
+#[inline(always)]
+fn shifted_sums(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
+    let c = shift.len();
+    let (s1, s2) = sums.split_at_mut(c);
+    let (s1, s2) = (&mut s1[..c], &mut s2[..c]);
+    for row in rows.chunks_exact(c) {
+        for ch in 0..c {
+            let d = f64::from(row[ch]) - shift[ch];
+            s1[ch] += d;
+            s2[ch] += d * d;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn shifted_sums_avx2(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
+    shifted_sums(rows, shift, sums)
+}
+
+/// The SRU of channels-last `xs` (whole positions), `(lo, hi)` the gates of the two halves of the
+/// channels: `[x_11 + x_22, x_12 + x_21]` at each position, its first `up.len() / positions` channels
+/// into `up`, the rest into `low`.
+#[inline(always)]
+fn reconstruct_rows<const RULE: u8, const GIVEN: bool>(
+    xs: &[f32],
+    mask: &[u8],
+    (lo, hi): &(GateSlice, GateSlice),
+    up: &mut [f32],
+    low: &mut [f32],
+) {
+    let half = lo.mean.len();
+    let c = 2 * half;
+    let positions = xs.len() / c;
+    let cup = up.len() / positions.max(1);
+    let mut row_out = vec![0.0f32; c];
+    for p in 0..positions {
+        let (x_lo, x_hi) = (&xs[p * c..][..half], &xs[p * c + half..][..half]);
+        let (out_lo, out_hi) = row_out.split_at_mut(half);
+        let (out_lo, out_hi) = (&mut out_lo[..half], &mut out_hi[..half]);
+        if GIVEN {
+            let (m_lo, m_hi) = (&mask[p * c..][..half], &mask[p * c + half..][..half]);
+            for ch in 0..half {
+                let (kept_a, passed_a) = lo.gate(ch).parts_decided::<RULE>(x_lo[ch], m_lo[ch] != 0);
+                let (kept_b, passed_b) = hi.gate(ch).parts_decided::<RULE>(x_hi[ch], m_hi[ch] != 0);
+                out_lo[ch] = kept_a + passed_b;
+                out_hi[ch] = kept_b + passed_a;
+            }
+        } else {
+            for ch in 0..half {
+                let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(x_lo[ch], 0.0);
+                let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(x_hi[ch], 0.0);
+                out_lo[ch] = kept_a + passed_b;
+                out_hi[ch] = kept_b + passed_a;
+            }
+        }
+        up[p * cup..][..cup].copy_from_slice(&row_out[..cup]);
+        low[p * (c - cup)..][..c - cup].copy_from_slice(&row_out[cup..]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn reconstruct_rows_avx2<const RULE: u8, const GIVEN: bool>(
+    xs: &[f32],
+    mask: &[u8],
+    halves: &(GateSlice, GateSlice),
+    up: &mut [f32],
+    low: &mut [f32],
+) {
+    reconstruct_rows::<RULE, GIVEN>(xs, mask, halves, up, low)
+}
+
+/// A contiguous CPU tensor's elements. SAFETY: `t` holds `T`s and the caller keeps it alive and
+/// unwritten while the slice is used.
+unsafe fn elements<T>(t: &Tensor) -> &[T] {
+    std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{scconv, ScConvConfig};
+    use tch::nn::VarStore;
+
+    /// An SRU of `config` with trained-like affine parameters, and its channels-last kernel.
+    fn sru_and_kernel(config: &ScConvConfig) -> (VarStore, crate::ScConv, ChannelsLastSru) {
+        let vs = VarStore::new(Device::Cpu);
+        let mut model = scconv(vs.root(), config).unwrap();
+        tch::no_grad(|| {
+            model.SRU.gn.beta.copy_(&(Tensor::randn_like(&model.SRU.gn.beta) * 0.1));
+            model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma));
+        });
+        let kernel = ChannelsLastSru::new(&model.SRU, config.up_channel()).unwrap().unwrap();
+        (vs, model, kernel)
+    }
+
+    fn configs() -> Vec<ScConvConfig> {
+        vec![
+            ScConvConfig::new(64),
+            ScConvConfig { group_num: 4, ..ScConvConfig::new(32) },
+            ScConvConfig::for_variant(32, Variant::V20230912),
+        ]
+    }
+
+    /// The shifted f64 sums give the reference's statistics to fp32 rounding, also on a large common
+    /// offset (where plain sums of squares cancel).
+    #[test]
+    fn statistics_are_the_references_to_rounding() {
+        for offset in [0.0, 1000.0] {
+            let config = ScConvConfig::new(64);
+            let (_vs, model, kernel) = sru_and_kernel(&config);
+            let x = Tensor::randn([3, 64, 9, 7], (Kind::Float, Device::Cpu)) * 2.5 + offset;
+            let grouped = x.view([3, 16, -1]);
+            let mean = Vec::<f32>::try_from(grouped.mean_dim(2, false, None).flatten(0, -1)).unwrap();
+            let std = Vec::<f32>::try_from(grouped.std_dim(2, true, false).flatten(0, -1)).unwrap();
+            let xs = channels_last_fp32(&x);
+            // SAFETY: `xs` is a contiguous fp32 CPU tensor alive for the call.
+            let (ours_mean, ours_denom) = kernel.statistics(unsafe { elements(&xs) }, 3, 64, 63);
+            let eps = model.SRU.gn.eps as f32;
+            for i in 0..mean.len() {
+                let close = |a: f32, b: f32| (a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1.0);
+                assert!(
+                    close(ours_mean[i], mean[i]),
+                    "offset {offset}: mean {} vs {}",
+                    ours_mean[i],
+                    mean[i]
+                );
+                assert!(
+                    close(ours_denom[i], std[i] + eps),
+                    "offset {offset}: std {} vs {}",
+                    ours_denom[i],
+                    std[i]
+                );
+            }
+        }
+    }
+
+    /// With the reference's decisions given, `(up, low)` is the reference SRU's output split at
+    /// `up_channel`: bit for bit where the masks multiply `x` (no statistic reaches the output), to
+    /// fp32 rounding where they multiply `gn_x`.
+    #[test]
+    fn with_the_references_decisions_it_is_the_reference_sru() {
+        for config in configs() {
+            let (_vs, model, kernel) = sru_and_kernel(&config);
+            let x = Tensor::randn([2, config.op_channel, 11, 6], (Kind::Float, Device::Cpu));
+            let decisions = tch::no_grad(|| model.SRU.gate(&x).decisions);
+            let reference = tch::no_grad(|| model.SRU.forward_with_decisions(&x, &decisions));
+            let (up, low) = kernel.forward(&channels_last_fp32(&x), Some(&decisions.info_mask), None);
+            let split = reference.split_with_sizes([config.up_channel(), config.low_channel()], 1);
+            for (ours, theirs) in [(&up, &split[0]), (&low, &split[1])] {
+                let diff = (ours - theirs).abs().max().double_value(&[]);
+                match config.variant {
+                    Variant::V20230727 => assert!(ours.equal(theirs), "{config:?}: off by {diff}"),
+                    _ => assert!(diff <= 1e-5 * theirs.abs().max().double_value(&[]), "{config:?}: {diff}"),
+                }
+            }
+            assert_eq!(
+                up.stride(),
+                [11 * 6 * config.up_channel(), 1, 6 * config.up_channel(), config.up_channel()]
+            );
+        }
+    }
+
+    /// Its own decisions: what `info_mask` reports is what `forward` applies, and they differ from the
+    /// reference's only where `z` lies within rounding of the threshold (none on these inputs).
+    #[test]
+    fn its_decisions_are_the_ones_it_reports_and_the_references() {
+        for config in configs() {
+            let (_vs, model, kernel) = sru_and_kernel(&config);
+            let x = channels_last_fp32(&Tensor::randn(
+                [2, config.op_channel, 10, 10],
+                (Kind::Float, Device::Cpu),
+            ));
+            let mask = kernel.info_mask(&x);
+            let reference = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions.info_mask);
+            assert!(mask.equal(&reference), "{config:?}");
+            let (up, low) = kernel.forward(&x, None, None);
+            let (given_up, given_low) =
+                kernel.forward(&x, Some(&mask), Some((up.empty_like(), low.empty_like())));
+            assert!(up.equal(&given_up) && low.equal(&given_low), "{config:?}");
+        }
+    }
+
+    #[test]
+    fn the_soft_gate_and_torch_gn_are_not_covered() {
+        for config in [
+            ScConvConfig::for_variant(32, Variant::V20231019),
+            ScConvConfig { torch_gn: true, ..ScConvConfig::for_variant(32, Variant::V20230912) },
+        ] {
+            let vs = VarStore::new(Device::Cpu);
+            let model = scconv(vs.root(), &config).unwrap();
+            assert!(ChannelsLastSru::new(&model.SRU, config.up_channel()).unwrap().is_none(), "{config:?}");
+        }
+    }
+}
