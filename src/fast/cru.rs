@@ -41,6 +41,27 @@ impl CruConvs for Cru {
     }
 }
 
+/// The CRU's output before its weighted sum: `out = w[0] * Y1` with `w[1] * PWC2(low)` added to its
+/// first channels and `w[2] * low` to the rest (`weights`: `(N, C | C2 | C_low, 1, 1)`).
+pub(crate) struct FuseParts {
+    pub(crate) y1: Tensor,
+    pub(crate) y2_head: Tensor,
+    pub(crate) low: Tensor,
+    pub(crate) weights: Vec<Tensor>,
+}
+
+impl FuseParts {
+    /// The weighted sum by libtorch's operations, into `y1` in place.
+    pub(crate) fn weighted_sum(self) -> Tensor {
+        let FuseParts { mut y1, y2_head, low, weights } = self;
+        let head = y2_head.size()[1];
+        y1 *= &weights[0];
+        let _ = y1.narrow(1, 0, head).addcmul_(&y2_head, &weights[1]);
+        let _ = y1.narrow(1, head, low.size()[1]).addcmul_(&low, &weights[2]);
+        y1
+    }
+}
+
 impl Cru {
     /// The CRU for inference: `cuda_kernels` runs the fuse's weighted sum as one CUDA kernel;
     /// `copy_squeeze_inputs` gives each squeeze conv a contiguous copy of its channel slice (the CPU:
@@ -76,16 +97,18 @@ impl Cru {
     }
 
     /// The CRU from its two squeeze inputs, the SRU's output split at `up_channel` (`up`, `low`: any
-    /// layout the convolutions take; the inference form's channels-last step writes them so).
+    /// layout the convolutions take; the inference form's channels-last step writes them so), up to
+    /// its weighted sum: the caller sums (`FuseParts::weighted_sum`, or a pass that fuses more).
     pub(crate) fn forward_halves(
         &self,
         convs: &dyn CruConvs,
         up: &Tensor,
         low: &Tensor,
         fuse_scale: Option<&Tensor>,
-    ) -> Tensor {
+    ) -> FuseParts {
         let (up, low) = scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low));
-        self.after_squeezes(convs, up, low, false, fuse_scale)
+        let (y1, y2_head) = self.branches(convs, &up, &low);
+        scope("CRU fuse: pooling, softmax", || self.fuse_parts(y1, y2_head, low, fuse_scale))
     }
 
     /// GWC + PWC1, PWC2 and the fuse on the squeezed `up` and `low`.
@@ -97,24 +120,33 @@ impl Cru {
         cuda_kernels: bool,
         fuse_scale: Option<&Tensor>,
     ) -> Tensor {
-        let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(&up));
+        let (y1, y2_head) = self.branches(convs, &up, &low);
+        scope("CRU fuse", || {
+            let parts = self.fuse_parts(y1, y2_head, low, fuse_scale);
+            if cuda_kernels {
+                let (y1, weights) = (parts.y1.shallow_clone(), Tensor::cat(&parts.weights, 1));
+                if let Ok(out) = crate::cuda::cru_weighted_sum(y1, &parts.y2_head, &parts.low, &weights) {
+                    return out;
+                }
+            }
+            parts.weighted_sum()
+        })
+    }
+
+    /// `(Y1, PWC2(low))`: `Y1` in fp32 where the fuse computes in fp32 (`CruConvs::fuse_in_fp32`).
+    fn branches(&self, convs: &dyn CruConvs, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
+        let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
-        let y2_head = scope("CRU PWC2", || convs.pwc2(&low));
+        let y2_head = scope("CRU PWC2", || convs.pwc2(low));
         let y1 = match convs.fuse_in_fp32() {
             true => y1.to_kind(Kind::Float),
             false => y1,
         };
-        scope("CRU fuse", || self.fuse(y1, &y2_head, &low, cuda_kernels, fuse_scale))
+        (y1, y2_head)
     }
 
-    fn fuse(
-        &self,
-        mut y1: Tensor,
-        y2_head: &Tensor,
-        low: &Tensor,
-        cuda_kernels: bool,
-        fuse_scale: Option<&Tensor>,
-    ) -> Tensor {
+    /// The fuse's weights from the pooled branches (times `fuse_scale` where given), with the branches.
+    fn fuse_parts(&self, y1: Tensor, y2_head: Tensor, low: Tensor, fuse_scale: Option<&Tensor>) -> FuseParts {
         let channels = y1.size()[1];
         let sizes = [channels, y2_head.size()[1], low.size()[1]];
         let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
@@ -122,22 +154,13 @@ impl Cru {
             (Kind::BFloat16, Kind::Float) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
             _ => t.adaptive_avg_pool2d([1, 1]),
         };
-        let pooled: Vec<Tensor> = [&y1, y2_head, low].iter().map(|t| pool(t)).collect();
+        let pooled: Vec<Tensor> = [&y1, &y2_head, &low].iter().map(|t| pool(t)).collect();
         let weights = self.fuse_weights(&pooled);
         let weights = match fuse_scale {
             Some(fuse_scale) => weights * fuse_scale,
             None => weights,
         };
-        if cuda_kernels {
-            if let Ok(out) = crate::cuda::cru_weighted_sum(y1.shallow_clone(), y2_head, low, &weights) {
-                return out;
-            }
-        }
-        let weights = weights.split_with_sizes(sizes, 1);
-        y1 *= &weights[0];
-        let _ = y1.narrow(1, 0, sizes[1]).addcmul_(y2_head, &weights[1]);
-        let _ = y1.narrow(1, sizes[1], sizes[2]).addcmul_(low, &weights[2]);
-        y1
+        FuseParts { y1, y2_head, low, weights: weights.split_with_sizes(sizes, 1) }
     }
 
     /// The weights of `Y1` and `Y2` as one `(N, 2C, 1, 1)` tensor, from the pooled `Y1`, `PWC2(low)`

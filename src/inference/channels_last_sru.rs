@@ -371,29 +371,62 @@ fn reconstruct_rows<const RULE: u8, const GIVEN: bool>(
     let c = 2 * half;
     let positions = xs.len() / c;
     let cup = up.len() / positions.max(1);
+    if cup == half {
+        // The CRU splits where the reconstruction does (alpha = 1/2, the default): straight into both.
+        for p in 0..positions {
+            reconstruct_row::<RULE, GIVEN>(
+                &xs[p * c..][..c],
+                mask_row(mask, p, c),
+                (lo, hi),
+                &mut up[p * half..][..half],
+                &mut low[p * half..][..half],
+            );
+        }
+        return;
+    }
     let mut row_out = vec![0.0f32; c];
     for p in 0..positions {
-        let (x_lo, x_hi) = (&xs[p * c..][..half], &xs[p * c + half..][..half]);
         let (out_lo, out_hi) = row_out.split_at_mut(half);
-        let (out_lo, out_hi) = (&mut out_lo[..half], &mut out_hi[..half]);
-        if GIVEN {
-            let (m_lo, m_hi) = (&mask[p * c..][..half], &mask[p * c + half..][..half]);
-            for ch in 0..half {
-                let (kept_a, passed_a) = lo.gate(ch).parts_decided::<RULE>(x_lo[ch], m_lo[ch] != 0);
-                let (kept_b, passed_b) = hi.gate(ch).parts_decided::<RULE>(x_hi[ch], m_hi[ch] != 0);
-                out_lo[ch] = kept_a + passed_b;
-                out_hi[ch] = kept_b + passed_a;
-            }
-        } else {
-            for ch in 0..half {
-                let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(x_lo[ch], 0.0);
-                let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(x_hi[ch], 0.0);
-                out_lo[ch] = kept_a + passed_b;
-                out_hi[ch] = kept_b + passed_a;
-            }
-        }
+        reconstruct_row::<RULE, GIVEN>(&xs[p * c..][..c], mask_row(mask, p, c), (lo, hi), out_lo, out_hi);
         up[p * cup..][..cup].copy_from_slice(&row_out[..cup]);
         low[p * (c - cup)..][..c - cup].copy_from_slice(&row_out[cup..]);
+    }
+}
+
+/// Position `p`'s decisions, where given (`GIVEN`; else `mask` is empty).
+#[inline(always)]
+fn mask_row(mask: &[u8], p: usize, c: usize) -> &[u8] {
+    mask.get(p * c..(p + 1) * c).unwrap_or(&[])
+}
+
+/// One position: channels-last `x` (C values), its output channels `[0, C/2)` into `out_lo` and
+/// `[C/2, C)` into `out_hi`. (A function, not a closure: closures do not inherit `target_feature`.)
+#[inline(always)]
+fn reconstruct_row<const RULE: u8, const GIVEN: bool>(
+    x: &[f32],
+    mask: &[u8],
+    (lo, hi): (&GateSlice, &GateSlice),
+    out_lo: &mut [f32],
+    out_hi: &mut [f32],
+) {
+    let half = lo.mean.len();
+    let (x_lo, x_hi) = (&x[..half], &x[half..][..half]);
+    let (out_lo, out_hi) = (&mut out_lo[..half], &mut out_hi[..half]);
+    if GIVEN {
+        let (m_lo, m_hi) = (&mask[..half], &mask[half..][..half]);
+        for ch in 0..half {
+            let (kept_a, passed_a) = lo.gate(ch).parts_decided::<RULE>(x_lo[ch], m_lo[ch] != 0);
+            let (kept_b, passed_b) = hi.gate(ch).parts_decided::<RULE>(x_hi[ch], m_hi[ch] != 0);
+            out_lo[ch] = kept_a + passed_b;
+            out_hi[ch] = kept_b + passed_a;
+        }
+    } else {
+        for ch in 0..half {
+            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(x_lo[ch], 0.0);
+            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(x_hi[ch], 0.0);
+            out_lo[ch] = kept_a + passed_b;
+            out_hi[ch] = kept_b + passed_a;
+        }
     }
 }
 

@@ -215,10 +215,11 @@ impl<'a> ScConvStep<'a> {
                 let buffers = self.sru_buffers.take();
                 let (up, low) =
                     scope("SRU (channels-last)", || sru.forward(x, given.map(|d| &d.info_mask), buffers));
-                let y = self.scconv.CRU.forward_halves(convs.unwrap_or(&self.scconv.CRU), &up, &low, scale);
+                let parts =
+                    self.scconv.CRU.forward_halves(convs.unwrap_or(&self.scconv.CRU), &up, &low, scale);
                 // The CRU has read both (its output is a new tensor): the next forward may write them.
                 self.sru_buffers.replace(Some((up, low)));
-                y
+                scope("CRU fuse: weighted sum", || parts.weighted_sum())
             }),
             (None, None) => self.scconv.forward_fast(&self.fast, x, scale, convs),
             (None, Some(decisions)) => {
