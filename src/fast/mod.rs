@@ -25,7 +25,7 @@
 //!
 //! fp32, fp16 and bf16 modules run fast; the cheap gate's threshold is calibrated for the module's dtype.
 mod cru;
-pub(crate) use cru::CruConvs;
+pub(crate) use cru::{CruConvs, FuseParts};
 pub(crate) mod sru_kernel;
 pub mod threshold;
 pub(crate) mod welford;

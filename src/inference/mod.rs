@@ -48,6 +48,7 @@ mod fold;
 mod network;
 mod precision;
 mod scconv_step;
+mod weighted_sum;
 
 pub use conv::InferenceConv;
 pub use ffi::{parallel_for, shim_built, ConvGeometry};

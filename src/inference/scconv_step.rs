@@ -10,8 +10,9 @@ use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::precision::{as_fp32, Arithmetic};
+use super::weighted_sum::weighted_sum_shift_add_relu;
 use crate::error::ScConvError;
-use crate::fast::{CruConvs, Execution, FastPath};
+use crate::fast::{CruConvs, Execution, FastPath, FuseParts};
 use crate::profile::scope;
 use crate::sru::GateDecisions;
 use crate::ScConv;
@@ -210,7 +211,7 @@ impl<'a> ScConvStep<'a> {
     ) -> Tensor {
         let scale = self.folded.as_ref().map(|(scale, _)| scale);
         let convs = self.cru.as_ref().map(|c| c as &dyn CruConvs);
-        let y = match (&self.channels_last, given) {
+        let (y, done) = match (&self.channels_last, given) {
             (Some(sru), given) => tch::no_grad(|| {
                 let buffers = self.sru_buffers.take();
                 let (up, low) =
@@ -219,17 +220,37 @@ impl<'a> ScConvStep<'a> {
                     self.scconv.CRU.forward_halves(convs.unwrap_or(&self.scconv.CRU), &up, &low, scale);
                 // The CRU has read both (its output is a new tensor): the next forward may write them.
                 self.sru_buffers.replace(Some((up, low)));
-                scope("CRU fuse: weighted sum", || parts.weighted_sum())
+                match self.fused_weighted_sum(&parts, residual.as_ref()) {
+                    Some(out) => (out, true),
+                    None => (scope("CRU fuse: weighted sum", || parts.weighted_sum()), false),
+                }
             }),
-            (None, None) => self.scconv.forward_fast(&self.fast, x, scale, convs),
+            (None, None) => (self.scconv.forward_fast(&self.fast, x, scale, convs), false),
             (None, Some(decisions)) => {
                 let sru_out = self.scconv.SRU.forward_with_decisions(x, &decisions.to_device(x.device()));
                 let cru = &self.scconv.CRU;
                 let copies = self.fast.copies_squeeze_inputs();
-                tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale))
+                let y =
+                    tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale));
+                (y, false)
             }
         };
+        if done {
+            return y; // the one pass ran the shift, the residual add and the ReLU
+        }
         scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
+    }
+
+    /// The weighted sum, shift, residual add and ReLU as one pass (`weighted_sum`), where this step
+    /// runs them in place in fp32 with no pool between; `None` where it does not (or the pass cannot).
+    fn fused_weighted_sum(&self, parts: &FuseParts, residual: Option<&Tensor>) -> Option<Tensor> {
+        let (_, shift) = self.folded.as_ref()?;
+        if self.pool || !self.fused || self.arithmetic.is_bf16() {
+            return None;
+        }
+        scope("CRU fuse: weighted sum, shift, add, ReLU (one pass)", || {
+            weighted_sum_shift_add_relu(parts, shift, residual, self.relu)
+        })
     }
 
     /// `relu(bn(pool(y)) [+ residual])` on the ScConv's output, stored as the step stores values.
@@ -249,5 +270,80 @@ impl<'a> ScConvStep<'a> {
             (None, None) => y,
         };
         self.arithmetic.store(&epilogue(y, residual, self.relu, self.fused))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Variant;
+    use crate::harness::parity::{compare, Tolerance};
+    use crate::{scconv, ScConvConfig};
+    use tch::nn::{Module, ModuleT, VarStore};
+    use tch::{Device, Kind};
+
+    fn batchnorm(vs: &VarStore, channels: i64) -> nn::BatchNorm {
+        let mut bn = nn::batch_norm2d(vs.root() / "bn", channels, Default::default());
+        tch::no_grad(|| {
+            bn.running_mean.copy_(&(Tensor::randn([channels], (Kind::Float, Device::Cpu)) * 0.1));
+            bn.running_var.copy_(&(Tensor::rand([channels], (Kind::Float, Device::Cpu)) + 0.5));
+            bn.ws.as_mut().unwrap().copy_(&(Tensor::rand([channels], (Kind::Float, Device::Cpu)) + 0.5));
+            bn.bs.as_mut().unwrap().copy_(&(Tensor::randn([channels], (Kind::Float, Device::Cpu)) * 0.1));
+        });
+        bn
+    }
+
+    fn channels_last(x: &Tensor) -> Tensor {
+        x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    }
+
+    /// The channels-last step (its SRU kernel, the CRU on NHWC halves, the weighted sum with shift,
+    /// residual add and ReLU in one pass) against the NCHW step and the reference mode, the reference's
+    /// decisions given to all: within the fast path's fp32 tolerance; and its own decisions are the ones
+    /// it reports.
+    #[test]
+    fn the_channels_last_step_is_the_reference_block_with_the_same_decisions() {
+        for config in [ScConvConfig::new(64), ScConvConfig::for_variant(32, Variant::V20230912)] {
+            let vs = VarStore::new(Device::Cpu);
+            let mut model = scconv(vs.root() / "sc", &config).unwrap();
+            tch::no_grad(|| model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma)));
+            let bn = batchnorm(&vs, config.op_channel);
+            let params = || BatchNormParams::of(&bn, crate::models::blocks::BATCHNORM_EPS);
+            let size = [2, config.op_channel, 14, 14];
+            let x = channels_last(&Tensor::randn(size, (Kind::Float, Device::Cpu)));
+            let residual = channels_last(&Tensor::randn(size, (Kind::Float, Device::Cpu)));
+            let decisions = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions);
+            let reference = tch::no_grad(|| {
+                let y = model.CRU.forward(&model.SRU.forward_with_decisions(&x.contiguous(), &decisions));
+                (y.apply_t(&bn, false) + &residual).relu()
+            });
+            let mut steps = Vec::new();
+            for layout_pass in [false, true] {
+                let mut step = ScConvStep::new(&model, "sc", false, params(), true).unwrap();
+                step.fold();
+                step.fuse().unwrap();
+                if crate::inference::shim_built() {
+                    step.prepack(size).unwrap();
+                }
+                if layout_pass {
+                    assert!(step.channels_last().unwrap());
+                }
+                let input = step.input(&x);
+                let out = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&decisions)));
+                let check = compare(&out, &reference, Tolerance::FP32).unwrap();
+                assert!(check.passed(), "{config:?}, channels-last {layout_pass}: {check:?}");
+                steps.push((step, out));
+            }
+            let check = compare(&steps[1].1, &steps[0].1, Tolerance::FP32).unwrap();
+            assert!(check.passed(), "{config:?}: channels-last against NCHW step {check:?}");
+            let (step, _) = &steps[1];
+            let input = step.input(&x);
+            let own = step.info_mask(&input).unwrap();
+            assert!(own.equal(&decisions.info_mask), "{config:?}: no z near the threshold here");
+            let given = GateDecisions::from_info_mask(&own);
+            let with_own = tch::no_grad(|| step.forward(&input, Some(residual.copy()), None));
+            let with_given = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&given)));
+            assert!(with_own.equal(&with_given), "{config:?}: it applies the decisions it reports");
+        }
     }
 }
