@@ -279,7 +279,7 @@ mod tests {
     use crate::config::Variant;
     use crate::harness::parity::{compare, Tolerance};
     use crate::{scconv, ScConvConfig};
-    use tch::nn::{Module, ModuleT, VarStore};
+    use tch::nn::{Module, VarStore};
     use tch::{Device, Kind};
 
     fn batchnorm(vs: &VarStore, channels: i64) -> nn::BatchNorm {
