@@ -106,6 +106,25 @@ fn bench_reports_every_resnet50_shape_as_json() {
         assert!(arithmetic[0] == "fp32" && arithmetic[1].starts_with("bf16"), "{arithmetic:?}");
         assert!(form.iter().all(|f| f["scconv_step"]["median_ms"].as_f64().is_some()
             && f["conv3x3"]["median_ms"].as_f64().is_some()));
+        // The seed's version runs the channels-last step, as the form runs it.
+        assert!(form.iter().all(|f| f["channels_last"] == true), "{form:?}");
+    }
+}
+
+#[test]
+fn bench_times_the_networks_at_the_batches_given() {
+    // Structure only: one timed run of each network and mode at batch 1.
+    let bin = common::bin();
+    let args = ["bench", "--runs", "1", "--warmup", "0", "--batches", "1", "--json"];
+    let out = Command::new(&bin).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let networks = json["networks"].as_array().unwrap();
+    let names: std::collections::BTreeSet<&str> =
+        networks.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert!(names.contains("resnet50") && names.contains("sc_resnet50 (inference)"), "{names:?}");
+    for n in networks {
+        assert_eq!(n["batch"], 1, "{n}");
     }
 }
 

@@ -22,6 +22,9 @@ pub fn run_bench(
     if options.cuda_graph && !device.is_cuda() {
         anyhow::bail!("--cuda-graph needs --device cuda");
     }
+    // Networks at the batches asked for; by default at a serving batch (8, or 64 on CUDA; the
+    // Fashion-MNIST pair at 256).
+    let network_batches = (!batches.is_empty()).then(|| batches.clone());
     let batches = if !batches.is_empty() {
         batches
     } else if device.is_cuda() {
@@ -35,7 +38,8 @@ pub fn run_bench(
             blocks.push(bench::bench_block(channels, size, batch, device, &options)?);
         }
     }
-    let networks = if models { bench_networks(device, &options)? } else { Vec::new() };
+    let networks =
+        if models { bench_networks(device, &options, network_batches.as_deref())? } else { Vec::new() };
     if json {
         let value = serde_json::json!({ "device": format!("{device:?}"), "threads": tch::get_num_threads(),
             "dtype": format!("{:?}", options.kind), "cuda_graph": options.cuda_graph,
@@ -115,7 +119,11 @@ pub fn run_bench(
     }
     for n in &networks {
         let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
-        println!("{:<40} batch {:>3}: {:>9.1} images/s{graph}", n.name, n.batch, n.images_per_second);
+        let per_image = n.timing.median_ms / n.batch as f64;
+        println!(
+            "{:<40} batch {:>3}: {:>9.1} images/s, {per_image:>8.3} ms per image{graph}",
+            n.name, n.batch, n.images_per_second
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -197,16 +205,28 @@ struct NetworkBench {
 
 /// ResNet-50 and its SC twin (random weights, 224x224), and the Fashion-MNIST pair's architectures
 /// (28x28); each SC network with `options.scconv`'s ScConvs, in reference and fast mode; eagerly, and replaying a CUDA graph with `--cuda-graph`.
-fn bench_networks(device: Device, options: &BenchOptions) -> Result<Vec<NetworkBench>> {
+/// Each network at every batch of `batches` (default: 8 for ResNet-50, 64 on CUDA, 256 for the
+/// Fashion-MNIST pair).
+fn bench_networks(
+    device: Device,
+    options: &BenchOptions,
+    batches: Option<&[i64]>,
+) -> Result<Vec<NetworkBench>> {
     let big_batch = if device.is_cuda() { 64 } else { 8 };
-    let mut configs = vec![
+    let mut named = vec![
         ("resnet50".to_string(), ResNetConfig::named("resnet50", false)?, big_batch, 224),
         ("sc_resnet50".to_string(), ResNetConfig::named("resnet50", true)?, big_batch, 224),
     ];
     for name in ["fmnist_plain", "fmnist_sc"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("weights/{name}.json"));
         if path.exists() {
-            configs.push((name.to_string(), ModelRecord::read(&path)?.config, 256, 28));
+            named.push((name.to_string(), ModelRecord::read(&path)?.config, 256, 28));
+        }
+    }
+    let mut configs = Vec::new();
+    for (name, config, default_batch, side) in named {
+        for &batch in batches.unwrap_or(&[default_batch]) {
+            configs.push((name.clone(), config.clone(), batch, side));
         }
     }
     let options = BenchOptions { warmup: options.warmup.min(2), runs: options.runs.clamp(1, 5), ..*options };
