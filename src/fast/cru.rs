@@ -41,19 +41,27 @@ impl CruConvs for Cru {
     }
 }
 
-/// The CRU's output before its weighted sum: `out = w[0] * Y1` with `w[1] * PWC2(low)` added to its
-/// first channels and `w[2] * low` to the rest (`weights`: `(N, C | C2 | C_low, 1, 1)`).
+/// The CRU's output before its weighted sum: `out = w0 * Y1` with `w1 * PWC2(low)` added to its
+/// first channels and `w2 * low` to the rest, `weights` `(N, C + C2 + C_low, 1, 1)` being
+/// `[w0, w1, w2]` side by side.
 pub(crate) struct FuseParts {
     pub(crate) y1: Tensor,
     pub(crate) y2_head: Tensor,
     pub(crate) low: Tensor,
-    pub(crate) weights: Vec<Tensor>,
+    pub(crate) weights: Tensor,
 }
 
 impl FuseParts {
+    /// `[w0, w1, w2]`, views of `weights`.
+    pub(crate) fn split_weights(&self) -> Vec<Tensor> {
+        let sizes = [self.y1.size()[1], self.y2_head.size()[1], self.low.size()[1]];
+        self.weights.split_with_sizes(sizes, 1)
+    }
+
     /// The weighted sum by libtorch's operations, into `y1` in place.
     pub(crate) fn weighted_sum(self) -> Tensor {
-        let FuseParts { mut y1, y2_head, low, weights } = self;
+        let weights = self.split_weights();
+        let FuseParts { mut y1, y2_head, low, .. } = self;
         let head = y2_head.size()[1];
         y1 *= &weights[0];
         let _ = y1.narrow(1, 0, head).addcmul_(&y2_head, &weights[1]);
@@ -124,8 +132,9 @@ impl Cru {
         scope("CRU fuse", || {
             let parts = self.fuse_parts(y1, y2_head, low, fuse_scale);
             if cuda_kernels {
-                let (y1, weights) = (parts.y1.shallow_clone(), Tensor::cat(&parts.weights, 1));
-                if let Ok(out) = crate::cuda::cru_weighted_sum(y1, &parts.y2_head, &parts.low, &weights) {
+                let y1 = parts.y1.shallow_clone();
+                if let Ok(out) = crate::cuda::cru_weighted_sum(y1, &parts.y2_head, &parts.low, &parts.weights)
+                {
                     return out;
                 }
             }
@@ -147,8 +156,6 @@ impl Cru {
 
     /// The fuse's weights from the pooled branches (times `fuse_scale` where given), with the branches.
     fn fuse_parts(&self, y1: Tensor, y2_head: Tensor, low: Tensor, fuse_scale: Option<&Tensor>) -> FuseParts {
-        let channels = y1.size()[1];
-        let sizes = [channels, y2_head.size()[1], low.size()[1]];
         let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
             // The bf16 form's tensors pooled in fp32 (bf16 pooling would round the means).
             (Kind::BFloat16, Kind::Float) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
@@ -160,7 +167,7 @@ impl Cru {
             Some(fuse_scale) => weights * fuse_scale,
             None => weights,
         };
-        FuseParts { y1, y2_head, low, weights: weights.split_with_sizes(sizes, 1) }
+        FuseParts { y1, y2_head, low, weights }
     }
 
     /// The weights of `Y1` and `Y2` as one `(N, 2C, 1, 1)` tensor, from the pooled `Y1`, `PWC2(low)`

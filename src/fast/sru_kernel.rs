@@ -138,10 +138,10 @@ fn rule_code(rule: Rule) -> u8 {
     }
 }
 
-/// A contiguous fp32 CPU tensor's elements. SAFETY: the caller keeps `t` alive and unwritten while
-/// the slice is used.
-unsafe fn elements(t: &Tensor) -> &[f32] {
-    std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
+/// A contiguous CPU tensor's elements. SAFETY: `t` holds `T`s (fp32 for `f32`), and the caller keeps
+/// it alive and unwritten while the slice is used.
+pub(crate) unsafe fn elements<T>(t: &Tensor) -> &[T] {
+    std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
 }
 
 /// The SRU output for a contiguous fp32 CPU tensor `x` of shape `(N, C, H, W)` under `rule`; `aux`

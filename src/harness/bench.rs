@@ -213,7 +213,7 @@ fn bench_form_block(
     let channels_last = step.channels_last()?;
     // Each step reads its input as the form hands it over: bf16 where the form stores bf16, channels-last
     // where the step's version has the channels-last kernel (the form's plain convolutions always).
-    let x = arithmetic.store(&x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]));
+    let x = arithmetic.store(&crate::inference::to_channels_last(x));
     let step_forward = || step.forward(&step.input(&x), None, None);
     let scconv_step = time(Device::Cpu, warmup, runs, step_forward);
     let scconv_step_profile = options.profile.then(|| profile(Device::Cpu, runs, &scconv_step, step_forward));

@@ -13,7 +13,7 @@
 //! kernels; other versions keep the fast path's NCHW step.
 use crate::config::Variant;
 use crate::error::ScConvError;
-use crate::fast::sru_kernel::{ChannelGate, GateConstants, Normalisation, Rule, ON_GN_X, ON_X};
+use crate::fast::sru_kernel::{elements, ChannelGate, GateConstants, Normalisation, Rule, ON_GN_X, ON_X};
 use crate::fast::welford::SharedOut;
 use crate::fast::{rule_of, threshold};
 use crate::inference::parallel_for;
@@ -44,14 +44,23 @@ fn dims(x: &Tensor) -> [usize; 4] {
     [size[0], size[1], size[2], size[3]].map(|d| d as usize)
 }
 
-/// `x` in fp32 with channels-last strides, contiguous (a copy only where it is not so already).
-pub(crate) fn channels_last_fp32(x: &Tensor) -> Tensor {
-    let x = super::precision::as_fp32(x);
-    let [_, c, h, w] = x.size()[..] else { return x };
-    if x.stride() == [h * w * c, 1, w * c, c] {
-        return x;
+/// Whether the 4-d `t` has dense channels-last (NHWC) strides.
+pub(crate) fn is_channels_last(t: &Tensor) -> bool {
+    let [_, c, h, w] = t.size()[..] else { return false };
+    t.stride() == [h * w * c, 1, w * c, c]
+}
+
+/// The 4-d `x` with dense channels-last strides (a copy only where it has other strides).
+pub(crate) fn to_channels_last(x: &Tensor) -> Tensor {
+    match is_channels_last(x) {
+        true => x.shallow_clone(),
+        false => x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]),
     }
-    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// `x` in fp32, channels-last (a copy only where it is not so already).
+pub(crate) fn channels_last_fp32(x: &Tensor) -> Tensor {
+    to_channels_last(&super::precision::as_fp32(x))
 }
 
 /// An uninitialised fp32 channels-last tensor of logical shape (N, C, H, W).
@@ -440,12 +449,6 @@ unsafe fn reconstruct_rows_avx2<const RULE: u8, const GIVEN: bool>(
     low: &mut [f32],
 ) {
     reconstruct_rows::<RULE, GIVEN>(xs, mask, halves, up, low)
-}
-
-/// A contiguous CPU tensor's elements. SAFETY: `t` holds `T`s and the caller keeps it alive and
-/// unwritten while the slice is used.
-unsafe fn elements<T>(t: &Tensor) -> &[T] {
-    std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel())
 }
 
 #[cfg(test)]

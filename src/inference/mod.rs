@@ -50,6 +50,7 @@ mod precision;
 mod scconv_step;
 mod weighted_sum;
 
+pub(crate) use channels_last_sru::to_channels_last;
 pub use conv::InferenceConv;
 pub use ffi::{parallel_for, shim_built, ConvGeometry};
 pub use fold::{fold_batchnorm, BatchNormParams};

@@ -1,6 +1,7 @@
 //! The inference form of a whole `ResNet`: its layers as steps (`InferenceConv`, `ScConvStep`) that
 //! borrow the exact model's tensors, compiled by named passes (`Pass`), each of which changes one thing
 //! and leaves a network that computes the same function.
+use super::channels_last_sru::to_channels_last;
 use super::conv::InferenceConv;
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
@@ -182,7 +183,7 @@ impl<'a> InferenceResNet<'a> {
     /// where one has not, converting at each would cost more than channels-last saves (docs/speed.md).
     fn sc_steps_run_channels_last(&self) -> bool {
         self.blocks.iter().flat_map(|b| &b.steps).all(|step| match step {
-            Step::Sc(s) => super::channels_last_sru::ChannelsLastSru::covers(&s.scconv_ref().SRU),
+            Step::Sc(s) => s.has_channels_last_kernel(),
             Step::Conv(_) => true,
         })
     }
@@ -315,6 +316,7 @@ impl<'a> InferenceResNet<'a> {
     }
 
     fn after_stem(&self, x: &Tensor) -> Tensor {
+        // Channels-last strides (the same NCHW sizes): the convolutions then read and write NHWC.
         let x = if self.channels_last { to_channels_last(x) } else { x.shallow_clone() };
         let x = scope("stem", || self.stem.forward(&x));
         match self.model.config().small_input {
@@ -402,12 +404,6 @@ enum FormGates<'g> {
     Off,
     Record(&'g mut Vec<(String, Tensor)>),
     Inject(&'g [(String, GateDecisions)]),
-}
-
-/// `x` with channels-last strides (the same NCHW sizes): libtorch's and oneDNN's convolutions then
-/// read and write NHWC and keep it.
-fn to_channels_last(x: &Tensor) -> Tensor {
-    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// A step the fold and fuse passes act on.

@@ -177,13 +177,9 @@ impl<'a> ScConvStep<'a> {
         Ok(self.channels_last.is_some())
     }
 
-    /// Whether the channels-last pass applied to this step (its ScConv version has the kernel).
-    pub fn runs_channels_last(&self) -> bool {
-        self.channels_last.is_some()
-    }
-
-    pub(crate) fn scconv_ref(&self) -> &ScConv {
-        self.scconv
+    /// Whether its ScConv version has the channels-last kernel (what the channels-last pass needs).
+    pub(crate) fn has_channels_last_kernel(&self) -> bool {
+        ChannelsLastSru::covers(&self.scconv.SRU)
     }
 
     /// `x` as this step's SRU reads it: fp32, channels-last after the channels-last pass, else NCHW.
@@ -211,33 +207,41 @@ impl<'a> ScConvStep<'a> {
     ) -> Tensor {
         let scale = self.folded.as_ref().map(|(scale, _)| scale);
         let convs = self.cru.as_ref().map(|c| c as &dyn CruConvs);
-        let (y, done) = match (&self.channels_last, given) {
-            (Some(sru), given) => tch::no_grad(|| {
-                let buffers = self.sru_buffers.take();
-                let (up, low) =
-                    scope("SRU (channels-last)", || sru.forward(x, given.map(|d| &d.info_mask), buffers));
-                let parts =
-                    self.scconv.CRU.forward_halves(convs.unwrap_or(&self.scconv.CRU), &up, &low, scale);
-                // The CRU has read both (its output is a new tensor): the next forward may write them.
-                self.sru_buffers.replace(Some((up, low)));
-                match self.fused_weighted_sum(&parts, residual.as_ref()) {
-                    Some(out) => (out, true),
-                    None => (scope("CRU fuse: weighted sum", || parts.weighted_sum()), false),
-                }
-            }),
-            (None, None) => (self.scconv.forward_fast(&self.fast, x, scale, convs), false),
+        let y = match (&self.channels_last, given) {
+            (Some(sru), given) => {
+                return tch::no_grad(|| self.forward_channels_last(sru, x, residual, given))
+            }
+            (None, None) => self.scconv.forward_fast(&self.fast, x, scale, convs),
             (None, Some(decisions)) => {
                 let sru_out = self.scconv.SRU.forward_with_decisions(x, &decisions.to_device(x.device()));
                 let cru = &self.scconv.CRU;
                 let copies = self.fast.copies_squeeze_inputs();
-                let y =
-                    tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale));
-                (y, false)
+                tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale))
             }
         };
-        if done {
-            return y; // the one pass ran the shift, the residual add and the ReLU
+        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
+    }
+
+    /// `forward` after the channels-last pass: its SRU writes the CRU's halves, and the weighted sum
+    /// takes the shift, residual add and ReLU along where it can (`fused_weighted_sum`).
+    fn forward_channels_last(
+        &self,
+        sru: &ChannelsLastSru,
+        x: &Tensor,
+        residual: Option<Tensor>,
+        given: Option<&GateDecisions>,
+    ) -> Tensor {
+        let scale = self.folded.as_ref().map(|(scale, _)| scale);
+        let convs = self.cru.as_ref().map_or(&self.scconv.CRU as &dyn CruConvs, |c| c as &dyn CruConvs);
+        let buffers = self.sru_buffers.take();
+        let (up, low) = scope("SRU (channels-last)", || sru.forward(x, given.map(|d| &d.info_mask), buffers));
+        let parts = self.scconv.CRU.forward_halves(convs, &up, &low, scale);
+        // The CRU has read both (its output is a new tensor): the next forward may write them.
+        self.sru_buffers.replace(Some((up, low)));
+        if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref()) {
+            return out;
         }
+        let y = scope("CRU fuse: weighted sum", || parts.weighted_sum());
         scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
     }
 

@@ -5,6 +5,8 @@
 //! with FMA contraction), `+ shift`, `+ residual`, then the ReLU as libtorch's `clamp_min(0)` (NaN and
 //! -0 kept). Runs where the CPU has AVX2 and FMA and every tensor is fp32 and channels-last; the caller
 //! runs libtorch's passes otherwise.
+use super::channels_last_sru::is_channels_last;
+use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::fast::FuseParts;
 use crate::inference::parallel_for;
@@ -13,15 +15,9 @@ use tch::{Kind, Tensor};
 /// Elements of the output one task writes.
 const TASK_ELEMENTS: usize = 1 << 14;
 
-/// Whether `t` is an fp32 CPU tensor with channels-last strides, contiguous.
+/// Whether `t` is an fp32 CPU tensor with dense channels-last strides.
 fn channels_last_fp32(t: &Tensor) -> bool {
-    let [_, c, h, w] = t.size()[..] else { return false };
-    t.kind() == Kind::Float && t.device() == tch::Device::Cpu && t.stride() == [h * w * c, 1, w * c, c]
-}
-
-/// A contiguous fp32 tensor's values. SAFETY: the caller keeps `t` alive and unwritten meanwhile.
-unsafe fn values(t: &Tensor) -> &[f32] {
-    std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())
+    t.kind() == Kind::Float && t.device() == tch::Device::Cpu && is_channels_last(t)
 }
 
 /// `relu(weighted_sum(parts) + shift [+ residual])` written into `parts.y1` (returned), or `None`
@@ -37,20 +33,15 @@ pub(crate) fn weighted_sum_shift_add_relu(
         let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let tensors = [&parts.y1, &parts.y2_head, &parts.low];
         let fits = tensors.iter().all(|t| channels_last_fp32(t)) && residual.is_none_or(channels_last_fp32);
-        if !cpu
-            || !fits
-            || shift.kind() != Kind::Float
-            || parts.weights.iter().any(|w| w.kind() != Kind::Float)
-        {
+        if !cpu || !fits || shift.kind() != Kind::Float || parts.weights.kind() != Kind::Float {
             return None;
         }
         let [n, c, h, w] = <[i64; 4]>::try_from(parts.y1.size()).ok()?;
         if residual.is_some_and(|r| r.size() != parts.y1.size()) {
             return None;
         }
-        let weights: Vec<Tensor> = parts.weights.iter().map(|w| w.contiguous()).collect();
+        let weights: Vec<Tensor> = parts.split_weights().iter().map(|w| w.contiguous()).collect();
         let shift = shift.contiguous();
-        let residual = residual.map(|r| r.shallow_clone());
         let (n, c, positions) = (n as usize, c as usize, (h * w) as usize);
         let head = parts.y2_head.size()[1] as usize;
         // SAFETY: every tensor read is a contiguous fp32 CPU tensor alive until the end of this block;
@@ -61,7 +52,7 @@ pub(crate) fn weighted_sum_shift_add_relu(
                 low: values(&parts.low),
                 w: [values(&weights[0]), values(&weights[1]), values(&weights[2])],
                 shift: values(&shift),
-                residual: residual.as_ref().map(|r| values(r)),
+                residual: residual.map(|r| values(r)),
                 channels: c,
                 head,
                 relu,
@@ -190,12 +181,7 @@ mod tests {
         for (i, v) in [0.0f64, -0.0, f64::NAN].iter().enumerate() {
             let _ = flat.narrow(0, 5 * i as i64 + 1, 1).fill_(*v);
         }
-        FuseParts {
-            y1,
-            y2_head: nhwc([n, head, hw, hw]),
-            low: nhwc([n, c - head, hw, hw]),
-            weights: weights.split_with_sizes([c, head, c - head], 1),
-        }
+        FuseParts { y1, y2_head: nhwc([n, head, hw, hw]), low: nhwc([n, c - head, hw, hw]), weights }
     }
 
     fn copy(p: &FuseParts) -> FuseParts {
@@ -208,7 +194,7 @@ mod tests {
             y1: keep(&p.y1),
             y2_head: p.y2_head.shallow_clone(),
             low: p.low.shallow_clone(),
-            weights: p.weights.iter().map(|w| w.shallow_clone()).collect(),
+            weights: p.weights.shallow_clone(),
         }
     }
 
