@@ -12,6 +12,7 @@
 //!   names its arithmetic (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
+//! - `allocator`: which malloc libtorch's tensors come from in this process;
 //! - `decisions NAME INPUT.safetensors [MODE]`: an inference form's (MODE `inference`, the default, or
 //!   `inference-bf16`) differing gate decisions by layer.
 //!
@@ -29,6 +30,11 @@ use std::io::{BufRead, Write};
 use std::time::Instant;
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
+
+// The CLI's allocator (mimalloc, overriding malloc for libtorch too), so the benchmark times what the
+// CLI runs.
+#[path = "../src/commands/allocator.rs"]
+mod allocator;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -105,6 +111,7 @@ fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result
 fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_json::Value, Error> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
+        ["allocator"] => Ok(serde_json::json!({"allocator": allocator::describe()})),
         ["load", name, config, weights] => {
             networks.insert(name.to_string(), Network::load(config, weights)?);
             Ok(serde_json::json!({"ok": true}))

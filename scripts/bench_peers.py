@@ -285,6 +285,7 @@ def main():
                                       "torch": torch.__version__, "onnxruntime": peers["onnxruntime"].__version__,
                                       "openvino": peers["openvino"].__version__, "when": time.strftime("%Y-%m-%d %H:%M")},
                           "networks": []}
+    results["machine"]["our_allocator"] = worker.ask("allocator")["allocator"]
     test_x, test_y, test_source = test_images()
     results["machine"]["test_images"] = f"{len(test_x)} from {test_source}"
     for name, config, weights, shape, batches in networks():
@@ -411,7 +412,8 @@ def table(results):
     bf16 = ", ".join(cpu.get("bf16_units", [])) or "none"
     lines = [f"Images/s, {m['threads']} threads, forward only, median of every timed run over interleaved rounds "
              f"({m['when']}; torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, OpenVINO {m['openvino']}). "
-             f"CPU: {cpu.get('model', m['cpu'])}; bf16 units: {bf16}. Best fp32 peer in bold; the last columns: "
+             f"CPU: {cpu.get('model', m['cpu'])}; bf16 units: {bf16}. Ours ran with {m.get('our_allocator', 'the C library malloc')}, "
+             "the peers in Python with their own allocators. Best fp32 peer in bold; the last columns: "
              "our fp32 form over the best fp32 peer, our bf16 form over OpenVINO's default and over torch.compile bf16.", ""]
     if not m.get("bf16_native", True):
         lines += ["**This CPU has no bf16 units**: OpenVINO's default precision is f32 here (recorded below), "
@@ -426,6 +428,12 @@ def table(results):
             cells += [ratio(ips, "scconv-tch inference", best), ratio(ips, "scconv-tch inference bf16", "OpenVINO default"),
                       ratio(ips, "scconv-tch inference bf16", "torch.compile bf16")]
             lines.append(f"| {entry['name']} ({batch}) | " + " | ".join(cells) + " |")
+    single = [(e["name"], e["images_per_second"]["1"]) for e in results["networks"] if "1" in e["images_per_second"]]
+    if single:
+        lines += ["", "Batch 1, milliseconds per image (the median forward; a serving process's latency):", "",
+                  "| network | " + " | ".join(PEERS + OURS) + " |", "|---|" + "---:|" * (len(PEERS) + len(OURS))]
+        for name, ips in single:
+            lines.append(f"| {name} | " + " | ".join(f"{1e3 / ips[r]:.3f}" if r in ips else "—" for r in PEERS + OURS) + " |")
     lines += ["", "Max |diff| / max |ref| against PyTorch eager on one batch (argmax agreement):", "",
               "| network | " + " | ".join(PEERS[1:] + OURS) + " |", "|---|" + "---:|" * (len(PEERS) - 1 + len(OURS))]
     for entry in results["networks"]:

@@ -97,6 +97,13 @@ fn bench_reports_every_resnet50_shape_as_json() {
         .collect();
     assert_eq!(shapes, [(64, 56), (128, 28), (256, 14), (512, 7)]);
     assert!(json["blocks"][0]["scconv"]["median_ms"].as_f64().is_some());
+    // The CLI's malloc is mimalloc for libtorch's allocations too (checked on a live tensor), so the
+    // figures are those of the allocator the CLI runs with.
+    let allocator = json["allocator"].as_str().unwrap();
+    assert!(
+        allocator.starts_with("mimalloc") && allocator.contains("libtorch's allocations included"),
+        "{allocator}"
+    );
     // On the CPU in fp32, each shape also times the inference form's ScConv step against the form's
     // own 3x3 conv, in fp32 and bf16 (native or emulated, as the arithmetic says).
     for block in json["blocks"].as_array().unwrap() {

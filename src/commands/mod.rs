@@ -1,4 +1,5 @@
 //! One module per subcommand of `scconv-tch`.
+pub mod allocator;
 pub mod bench;
 pub mod export;
 pub mod infer;
