@@ -21,6 +21,11 @@ pub(crate) trait CruConvs {
     fn fuse_in_fp32(&self) -> bool {
         false
     }
+    /// The fuse's pooling of `[Y1, PWC2(low), low]` side by side as `(N, 2C, 1, 1)`, where these
+    /// convolutions' owner has a kernel for it; `None`: libtorch's poolings.
+    fn channel_means(&self, _parts: [&Tensor; 3]) -> Option<Tensor> {
+        None
+    }
 }
 
 /// The CRU's own layers (libtorch's convolutions), the sum in place where the reference allocates:
@@ -116,7 +121,7 @@ impl Cru {
     ) -> FuseParts {
         let (up, low) = scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low));
         let (y1, y2_head) = self.branches(convs, &up, &low);
-        scope("CRU fuse: pooling, softmax", || self.fuse_parts(y1, y2_head, low, fuse_scale))
+        scope("CRU fuse: pooling, softmax", || self.fuse_parts(convs, y1, y2_head, low, fuse_scale))
     }
 
     /// GWC + PWC1, PWC2 and the fuse on the squeezed `up` and `low`.
@@ -130,7 +135,7 @@ impl Cru {
     ) -> Tensor {
         let (y1, y2_head) = self.branches(convs, &up, &low);
         scope("CRU fuse", || {
-            let parts = self.fuse_parts(y1, y2_head, low, fuse_scale);
+            let parts = self.fuse_parts(convs, y1, y2_head, low, fuse_scale);
             if cuda_kernels {
                 let y1 = parts.y1.shallow_clone();
                 if let Ok(out) = crate::cuda::cru_weighted_sum(y1, &parts.y2_head, &parts.low, &parts.weights)
@@ -155,13 +160,22 @@ impl Cru {
     }
 
     /// The fuse's weights from the pooled branches (times `fuse_scale` where given), with the branches.
-    fn fuse_parts(&self, y1: Tensor, y2_head: Tensor, low: Tensor, fuse_scale: Option<&Tensor>) -> FuseParts {
+    fn fuse_parts(
+        &self,
+        convs: &dyn CruConvs,
+        y1: Tensor,
+        y2_head: Tensor,
+        low: Tensor,
+        fuse_scale: Option<&Tensor>,
+    ) -> FuseParts {
         let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
             // The bf16 form's tensors pooled in fp32 (bf16 pooling would round the means).
             (Kind::BFloat16, Kind::Float) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
             _ => t.adaptive_avg_pool2d([1, 1]),
         };
-        let pooled: Vec<Tensor> = [&y1, &y2_head, &low].iter().map(|t| pool(t)).collect();
+        let pooled = convs
+            .channel_means([&y1, &y2_head, &low])
+            .unwrap_or_else(|| Tensor::cat(&[pool(&y1), pool(&y2_head), pool(&low)], 1));
         let weights = self.fuse_weights(&pooled);
         let weights = match fuse_scale {
             Some(fuse_scale) => weights * fuse_scale,
@@ -170,18 +184,18 @@ impl Cru {
         FuseParts { y1, y2_head, low, weights }
     }
 
-    /// The weights of `Y1` and `Y2` as one `(N, 2C, 1, 1)` tensor, from the pooled `Y1`, `PWC2(low)`
-    /// and `low` (per channel, the pooling of a concatenation is the concatenation of the poolings).
+    /// The weights of `Y1` and `Y2` as one `(N, 2C, 1, 1)` tensor, from the pooled `[Y1, PWC2(low), low]`
+    /// side by side (per channel, the pooling of a concatenation is the concatenation of the poolings).
     /// Global fuse: the reference's softmax over the same `(N, 2C, 1, 1)` shape (libtorch reduces an
     /// `(N, 2C)` softmax differently, which shows at C >= 2048 on near-constant inputs). Paper fuse: the
     /// reference's `softmax(stack([S1, S2]), 0)`, its two halves side by side; either way the output is
     /// `w[:, :C] * Y1 + w[:, C:] * Y2`.
-    fn fuse_weights(&self, pooled: &[Tensor]) -> Tensor {
+    fn fuse_weights(&self, pooled: &Tensor) -> Tensor {
         match self.fuse {
-            Fuse::Global => Tensor::cat(pooled, 1).softmax(1, None),
+            Fuse::Global => pooled.softmax(1, None),
             Fuse::Paper => {
-                let s2 = Tensor::cat(&pooled[1..], 1);
-                let beta = Tensor::stack(&[&pooled[0], &s2], 0).softmax(0, None);
+                let s = pooled.split(pooled.size()[1] / 2, 1); // [S1, S2], S2 = [pooled PWC2(low), pooled low]
+                let beta = Tensor::stack(&[&s[0], &s[1]], 0).softmax(0, None);
                 Tensor::cat(&[beta.get(0), beta.get(1)], 1)
             }
         }

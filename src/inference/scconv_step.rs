@@ -103,6 +103,10 @@ impl CruConvs for FormCru {
     fn fuse_in_fp32(&self) -> bool {
         self.pwc2.arithmetic().is_bf16()
     }
+
+    fn channel_means(&self, parts: [&Tensor; 3]) -> Option<Tensor> {
+        super::channel_means::channel_means(&parts)
+    }
 }
 
 impl<'a> ScConvStep<'a> {

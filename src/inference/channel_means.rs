@@ -1,0 +1,162 @@
+//! The CRU fuse's global pooling in a channels-last ScConv step: the per-channel means of `Y1`,
+//! `PWC2(low)` and `low`, side by side in one `(N, C1 + C2 + C3, 1, 1)` tensor, in one call where
+//! libtorch's operations make four (three poolings, then their concatenation). At batch 1 a libtorch
+//! call costs more than its arithmetic (docs/speed.md, "Batch 1: the per-call cost").
+//!
+//! Each mean is summed in f64 and rounded once, so it is within half an fp32 ulp of the exact mean
+//! (libtorch's fp32 reduction sums in fp32 in its own order: a few ulps). A change of rounding, not of
+//! meaning: the step stays within the form's bound. The partial sums are cut at fixed positions and
+//! added in a fixed order, so the result does not depend on the number of threads.
+use super::channels_last_sru::is_channels_last;
+use crate::fast::sru_kernel::elements as values;
+use crate::fast::welford::SharedOut;
+use crate::inference::parallel_for;
+use tch::{Device, Kind, Tensor};
+
+/// Values one task sums (a chunk of positions, all of one tensor's channels).
+const TASK_ELEMENTS: usize = 1 << 14;
+
+/// The means over height and width of `parts` (each fp32, dense channels-last, on the CPU, with the
+/// same batch and spatial size), concatenated along channels as `(N, sum of C, 1, 1)` fp32; `None` where
+/// a part is not so (the caller pools with libtorch).
+pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
+    let fits = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu && is_channels_last(t);
+    let [n, _, h, w] = <[i64; 4]>::try_from(parts.first()?.size()).ok()?;
+    if !parts.iter().all(|t| fits(t) && t.size()[0] == n && t.size()[2..] == [h, w]) {
+        return None;
+    }
+    let channels: Vec<usize> = parts.iter().map(|t| t.size()[1] as usize).collect();
+    let total: usize = channels.iter().sum();
+    let (n, positions) = (n as usize, (h * w) as usize);
+    if positions == 0 || total == 0 {
+        return None; // libtorch's mean of nothing (NaN), as libtorch says it
+    }
+    // One chunk length for every part (the widest's), so tasks index simply: (sample, part, chunk).
+    let chunk = (TASK_ELEMENTS / channels.iter().copied().max()?.max(1)).max(1);
+    let chunks = positions.div_ceil(chunk);
+    let count = parts.len();
+    let tasks = n * count * chunks;
+    // Task t's partial sums start at offset[t]; a task's channels follow its part.
+    let offsets: Vec<usize> = (0..tasks)
+        .scan(0, |next, t| {
+            let at = *next;
+            *next += channels[t / chunks % count];
+            Some(at)
+        })
+        .collect();
+    let mut partial = vec![0f64; offsets.last()? + channels[count - 1]];
+    let shared = SharedOut(partial.as_mut_ptr());
+    // SAFETY: every part is a dense channels-last fp32 CPU tensor alive for this function, read as
+    // (N, H, W, C); each task writes only its own partial sums.
+    unsafe {
+        let inputs: Vec<&[f32]> = parts.iter().map(|t| values(t)).collect();
+        parallel_for(tasks, 1, |range| {
+            for task in range {
+                let (sample, part, first) = (task / chunks / count, task / chunks % count, task % chunks);
+                let c = channels[part];
+                let rows = first * chunk..((first + 1) * chunk).min(positions);
+                let data =
+                    &inputs[part][(sample * positions + rows.start) * c..(sample * positions + rows.end) * c];
+                sum_rows(data, shared.slice(offsets[task], c));
+            }
+        });
+    }
+    let mut means = Vec::with_capacity(n * total);
+    for sample in 0..n {
+        for (part, &c) in channels.iter().enumerate() {
+            let first_task = (sample * count + part) * chunks;
+            for channel in 0..c {
+                let sum: f64 = (0..chunks).map(|k| partial[offsets[first_task + k] + channel]).sum();
+                means.push((sum / positions as f64) as f32);
+            }
+        }
+    }
+    Some(Tensor::from_slice(&means).view([n as i64, total as i64, 1, 1]))
+}
+
+/// `out[c] = sum over rows of data[row * C + c]` in f64, `C = out.len()`.
+fn sum_rows(data: &[f32], out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { sum_rows_avx2(data, out) };
+    }
+    sum_rows_portable(data, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_rows_avx2(data: &[f32], out: &mut [f64]) {
+    sum_rows_portable(data, out) // the same loop, vectorised four f64 at a time
+}
+
+#[inline(always)]
+fn sum_rows_portable(data: &[f32], out: &mut [f64]) {
+    for row in data.chunks_exact(out.len()) {
+        for (sum, &v) in out.iter_mut().zip(row) {
+            *sum += v as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channels_last(shape: [i64; 4], offset: f64) -> Tensor {
+        super::super::channels_last_sru::to_channels_last(
+            &(Tensor::randn(shape, (Kind::Float, Device::Cpu)) + offset),
+        )
+    }
+
+    /// libtorch's f64 mean rounded to fp32, side by side as the kernel writes them.
+    fn f64_means(parts: &[&Tensor]) -> Tensor {
+        let means: Vec<Tensor> = parts
+            .iter()
+            .map(|t| t.to_kind(Kind::Double).mean_dim(&[2i64, 3][..], true, Kind::Double))
+            .collect();
+        Tensor::cat(&means, 1).to_kind(Kind::Float)
+    }
+
+    #[test]
+    fn the_means_are_the_f64_means_rounded_once_in_one_or_many_chunks() {
+        tch::manual_seed(0);
+        // Batch 1 and 3; fewer positions than a task, and many (several chunks per part); an offset.
+        for (n, size, offset) in [(1, 28, 0.0), (3, 5, 0.0), (2, 56, 1000.0)] {
+            let y1 = channels_last([n, 64, size, size], offset);
+            let head = channels_last([n, 24, size, size], offset);
+            let low = channels_last([n, 8, size, size], -offset);
+            let parts = [&y1, &head, &low];
+            let means = channel_means(&parts).expect("channels-last fp32 parts");
+            assert_eq!(means.size(), [n, 96, 1, 1]);
+            let expected = f64_means(&parts);
+            // Summation orders differ (ours in chunks, libtorch's its own) but both are f64: the
+            // fp32 roundings agree except, rarely, at a tie within f64's error.
+            let ulp = expected.abs() * f64::from(f32::EPSILON);
+            let off = (&means - &expected).abs() - ulp;
+            assert!(
+                off.max().double_value(&[]) <= 0.0,
+                "n {n} size {size}: more than one ulp from the f64 mean"
+            );
+            // libtorch's own fp32 pooling is a few ulps away at most.
+            let libtorch = Tensor::cat(&parts.map(|t| t.adaptive_avg_pool2d([1, 1])), 1);
+            let largest = expected.abs().max().double_value(&[]);
+            let diff = (&means - &libtorch).abs().max().double_value(&[]);
+            assert!(
+                diff <= 8.0 * f64::from(f32::EPSILON) * largest,
+                "n {n} size {size}: {diff} from libtorch's"
+            );
+        }
+    }
+
+    #[test]
+    fn other_layouts_and_kinds_are_left_to_libtorch() {
+        let cl = channels_last([1, 8, 4, 4], 0.0);
+        let nchw = Tensor::randn([1, 8, 4, 4], (Kind::Float, Device::Cpu));
+        assert!(channel_means(&[&cl, &nchw]).is_none());
+        assert!(channel_means(&[&cl.to_kind(Kind::BFloat16)]).is_none());
+        let other_size = channels_last([1, 8, 2, 2], 0.0);
+        assert!(channel_means(&[&cl, &other_size]).is_none());
+        assert!(channel_means(&[&cl]).is_some());
+    }
+}
