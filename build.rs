@@ -18,6 +18,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo::rustc-check-cfg=cfg(scconv_cuda_shim)");
     println!("cargo::rustc-check-cfg=cfg(scconv_cpu_shim)");
+    println!("cargo::rustc-check-cfg=cfg(scconv_onednn)");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if std::env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;
@@ -32,6 +33,7 @@ fn main() {
     println!("cargo:libtorch_lib={}", lib_dir.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     build_cpu_shim(&lib_dir);
+    build_own_onednn(&lib_dir);
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed", lib_dir.display());
         build_cuda_shim(&lib_dir);
@@ -67,6 +69,45 @@ fn build_cpu_shim(lib_dir: &Path) {
     }
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-cfg=scconv_cpu_shim");
+}
+
+/// `src/inference/onednn.cpp`: the form's convolutions as oneDNN primitives of our own, with the
+/// `onednn` feature (part of `cli`) and a oneDNN found: `SCCONV_ONEDNN` (a prefix holding
+/// `include/oneapi/dnnl/dnnl.hpp` and `lib/libdnnl.so.3`), else the virtual environment libtorch sits
+/// in, where `make setup` installs PyPI's `onednn-cpu-gomp` (GNU OpenMP, libtorch's own threads).
+/// Without one the crate builds without it and says so (`cfg(scconv_onednn)` off: libtorch's calls).
+fn build_own_onednn(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/inference/onednn.cpp");
+    println!("cargo:rerun-if-env-changed=SCCONV_ONEDNN");
+    if std::env::var_os("CARGO_FEATURE_ONEDNN").is_none() {
+        return;
+    }
+    // <venv>/lib/python3.x/site-packages/torch/lib -> <venv>
+    let venv = lib_dir.canonicalize().ok().and_then(|lib| lib.ancestors().nth(5).map(Path::to_path_buf));
+    let prefix = std::env::var_os("SCCONV_ONEDNN").map(PathBuf::from).or(venv);
+    let Some(prefix) = prefix
+        .filter(|p| p.join("include/oneapi/dnnl/dnnl.hpp").exists() && p.join("lib/libdnnl.so.3").exists())
+    else {
+        println!("cargo:warning=no oneDNN found (make setup installs it; or SCCONV_ONEDNN=PREFIX): the inference form calls libtorch's convolutions");
+        return;
+    };
+    let compiled = cc::Build::new()
+        .cpp(true)
+        .file("src/inference/onednn.cpp")
+        .include(prefix.join("include"))
+        .flag("-std=c++17")
+        .warnings(false)
+        .try_compile("scconv_onednn");
+    if let Err(err) = compiled {
+        println!("cargo:warning=the own-oneDNN convolutions did not compile ({err}): the inference form calls libtorch's");
+        return;
+    }
+    let lib = prefix.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=dnnl");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:onednn_lib={}", lib.display());
+    println!("cargo:rustc-cfg=scconv_onednn");
 }
 
 /// `src/cuda/shim.cpp` (NVRTC, the driver's kernel launch on libtorch's stream, CUDA graphs), when the

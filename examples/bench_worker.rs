@@ -12,7 +12,8 @@
 //!   names its arithmetic (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
-//! - `allocator`: which malloc libtorch's tensors come from in this process;
+//! - `allocator`: which malloc libtorch's tensors come from in this process, and the oneDNN version of
+//!   the forms' own convolution primitives (null: libtorch's calls);
 //! - `decisions NAME INPUT.safetensors [MODE]`: an inference form's (MODE `inference`, the default, or
 //!   `inference-bf16`) differing gate decisions by layer.
 //!
@@ -111,7 +112,8 @@ fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result
 fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_json::Value, Error> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["allocator"] => Ok(serde_json::json!({"allocator": allocator::describe()})),
+        ["allocator"] => Ok(serde_json::json!({"allocator": allocator::describe(),
+            "own_onednn": scconv_tch::inference::own_onednn_version()})),
         ["load", name, config, weights] => {
             networks.insert(name.to_string(), Network::load(config, weights)?);
             Ok(serde_json::json!({"ok": true}))

@@ -285,7 +285,9 @@ def main():
                                       "torch": torch.__version__, "onnxruntime": peers["onnxruntime"].__version__,
                                       "openvino": peers["openvino"].__version__, "when": time.strftime("%Y-%m-%d %H:%M")},
                           "networks": []}
-    results["machine"]["our_allocator"] = worker.ask("allocator")["allocator"]
+    runtime = worker.ask("allocator")
+    results["machine"]["our_allocator"] = runtime["allocator"]
+    results["machine"]["our_onednn"] = runtime.get("own_onednn")
     test_x, test_y, test_source = test_images()
     results["machine"]["test_images"] = f"{len(test_x)} from {test_source}"
     for name, config, weights, shape, batches in networks():
@@ -412,7 +414,8 @@ def table(results):
     bf16 = ", ".join(cpu.get("bf16_units", [])) or "none"
     lines = [f"Images/s, {m['threads']} threads, forward only, median of every timed run over interleaved rounds "
              f"({m['when']}; torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, OpenVINO {m['openvino']}). "
-             f"CPU: {cpu.get('model', m['cpu'])}; bf16 units: {bf16}. Ours ran with {m.get('our_allocator', 'the C library malloc')}, "
+             f"CPU: {cpu.get('model', m['cpu'])}; bf16 units: {bf16}. Ours ran with {m.get('our_allocator', 'the C library malloc')}"
+             + (f" and its forms' convolutions as oneDNN {m['our_onednn']} primitives of its own" if m.get("our_onednn") else "") + ", "
              "the peers in Python with their own allocators. Best fp32 peer in bold; the last columns: "
              "our fp32 form over the best fp32 peer, our bf16 form over OpenVINO's default and over torch.compile bf16.", ""]
     if not m.get("bf16_native", True):

@@ -3,7 +3,8 @@
 # without LD_LIBRARY_PATH. It writes two files into the project (and refuses to overwrite them):
 #   .cargo/config.toml  LIBTORCH for torch-sys (the PyTorch 2.11.0 that scripts/setup_torch.sh installed,
 #                       through this checkout's `.libtorch` link, or $LIBTORCH when set);
-#   build.rs            the rpath to libtorch's folder and `--no-as-needed -ltorch_cuda` when it exists
+#   build.rs            the rpath to libtorch's folder (and to scconv-tch's own oneDNN with its `onednn`
+#                       feature) and `--no-as-needed -ltorch_cuda` when it exists
 #                       (link arguments do not pass from a dependency to its dependents: tch-rs#907).
 # Usage: scripts/link_dependent.sh PROJECT_DIR
 set -euo pipefail
@@ -39,6 +40,10 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{lib},-ltorch_cuda,--as-needed");
+    }
+    // With scconv-tch's `onednn` feature: its own oneDNN's folder.
+    if let Ok(onednn) = std::env::var("DEP_SCCONV_TCH_ONEDNN_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{onednn}");
     }
 }
 RUST

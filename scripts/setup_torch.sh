@@ -29,6 +29,10 @@ fi
 # CUDA 13.0 (NVRTC 13.0.88).
 "$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' 2>/dev/null \
     || "$venv/bin/python" -m pip install --quiet "nvidia-cuda-crt==13.0.88"
+# oneDNN 3.2 built with GNU OpenMP (libtorch's own threads), 39 MB: the inference form's convolutions as
+# primitives of our own (src/inference/onednn.cpp; libtorch does not export its oneDNN). No build.
+"$venv/bin/python" -c 'import importlib.metadata as m; m.version("onednn-devel-cpu-gomp")' 2>/dev/null \
+    || "$venv/bin/python" -m pip install --quiet "onednn-cpu-gomp==2023.2.0" "onednn-devel-cpu-gomp==2023.2.0"
 # safetensors and numpy serve the parity generator; both are small.
 "$venv/bin/python" -c 'import safetensors, numpy' 2>/dev/null \
     || "$venv/bin/python" -m pip install --quiet safetensors numpy

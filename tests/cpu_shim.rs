@@ -3,7 +3,7 @@
 //! when it does not compile (a user's odd toolchain still gets a working crate, with libtorch's plain
 //! convolutions), so without this test the form's `Prepack` pass and fused epilogues could drop out of
 //! `make test` unseen.
-use scconv_tch::inference::{shim_built, InferenceResNet, Pass};
+use scconv_tch::inference::{own_onednn_version, shim_built, InferenceResNet, Pass};
 use scconv_tch::models::{resnet, ResNetConfig};
 use scconv_tch::Variant;
 use tch::{nn::VarStore, Device};
@@ -14,6 +14,19 @@ fn this_build_has_the_cpu_shim() {
         shim_built(),
         "this build has no CPU shim: see build.rs's warning (a C++17 compiler and libtorch's headers under \
          .libtorch/include are needed; SCCONV_NO_CPU_SHIM must be unset)"
+    );
+}
+
+/// The same for the form's own oneDNN primitives (`src/inference/onednn.cpp`, the `onednn` feature of
+/// the default build): build.rs only warns when it finds no oneDNN, which `make setup` installs.
+#[test]
+fn this_build_has_its_own_onednn_primitives() {
+    let version = own_onednn_version();
+    assert_eq!(
+        version.as_deref(),
+        Some("3.2.0"),
+        "this build runs no oneDNN primitives of its own: see build.rs's warning (make setup installs \
+         onednn-cpu-gomp 2023.2.0 beside libtorch)"
     );
 }
 

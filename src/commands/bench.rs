@@ -42,17 +42,19 @@ pub fn run_bench(
         if models { bench_networks(device, &options, network_batches.as_deref())? } else { Vec::new() };
     if json {
         let value = serde_json::json!({ "device": format!("{device:?}"), "threads": tch::get_num_threads(),
-            "allocator": super::allocator::describe(),
+            "allocator": super::allocator::describe(), "own_onednn": scconv_tch::inference::own_onednn_version(),
             "dtype": format!("{:?}", options.kind), "cuda_graph": options.cuda_graph,
             "blocks": blocks, "networks": networks });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{device:?}, {:?}, {} threads, {}, ScConv {} ({}), forward only, median of {runs} runs after {warmup} warm-up (min-max)",
+        "{device:?}, {:?}, {} threads, {}, the forms' convolutions: {}, ScConv {} ({}), forward only, median of {runs} runs after {warmup} warm-up (min-max)",
         options.kind,
         tch::get_num_threads(),
         super::allocator::describe(),
+        scconv_tch::inference::own_onednn_version()
+            .map_or("libtorch's calls".to_string(), |v| format!("oneDNN {v} primitives of our own")),
         options.scconv.variant.name(),
         serde_json::to_string(&options.scconv)?
     );

@@ -6,9 +6,13 @@
 //!   `mkldnn::_convolution_pointwise`) when the shim is built, else in place on its output;
 //! - `cast` (the bf16 form only): weight and bias stored in bf16, and so its input and output
 //!   (`precision::Arithmetic`);
-//! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see.
+//! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
+//!   where the build has oneDNN primitives of its own (`onednn.rs`) and the convolution is a fused
+//!   dense fp32 one, also a primitive created once for that size, which channels-last inputs of that
+//!   size then run.
 use super::ffi::{self, ConvGeometry};
 use super::fold::{self, BatchNormParams};
+use super::onednn::OwnConv;
 use super::precision::Arithmetic;
 use crate::error::ScConvError;
 use tch::{nn, Tensor};
@@ -28,6 +32,8 @@ pub struct InferenceConv {
     packed: Option<Tensor>,
     /// How its weight, input and output are stored (the cast pass).
     arithmetic: Arithmetic,
+    /// The fused fp32 convolution as a oneDNN primitive of our own, for the prepacked input size.
+    own: Option<Box<OwnConv>>,
 }
 
 impl InferenceConv {
@@ -43,6 +49,7 @@ impl InferenceConv {
             fused: false,
             packed: None,
             arithmetic: Arithmetic::Fp32,
+            own: None,
         }
     }
 
@@ -62,7 +69,7 @@ impl InferenceConv {
     pub fn fold(&mut self) {
         if let Some(bn) = self.batchnorm.take() {
             let (weight, bias) = fold::fold_batchnorm(&self.weight, self.bias.as_ref(), &bn);
-            (self.weight, self.bias, self.packed) = (weight, Some(bias), None);
+            (self.weight, self.bias, self.packed, self.own) = (weight, Some(bias), None, None);
         }
     }
 
@@ -87,7 +94,20 @@ impl InferenceConv {
         let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, input_size))
             .map_err(|e| ScConvError::InvalidInput(format!("prepack: {e}")))?;
         self.packed = Some(packed);
+        // Dense convolutions only: oneDNN 3.2's grouped kernels (the CRU's GWC) ran the SC network's
+        // batch-256 forward 20% slower than libtorch's 3.10, where batch 1 gained little from them.
+        self.own = match self.fused && self.arithmetic == Arithmetic::Fp32 && self.geometry.groups == 1 {
+            true => OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, input_size, self.relu)
+                .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?
+                .map(Box::new),
+            false => None,
+        };
         Ok(())
+    }
+
+    /// Whether prepack made it a oneDNN primitive of our own (`own_onednn_version`).
+    pub fn runs_own_primitive(&self) -> bool {
+        self.own.is_some()
     }
 
     /// The cast pass: weight and bias stored as `arithmetic` stores values (rounded to bf16 once,
@@ -118,6 +138,9 @@ impl InferenceConv {
     /// `relu(bn(conv(x)))`, each part where configured; in bf16 (after `cast`), `x` is stored in bf16
     /// first and the result is bf16.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some(y) = self.own.as_ref().and_then(|own| own.forward(x)) {
+            return y;
+        }
         let x = &self.arithmetic.store(x);
         if self.fused && ffi::shim_built() {
             let y =
@@ -132,6 +155,9 @@ impl InferenceConv {
     pub fn forward_add(&self, x: &Tensor, residual: Tensor) -> Tensor {
         let x = &self.arithmetic.store(x);
         let mut residual = self.arithmetic.store(&residual);
+        if self.own.as_ref().is_some_and(|own| own.forward_add(x, &mut residual)) {
+            return residual;
+        }
         if self.fused && ffi::shim_built() {
             let w = self.onednn_weight();
             expect_onednn(ffi::conv_pointwise_add_(
@@ -291,6 +317,74 @@ mod tests {
                 < max_abs_diff(&y, &tch::no_grad(|| conv_fp32(&layer, &x, &residual)))
         );
         assert!(!layer.ws.equal(&r(&layer.ws)), "the model's own weight is not changed");
+    }
+
+    /// Prepack's own oneDNN primitive (where built) against libtorch's fused call on the same fp32
+    /// weights, on channels-last inputs of the prepacked size, for the geometries the networks use: the
+    /// same function, as accurate against fp64 (twice libtorch's error plus one rounding; the two
+    /// oneDNNs may pick other kernels). Other inputs (NCHW, another batch) run libtorch's call.
+    #[test]
+    fn the_own_primitive_is_as_accurate_as_libtorchs_call() {
+        let cl = crate::inference::channels_last_sru::to_channels_last;
+        // (in, out, kernel, stride, groups, input size, relu)
+        for (c_in, c_out, k, stride, groups, size, relu) in [
+            (32, 32, 3, 1, 1, 28, true),
+            (32, 64, 3, 2, 1, 28, true),
+            (32, 64, 1, 2, 1, 28, false),
+            (16, 32, 3, 1, 4, 14, false),
+            (8, 16, 1, 1, 1, 7, false),
+        ] {
+            let vs = VarStore::new(Device::Cpu);
+            let config = nn::ConvConfig { stride, padding: k / 2, groups, ..Default::default() };
+            let layer = nn::conv2d(vs.root() / "c", c_in, c_out, k, config);
+            let input = [2, c_in, size, size];
+            let x = cl(&Tensor::randn(input, (Kind::Float, Device::Cpu)));
+            let out = (size + 2 * (k / 2) - k) / stride + 1;
+            let residual = cl(&Tensor::randn([2, c_out, out, out], (Kind::Float, Device::Cpu)));
+            let mut conv = InferenceConv::new(&layer, ConvGeometry::square(stride, k / 2, groups));
+            if relu {
+                conv = conv.then_relu();
+            }
+            conv.fuse().unwrap();
+            if !ffi::shim_built() {
+                return;
+            }
+            conv.prepack(input).unwrap();
+            let own = crate::inference::own_onednn_version().is_some() && groups == 1;
+            assert_eq!(conv.runs_own_primitive(), own, "dense convolutions only");
+            let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
+            let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
+            conv.own = None; // libtorch's call from here on
+            let libtorch = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
+            assert!(nchw.equal(&libtorch.0), "an NCHW input runs libtorch's call");
+            let d = |t: &Tensor| t.to_kind(Kind::Double);
+            let g = |v: i64| [v, v];
+            let plain = d(&x).conv2d(
+                &d(&layer.ws),
+                layer.bs.as_ref().map(d).as_ref(),
+                g(stride),
+                g(k / 2),
+                g(1),
+                groups,
+            );
+            let activate = |t: Tensor| if relu { t.relu() } else { t };
+            for (name, ours, libtorch, truth) in [
+                ("conv", &ours.0, &libtorch.0, activate(plain.shallow_clone())),
+                ("conv + add", &ours.1, &libtorch.1, activate(&plain + d(&residual))),
+            ] {
+                let ulp = truth.abs().max().double_value(&[]) * f64::powi(2.0, -24);
+                let budget = 2.0 * max_abs_diff(libtorch, &truth) + ulp;
+                let err = max_abs_diff(ours, &truth);
+                assert!(
+                    err <= budget,
+                    "{c_in}->{c_out} k{k} s{stride} g{groups} {name}: {err:e} > {budget:e}"
+                );
+                assert!(
+                    crate::inference::channels_last_sru::is_channels_last(ours),
+                    "{name}: channels-last out"
+                );
+            }
+        }
     }
 
     fn conv_fp32(layer: &nn::Conv2D, x: &Tensor, residual: &Tensor) -> Tensor {

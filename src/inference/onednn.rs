@@ -1,0 +1,182 @@
+//! The inference form's convolutions as oneDNN primitives of our own (`onednn.cpp`, built where the
+//! `onednn` feature is on and build.rs finds oneDNN: `cfg(scconv_onednn)`): created once per input
+//! size when the prepack pass runs, executed on each call's data pointers, where libtorch's
+//! `mkldnn::_convolution_pointwise` rebuilds descriptors and looks the primitive up on every call.
+//! fp32, channels-last input and output, ReLU and residual add in the epilogue, as the fused form's
+//! libtorch call computes them; any other input is left to libtorch.
+use super::channels_last_sru::is_channels_last;
+use super::ffi::ConvGeometry;
+use tch::{Device, Kind, Tensor};
+
+/// Whether this build has its own oneDNN primitives, and which oneDNN: `Some("3.2.0")`.
+pub fn own_onednn_version() -> Option<String> {
+    #[cfg(scconv_onednn)]
+    {
+        let mut text = [0 as std::os::raw::c_char; 32];
+        // SAFETY: writes a NUL-terminated string of at most `len` bytes.
+        unsafe { raw::scc_dnnl_version(text.as_mut_ptr(), text.len()) };
+        // SAFETY: NUL-terminated by snprintf.
+        return Some(unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy().into_owned());
+    }
+    #[allow(unreachable_code)]
+    None
+}
+
+#[cfg(scconv_onednn)]
+mod raw {
+    use std::os::raw::{c_char, c_int, c_void};
+    extern "C" {
+        pub fn scc_dnnl_conv_create(
+            w: *const f32,
+            w_size: *const i64,
+            b: *const f32,
+            input: *const i64,
+            stride: *const i64,
+            padding: *const i64,
+            dilation: *const i64,
+            groups: i64,
+            relu: c_int,
+            out: *mut *mut c_void,
+            output: *mut i64,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
+        pub fn scc_dnnl_conv_run(
+            conv: *mut c_void,
+            x: *const f32,
+            y: *mut f32,
+            add: c_int,
+            err: *mut c_char,
+            len: usize,
+        ) -> c_int;
+        pub fn scc_dnnl_conv_free(conv: *mut c_void);
+        pub fn scc_dnnl_version(out: *mut c_char, len: usize);
+    }
+}
+
+/// One convolution (with its bias and optional ReLU) as a primitive for one input size.
+#[derive(Debug)]
+pub(crate) struct OwnConv {
+    handle: *mut std::os::raw::c_void,
+    input: [i64; 4],
+    output: [i64; 4],
+}
+
+// SAFETY: the primitive and its memories are owned by this value alone; the form that holds it is
+// not Sync, so no two threads run it at once (its scratchpad is its own).
+unsafe impl Send for OwnConv {}
+
+impl Drop for OwnConv {
+    fn drop(&mut self) {
+        #[cfg(scconv_onednn)]
+        // SAFETY: created by scc_dnnl_conv_create, freed once.
+        unsafe {
+            raw::scc_dnnl_conv_free(self.handle)
+        };
+    }
+}
+
+#[cfg(scconv_onednn)]
+fn checked(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<(), String> {
+    let mut err = [0 as std::os::raw::c_char; 512];
+    match f(err.as_mut_ptr(), err.len()) {
+        0 => Ok(()),
+        // SAFETY: the C++ side wrote a NUL-terminated message.
+        _ => Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()),
+    }
+}
+
+/// Whether `t` is an fp32 CPU tensor of `size` with dense channels-last strides.
+fn fits(t: &Tensor, size: [i64; 4]) -> bool {
+    t.kind() == Kind::Float && t.device() == Device::Cpu && t.size() == size && is_channels_last(t)
+}
+
+impl OwnConv {
+    /// The primitive for channels-last fp32 inputs of `input` (N, C, H, W); `None` where this build
+    /// has none or the weight is not fp32 on the CPU.
+    pub(crate) fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        g: &ConvGeometry,
+        input: [i64; 4],
+        relu: bool,
+    ) -> Result<Option<OwnConv>, String> {
+        let fp32_cpu = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
+        if own_onednn_version().is_none() || !fp32_cpu(weight) || !bias.is_none_or(fp32_cpu) {
+            return Ok(None);
+        }
+        #[cfg(scconv_onednn)]
+        {
+            let weight = weight.contiguous();
+            let bias = bias.map(Tensor::contiguous);
+            let w_size = weight.size();
+            let (mut handle, mut output) = (std::ptr::null_mut(), [0i64; 4]);
+            checked(|err, len| unsafe {
+                // SAFETY: live contiguous fp32 tensors; the sizes are four values each.
+                raw::scc_dnnl_conv_create(
+                    weight.data_ptr() as *const f32,
+                    w_size.as_ptr(),
+                    bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
+                    input.as_ptr(),
+                    g.stride.as_ptr(),
+                    g.padding.as_ptr(),
+                    g.dilation.as_ptr(),
+                    g.groups,
+                    relu as _,
+                    &mut handle,
+                    output.as_mut_ptr(),
+                    err,
+                    len,
+                )
+            })?;
+            return Ok(Some(OwnConv { handle, input, output }));
+        }
+        #[allow(unreachable_code)]
+        {
+            let _ = (g, input, relu);
+            Ok(None)
+        }
+    }
+
+    /// `relu?(conv(x) + b)` as a new channels-last tensor, or `None` where `x` is not what the
+    /// primitive was made for (the caller calls libtorch).
+    pub(crate) fn forward(&self, x: &Tensor) -> Option<Tensor> {
+        if !fits(x, self.input) {
+            return None;
+        }
+        let [n, c, h, w] = self.output;
+        let y = Tensor::empty([n, h, w, c], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
+        self.run(x, &y, false).then_some(y)
+    }
+
+    /// `residual = relu?(conv(x) + b + residual)` in place; `false` (nothing written) where `x` or
+    /// `residual` is not what the primitive was made for.
+    pub(crate) fn forward_add(&self, x: &Tensor, residual: &mut Tensor) -> bool {
+        fits(x, self.input) && fits(residual, self.output) && self.run(x, residual, true)
+    }
+
+    fn run(&self, x: &Tensor, y: &Tensor, add: bool) -> bool {
+        #[cfg(scconv_onednn)]
+        {
+            let ran = checked(|err, len| unsafe {
+                // SAFETY: `x` and `y` are dense channels-last fp32 CPU tensors of the primitive's sizes
+                // (checked by the callers), alive for the call; `y` is written, nothing else reads it.
+                raw::scc_dnnl_conv_run(
+                    self.handle,
+                    x.data_ptr() as *const f32,
+                    y.data_ptr() as *mut f32,
+                    add as _,
+                    err,
+                    len,
+                )
+            });
+            // An execution failure on sizes oneDNN accepted at creation is a bug, not bad input.
+            return ran.map_err(|e| panic!("oneDNN convolution failed: {e}")).is_ok();
+        }
+        #[allow(unreachable_code)]
+        {
+            let _ = (x, y, add);
+            false
+        }
+    }
+}
