@@ -54,25 +54,29 @@ mod raw {
     }
 }
 
-/// One convolution (with its bias and optional ReLU) as a primitive for one input size.
+/// The C++ side's primitive, its weights and scratchpad.
+#[derive(Debug)]
+struct Handle(*mut std::os::raw::c_void);
+
+// SAFETY: owned by one `OwnConv` alone, used by one thread at a time (behind its mutex).
+unsafe impl Send for Handle {}
+
+/// One convolution (with its bias and optional ReLU) as a primitive for one input size. Two threads
+/// may share it: runs take turns (the scratchpad is the primitive's own).
 #[derive(Debug)]
 pub(crate) struct OwnConv {
-    handle: *mut std::os::raw::c_void,
+    handle: std::sync::Mutex<Handle>,
     input: [i64; 4],
     output: [i64; 4],
 }
 
-// SAFETY: the primitive and its memories are owned by this value alone; the form that holds it is
-// not Sync, so no two threads run it at once (its scratchpad is its own).
-unsafe impl Send for OwnConv {}
-
 impl Drop for OwnConv {
     fn drop(&mut self) {
         #[cfg(scconv_onednn)]
-        // SAFETY: created by scc_dnnl_conv_create, freed once.
-        unsafe {
-            raw::scc_dnnl_conv_free(self.handle)
-        };
+        if let Ok(handle) = self.handle.get_mut() {
+            // SAFETY: created by scc_dnnl_conv_create, freed once.
+            unsafe { raw::scc_dnnl_conv_free(handle.0) };
+        }
     }
 }
 
@@ -129,7 +133,7 @@ impl OwnConv {
                     len,
                 )
             })?;
-            return Ok(Some(OwnConv { handle, input, output }));
+            return Ok(Some(OwnConv { handle: std::sync::Mutex::new(Handle(handle)), input, output }));
         }
         #[allow(unreachable_code)]
         {
@@ -158,25 +162,37 @@ impl OwnConv {
     fn run(&self, x: &Tensor, y: &Tensor, add: bool) -> bool {
         #[cfg(scconv_onednn)]
         {
+            let handle = self.handle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let ran = checked(|err, len| unsafe {
                 // SAFETY: `x` and `y` are dense channels-last fp32 CPU tensors of the primitive's sizes
                 // (checked by the callers), alive for the call; `y` is written, nothing else reads it.
-                raw::scc_dnnl_conv_run(
-                    self.handle,
-                    x.data_ptr() as *const f32,
-                    y.data_ptr() as *mut f32,
-                    add as _,
-                    err,
-                    len,
-                )
+                let (x, y) = (x.data_ptr() as *const f32, y.data_ptr() as *mut f32);
+                raw::scc_dnnl_conv_run(handle.0, x, y, add as _, err, len)
             });
-            // An execution failure on sizes oneDNN accepted at creation is a bug, not bad input.
-            return ran.map_err(|e| panic!("oneDNN convolution failed: {e}")).is_ok();
+            // oneDNN accepted these sizes when the primitive was made: a failure now is a bug or an
+            // allocation failure, a panic as tch's own operations make it.
+            if let Err(e) = ran {
+                panic!("oneDNN convolution failed: {e}");
+            }
+            return true;
         }
         #[allow(unreachable_code)]
         {
             let _ = (x, y, add);
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A form's convolution can still move to another thread with its own primitive inside (as its
+    /// tensors can; they are not Sync), and the primitive alone may be shared.
+    #[test]
+    fn a_convolution_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<super::OwnConv>();
+        send::<crate::inference::InferenceConv>();
     }
 }
