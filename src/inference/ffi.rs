@@ -83,8 +83,12 @@ mod raw {
     }
 }
 
-#[cfg(scconv_cpu_shim)]
-fn checked(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<(), String> {
+/// A C call that returns 0, or non-zero with a NUL-terminated message in its `err` buffer (the
+/// shim's and `onednn.cpp`'s convention).
+#[cfg(any(scconv_cpu_shim, scconv_onednn))]
+pub(super) fn checked(
+    f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int,
+) -> Result<(), String> {
     let mut err = [0 as std::os::raw::c_char; 1024];
     match f(err.as_mut_ptr(), err.len()) {
         0 => Ok(()),

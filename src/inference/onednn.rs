@@ -5,6 +5,8 @@
 //! fp32, channels-last input and output, ReLU and residual add in the epilogue, as the fused form's
 //! libtorch call computes them; any other input is left to libtorch.
 use super::channels_last_sru::is_channels_last;
+#[cfg(scconv_onednn)]
+use super::ffi::checked;
 use super::ffi::ConvGeometry;
 use tch::{Device, Kind, Tensor};
 
@@ -77,16 +79,6 @@ impl Drop for OwnConv {
             // SAFETY: created by scc_dnnl_conv_create, freed once.
             unsafe { raw::scc_dnnl_conv_free(handle.0) };
         }
-    }
-}
-
-#[cfg(scconv_onednn)]
-fn checked(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<(), String> {
-    let mut err = [0 as std::os::raw::c_char; 512];
-    match f(err.as_mut_ptr(), err.len()) {
-        0 => Ok(()),
-        // SAFETY: the C++ side wrote a NUL-terminated message.
-        _ => Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()),
     }
 }
 
