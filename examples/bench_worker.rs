@@ -183,6 +183,7 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
 }
 
 fn main() -> Result<(), Error> {
+    allocator::keep_freed_memory();
     tch::set_num_threads(std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2));
     let mut networks = HashMap::new();
     let stdout = std::io::stdout();

@@ -255,6 +255,7 @@ enum DeviceArg {
 /// `--version` print and exit 0. A closed pipe ends the program quietly (SIGPIPE, as for `head`);
 /// SIGINT and SIGTERM remove the temporary file of a write in progress and exit with 130.
 fn main() -> ExitCode {
+    commands::allocator::keep_freed_memory();
     restore_sigpipe();
     remove_partial_files_on_interrupt();
     std::panic::set_hook(Box::new(|_| {})); // caught below and printed as an error

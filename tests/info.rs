@@ -104,6 +104,8 @@ fn bench_reports_every_resnet50_shape_as_json() {
         allocator.starts_with("mimalloc") && allocator.contains("libtorch's allocations included"),
         "{allocator}"
     );
+    // ... and keeps freed memory for the next forward (mimalloc's default purges it after 10 ms).
+    assert!(allocator.contains("freed memory kept"), "{allocator}");
     // On the CPU in fp32, each shape also times the inference form's ScConv step against the form's
     // own 3x3 conv, in fp32 and bf16 (native or emulated, as the arithmetic says).
     for block in json["blocks"].as_array().unwrap() {
@@ -155,4 +157,16 @@ fn bench_times_the_scconv_version_it_is_given() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown field `op_channel`"), "{stderr}");
+}
+
+#[test]
+fn a_users_mimalloc_purge_delay_wins_over_the_clis() {
+    // Also proves that the option the CLI sets and reads is the one MIMALLOC_PURGE_DELAY names.
+    let bin = common::bin();
+    let args = ["bench", "--runs", "1", "--warmup", "0", "--batches", "1", "--no-models", "--json"];
+    let out = Command::new(&bin).args(args).env("MIMALLOC_PURGE_DELAY", "250").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let allocator = json["allocator"].as_str().unwrap();
+    assert!(allocator.contains("freed memory purged after 250 ms"), "{allocator}");
 }
