@@ -44,10 +44,14 @@ fn dims(x: &Tensor) -> [usize; 4] {
     [size[0], size[1], size[2], size[3]].map(|d| d as usize)
 }
 
-/// Whether the 4-d `t` has dense channels-last (NHWC) strides.
+/// Whether the 4-d `t` is laid out as dense channels-last (NHWC): every dimension longer than one
+/// has that layout's stride. A dimension of one is never stepped along, so its stride does not matter
+/// (PyTorch's own check skips it too): a one-channel NCHW image, the networks' input, is channels-last
+/// as it is, and the stem convolution runs it without a copy.
 pub(crate) fn is_channels_last(t: &Tensor) -> bool {
     let [_, c, h, w] = t.size()[..] else { return false };
-    t.stride() == [h * w * c, 1, w * c, c]
+    let dense = [h * w * c, 1, w * c, c];
+    t.size().iter().zip(t.stride()).zip(dense).all(|((&size, stride), dense)| size == 1 || stride == dense)
 }
 
 /// The 4-d `x` with dense channels-last strides (a copy only where it has other strides).
@@ -467,6 +471,23 @@ mod tests {
         });
         let kernel = ChannelsLastSru::new(&model.SRU, config.up_channel()).unwrap().unwrap();
         (vs, model, kernel)
+    }
+
+    #[test]
+    fn a_dimension_of_one_has_no_stride_that_matters() {
+        let opts = (Kind::Float, Device::Cpu);
+        // A one-channel NCHW image is laid out as channels-last; a many-channel one is not.
+        assert!(is_channels_last(&Tensor::zeros([2, 1, 5, 6], opts)));
+        assert!(!is_channels_last(&Tensor::zeros([2, 3, 5, 6], opts)));
+        assert!(is_channels_last(&to_channels_last(&Tensor::zeros([2, 3, 5, 6], opts))));
+        // A batch of one, whatever its stride.
+        let one = Tensor::zeros([90], opts).as_strided([1, 3, 5, 6], [7, 1, 18, 3], None);
+        assert!(is_channels_last(&one));
+        // A dimension longer than one with another stride is not: channels or rows padded.
+        let nhwc = |n, h, w, c| Tensor::zeros([n, h, w, c], opts).permute([0, 3, 1, 2]);
+        assert!(is_channels_last(&nhwc(1, 2, 5, 8)));
+        assert!(!is_channels_last(&nhwc(1, 2, 5, 8).narrow(1, 0, 3)));
+        assert!(!is_channels_last(&nhwc(1, 4, 4, 2).narrow(3, 0, 3)));
     }
 
     fn configs() -> Vec<ScConvConfig> {

@@ -328,6 +328,7 @@ mod tests {
         let cl = crate::inference::channels_last_sru::to_channels_last;
         // (in, out, kernel, stride, groups, input size, relu)
         for (c_in, c_out, k, stride, groups, size, relu) in [
+            (1, 32, 3, 1, 1, 28, true), // the stem: a one-channel NCHW input is channels-last too
             (32, 32, 3, 1, 1, 28, true),
             (32, 64, 3, 2, 1, 28, true),
             (32, 64, 1, 2, 1, 28, false),
@@ -354,9 +355,20 @@ mod tests {
             assert_eq!(conv.runs_own_primitive(), own, "dense convolutions only");
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
+            if let Some(own) = &conv.own {
+                let takes_nchw = tch::no_grad(|| own.forward(&x.contiguous()).is_some());
+                assert_eq!(
+                    takes_nchw,
+                    c_in == 1,
+                    "{c_in}->{c_out}: the primitive takes NCHW only with one channel"
+                );
+            }
             conv.own = None; // libtorch's call from here on
             let libtorch = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
-            assert!(nchw.equal(&libtorch.0), "an NCHW input runs libtorch's call");
+            match c_in {
+                1 => assert!(nchw.equal(&ours.0), "a one-channel NCHW input runs the own primitive"),
+                _ => assert!(nchw.equal(&libtorch.0), "an NCHW input runs libtorch's call"),
+            }
             let d = |t: &Tensor| t.to_kind(Kind::Double);
             let g = |v: i64| [v, v];
             let plain = d(&x).conv2d(
