@@ -57,6 +57,9 @@ fn build_cpu_shim(lib_dir: &Path) {
         .file("src/inference/shim.cpp")
         .include(torch.join("include"))
         .flag("-std=c++17")
+        // at::parallel_for's OpenMP region is in the header: without -fopenmp the compiler drops
+        // its `#pragma omp parallel` and every chunk runs on the calling thread.
+        .flag("-fopenmp")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)
         .try_compile("scconv_cpu_shim");
@@ -67,6 +70,9 @@ fn build_cpu_shim(lib_dir: &Path) {
     for lib in ["torch_cpu", "c10"] {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
+    // The OpenMP runtime libtorch itself loads (its wheel ships it as libgomp.so.1 beside it), so
+    // that the shim's parallel regions run on libtorch's own threads.
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-cfg=scconv_cpu_shim");
 }

@@ -248,3 +248,25 @@ pub fn parallel_for<F: Fn(Range<usize>) + Sync>(n: usize, grain: usize, body: F)
         body(0..n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunks run on libtorch's OpenMP threads, not all on the caller's (the shim must be built
+    /// with OpenMP for at::parallel_for's region to exist: without it every kernel of ours ran on one
+    /// thread).
+    #[test]
+    fn parallel_for_uses_libtorchs_threads() {
+        if !shim_built() || tch::get_num_threads() < 2 {
+            return;
+        }
+        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        parallel_for(64, 1, |_| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        });
+        let threads = seen.lock().unwrap().len();
+        assert!(threads >= 2, "{threads} thread(s) of {}", tch::get_num_threads());
+    }
+}
