@@ -70,9 +70,13 @@ fn build_cpu_shim(lib_dir: &Path) {
     for lib in ["torch_cpu", "c10"] {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
-    // The OpenMP runtime libtorch itself loads (its wheel ships it as libgomp.so.1 beside it), so
-    // that the shim's parallel regions run on libtorch's own threads.
-    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+    // The OpenMP runtime libtorch itself loads (PyPI's wheel ships it beside it as libgomp.so.1;
+    // other builds name it libgomp-<hash>.so.1), so that the shim's parallel regions run on
+    // libtorch's own threads; else the system's.
+    match shipped_libgomp(lib_dir) {
+        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+        None => println!("cargo:rustc-link-lib=dylib=gomp"),
+    }
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-cfg=scconv_cpu_shim");
 }
@@ -186,4 +190,15 @@ fn parse_version_py(text: &str) -> Option<String> {
     let line = text.lines().find(|l| l.starts_with("__version__"))?;
     let value = line.split('=').nth(1)?.trim();
     Some(value.trim_matches(|c| c == '\'' || c == '"').to_string())
+}
+
+/// The file name of the GNU OpenMP runtime in libtorch's lib folder, where it ships one.
+fn shipped_libgomp(lib_dir: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(lib_dir)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("libgomp") && name.contains(".so"))
+        .collect();
+    names.sort();
+    names.into_iter().next()
 }
