@@ -270,62 +270,46 @@ impl GateArrays {
     }
 }
 
-struct GateSlice<'a> {
-    mean: &'a [f32],
-    denom: &'a [f32],
-    gamma: &'a [f32],
-    beta: &'a [f32],
-    w_gamma: &'a [f32],
+/// A run of channels' gates, field by field: `GateSlice`, a sample's channels; `GateBlock`, `LANES` of
+/// them as fixed-size arrays (so the gate pass's lanes are registers).
+struct Gates<T> {
+    mean: T,
+    denom: T,
+    gamma: T,
+    beta: T,
+    w_gamma: T,
     threshold: f32,
 }
 
+type GateSlice<'a> = Gates<&'a [f32]>;
+type GateBlock<'a> = Gates<&'a [f32; LANES]>;
+
+impl<T: Copy + AsRef<[f32]>> Gates<T> {
+    #[inline(always)]
+    fn gate(&self, i: usize) -> ChannelGate {
+        let at = |field: T| field.as_ref()[i];
+        ChannelGate {
+            mean: at(self.mean),
+            denom: at(self.denom),
+            gamma: at(self.gamma),
+            beta: at(self.beta),
+            w_gamma: at(self.w_gamma),
+            threshold: self.threshold,
+        }
+    }
+}
+
 impl<'a> GateSlice<'a> {
-    /// The gates of channels `[ch, ch + LANES)`, as arrays of their fields.
+    /// The gates of channels `[ch, ch + LANES)`.
     #[inline(always)]
     fn block(&self, ch: usize) -> GateBlock<'a> {
         let lanes = |v: &'a [f32]| lanes(v, ch);
-        GateBlock {
+        Gates {
             mean: lanes(self.mean),
             denom: lanes(self.denom),
             gamma: lanes(self.gamma),
             beta: lanes(self.beta),
             w_gamma: lanes(self.w_gamma),
-            threshold: self.threshold,
-        }
-    }
-
-    #[inline(always)]
-    fn gate(&self, i: usize) -> ChannelGate {
-        ChannelGate {
-            mean: self.mean[i],
-            denom: self.denom[i],
-            gamma: self.gamma[i],
-            beta: self.beta[i],
-            w_gamma: self.w_gamma[i],
-            threshold: self.threshold,
-        }
-    }
-}
-
-/// `LANES` channels' gates, field by field (a `GateSlice` of fixed length).
-struct GateBlock<'a> {
-    mean: &'a [f32; LANES],
-    denom: &'a [f32; LANES],
-    gamma: &'a [f32; LANES],
-    beta: &'a [f32; LANES],
-    w_gamma: &'a [f32; LANES],
-    threshold: f32,
-}
-
-impl GateBlock<'_> {
-    #[inline(always)]
-    fn gate(&self, i: usize) -> ChannelGate {
-        ChannelGate {
-            mean: self.mean[i],
-            denom: self.denom[i],
-            gamma: self.gamma[i],
-            beta: self.beta[i],
-            w_gamma: self.w_gamma[i],
             threshold: self.threshold,
         }
     }
