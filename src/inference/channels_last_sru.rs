@@ -49,9 +49,10 @@ fn dims(x: &Tensor) -> [usize; 4] {
 /// (PyTorch's own check skips it too): a one-channel NCHW image, the networks' input, is channels-last
 /// as it is, and the stem convolution runs it without a copy.
 pub(crate) fn is_channels_last(t: &Tensor) -> bool {
-    let [_, c, h, w] = t.size()[..] else { return false };
+    let size = t.size();
+    let [_, c, h, w] = size[..] else { return false };
     let dense = [h * w * c, 1, w * c, c];
-    t.size().iter().zip(t.stride()).zip(dense).all(|((&size, stride), dense)| size == 1 || stride == dense)
+    size.iter().zip(t.stride()).zip(dense).all(|((&size, stride), dense)| size == 1 || stride == dense)
 }
 
 /// The 4-d `x` with dense channels-last strides (a copy only where it has other strides).
@@ -501,7 +502,10 @@ fn reconstruct_blocks<const RULE: u8>(
             low[p * half + ch..][..LANES].copy_from_slice(&y_hi);
         }
     }
-    for p in (0..positions).filter(|_| blocks < half) {
+    if blocks == half {
+        return;
+    }
+    for p in 0..positions {
         let row = &xs[p * c..][..c];
         for ch in blocks..half {
             let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(row[ch], 0.0);
