@@ -22,8 +22,9 @@ pub(crate) trait CruConvs {
         false
     }
     /// The fuse's pooling of `[Y1, PWC2(low), low]` side by side as `(N, 2C, 1, 1)`, where these
-    /// convolutions' owner has a kernel for it; `None`: libtorch's poolings.
-    fn channel_means(&self, _parts: [&Tensor; 3]) -> Option<Tensor> {
+    /// convolutions' owner has a kernel for it (`up`: the squeezed upper part `Y1` comes from);
+    /// `None`: libtorch's poolings.
+    fn channel_means(&self, _up: &Tensor, _parts: [&Tensor; 3]) -> Option<Tensor> {
         None
     }
 }
@@ -121,7 +122,7 @@ impl Cru {
     ) -> FuseParts {
         let (up, low) = scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low));
         let (y1, y2_head) = self.branches(convs, &up, &low);
-        scope("CRU fuse: pooling, softmax", || self.fuse_parts(convs, y1, y2_head, low, fuse_scale))
+        scope("CRU fuse: pooling, softmax", || self.fuse_parts(convs, &up, [y1, y2_head, low], fuse_scale))
     }
 
     /// GWC + PWC1, PWC2 and the fuse on the squeezed `up` and `low`.
@@ -135,7 +136,7 @@ impl Cru {
     ) -> Tensor {
         let (y1, y2_head) = self.branches(convs, &up, &low);
         scope("CRU fuse", || {
-            let parts = self.fuse_parts(convs, y1, y2_head, low, fuse_scale);
+            let parts = self.fuse_parts(convs, &up, [y1, y2_head, low], fuse_scale);
             if cuda_kernels {
                 let y1 = parts.y1.shallow_clone();
                 if let Ok(out) = crate::cuda::cru_weighted_sum(y1, &parts.y2_head, &parts.low, &parts.weights)
@@ -159,13 +160,13 @@ impl Cru {
         (y1, y2_head)
     }
 
-    /// The fuse's weights from the pooled branches (times `fuse_scale` where given), with the branches.
+    /// The fuse's weights from the pooled branches `[Y1, PWC2(low), low]` (times `fuse_scale` where
+    /// given), with the branches.
     fn fuse_parts(
         &self,
         convs: &dyn CruConvs,
-        y1: Tensor,
-        y2_head: Tensor,
-        low: Tensor,
+        up: &Tensor,
+        [y1, y2_head, low]: [Tensor; 3],
         fuse_scale: Option<&Tensor>,
     ) -> FuseParts {
         let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
@@ -174,7 +175,7 @@ impl Cru {
             _ => t.adaptive_avg_pool2d([1, 1]),
         };
         let pooled = convs
-            .channel_means([&y1, &y2_head, &low])
+            .channel_means(up, [&y1, &y2_head, &low])
             .unwrap_or_else(|| Tensor::cat(&[pool(&y1), pool(&y2_head), pool(&low)], 1));
         let weights = self.fuse_weights(&pooled);
         let weights = match fuse_scale {

@@ -75,7 +75,7 @@ pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
 }
 
 /// `out[c] = sum over rows of data[row * C + c]` in f64, `C = out.len()`.
-fn sum_rows(data: &[f32], out: &mut [f64]) {
+pub(crate) fn sum_rows(data: &[f32], out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.

@@ -41,6 +41,7 @@
 //! let logits = form.try_forward(&Tensor::randn([8, 3, 224, 224], (Kind::Float, Device::Cpu)))?;
 //! # Ok(()) }
 //! ```
+mod branch_means;
 mod channel_means;
 mod channels_last_sru;
 mod conv;

@@ -5,6 +5,7 @@
 //! fuse pass runs the shift, add and ReLU in place. In the bf16 form (the cast pass) the CRU's
 //! convolutions run in bf16 and everything else in fp32 on their bf16 values, the step's output
 //! stored in bf16 once (`precision`).
+use super::branch_means::BranchMeans;
 use super::channels_last_sru::{channels_last_fp32, ChannelsLastSru};
 use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
@@ -44,7 +45,8 @@ pub struct ScConvStep<'a> {
 }
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
-/// say), `GWC + PWC1` as one with the sum in its epilogue.
+/// say), `GWC + PWC1` as one with the sum in its epilogue; the fuse's pooling from their inputs
+/// (`branch_means`) where they compute in fp32.
 #[derive(Debug)]
 struct FormCru {
     squeeze1: InferenceConv,
@@ -52,6 +54,7 @@ struct FormCru {
     gwc: InferenceConv,
     pwc1: InferenceConv,
     pwc2: InferenceConv,
+    means: Option<BranchMeans>,
 }
 
 impl FormCru {
@@ -71,6 +74,10 @@ impl FormCru {
             gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size))?,
             pwc1: conv(&cru.PWC1, pointwise)?,
             pwc2: conv(&cru.PWC2, pointwise)?,
+            means: match arithmetic.is_bf16() {
+                true => None,
+                false => BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2),
+            },
         })
     }
 
@@ -104,8 +111,9 @@ impl CruConvs for FormCru {
         self.pwc2.arithmetic().is_bf16()
     }
 
-    fn channel_means(&self, parts: [&Tensor; 3]) -> Option<Tensor> {
-        super::channel_means::channel_means(&parts)
+    fn channel_means(&self, up: &Tensor, parts: [&Tensor; 3]) -> Option<Tensor> {
+        let from_inputs = self.means.as_ref().and_then(|means| means.means_where_cheaper(up, parts[2]));
+        from_inputs.or_else(|| super::channel_means::channel_means(&parts))
     }
 }
 
