@@ -74,7 +74,7 @@ pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
     Some(Tensor::from_slice(&means).view([n as i64, total as i64, 1, 1]))
 }
 
-/// `out[c] = sum over rows of data[row * C + c]` in f64, `C = out.len()`.
+/// `out[c] += sum over rows of data[row * C + c]` in f64, `C = out.len()`, row by row in order.
 pub(crate) fn sum_rows(data: &[f32], out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -92,10 +92,34 @@ unsafe fn sum_rows_avx2(data: &[f32], out: &mut [f64]) {
 
 #[inline(always)]
 fn sum_rows_portable(data: &[f32], out: &mut [f64]) {
-    for row in data.chunks_exact(out.len()) {
-        for (sum, &v) in out.iter_mut().zip(row) {
-            *sum += v as f64;
+    // Blocks of 16 channels, then of 8, each summed down all rows with its sums in registers (a
+    // loop over all `C` sums kept in memory waits on a load and a store per value), then the rest.
+    // Every sum adds its column's values in row order, from zero, then into `out`.
+    let c = out.len();
+    let (sixteens, eights) = (c / 16 * 16, c / 8 * 8);
+    for first in (0..sixteens).step_by(16) {
+        sum_block::<16>(data, c, first, &mut out[first..first + 16]);
+    }
+    for first in (sixteens..eights).step_by(8) {
+        sum_block::<8>(data, c, first, &mut out[first..first + 8]);
+    }
+    for (channel, sum) in out.iter_mut().enumerate().skip(eights) {
+        *sum += data.chunks_exact(c).map(|row| row[channel] as f64).fold(0.0, |a, v| a + v);
+    }
+}
+
+/// `sums[i] += sum over rows of data[row * c + first + i]`, `i < B`.
+#[inline(always)]
+fn sum_block<const B: usize>(data: &[f32], c: usize, first: usize, sums: &mut [f64]) {
+    let mut lanes = [0f64; B];
+    for row in data.chunks_exact(c) {
+        let values: &[f32; B] = row[first..first + B].try_into().expect("B channels");
+        for (lane, &v) in lanes.iter_mut().zip(values) {
+            *lane += v as f64;
         }
+    }
+    for (sum, lane) in sums.iter_mut().zip(lanes) {
+        *sum += lane;
     }
 }
 
