@@ -47,6 +47,7 @@ mod channels_last_sru;
 mod conv;
 mod ffi;
 mod fold;
+mod head;
 mod network;
 mod onednn;
 mod precision;

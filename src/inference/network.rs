@@ -5,6 +5,7 @@ use super::channels_last_sru::to_channels_last;
 use super::conv::InferenceConv;
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
+use super::head::Head;
 use super::precision::{as_fp32, Arithmetic, Precision};
 use super::scconv_step::ScConvStep;
 use crate::error::ScConvError;
@@ -30,8 +31,9 @@ pub enum Pass {
     Bf16,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
-    /// Activations kept channels-last (NHWC strides) between the convolutions, and the ScConv steps'
-    /// SRU reading and writing them so (for the hard gate on the custom norm; other versions convert).
+    /// Activations kept channels-last (NHWC strides) between the convolutions, the ScConv steps'
+    /// SRU reading and writing them so (for the hard gate on the custom norm; other versions convert),
+    /// and the head pooling them in one pass and, for a small classifier, multiplying in f64 (`head`).
     ChannelsLast,
 }
 
@@ -71,6 +73,8 @@ pub struct InferenceResNet<'a> {
     stem: InferenceConv,
     blocks: Vec<InferenceBlock<'a>>,
     channels_last: bool,
+    /// The pooling and classifier as the channels-last pass runs them.
+    head: Head<'a>,
     passes: Vec<Pass>,
     /// The arithmetic its precision runs in on this machine, decided once when the form is built.
     arithmetic: Arithmetic,
@@ -140,7 +144,16 @@ impl<'a> InferenceResNet<'a> {
         let stem = conv(&model.conv1, stride, kernel / 2, &model.bn1).then_relu();
         let blocks = model.stages.iter().flatten().map(block).collect::<Result<_, _>>()?;
         let arithmetic = Arithmetic::for_precision(precision);
-        Ok(InferenceResNet { model, stem, blocks, channels_last: false, passes: Vec::new(), arithmetic })
+        let head = Head::new(&model.fc);
+        Ok(InferenceResNet {
+            model,
+            stem,
+            blocks,
+            channels_last: false,
+            head,
+            passes: Vec::new(),
+            arithmetic,
+        })
     }
 
     /// How this form computes on this machine: fp32, bf16 natively, or bf16 emulated (and why).
@@ -331,8 +344,10 @@ impl<'a> InferenceResNet<'a> {
             x = self.run_block(block, x, gates);
         }
         // The logits in fp32 from the last activation (bf16 in the bf16 form).
-        let pooled = as_fp32(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        pooled.apply(&self.model.fc)
+        match self.channels_last {
+            true => scope("head (pooling, classifier)", || self.head.forward(&x)),
+            false => as_fp32(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.model.fc),
+        }
     }
 
     fn run_block(&self, block: &InferenceBlock, x: Tensor, gates: &mut FormGates) -> Tensor {
