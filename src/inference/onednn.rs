@@ -141,7 +141,8 @@ impl OwnConv {
             return None;
         }
         let [n, c, h, w] = self.output;
-        let y = Tensor::empty([n, h, w, c], (Kind::Float, Device::Cpu)).permute([0, 3, 1, 2]);
+        // One call (a permuted NHWC `empty` is two through libtorch's dispatcher).
+        let y = Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (Kind::Float, Device::Cpu));
         self.run(x, &y, false).then_some(y)
     }
 
