@@ -8,8 +8,9 @@
 //! a position at the defaults) where pooling the branches reads `Y1`, `PWC2(low)` and `low` (2C).
 //!
 //! The means are those of the convolutions' exact outputs, summed and combined in f64 and rounded
-//! once; libtorch (and `channel_means`) pool the convolutions' fp32-rounded outputs, whose rounding
-//! errors average out to well under an fp32 ulp of the mean. A change of rounding, not of meaning:
+//! once; libtorch (and `channel_means`) pool the convolutions' fp32-rounded outputs, each off by up to
+//! an ulp of its own size, so the two agree to a few fp32 ulps of the largest mean (more, relative
+//! to it, where a mean is small beside its values). A change of rounding, not of meaning:
 //! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 dense channels-last
 //! `up` and `low` (the fp32 channels-last step's); the caller pools the branches otherwise.
 use super::channel_means::sum_rows;
@@ -32,8 +33,9 @@ struct Linear {
 }
 
 impl Linear {
-    /// `conv` with `groups`, at stride 1 and padding `k / 2` (the CRU's); `None` for an even or
-    /// non-square kernel, whose output is not the input's size.
+    /// `conv` with `groups`, built at stride 1 and padding `k / 2` without dilation, as the CRU builds
+    /// its layers (`crate::cru`; tch keeps a layer's geometry private, so it cannot be checked here);
+    /// `None` for an even or non-square kernel, whose output is not the input's size.
     fn new(conv: &nn::Conv2D, groups: i64) -> Option<Linear> {
         let [out, inputs_per_group, kh, kw] = <[i64; 4]>::try_from(conv.ws.size()).ok()?;
         if kh != kw || kh % 2 == 0 || groups < 1 || out % groups != 0 {
@@ -146,8 +148,8 @@ impl BranchMeans {
             return None;
         }
         let [n, h, w] = [n, h, w].map(|d| d as usize);
-        if h * w == 0 {
-            return None; // libtorch's mean of nothing (NaN), as libtorch says it
+        if n == 0 || h * w == 0 {
+            return None; // an empty batch, or libtorch's mean of nothing (NaN): as libtorch says it
         }
         let (c, c2, c_low) = (self.gwc.out, self.pwc2.out, self.pwc2.inputs());
         let width = c + c2 + c_low;
@@ -347,5 +349,7 @@ mod tests {
         assert!(means.means(&up.to_kind(Kind::BFloat16), &low).is_none(), "bf16");
         assert!(means.means(&up, &channels_last([1, 8, 2, 2], 0.0)).is_none(), "another size");
         assert!(means.means(&low, &low).is_none(), "other channels");
+        let empty = (channels_last([0, 16, 4, 4], 0.0), channels_last([0, 8, 4, 4], 0.0));
+        assert!(means.means(&empty.0, &empty.1).is_none(), "an empty batch");
     }
 }
