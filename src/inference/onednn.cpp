@@ -23,10 +23,9 @@ struct scc_dnnl_variant {
 struct scc_dnnl_conv {
   scc_dnnl_variant plain, with_sum;  // dst = conv + bias [+ dst], then ReLU where asked
   dnnl::memory bias;
-  dnnl::memory::desc src, dst;
-  // The source and destination, made once and pointed at each call's data; each variant's arguments
-  // built once around them (a call then allocates nothing).
-  dnnl::memory src_memory, dst_memory;
+  // The source and destination, made once without data and pointed at each call's; each variant's
+  // arguments built once around them (a call then allocates nothing).
+  dnnl::memory src, dst;
   std::unordered_map<int, dnnl::memory> plain_args, sum_args;
 };
 
@@ -103,18 +102,17 @@ int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, 
       dnnl::reorder(user, v.weights).execute(stream, user, v.weights);
       return v;
     };
-    auto conv = new scc_dnnl_conv{variant(false), variant(true), dnnl::memory(), src, dst};
+    auto conv = new scc_dnnl_conv{variant(false), variant(true), dnnl::memory(), dnnl::memory(src, cpu(), nullptr),
+                                  dnnl::memory(dst, cpu(), nullptr), {}, {}};
     if (b) {
       conv->bias = dnnl::memory(b_md, cpu());
       dnnl::memory user_b(b_md, cpu(), const_cast<float*>(b));
       dnnl::reorder(user_b, conv->bias).execute(stream, user_b, conv->bias);
     }
-    conv->src_memory = dnnl::memory(src, cpu(), nullptr);
-    conv->dst_memory = dnnl::memory(dst, cpu(), nullptr);
     auto args = [&](const scc_dnnl_variant& v) {
-      std::unordered_map<int, dnnl::memory> a{{DNNL_ARG_SRC, conv->src_memory},
+      std::unordered_map<int, dnnl::memory> a{{DNNL_ARG_SRC, conv->src},
                                               {DNNL_ARG_WEIGHTS, v.weights},
-                                              {DNNL_ARG_DST, conv->dst_memory},
+                                              {DNNL_ARG_DST, conv->dst},
                                               {DNNL_ARG_SCRATCHPAD, v.scratchpad}};
       if (b) a.emplace(DNNL_ARG_BIAS, conv->bias);
       return a;
@@ -135,12 +133,13 @@ int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, 
 }
 
 // y = relu?(conv(x) + bias [+ y when `add`]): x and y channels-last fp32 of the sizes given at
-// creation. Not for two threads at once on one convolution (the scratchpad and the source and destination memories are its own).
+// creation. Not for two threads at once on one convolution (its scratchpad, source and destination
+// memories are its own).
 int scc_dnnl_conv_run(scc_dnnl_conv* conv, const float* x, float* y, int add, char* err, size_t len) {
   try {
     thread_local dnnl::stream stream(cpu());
-    conv->src_memory.set_data_handle(const_cast<float*>(x));
-    conv->dst_memory.set_data_handle(y);
+    conv->src.set_data_handle(const_cast<float*>(x));
+    conv->dst.set_data_handle(y);
     const scc_dnnl_variant& v = add ? conv->with_sum : conv->plain;
     v.primitive.execute(stream, add ? conv->sum_args : conv->plain_args);
     stream.wait();
