@@ -14,90 +14,20 @@
 //! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 dense channels-last
 //! `up` and `low` (the fp32 channels-last step's); the caller pools the branches otherwise.
 use super::channel_means::sum_rows;
-use super::channels_last_sru::is_channels_last;
+use super::channels_last_sru::is_channels_last_fp32;
+use super::f64_conv::F64Conv;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::inference::parallel_for;
 use std::ops::Range;
-use tch::{nn, Device, Kind, Tensor};
-
-/// One convolution's weight `(out, in / groups, k, k)` and bias in f64, row-major.
-#[derive(Debug)]
-struct Linear {
-    weight: Vec<f64>,
-    bias: Option<Vec<f64>>,
-    out: usize,
-    inputs_per_group: usize,
-    groups: usize,
-    kernel: usize,
-}
-
-impl Linear {
-    /// `conv` with `groups`, built at stride 1 and padding `k / 2` without dilation, as the CRU builds
-    /// its layers (`crate::cru`; tch keeps a layer's geometry private, so it cannot be checked here);
-    /// `None` for an even or non-square kernel, whose output is not the input's size.
-    fn new(conv: &nn::Conv2D, groups: i64) -> Option<Linear> {
-        let [out, inputs_per_group, kh, kw] = <[i64; 4]>::try_from(conv.ws.size()).ok()?;
-        if kh != kw || kh % 2 == 0 || groups < 1 || out % groups != 0 {
-            return None;
-        }
-        let f64s = |t: &Tensor| Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).ok();
-        Some(Linear {
-            weight: f64s(&conv.ws)?,
-            bias: match &conv.bs {
-                Some(b) => Some(f64s(b)?),
-                None => None,
-            },
-            out: out as usize,
-            inputs_per_group: inputs_per_group as usize,
-            groups: groups as usize,
-            kernel: kh as usize,
-        })
-    }
-
-    fn inputs(&self) -> usize {
-        self.inputs_per_group * self.groups
-    }
-
-    /// Multiply-adds per sample of `add_means`.
-    fn cost(&self) -> usize {
-        self.weight.len()
-    }
-
-    /// Its output's mean per channel, added to `means`, from the input's `windows` (`window_sums`)
-    /// over `positions` output positions.
-    fn add_means(&self, windows: &[f64], positions: usize, means: &mut [f64]) {
-        // Output channel c's weights (its group's inputs, every tap) and those inputs' window sums
-        // are both contiguous and in the same order: one dot product a channel.
-        let row = self.inputs_per_group * self.kernel * self.kernel;
-        let outputs_per_group = self.out / self.groups;
-        for (c, (mean, weights)) in means.iter_mut().zip(self.weight.chunks_exact(row)).enumerate() {
-            let first = c / outputs_per_group * row;
-            let sum = dot(weights, &windows[first..first + row]);
-            *mean += sum / positions as f64 + self.bias.as_ref().map_or(0.0, |b| b[c]);
-        }
-    }
-}
-
-/// `sum of a[i] * b[i]` in f64, four partial sums (so the compiler keeps them in vector lanes).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0f64; 4];
-    for (a, b) in a.chunks_exact(4).zip(b.chunks_exact(4)) {
-        for lane in 0..4 {
-            lanes[lane] += a[lane] * b[lane];
-        }
-    }
-    let tail = a.len() / 4 * 4;
-    let rest: f64 = a[tail..].iter().zip(&b[tail..]).map(|(a, b)| a * b).sum();
-    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + rest
-}
+use tch::{nn, Tensor};
 
 /// The CRU's `GWC`, `PWC1` and `PWC2` as the fuse's pooling needs them.
 #[derive(Debug)]
 pub(crate) struct BranchMeans {
-    gwc: Linear,
-    pwc1: Linear,
-    pwc2: Linear,
+    gwc: F64Conv,
+    pwc1: F64Conv,
+    pwc2: F64Conv,
 }
 
 impl BranchMeans {
@@ -109,9 +39,12 @@ impl BranchMeans {
         pwc1: &nn::Conv2D,
         pwc2: &nn::Conv2D,
     ) -> Option<Self> {
-        let (gwc, pwc1, pwc2) = (Linear::new(gwc, group_size)?, Linear::new(pwc1, 1)?, Linear::new(pwc2, 1)?);
-        let fits =
-            pwc1.kernel == 1 && pwc2.kernel == 1 && gwc.inputs() == pwc1.inputs() && gwc.out == pwc1.out;
+        let layer = |conv: &nn::Conv2D, groups| F64Conv::of(&conv.ws, conv.bs.as_ref(), groups);
+        let (gwc, pwc1, pwc2) = (layer(gwc, group_size)?, layer(pwc1, 1)?, layer(pwc2, 1)?);
+        let fits = pwc1.kernel() == 1
+            && pwc2.kernel() == 1
+            && gwc.inputs() == pwc1.inputs()
+            && gwc.outputs() == pwc1.outputs();
         fits.then_some(BranchMeans { gwc, pwc1, pwc2 })
     }
 
@@ -121,7 +54,7 @@ impl BranchMeans {
     fn pays(&self, positions: usize) -> bool {
         let (up, low) = (self.gwc.inputs(), self.pwc2.inputs());
         let work = self.gwc.cost() + self.pwc1.cost() + self.pwc2.cost() + positions * (up + low);
-        work < positions * (self.gwc.out + self.pwc2.out + low)
+        work < positions * (self.gwc.outputs() + self.pwc2.outputs() + low)
     }
 
     /// `means` where it is less work than pooling the branches (`pays`), else `None`.
@@ -134,12 +67,7 @@ impl BranchMeans {
     /// squeezed `up` and `low`; `None` where they are not fp32 dense channels-last CPU tensors of
     /// the layers' channels and one batch and size.
     pub(crate) fn means(&self, up: &Tensor, low: &Tensor) -> Option<Tensor> {
-        let fits = |t: &Tensor, channels: usize| {
-            t.kind() == Kind::Float
-                && t.device() == Device::Cpu
-                && is_channels_last(t)
-                && t.size()[1] == channels as i64
-        };
+        let fits = |t: &Tensor, channels: usize| is_channels_last_fp32(t) && t.size()[1] == channels as i64;
         let [n, _, h, w] = <[i64; 4]>::try_from(up.size()).ok()?;
         if !fits(up, self.gwc.inputs())
             || !fits(low, self.pwc2.inputs())
@@ -151,7 +79,7 @@ impl BranchMeans {
         if n == 0 || h * w == 0 {
             return None; // an empty batch, or libtorch's mean of nothing (NaN): as libtorch says it
         }
-        let (c, c2, c_low) = (self.gwc.out, self.pwc2.out, self.pwc2.inputs());
+        let (c, c2, c_low) = (self.gwc.outputs(), self.pwc2.outputs(), self.pwc2.inputs());
         let width = c + c2 + c_low;
         let mut means = vec![0f32; n * width];
         let out = SharedOut(means.as_mut_ptr());
@@ -177,9 +105,9 @@ impl BranchMeans {
     /// One sample's means in f64: `Y1`'s, `PWC2(low)`'s, `low`'s.
     fn sample_means(&self, up: &[f32], low: &[f32], size: [usize; 2]) -> Vec<f64> {
         let positions = size[0] * size[1];
-        let (c, c2, c_low) = (self.gwc.out, self.pwc2.out, self.pwc2.inputs());
+        let (c, c2, c_low) = (self.gwc.outputs(), self.pwc2.outputs(), self.pwc2.inputs());
         let mut means = vec![0f64; c + c2 + c_low];
-        let kernel = self.gwc.kernel;
+        let kernel = self.gwc.kernel();
         let up_windows = window_sums(up, self.gwc.inputs(), size, kernel);
         self.gwc.add_means(&up_windows, positions, &mut means[..c]);
         // The centre tap reads every value: its sums are `up`'s, which the 1x1 PWC1 reads.
@@ -241,6 +169,7 @@ fn window_sums(x: &[f32], channels: usize, [h, w]: [usize; 2], kernel: usize) ->
 mod tests {
     use super::*;
     use tch::nn::VarStore;
+    use tch::{Device, Kind};
 
     fn channels_last(shape: [i64; 4], offset: f64) -> Tensor {
         super::super::channels_last_sru::to_channels_last(

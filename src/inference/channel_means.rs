@@ -7,11 +7,11 @@
 //! (libtorch's fp32 reduction sums in fp32 in its own order: a few ulps). A change of rounding, not of
 //! meaning: the step stays within the form's bound. The partial sums are cut at fixed positions and
 //! added in a fixed order, so the result does not depend on the number of threads.
-use super::channels_last_sru::is_channels_last;
+use super::channels_last_sru::is_channels_last_fp32;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::inference::parallel_for;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// Values one task sums (a chunk of positions, all of one tensor's channels).
 const TASK_ELEMENTS: usize = 1 << 14;
@@ -20,9 +20,8 @@ const TASK_ELEMENTS: usize = 1 << 14;
 /// same batch and spatial size), concatenated along channels as `(N, sum of C, 1, 1)` fp32; `None` where
 /// a part is not so (the caller pools with libtorch).
 pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
-    let fits = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu && is_channels_last(t);
     let [n, _, h, w] = <[i64; 4]>::try_from(parts.first()?.size()).ok()?;
-    if !parts.iter().all(|t| fits(t) && t.size()[0] == n && t.size()[2..] == [h, w]) {
+    if !parts.iter().all(|t| is_channels_last_fp32(t) && t.size()[0] == n && t.size()[2..] == [h, w]) {
         return None;
     }
     let channels: Vec<usize> = parts.iter().map(|t| t.size()[1] as usize).collect();
@@ -136,6 +135,7 @@ fn sum_block<const B: usize>(data: &[f32], c: usize, first: usize, sums: &mut [f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::{Device, Kind};
 
     fn channels_last(shape: [i64; 4], offset: f64) -> Tensor {
         super::super::channels_last_sru::to_channels_last(

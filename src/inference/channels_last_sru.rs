@@ -55,6 +55,12 @@ pub(crate) fn is_channels_last(t: &Tensor) -> bool {
     size.iter().zip(t.stride()).zip(dense).all(|((&size, stride), dense)| size == 1 || stride == dense)
 }
 
+/// Whether `t` is an fp32 CPU tensor with dense channels-last strides: what the form's own kernels
+/// and primitives read.
+pub(crate) fn is_channels_last_fp32(t: &Tensor) -> bool {
+    t.kind() == Kind::Float && t.device() == Device::Cpu && is_channels_last(t)
+}
+
 /// The 4-d `x` with dense channels-last strides (a copy only where it has other strides).
 pub(crate) fn to_channels_last(x: &Tensor) -> Tensor {
     match is_channels_last(x) {

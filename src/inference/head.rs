@@ -8,6 +8,7 @@
 //! the pooled means. A change of rounding, not of meaning: the networks' tests hold the forms to
 //! their bounds.
 use super::channel_means::channel_means;
+use super::f64_conv::F64Conv;
 use super::precision::as_fp32;
 use tch::{nn, Tensor};
 
@@ -19,64 +20,55 @@ const SMALL_WEIGHTS: usize = 1 << 16;
 #[derive(Debug)]
 pub(crate) struct Head<'a> {
     fc: &'a nn::Linear,
-    small: Option<SmallLinear>,
-}
-
-/// A small classifier's weight `(classes, inputs)` and bias in f64.
-#[derive(Debug)]
-struct SmallLinear {
-    weight: Vec<f64>,
-    bias: Vec<f64>,
-    inputs: usize,
+    /// A small `fc` in f64, as a 1x1 convolution of the pooled means' one position.
+    small: Option<F64Conv>,
 }
 
 impl<'a> Head<'a> {
     /// The head ending in `fc` (borrowed; a small one's weights copied).
     pub(crate) fn new(fc: &'a nn::Linear) -> Head<'a> {
-        Head { fc, small: SmallLinear::of(fc) }
+        let small = match <[i64; 2]>::try_from(fc.ws.size()) {
+            Ok([classes, inputs])
+                if (classes * inputs) as usize <= SMALL_WEIGHTS && fc.ws.device() == tch::Device::Cpu =>
+            {
+                F64Conv::of(&fc.ws.view([classes, inputs, 1, 1]), fc.bs.as_ref(), 1)
+            }
+            _ => None,
+        };
+        Head { fc, small }
     }
 
     /// The logits `(N, classes)` in fp32 from the last activation `x` (fp32, or bf16 in the bf16 form).
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let x = as_fp32(x);
         let Some(pooled) = channel_means(&[&x]) else {
-            return x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(self.fc);
+            return self.libtorch(&x);
         };
         let [n, c, _, _] = <[i64; 4]>::try_from(pooled.size()).expect("(N, C, 1, 1) means");
         match &self.small {
-            Some(small) if small.inputs as i64 == c => small.forward(&pooled, n as usize),
+            Some(small) if small.inputs() as i64 == c => logits(small, &pooled, n as usize),
             _ => pooled.view([n, c]).apply(self.fc),
         }
     }
+
+    /// libtorch's head, as the model runs it: its pooling, `flatten` and `linear`, on `x` in fp32.
+    pub(crate) fn libtorch(&self, x: &Tensor) -> Tensor {
+        as_fp32(x).adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(self.fc)
+    }
 }
 
-impl SmallLinear {
-    fn of(fc: &nn::Linear) -> Option<SmallLinear> {
-        let [classes, inputs] = <[i64; 2]>::try_from(fc.ws.size()).ok()?;
-        if (classes * inputs) as usize > SMALL_WEIGHTS || fc.ws.device() != tch::Device::Cpu {
-            return None;
-        }
-        let f64s =
-            |t: &Tensor| Vec::<f64>::try_from(t.detach().to_kind(tch::Kind::Double).flatten(0, -1)).ok();
-        let bias = match &fc.bs {
-            Some(b) => f64s(b)?,
-            None => vec![0.0; classes as usize],
-        };
-        Some(SmallLinear { weight: f64s(&fc.ws)?, bias, inputs: inputs as usize })
+/// `bias + weight . means` of `fc` for each of the `n` samples of `pooled` (fp32, `(N, inputs, 1, 1)`),
+/// in f64, rounded once.
+fn logits(fc: &F64Conv, pooled: &Tensor, n: usize) -> Tensor {
+    let means = Vec::<f32>::try_from(pooled.flatten(0, -1)).expect("fp32 means");
+    let mut logits = Vec::with_capacity(n * fc.outputs());
+    for sample in means.chunks_exact(fc.inputs()) {
+        let sample: Vec<f64> = sample.iter().map(|&m| m as f64).collect();
+        let mut row = vec![0f64; fc.outputs()];
+        fc.add_means(&sample, 1, &mut row);
+        logits.extend(row.into_iter().map(|v| v as f32));
     }
-
-    /// `bias + weight . means` for each of the `n` samples of `pooled` (fp32, `(N, inputs, 1, 1)`).
-    fn forward(&self, pooled: &Tensor, n: usize) -> Tensor {
-        let means = Vec::<f32>::try_from(pooled.flatten(0, -1)).expect("fp32 means");
-        let mut logits = Vec::with_capacity(n * self.bias.len());
-        for sample in means.chunks_exact(self.inputs) {
-            for (row, bias) in self.weight.chunks_exact(self.inputs).zip(&self.bias) {
-                let dot: f64 = row.iter().zip(sample).map(|(w, &m)| w * m as f64).sum();
-                logits.push((bias + dot) as f32);
-            }
-        }
-        Tensor::from_slice(&logits).view([n as i64, self.bias.len() as i64])
-    }
+    Tensor::from_slice(&logits).view([n as i64, fc.outputs() as i64])
 }
 
 #[cfg(test)]

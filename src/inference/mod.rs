@@ -45,6 +45,7 @@ mod branch_means;
 mod channel_means;
 mod channels_last_sru;
 mod conv;
+mod f64_conv;
 mod ffi;
 mod fold;
 mod head;

@@ -6,7 +6,7 @@ use super::conv::InferenceConv;
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::head::Head;
-use super::precision::{as_fp32, Arithmetic, Precision};
+use super::precision::{Arithmetic, Precision};
 use super::scconv_step::ScConvStep;
 use crate::error::ScConvError;
 use crate::input;
@@ -346,7 +346,7 @@ impl<'a> InferenceResNet<'a> {
         // The logits in fp32 from the last activation (bf16 in the bf16 form).
         match self.channels_last {
             true => scope("head (pooling, classifier)", || self.head.forward(&x)),
-            false => as_fp32(&x).adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.model.fc),
+            false => self.head.libtorch(&x),
         }
     }
 

@@ -4,7 +4,7 @@
 //! `mkldnn::_convolution_pointwise` rebuilds descriptors and looks the primitive up on every call.
 //! fp32, channels-last input and output, ReLU and residual add in the epilogue, as the fused form's
 //! libtorch call computes them; any other input is left to libtorch.
-use super::channels_last_sru::is_channels_last;
+use super::channels_last_sru::is_channels_last_fp32;
 #[cfg(scconv_onednn)]
 use super::ffi::checked;
 use super::ffi::ConvGeometry;
@@ -84,7 +84,7 @@ impl Drop for OwnConv {
 
 /// Whether `t` is an fp32 CPU tensor of `size` with dense channels-last strides.
 fn fits(t: &Tensor, size: [i64; 4]) -> bool {
-    t.kind() == Kind::Float && t.device() == Device::Cpu && t.size() == size && is_channels_last(t)
+    t.size() == size && is_channels_last_fp32(t)
 }
 
 impl OwnConv {

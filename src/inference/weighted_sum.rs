@@ -5,7 +5,7 @@
 //! with FMA contraction), `+ shift`, `+ residual`, then the ReLU as libtorch's `clamp_min(0)` (NaN and
 //! -0 kept). Runs where the CPU has AVX2 and FMA and every tensor is fp32 and channels-last; the caller
 //! runs libtorch's passes otherwise.
-use super::channels_last_sru::is_channels_last;
+use super::channels_last_sru::is_channels_last_fp32;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::fast::FuseParts;
@@ -14,11 +14,6 @@ use tch::{Kind, Tensor};
 
 /// Elements of the output one task writes.
 const TASK_ELEMENTS: usize = 1 << 14;
-
-/// Whether `t` is an fp32 CPU tensor with dense channels-last strides.
-fn channels_last_fp32(t: &Tensor) -> bool {
-    t.kind() == Kind::Float && t.device() == tch::Device::Cpu && is_channels_last(t)
-}
 
 /// `relu(weighted_sum(parts) + shift [+ residual])` written into `parts.y1` (returned), or `None`
 /// where this pass does not run (see the module comment). `shift`: `(1, C, 1, 1)`.
@@ -32,7 +27,8 @@ pub(crate) fn weighted_sum_shift_add_relu(
     {
         let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let tensors = [&parts.y1, &parts.y2_head, &parts.low];
-        let fits = tensors.iter().all(|t| channels_last_fp32(t)) && residual.is_none_or(channels_last_fp32);
+        let fits =
+            tensors.iter().all(|t| is_channels_last_fp32(t)) && residual.is_none_or(is_channels_last_fp32);
         if !cpu || !fits || shift.kind() != Kind::Float || parts.weights.kind() != Kind::Float {
             return None;
         }
