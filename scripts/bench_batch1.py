@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Batch-1 latency of our fp32 inference form against ONNX Runtime's, alternated in short turns.
+"""Batch-1 latency of our fp32 inference form against ONNX Runtime's and OpenVINO's (f32), alternated in short turns
+(`--batch` for other sizes).
 
 `make bench-peers` gives each runtime one turn per round (a pause, 10 warm-up forwards, 30 timed), so
 on a VM whose speed drifts over seconds (docs/speed.md) a runtime's batch-1 median depends on which
-phase its turns met. Here the two alternate many times in one run, `--runs` forwards a turn after
+phase its turns met. Here the runtimes alternate many times in one run, `--runs` forwards a turn after
 `--warmup`, so both meet the same phases; each turn's median is printed and the medians and minima
 over all turns summarised, at each thread count asked. Same networks and weights as `make bench-peers`
 (whose peer folder and helpers this reuses); ours through `examples/bench_worker.rs`.
 
     .venv/bin/python scripts/bench_batch1.py --only fmnist_plain fmnist_sc --threads 2 1
+    .venv/bin/python scripts/bench_batch1.py --only resnet50 sc_resnet50 --runs 40 --runtimes openvino
 """
 import argparse
 import json
@@ -22,16 +24,32 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_peers  # noqa: E402
 
 
-def ort_session(ort, model, shape, threads, folder):
+def onnx_file(model, shape, batch, folder):
     import torch
     path = folder / "model.onnx"
     with torch.no_grad():
-        torch.onnx.export(model, torch.randn(1, *shape), str(path), opset_version=17, dynamo=False,
+        torch.onnx.export(model, torch.randn(batch, *shape), str(path), opset_version=17, dynamo=False,
                           input_names=["input"], output_names=["logits"])
+    return path
+
+
+def ort_session(ort, path, threads):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})
+
+
+def openvino_f32(ov, path, threads):
+    """OpenVINO in f32 with the latency settings `make bench-peers` gives it."""
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                          "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer([x])
+
+
+PEER_RUNTIMES = {"onnxruntime": ("ONNX Runtime", ort_session), "openvino": ("OpenVINO f32", openvino_f32)}
 
 
 def main():
@@ -43,10 +61,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--only", nargs="*", help="network names (default: all four)")
+    parser.add_argument("--batch", type=int, default=1, help="images a forward (default 1: the latency case)")
+    parser.add_argument("--runtimes", nargs="+", choices=list(PEER_RUNTIMES), default=list(PEER_RUNTIMES),
+                        help="the peers alternated with ours (default: both)")
     args = parser.parse_args()
 
     bench_peers.install_peers(args.peers)
-    ort = bench_peers.import_peers(args.peers)["onnxruntime"]
+    modules = bench_peers.import_peers(args.peers)
     import numpy
     import torch
     from safetensors.torch import save_file
@@ -58,33 +79,38 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             folder = pathlib.Path(tempfile.mkdtemp(prefix="bench-batch1-"))
-            session = ort_session(ort, model, shape, threads, folder)
+            path = onnx_file(model, shape, args.batch, folder)
+            peers = {label: make(modules[key], path, threads) for key, (label, make) in PEER_RUNTIMES.items()
+                     if key in args.runtimes}
             save_file({k: v.contiguous() for k, v in model.state_dict().items()
                        if not k.endswith("num_batches_tracked")}, str(folder / "w.safetensors"))
             (folder / "config.json").write_text(json.dumps(config))
             worker = bench_peers.Worker(args.worker, threads)
             worker.ask(f"load n {folder / 'config.json'} {folder / 'w.safetensors'}")
-            worker.ask(f"compile n 1 {' '.join(map(str, shape))}")
-            x = numpy.random.default_rng(0).standard_normal((1, *shape), dtype=numpy.float32)
-            theirs, ours = [], []
+            size = " ".join(map(str, (args.batch, *shape)))
+            worker.ask(f"compile n {size}")
+            x = numpy.random.default_rng(0).standard_normal((args.batch, *shape), dtype=numpy.float32)
+            turns = {label: [] for label in [*peers, "ours"]}
             for turn in range(args.turns):
+                for label, run in peers.items():
+                    time.sleep(bench_peers.QUIET_S)
+                    ms = []
+                    for i in range(args.warmup + args.runs):
+                        start = time.perf_counter()
+                        run(x)
+                        ms.append((time.perf_counter() - start) * 1e3)
+                    turns[label].append(ms[args.warmup:])
                 time.sleep(bench_peers.QUIET_S)
-                ms = []
-                for i in range(args.warmup + args.runs):
-                    start = time.perf_counter()
-                    session.run(None, {"input": x})
-                    ms.append((time.perf_counter() - start) * 1e3)
-                theirs.append(ms[args.warmup:])
-                time.sleep(bench_peers.QUIET_S)
-                ours.append(worker.ask(f"time n inference 1 {' '.join(map(str, shape))} {args.warmup} {args.runs}")["ms"])
-                print(f"{name}, {threads} threads, turn {turn + 1}: ONNX Runtime {statistics.median(theirs[-1]):.3f} ms, "
-                      f"ours {statistics.median(ours[-1]):.3f} ms", flush=True)
+                turns["ours"].append(worker.ask(f"time n inference {size} {args.warmup} {args.runs}")["ms"])
+                print(f"{name} ({args.batch}), {threads} threads, turn {turn + 1}: "
+                      + ", ".join(f"{label} {statistics.median(t[-1]):.3f} ms" for label, t in turns.items()), flush=True)
             worker.proc.stdin.close()
-            every = lambda turns: [v for t in turns for v in t]  # noqa: E731
-            a, b = every(theirs), every(ours)
-            print(f"{name}, {threads} threads, all turns: ONNX Runtime median {statistics.median(a):.3f} / min {min(a):.3f} ms, "
-                  f"ours {statistics.median(b):.3f} / {min(b):.3f} ms: ours over ONNX Runtime "
-                  f"{statistics.median(a) / statistics.median(b):.2f}x", flush=True)
+            every = {label: [v for t in ts for v in t] for label, ts in turns.items()}
+            ours = statistics.median(every["ours"])
+            print(f"{name} ({args.batch}), {threads} threads, all turns (median / min ms): "
+                  + ", ".join(f"{label} {statistics.median(v):.3f} / {min(v):.3f}" for label, v in every.items())
+                  + "; ours over " + ", ".join(f"{label} {statistics.median(every[label]) / ours:.2f}x" for label in peers),
+                  flush=True)
 
 
 if __name__ == "__main__":
