@@ -24,28 +24,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_peers  # noqa: E402
 
 
-def onnx_file(model, shape, batch, folder):
-    import torch
-    path = folder / "model.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, torch.randn(batch, *shape), str(path), opset_version=17, dynamo=False,
-                          input_names=["input"], output_names=["logits"])
-    return path
-
-
 def ort_session(ort, path, threads):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), bench_peers.ort_options(ort, threads), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"input": x})
 
 
 def openvino_f32(ov, path, threads):
-    """OpenVINO in f32 with the latency settings `make bench-peers` gives it."""
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                          "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
+    """OpenVINO in f32 with the settings `make bench-peers` gives it."""
+    settings = bench_peers.openvino_settings(threads, INFERENCE_PRECISION_HINT="f32")
+    request = ov.Core().compile_model(str(path), "CPU", settings).create_infer_request()
     return lambda x: request.infer([x])
 
 
@@ -79,7 +66,8 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             folder = pathlib.Path(tempfile.mkdtemp(prefix="bench-batch1-"))
-            path = onnx_file(model, shape, args.batch, folder)
+            path = folder / "model.onnx"
+            bench_peers.export_onnx(model, torch.randn(args.batch, *shape), path)
             peers = {label: make(modules[key], path, threads) for key, (label, make) in PEER_RUNTIMES.items()
                      if key in args.runtimes}
             save_file({k: v.contiguous() for k, v in model.state_dict().items()

@@ -176,6 +176,30 @@ def build_twin(config, weights):
     return model
 
 
+def export_onnx(model, example, path, dynamic_batch=False):
+    """`model` as ONNX the way every benchmark here exports it (opset 17, the TorchScript exporter),
+    its input `input` and output `logits`; `dynamic_batch`: any batch size."""
+    import torch
+    axes = {"dynamic_axes": {"input": {0: "batch"}}} if dynamic_batch else {}
+    with torch.no_grad():
+        torch.onnx.export(model, example, str(path), opset_version=17, dynamo=False,
+                          input_names=["input"], output_names=["logits"], **axes)
+
+
+def ort_options(ort, threads):
+    """ONNX Runtime's session options here: `threads` for each operator, every graph optimisation."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def openvino_settings(threads, **extra):
+    """OpenVINO's CPU settings here: one request at a time on `threads` threads, for latency (its
+    default precision unless `extra` names one)."""
+    return {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", **extra}
+
+
 def export_all(name, model, shape, batches, tmp, peers, threads, bf16_batches):
     """Every peer runtime for `model`, per batch: {runtime: {batch: callable(x) -> torch.Tensor}}, and the
     precision OpenVINO's defaults chose. torch.compile bf16 only at `bf16_batches`."""
@@ -187,14 +211,10 @@ def export_all(name, model, shape, batches, tmp, peers, threads, bf16_batches):
     onnx_path = tmp / f"{name}.onnx"
     example = torch.randn(batches[0], *shape)
     try:
-        with torch.no_grad():
-            torch.onnx.export(model, example, str(onnx_path), opset_version=17, dynamo=False,
-                              input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+        export_onnx(model, example, onnx_path, dynamic_batch=True)
     except Exception as err:  # noqa: BLE001
         fail(f"torch.onnx.export of {name}", err)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = ort_options(ort, threads)
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001
@@ -229,8 +249,7 @@ def export_all(name, model, shape, batches, tmp, peers, threads, bf16_batches):
             try:
                 ov_model = core.read_model(str(onnx_path))
                 ov_model.reshape({"input": [batch, *shape]})
-                ov_compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                                    "PERFORMANCE_HINT": "LATENCY", **precision})
+                ov_compiled = core.compile_model(ov_model, "CPU", openvino_settings(threads, **precision))
                 if not precision:
                     hint = ov_compiled.get_property("INFERENCE_PRECISION_HINT")
                     ov_default_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)

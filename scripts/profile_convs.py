@@ -66,9 +66,8 @@ def module_of(node_name):
 
 def openvino(ov, onnx_path, geometry, batch, shape, args):
     precision = {} if args.bf16 else {"INFERENCE_PRECISION_HINT": "f32"}
-    compiled = ov.Core().compile_model(str(onnx_path), "CPU", {
-        "INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES",
-        **precision})
+    settings = bench_peers.openvino_settings(args.threads, PERF_COUNT="YES", **precision)
+    compiled = ov.Core().compile_model(str(onnx_path), "CPU", settings)
     request = compiled.create_infer_request()
     x = __import__("numpy").random.default_rng(0).standard_normal((batch, *shape), dtype="float32")
     per_run, kernels, forwards = collections.defaultdict(list), {}, []
@@ -146,9 +145,7 @@ def main():
     geometry = geometries(model, shape)
     count = collections.Counter(geometry.values())
     folder = pathlib.Path(tempfile.mkdtemp(prefix="profile-convs-"))
-    with torch.no_grad():
-        torch.onnx.export(model, torch.randn(args.batch, *shape), str(folder / "model.onnx"), opset_version=17,
-                          dynamo=False, input_names=["input"], output_names=["logits"])
+    bench_peers.export_onnx(model, torch.randn(args.batch, *shape), folder / "model.onnx")
     (folder / "config.json").write_text(json.dumps(config))
     theirs, their_kernels, their_forwards = openvino(ov, folder / "model.onnx", geometry, args.batch, shape, args)
     mine, my_kernels, my_forwards = ours(args.worker, folder / "config.json", weights, args.batch, shape, count, args)
