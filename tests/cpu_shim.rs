@@ -46,7 +46,7 @@ fn the_compiled_form_applies_every_pass_it_names() {
         config.scconv.variant = variant;
         let model = resnet(vs.root(), &config).unwrap();
         let form = InferenceResNet::compiled(&model, [1, 3, 64, 64]).unwrap();
-        let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack];
+        let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::TileBatch, Pass::Prepack];
         if channels_last {
             expected.push(Pass::ChannelsLast);
         }

@@ -124,8 +124,9 @@ pub fn run_bench(
     for n in &networks {
         let graph = n.graph_images_per_second.map_or(String::new(), |v| format!(", CUDA graph {v:>9.1}"));
         let per_image = n.timing.median_ms / n.batch as f64;
+        let tiles = n.batch_tile.map_or(String::new(), |t| format!(" (in tiles of {t})"));
         println!(
-            "{:<40} batch {:>3}: {:>9.1} images/s, {per_image:>8.3} ms per image{graph}",
+            "{:<40} batch {:>3}: {:>9.1} images/s, {per_image:>8.3} ms per image{graph}{tiles}",
             n.name, n.batch, n.images_per_second
         );
     }
@@ -198,6 +199,8 @@ struct NetworkBench {
     /// units), for the form's rows.
     arithmetic: Option<String>,
     batch: i64,
+    /// The inference form's batch tile where it runs the batch in tiles (`Pass::TileBatch`).
+    batch_tile: Option<i64>,
     timing: bench::Timing,
     images_per_second: f64,
     graph_timing: Option<bench::Timing>,
@@ -270,6 +273,7 @@ fn bench_networks(
                 Mode::Model(_) => None,
             };
             let arithmetic = form.as_ref().map(|f| f.arithmetic().clone());
+            let batch_tile = form.as_ref().and_then(InferenceResNet::batch_tile);
             if let Some(Arithmetic::Bf16Emulated { why }) = &arithmetic {
                 eprintln!("warning: {name}'s bf16 form runs emulated (bf16's numbers at fp32 speed or slower): {why}");
             }
@@ -306,6 +310,7 @@ fn bench_networks(
                 mode: mode.name(),
                 arithmetic: arithmetic.as_ref().map(Arithmetic::describe),
                 batch,
+                batch_tile,
                 images_per_second: per_second(&timing),
                 graph_images_per_second: graph_timing.as_ref().map(per_second),
                 timing,

@@ -32,8 +32,8 @@ pub struct InferenceConv {
     packed: Option<Tensor>,
     /// How its weight, input and output are stored (the cast pass).
     arithmetic: Arithmetic,
-    /// The fused fp32 convolution as a oneDNN primitive of our own, for the prepacked input size.
-    own: Option<Box<OwnConv>>,
+    /// The fused fp32 convolution as oneDNN primitives of our own, one for each prepacked input size.
+    own: Vec<OwnConv>,
 }
 
 impl InferenceConv {
@@ -49,7 +49,7 @@ impl InferenceConv {
             fused: false,
             packed: None,
             arithmetic: Arithmetic::Fp32,
-            own: None,
+            own: Vec::new(),
         }
     }
 
@@ -69,7 +69,7 @@ impl InferenceConv {
     pub fn fold(&mut self) {
         if let Some(bn) = self.batchnorm.take() {
             let (weight, bias) = fold::fold_batchnorm(&self.weight, self.bias.as_ref(), &bn);
-            (self.weight, self.bias, self.packed, self.own) = (weight, Some(bias), None, None);
+            (self.weight, self.bias, self.packed, self.own) = (weight, Some(bias), None, Vec::new());
         }
     }
 
@@ -86,28 +86,40 @@ impl InferenceConv {
     /// The prepack pass: the weight reordered once into oneDNN's layout for inputs of `input_size`
     /// (N, C, H, W). Needs the shim (libtorch's own convolution would reorder it back every call).
     pub fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        self.prepack_sizes(&[input_size])
+    }
+
+    /// As [`InferenceConv::prepack`], for inputs of each size given (a tiled batch's full tiles and
+    /// its rest): the weight reordered for the first, and where the build has oneDNN primitives of its
+    /// own, one primitive for each size.
+    pub fn prepack_sizes(&mut self, input_sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         if !ffi::shim_built() {
             return Err(ScConvError::InvalidInput(
                 "prepack needs the oneDNN shim, which this build lacks".into(),
             ));
         }
-        let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, input_size))
+        let first = *input_sizes
+            .first()
+            .ok_or_else(|| ScConvError::InvalidInput("prepack: no input size given".into()))?;
+        let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, first))
             .map_err(|e| ScConvError::InvalidInput(format!("prepack: {e}")))?;
         self.packed = Some(packed);
         // Dense convolutions only: oneDNN 3.2's grouped kernels (the CRU's GWC) ran the SC network's
         // batch-256 forward 20% slower than libtorch's 3.10, where batch 1 gained little from them.
-        self.own = match self.fused && self.arithmetic == Arithmetic::Fp32 && self.geometry.groups == 1 {
-            true => OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, input_size, self.relu)
-                .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?
-                .map(Box::new),
-            false => None,
-        };
+        self.own = Vec::new();
+        if self.fused && self.arithmetic == Arithmetic::Fp32 && self.geometry.groups == 1 {
+            for &size in input_sizes {
+                let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
+                    .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
+                self.own.extend(own);
+            }
+        }
         Ok(())
     }
 
     /// Whether prepack made it a oneDNN primitive of our own (`own_onednn_version`).
     pub fn runs_own_primitive(&self) -> bool {
-        self.own.is_some()
+        !self.own.is_empty()
     }
 
     /// The cast pass: weight and bias stored as `arithmetic` stores values (rounded to bf16 once,
@@ -138,7 +150,7 @@ impl InferenceConv {
     /// `relu(bn(conv(x)))`, each part where configured; in bf16 (after `cast`), `x` is stored in bf16
     /// first and the result is bf16.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        if let Some(y) = self.own.as_ref().and_then(|own| own.forward(x)) {
+        if let Some(y) = self.own.iter().find_map(|own| own.forward(x)) {
             return y;
         }
         let x = &self.arithmetic.store(x);
@@ -155,7 +167,7 @@ impl InferenceConv {
     pub fn forward_add(&self, x: &Tensor, residual: Tensor) -> Tensor {
         let x = &self.arithmetic.store(x);
         let mut residual = self.arithmetic.store(&residual);
-        if self.own.as_ref().is_some_and(|own| own.forward_add(x, &mut residual)) {
+        if self.own.iter().any(|own| own.forward_add(x, &mut residual)) {
             return residual;
         }
         if self.fused && ffi::shim_built() {
@@ -355,7 +367,7 @@ mod tests {
             assert_eq!(conv.runs_own_primitive(), own, "dense convolutions only");
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
-            if let Some(own) = &conv.own {
+            if let Some(own) = conv.own.first() {
                 let takes_nchw = tch::no_grad(|| own.forward(&x.contiguous()).is_some());
                 assert_eq!(
                     takes_nchw,
@@ -363,7 +375,7 @@ mod tests {
                     "{c_in}->{c_out}: the primitive takes NCHW only with one channel"
                 );
             }
-            conv.own = None; // libtorch's call from here on
+            conv.own.clear(); // libtorch's call from here on
             let libtorch = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             match c_in {
                 1 => assert!(nchw.equal(&ours.0), "a one-channel NCHW input runs the own primitive"),
@@ -403,6 +415,31 @@ mod tests {
         (x.conv2d(&layer.ws, layer.bs.as_ref(), [2, 2], [1, 1], [1, 1], 1) + residual).relu()
     }
 
+    /// Prepacked for a tiled batch's two sizes, a convolution runs each on a primitive of its own, and
+    /// an image's output does not depend on the size of the batch it came in (the same bits).
+    #[test]
+    fn a_convolution_prepacked_for_two_sizes_computes_each_image_alike() {
+        if crate::inference::own_onednn_version().is_none() {
+            return;
+        }
+        let cl = crate::inference::channels_last_sru::to_channels_last;
+        for (c_in, c_out, k, stride) in [(1, 32, 3, 1), (32, 32, 3, 1), (32, 64, 3, 2), (32, 64, 1, 2)] {
+            let vs = VarStore::new(Device::Cpu);
+            let config = nn::ConvConfig { stride, padding: k / 2, ..Default::default() };
+            let layer = nn::conv2d(vs.root() / "c", c_in, c_out, k, config);
+            let mut conv = InferenceConv::new(&layer, ConvGeometry::square(stride, k / 2, 1)).then_relu();
+            conv.fuse().unwrap();
+            conv.prepack_sizes(&[[10, c_in, 28, 28], [6, c_in, 28, 28]]).unwrap();
+            assert_eq!(conv.own.len(), 2, "one primitive a size");
+            let x = cl(&Tensor::randn([10, c_in, 28, 28], (Kind::Float, Device::Cpu)));
+            let rest = cl(&x.narrow(0, 4, 6));
+            for (own, input) in conv.own.iter().zip([&x, &rest]) {
+                assert!(tch::no_grad(|| own.forward(input)).is_some(), "its own size runs it");
+            }
+            let (whole, part) = tch::no_grad(|| (conv.forward(&x), conv.forward(&rest)));
+            assert!(whole.narrow(0, 4, 6).equal(&part), "{c_in}->{c_out} k{k}/{stride}: the same bits");
+        }
+    }
     #[test]
     fn fuse_before_fold_is_refused() {
         let vs = VarStore::new(Device::Cpu);

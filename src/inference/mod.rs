@@ -8,7 +8,10 @@
 //! - [`Pass::Bf16`] (forms of [`Precision::Bf16`] only): every convolution's weight and bias stored in
 //!   bf16 once, after folding, and so its input and output ([`precision`](Precision): what runs in
 //!   bf16, what in fp32, and how CPUs without bf16 units emulate it);
-//! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout;
+//! - [`Pass::TileBatch`]: a large batch run in tiles of a few images, each tile's activations small
+//!   enough to stay in the cores' caches (the same numbers an image);
+//! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout (for
+//!   the tiles' sizes);
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //!
 //! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
@@ -41,6 +44,7 @@
 //! let logits = form.try_forward(&Tensor::randn([8, 3, 224, 224], (Kind::Float, Device::Cpu)))?;
 //! # Ok(()) }
 //! ```
+mod batch_tile;
 mod branch_means;
 mod channel_means;
 mod channels_last_sru;

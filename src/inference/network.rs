@@ -29,6 +29,11 @@ pub enum Pass {
     /// bf16 once, and so the activations between them (`crate::inference::Precision`). Refused in an
     /// fp32 form.
     Bf16,
+    /// A batch run in tiles of a few images, each through the whole network before the next, so that a
+    /// tile's activations stay in the cores' caches (`batch_tile`: as many images as keep the largest
+    /// activation within the threads' L2 caches, at least 8), and prepack made for the tile's sizes.
+    /// Each image's numbers are unchanged (its arithmetic does not depend on the others'). Before prepack.
+    TileBatch,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
     /// Activations kept channels-last (NHWC strides) between the convolutions, the ScConv steps'
@@ -39,7 +44,8 @@ pub enum Pass {
 
 impl Pass {
     /// Every pass of the fp32 form, in the order they compose.
-    pub const ALL: [Pass; 4] = [Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::Prepack, Pass::ChannelsLast];
+    pub const ALL: [Pass; 5] =
+        [Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::TileBatch, Pass::Prepack, Pass::ChannelsLast];
 
     /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
     /// [`Pass::Bf16`] after the fuse for the bf16 precisions.
@@ -78,6 +84,8 @@ pub struct InferenceResNet<'a> {
     passes: Vec<Pass>,
     /// The arithmetic its precision runs in on this machine, decided once when the form is built.
     arithmetic: Arithmetic,
+    /// How many images a batch's tiles hold (the tile pass); `None`: batches run whole.
+    tile: Option<i64>,
 }
 
 fn conv(c: &nn::Conv2D, stride: i64, padding: i64, bn: &nn::BatchNorm) -> InferenceConv {
@@ -153,6 +161,7 @@ impl<'a> InferenceResNet<'a> {
             head,
             passes: Vec::new(),
             arithmetic,
+            tile: None,
         })
     }
 
@@ -180,7 +189,8 @@ impl<'a> InferenceResNet<'a> {
         let mut form = InferenceResNet::with_precision(model, precision)?;
         for pass in Pass::all_for(precision) {
             let skipped = match pass {
-                Pass::Prepack => !super::ffi::shim_built(),
+                // Tiles pay where each runs prepacked primitives made for its size.
+                Pass::TileBatch | Pass::Prepack => !super::ffi::shim_built(),
                 Pass::ChannelsLast => !form.sc_steps_run_channels_last(),
                 _ => false,
             };
@@ -234,6 +244,11 @@ impl<'a> InferenceResNet<'a> {
         if pass == Pass::Bf16 {
             self.check_cast()?;
         }
+        if pass == Pass::TileBatch && self.passes.contains(&Pass::Prepack) {
+            return Err(ScConvError::InvalidInput(
+                "tile the batch before prepack, which makes the primitives for the tile's sizes".into(),
+            ));
+        }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
                 s.fold();
@@ -244,6 +259,7 @@ impl<'a> InferenceResNet<'a> {
                 let arithmetic = self.arithmetic.clone();
                 self.each_step(|s| s.cast(&arithmetic))?
             }
+            Pass::TileBatch => self.tile = self.tile_for(input_size)?,
             Pass::Prepack => self.prepack(input_size)?,
             Pass::ChannelsLast => {
                 self.each_sc_step(|s| s.channels_last().map(drop))?;
@@ -285,23 +301,47 @@ impl<'a> InferenceResNet<'a> {
         Ok(())
     }
 
-    /// Reorders every convolution's weight for the input size it sees: one forward pass on zeros
-    /// records each step's input shape.
-    fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
-        let x = Tensor::zeros(input_size, (tch::Kind::Float, self.stem.weight_device()));
+    /// How many images a batch's tiles hold, and `None` where a batch runs whole.
+    pub fn batch_tile(&self) -> Option<i64> {
+        self.tile
+    }
+
+    /// The tile for batches of `input_size` (`batch_tile::tile_for`) on this machine's L2 caches and
+    /// libtorch's threads; `None` where the caches are not known.
+    fn tile_for(&self, input_size: [i64; 4]) -> Result<Option<i64>, ScConvError> {
+        let Some(l2) = super::batch_tile::l2_bytes_per_core() else { return Ok(None) };
+        let [_, c, h, w] = input_size;
+        let x = Tensor::zeros([1, c, h, w], (tch::Kind::Float, self.stem.weight_device()));
         let shapes = input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?;
-        let mut shapes = shapes.into_iter();
+        let largest = shapes.iter().map(|[_, c, h, w]| c * h * w).max().unwrap_or(1);
+        let bytes = if self.arithmetic == Arithmetic::Bf16Native { 2 } else { 4 };
+        let threads = tch::get_num_threads() as i64;
+        Ok(super::batch_tile::tile_for(input_size[0], largest * bytes, threads, l2))
+    }
+
+    /// Reorders every convolution's weight for the input sizes it sees (a tiled batch's full tiles
+    /// and its rest): one forward pass on zeros a size records each step's input shape.
+    fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        let [_, c, h, w] = input_size;
+        let mut per_size = Vec::new();
+        for n in super::batch_tile::tile_sizes(input_size[0], self.tile) {
+            let x = Tensor::zeros([n, c, h, w], (tch::Kind::Float, self.stem.weight_device()));
+            per_size.push(input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?);
+        }
+        // Step by step, the shapes it sees at each size.
+        let steps = per_size[0].len();
+        let mut shapes = (0..steps).map(|i| per_size.iter().map(|s| s[i]).collect::<Vec<_>>());
         let mut next =
             || shapes.next().ok_or_else(|| ScConvError::InvalidInput("prepack: a step saw no input".into()));
-        self.stem.prepack(next()?)?;
+        self.stem.prepack_sizes(&next()?)?;
         for block in &mut self.blocks {
             if let Some(d) = &mut block.downsample {
-                d.prepack(next()?)?;
+                d.prepack_sizes(&next()?)?;
             }
             for step in &mut block.steps {
                 match step {
-                    Step::Conv(c) => c.prepack(next()?)?,
-                    Step::Sc(s) => s.prepack(next()?)?,
+                    Step::Conv(c) => c.prepack_sizes(&next()?)?,
+                    Step::Sc(s) => s.prepack_sizes(&next()?)?,
                 }
             }
         }
@@ -338,7 +378,40 @@ impl<'a> InferenceResNet<'a> {
         }
     }
 
+    /// The logits of `x`, tile by tile where the tile pass set a tile smaller than its batch.
     fn run(&self, x: &Tensor, gates: &mut FormGates) -> Tensor {
+        let n = x.size()[0];
+        let Some(tile) = self.tile.filter(|t| *t < n) else { return self.run_tile(x, gates) };
+        let mut logits = Vec::new();
+        let mut logs = Vec::new();
+        for start in (0..n).step_by(tile as usize) {
+            let len = tile.min(n - start);
+            let part = x.narrow(0, start, len);
+            logits.push(match gates {
+                FormGates::Off => self.run_tile(&part, &mut FormGates::Off),
+                FormGates::Record(_) => {
+                    let mut log = Vec::new();
+                    let y = self.run_tile(&part, &mut FormGates::Record(&mut log));
+                    logs.push(log);
+                    y
+                }
+                FormGates::Inject(given) => {
+                    let part_of = |d: &GateDecisions| GateDecisions {
+                        info_mask: d.info_mask.narrow(0, start, len),
+                        noninfo_mask: d.noninfo_mask.narrow(0, start, len),
+                    };
+                    let given: Vec<_> = given.iter().map(|(path, d)| (path.clone(), part_of(d))).collect();
+                    self.run_tile(&part, &mut FormGates::Inject(&given))
+                }
+            });
+        }
+        if let FormGates::Record(log) = gates {
+            log.extend(join_tiles(logs));
+        }
+        Tensor::cat(&logits, 0)
+    }
+
+    fn run_tile(&self, x: &Tensor, gates: &mut FormGates) -> Tensor {
         let mut x = self.after_stem(x);
         for block in &self.blocks {
             x = self.run_block(block, x, gates);
@@ -414,6 +487,18 @@ impl<'a> InferenceResNet<'a> {
     }
 }
 
+/// Each ScConv's masks of every tile, joined along the batch (the tiles record the same paths in the
+/// same order).
+fn join_tiles(tiles: Vec<Vec<(String, Tensor)>>) -> Vec<(String, Tensor)> {
+    let Some(first) = tiles.first() else { return Vec::new() };
+    (0..first.len())
+        .map(|i| {
+            let masks: Vec<&Tensor> = tiles.iter().map(|log| &log[i].1).collect();
+            (first[i].0.clone(), Tensor::cat(&masks, 0))
+        })
+        .collect()
+}
+
 /// What the ScConv steps do with their gates in one forward pass.
 enum FormGates<'g> {
     Off,
@@ -449,5 +534,105 @@ impl FoldAndFuse for ScConvStep<'_> {
     }
     fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         ScConvStep::cast(self, arithmetic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{batch_tile, ffi};
+    use super::*;
+    use crate::models::{resnet, ResNetConfig};
+    use tch::{nn::VarStore, Device, Kind};
+
+    /// The Fashion-MNIST networks' shape (basic blocks, small input) and a small bottleneck one (7x7
+    /// stem, max pool, stride-2 ScConvs with their pool).
+    fn configs() -> Vec<(ResNetConfig, [i64; 3])> {
+        let mut out = Vec::new();
+        for sc in [false, true] {
+            let mut basic = ResNetConfig::named("resnet18", sc).unwrap();
+            (basic.layers, basic.widths, basic.num_classes) = (vec![1, 1, 1], vec![32, 64, 128], 10);
+            (basic.in_channels, basic.small_input) = (1, true);
+            out.push((basic, [1, 28, 28]));
+            let mut bottleneck = ResNetConfig::named("resnet50", sc).unwrap();
+            (bottleneck.layers, bottleneck.widths, bottleneck.num_classes) = (vec![1, 1], vec![16, 32], 10);
+            out.push((bottleneck, [3, 32, 32]));
+        }
+        out
+    }
+
+    /// Every pass, with the tile set to `tile` in place of the tile pass's choice for this machine.
+    fn form_with_tile(model: &ResNet, size: [i64; 4], tile: Option<i64>) -> InferenceResNet<'_> {
+        let mut form = InferenceResNet::new(model).unwrap();
+        form.apply(Pass::FoldBatchnorm, size).unwrap();
+        form.apply(Pass::FuseEpilogues, size).unwrap();
+        form.tile = tile;
+        form.apply(Pass::Prepack, size).unwrap();
+        form.apply(Pass::ChannelsLast, size).unwrap();
+        form
+    }
+
+    /// Tiles of 8 over a batch of 20 (8, 8 and the rest, 4): the same logits, the same recorded
+    /// decisions and, with decisions injected, the same logits as the batch run whole, bit for bit.
+    #[test]
+    fn a_tiled_batch_computes_what_the_whole_batch_does() {
+        if !ffi::shim_built() {
+            return;
+        }
+        for (config, [c, h, w]) in configs() {
+            tch::manual_seed(3);
+            let vs = VarStore::new(Device::Cpu);
+            let model = resnet(vs.root(), &config).unwrap();
+            let size = [20, c, h, w];
+            let (whole, tiled) = (form_with_tile(&model, size, None), form_with_tile(&model, size, Some(8)));
+            assert_eq!(tiled.batch_tile(), Some(8));
+            let x = Tensor::randn(size, (Kind::Float, Device::Cpu));
+            let what = format!("{:?}, sc {}", config.block, config.sc);
+            assert!(tiled.try_forward(&x).unwrap().equal(&whole.try_forward(&x).unwrap()), "{what}");
+            let (logits, made) = tiled.forward_recording_decisions(&x).unwrap();
+            let (expected, expected_made) = whole.forward_recording_decisions(&x).unwrap();
+            assert!(logits.equal(&expected), "{what}: recording");
+            assert_eq!(made.len(), expected_made.len(), "{what}: one mask an ScConv");
+            for ((path, mask), (expected_path, expected_mask)) in made.iter().zip(&expected_made) {
+                assert_eq!(path, expected_path);
+                assert!(mask.equal(expected_mask), "{what}: {path}'s decisions");
+            }
+            // Decisions to inject that differ from the form's own: each mask flipped at random.
+            let given: Vec<_> = made
+                .iter()
+                .map(|(path, mask)| {
+                    let flip = Tensor::rand_like(&mask.to_kind(Kind::Float)).lt(0.1);
+                    (path.clone(), GateDecisions::from_info_mask(&mask.logical_xor(&flip)))
+                })
+                .collect();
+            let injected = tiled.forward_with_decisions(&x, &given).unwrap();
+            assert!(injected.equal(&whole.forward_with_decisions(&x, &given).unwrap()), "{what}: injected");
+            if config.sc {
+                assert!(!injected.equal(&logits), "{what}: the injected decisions changed the logits");
+            }
+        }
+    }
+
+    /// The tile pass picks no tile for a batch no larger than the floor, and is refused after prepack
+    /// (whose primitives are made for the tile's sizes).
+    #[test]
+    fn the_tile_pass_tiles_large_batches_only_and_before_prepack() {
+        let (config, [c, h, w]) = configs().remove(0);
+        let vs = VarStore::new(Device::Cpu);
+        let model = resnet(vs.root(), &config).unwrap();
+        let mut form = InferenceResNet::new(&model).unwrap();
+        form.apply(Pass::FoldBatchnorm, [1, c, h, w]).unwrap();
+        form.apply(Pass::TileBatch, [batch_tile::MIN_TILE, c, h, w]).unwrap();
+        assert_eq!(form.batch_tile(), None, "a batch of the floor's size runs whole");
+        let mut form = InferenceResNet::new(&model).unwrap();
+        form.apply(Pass::FoldBatchnorm, [1, c, h, w]).unwrap();
+        form.apply(Pass::Prepack, [64, c, h, w]).unwrap();
+        let err = form.apply(Pass::TileBatch, [64, c, h, w]).unwrap_err().to_string();
+        assert!(err.contains("before prepack"), "{err}");
+        if batch_tile::l2_bytes_per_core().is_some() {
+            let mut form = InferenceResNet::new(&model).unwrap();
+            form.apply(Pass::TileBatch, [1024, c, h, w]).unwrap();
+            let tile = form.batch_tile().expect("1,024 images of 100 KB are tiled");
+            assert!((batch_tile::MIN_TILE..1024).contains(&tile), "{tile}");
+        }
     }
 }

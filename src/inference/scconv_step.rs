@@ -81,16 +81,17 @@ impl FormCru {
         })
     }
 
-    /// Prepacked for an ScConv input of `size` (N, C, H, W).
-    fn prepack(&mut self, scconv: &ScConv, size: [i64; 4]) -> Result<(), ScConvError> {
+    /// Prepacked for ScConv inputs of each of `sizes` (N, C, H, W).
+    fn prepack(&mut self, scconv: &ScConv, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let config = scconv.config();
-        let [n, _, h, w] = size;
         let (up, low) = (config.squeezed_up(), config.squeezed_low());
-        self.squeeze1.prepack([n, config.up_channel(), h, w])?;
-        self.squeeze2.prepack([n, config.low_channel(), h, w])?;
-        self.gwc.prepack([n, up, h, w])?;
-        self.pwc1.prepack([n, up, h, w])?;
-        self.pwc2.prepack([n, low, h, w])
+        let with_channels =
+            |c: i64| -> Vec<[i64; 4]> { sizes.iter().map(|&[n, _, h, w]| [n, c, h, w]).collect() };
+        self.squeeze1.prepack_sizes(&with_channels(config.up_channel()))?;
+        self.squeeze2.prepack_sizes(&with_channels(config.low_channel()))?;
+        self.gwc.prepack_sizes(&with_channels(up))?;
+        self.pwc1.prepack_sizes(&with_channels(up))?;
+        self.pwc2.prepack_sizes(&with_channels(low))
     }
 }
 
@@ -173,11 +174,17 @@ impl<'a> ScConvStep<'a> {
 
     /// The prepack pass: the CRU's convolutions as prepacked oneDNN primitives for inputs of `size`.
     pub fn prepack(&mut self, size: [i64; 4]) -> Result<(), ScConvError> {
+        self.prepack_sizes(&[size])
+    }
+
+    /// As [`ScConvStep::prepack`], for inputs of each size given (a tiled batch's full tiles and its
+    /// rest).
+    pub fn prepack_sizes(&mut self, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let mut cru = match self.cru.take() {
             Some(cru) => cru,
             None => FormCru::new(self.scconv, &self.arithmetic)?,
         };
-        cru.prepack(self.scconv, size)?;
+        cru.prepack(self.scconv, sizes)?;
         self.cru = Some(cru);
         Ok(())
     }
