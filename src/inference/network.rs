@@ -173,7 +173,7 @@ impl<'a> InferenceResNet<'a> {
     /// The form with the passes that measured fastest applied, prepacked for inputs of `input_size`:
     /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks whose ScConv version has no
     /// channels-last kernel (the soft gate, `nn.GroupNorm`: converting at each ScConv cost more than it
-    /// saved, docs/speed.md) and `Prepack` without the shim.
+    /// saved, docs/speed.md) and `TileBatch` and `Prepack` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
         InferenceResNet::compiled_with(model, input_size, Precision::Fp32)
     }
