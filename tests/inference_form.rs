@@ -140,20 +140,24 @@ fn a_pass_out_of_order_or_twice_is_an_error() {
 fn other_batch_sizes_than_the_prepacked_one_run_correctly() {
     let config = fmnist_config(true);
     let (_vs, model, _tvs, twin) = network_and_f64_twin(&config, 5);
-    let form = InferenceResNet::compiled(&model, [8, 1, 28, 28]).unwrap();
-    // Batches of 1 and of 3, 64 images in each case: the error is measured on 640 logits (see
-    // `networks`), with each batch run at its own size.
-    for batch in [1, 3] {
-        let (mut logits, mut reference, mut truth) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..64 / batch {
-            let x = Tensor::randn([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
-            let decisions = reference_decisions(&model, &x);
-            reference.push(model.forward_with_decisions(&x, &decisions).unwrap());
-            truth.push(twin.forward_with_decisions(&x.to_kind(Kind::Double), &decisions).unwrap());
-            logits.push(form.forward_with_decisions(&x, &decisions).unwrap());
+    // Compiled for 8 (run whole) and for 64 (in tiles where the machine's caches call for them, its
+    // rest prepacked too): batches of 1 and 3, and 13 (a full tile and a rest prepacked for no size).
+    // About 64 images in each case: the error is measured on 640 logits (see `networks`).
+    for (compiled, batches) in [(8, vec![1, 3]), (64, vec![13])] {
+        let form = InferenceResNet::compiled(&model, [compiled, 1, 28, 28]).unwrap();
+        for batch in batches {
+            let (mut logits, mut reference, mut truth) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..(64 + batch - 1) / batch {
+                let x = Tensor::randn([batch, 1, 28, 28], (Kind::Float, Device::Cpu));
+                let decisions = reference_decisions(&model, &x);
+                reference.push(model.forward_with_decisions(&x, &decisions).unwrap());
+                truth.push(twin.forward_with_decisions(&x.to_kind(Kind::Double), &decisions).unwrap());
+                logits.push(form.forward_with_decisions(&x, &decisions).unwrap());
+            }
+            let [logits, reference, truth] = [logits, reference, truth].map(|parts| Tensor::cat(&parts, 0));
+            let what = format!("compiled for {compiled} (tile {:?}), batch {batch}", form.batch_tile());
+            assert_as_accurate_as_the_reference(&logits, &reference, &truth, &what);
         }
-        let [logits, reference, truth] = [logits, reference, truth].map(|parts| Tensor::cat(&parts, 0));
-        assert_as_accurate_as_the_reference(&logits, &reference, &truth, &format!("batch {batch}"));
     }
 }
 
