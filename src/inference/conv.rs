@@ -440,6 +440,7 @@ mod tests {
             assert!(whole.narrow(0, 4, 6).equal(&part), "{c_in}->{c_out} k{k}/{stride}: the same bits");
         }
     }
+
     #[test]
     fn fuse_before_fold_is_refused() {
         let vs = VarStore::new(Device::Cpu);
