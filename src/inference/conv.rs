@@ -17,6 +17,12 @@ use super::precision::Arithmetic;
 use crate::error::ScConvError;
 use tch::{nn, Tensor};
 
+/// Grouped convolutions of fewer multiply-adds a call run as primitives of our own
+/// (`InferenceConv::own_primitive_pays`): measured on the Fashion-MNIST SC form's GWCs (0.9 M
+/// multiply-adds an image), whose forward ran 1.14x faster at batch 1, level at 2 and slower from 4
+/// (docs/speed.md, "Small grouped convolutions").
+const SMALL_GROUPED_MULTIPLY_ADDS: i64 = 2_500_000;
+
 /// A convolution with its BatchNorm (until folded), ReLU and epilogue state.
 #[derive(Debug)]
 pub struct InferenceConv {
@@ -104,17 +110,36 @@ impl InferenceConv {
         let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, first))
             .map_err(|e| ScConvError::InvalidInput(format!("prepack: {e}")))?;
         self.packed = Some(packed);
-        // Dense convolutions only: oneDNN 3.2's grouped kernels (the CRU's GWC) ran the SC network's
-        // batch-256 forward 20% slower than libtorch's 3.10, where batch 1 gained little from them.
+        // Decided on the first size (a tiled batch's full tile) for every size, so that a form computes
+        // each image alike whichever tile it runs in.
+        let own = self.own_primitive_pays(first);
         self.own = Vec::new();
-        if self.fused && self.arithmetic == Arithmetic::Fp32 && self.geometry.groups == 1 {
-            for &size in input_sizes {
-                let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
-                    .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
-                self.own.extend(own);
-            }
+        for &size in input_sizes.iter().filter(|_| own) {
+            let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
+                .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
+            self.own.extend(own);
         }
         Ok(())
+    }
+
+    /// Whether a primitive of our own runs inputs of `size` faster than libtorch's call: fused fp32
+    /// convolutions, dense ones always; grouped ones (the CRU's GWC) only when small, since oneDNN 3.2's
+    /// grouped kernels take 1.1-1.75x the time of libtorch's oneDNN 3.10 ones (SC-ResNet-50's GWCs at
+    /// batch 1), which pays where a call's work is large, and the call's ~28 us where it is small.
+    fn own_primitive_pays(&self, size: [i64; 4]) -> bool {
+        let fused_fp32 = self.fused && self.arithmetic == Arithmetic::Fp32;
+        fused_fp32 && (self.geometry.groups == 1 || self.multiply_adds(size) < SMALL_GROUPED_MULTIPLY_ADDS)
+    }
+
+    /// Multiply-adds of one call on inputs of `size` (N, C, H, W).
+    fn multiply_adds(&self, size: [i64; 4]) -> i64 {
+        let [n, _, h, w] = size;
+        let kernel = &self.weight.size()[2..];
+        let g = &self.geometry;
+        let out = |i: usize, extent: i64| {
+            (extent + 2 * g.padding[i] - g.dilation[i] * (kernel[i] - 1) - 1) / g.stride[i] + 1
+        };
+        n * out(0, h) * out(1, w) * self.weight.numel() as i64
     }
 
     /// Whether prepack made it a oneDNN primitive of our own (`own_onednn_version`).
@@ -363,8 +388,9 @@ mod tests {
                 return;
             }
             conv.prepack(input).unwrap();
-            let own = crate::inference::own_onednn_version().is_some() && groups == 1;
-            assert_eq!(conv.runs_own_primitive(), own, "dense convolutions only");
+            // Every case is dense or a grouped one small enough (0.45 M multiply-adds).
+            let own = crate::inference::own_onednn_version().is_some();
+            assert_eq!(conv.runs_own_primitive(), own, "dense convolutions and small grouped ones");
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
             if let Some(own) = conv.own.first() {
@@ -439,6 +465,39 @@ mod tests {
             let (whole, part) = tch::no_grad(|| (conv.forward(&x), conv.forward(&rest)));
             assert!(whole.narrow(0, 4, 6).equal(&part), "{c_in}->{c_out} k{k}/{stride}: the same bits");
         }
+    }
+
+    /// A grouped convolution (the CRU's GWC) runs as a primitive of our own where a call is small (the
+    /// Fashion-MNIST SC network's at batch 1), libtorch's call where it is large; dense ones always.
+    #[test]
+    fn grouped_convolutions_run_our_own_primitive_only_where_small() {
+        let vs = VarStore::new(Device::Cpu);
+        let config = nn::ConvConfig { padding: 1, groups: 2, ..Default::default() };
+        let gwc = nn::conv2d(vs.root() / "gwc", 8, 32, 3, config);
+        let mut conv = InferenceConv::new(&gwc, ConvGeometry::square(1, 1, 2));
+        conv.fuse().unwrap();
+        // 28 x 28 positions x 32 outputs x 4 inputs a group x 9 taps an image.
+        assert_eq!(conv.multiply_adds([1, 8, 28, 28]), 28 * 28 * 32 * 4 * 9);
+        assert_eq!(conv.multiply_adds([3, 8, 28, 28]), 3 * 28 * 28 * 32 * 4 * 9);
+        assert!(conv.own_primitive_pays([2, 8, 28, 28]) && !conv.own_primitive_pays([3, 8, 28, 28]));
+        let stride2 = InferenceConv::new(&gwc, ConvGeometry::square(2, 1, 2));
+        assert_eq!(stride2.multiply_adds([1, 8, 28, 28]), 14 * 14 * 32 * 4 * 9);
+        if crate::inference::own_onednn_version().is_some() {
+            conv.prepack_sizes(&[[10, 8, 28, 28], [1, 8, 28, 28]]).unwrap();
+            assert!(conv.own.is_empty(), "decided on the full tile, for its rest too");
+            conv.prepack_sizes(&[[1, 8, 28, 28]]).unwrap();
+            assert_eq!(conv.own.len(), 1, "a batch of 1 on our own primitive");
+            let x = crate::inference::channels_last_sru::to_channels_last(&Tensor::randn(
+                [1, 8, 28, 28],
+                (Kind::Float, Device::Cpu),
+            ));
+            assert!(tch::no_grad(|| conv.own[0].forward(&x)).is_some());
+        }
+        let dense =
+            nn::conv2d(vs.root() / "dense", 8, 32, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+        let mut dense = InferenceConv::new(&dense, ConvGeometry::square(1, 1, 1));
+        dense.fuse().unwrap();
+        assert!(dense.own_primitive_pays([256, 8, 28, 28]), "dense ones at any size");
     }
 
     #[test]
