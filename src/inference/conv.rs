@@ -8,8 +8,8 @@
 //!   (`precision::Arithmetic`);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
 //!   where the build has oneDNN primitives of its own (`onednn.rs`) and the convolution is a fused
-//!   dense fp32 one, also a primitive created once for that size, which channels-last inputs of that
-//!   size then run.
+//!   fp32 one, dense or grouped and small, also a primitive created once for that size (and for a
+//!   tiled batch's rest), which channels-last inputs of that size then run.
 use super::ffi::{self, ConvGeometry};
 use super::fold::{self, BatchNormParams};
 use super::onednn::OwnConv;
