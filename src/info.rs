@@ -103,7 +103,7 @@ struct Walker {
 }
 
 /// The output size of a conv or pool along one axis.
-fn out_size(size: i64, kernel: i64, stride: i64, padding: i64) -> i64 {
+pub(crate) fn out_size(size: i64, kernel: i64, stride: i64, padding: i64) -> i64 {
     (size + 2 * padding - kernel) / stride + 1
 }
 

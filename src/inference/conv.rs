@@ -114,10 +114,12 @@ impl InferenceConv {
         // each image alike whichever tile it runs in.
         let own = self.own_primitive_pays(first);
         self.own = Vec::new();
-        for &size in input_sizes.iter().filter(|_| own) {
-            let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
-                .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
-            self.own.extend(own);
+        if own {
+            for &size in input_sizes {
+                let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
+                    .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
+                self.own.extend(own);
+            }
         }
         Ok(())
     }
@@ -137,7 +139,7 @@ impl InferenceConv {
         let kernel = &self.weight.size()[2..];
         let g = &self.geometry;
         let out = |i: usize, extent: i64| {
-            (extent + 2 * g.padding[i] - g.dilation[i] * (kernel[i] - 1) - 1) / g.stride[i] + 1
+            crate::info::out_size(extent, g.dilation[i] * (kernel[i] - 1) + 1, g.stride[i], g.padding[i])
         };
         n * out(0, h) * out(1, w) * self.weight.numel() as i64
     }

@@ -310,27 +310,28 @@ impl<'a> InferenceResNet<'a> {
     /// libtorch's threads; `None` where the caches are not known.
     fn tile_for(&self, input_size: [i64; 4]) -> Result<Option<i64>, ScConvError> {
         let Some(l2) = super::batch_tile::l2_bytes_per_core() else { return Ok(None) };
-        let [_, c, h, w] = input_size;
-        let x = Tensor::zeros([1, c, h, w], (tch::Kind::Float, self.stem.weight_device()));
-        let shapes = input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?;
+        let shapes = self.one_images_step_shapes(input_size)?;
         let largest = shapes.iter().map(|[_, c, h, w]| c * h * w).max().unwrap_or(1);
         let bytes = if self.arithmetic == Arithmetic::Bf16Native { 2 } else { 4 };
         let threads = tch::get_num_threads() as i64;
         Ok(super::batch_tile::tile_for(input_size[0], largest * bytes, threads, l2))
     }
 
-    /// Reorders every convolution's weight for the input sizes it sees (a tiled batch's full tiles
-    /// and its rest): one forward pass on zeros a size records each step's input shape.
-    fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+    /// Every step's input shape (`step_input_shapes`) for one image of `input_size`: one forward pass
+    /// on zeros; a batch's shapes differ from them only in N.
+    fn one_images_step_shapes(&self, input_size: [i64; 4]) -> Result<Vec<[i64; 4]>, ScConvError> {
         let [_, c, h, w] = input_size;
-        let mut per_size = Vec::new();
-        for n in super::batch_tile::tile_sizes(input_size[0], self.tile) {
-            let x = Tensor::zeros([n, c, h, w], (tch::Kind::Float, self.stem.weight_device()));
-            per_size.push(input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))?);
-        }
-        // Step by step, the shapes it sees at each size.
-        let steps = per_size[0].len();
-        let mut shapes = (0..steps).map(|i| per_size.iter().map(|s| s[i]).collect::<Vec<_>>());
+        let x = Tensor::zeros([1, c, h, w], (tch::Kind::Float, self.stem.weight_device()));
+        input::guard(|| tch::no_grad(|| self.step_input_shapes(&x)))
+    }
+
+    /// Reorders every convolution's weight for the input sizes it sees (a tiled batch's full tiles
+    /// and its rest).
+    fn prepack(&mut self, input_size: [i64; 4]) -> Result<(), ScConvError> {
+        let batches = super::batch_tile::tile_sizes(input_size[0], self.tile);
+        let at_each_batch =
+            |[_, c, h, w]: [i64; 4]| batches.iter().map(|&n| [n, c, h, w]).collect::<Vec<_>>();
+        let mut shapes = self.one_images_step_shapes(input_size)?.into_iter().map(at_each_batch);
         let mut next =
             || shapes.next().ok_or_else(|| ScConvError::InvalidInput("prepack: a step saw no input".into()));
         self.stem.prepack_sizes(&next()?)?;
