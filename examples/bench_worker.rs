@@ -8,8 +8,9 @@
 //!   `ResNetConfig` JSON) with those weights (`-`: the random ones the driver exported instead);
 //! - `compile NAME N C H W [PASSES]`: the inference form for inputs of that size, with every pass or
 //!   the comma-separated ones given (`fold-batchnorm,fuse-epilogues,prepack,channels-last`);
-//! - `compile-bf16 NAME N C H W`: the bf16 inference form (`Precision::Bf16`, every pass); the answer
-//!   names its arithmetic (native, or emulated and why);
+//! - `compile-bf16 NAME N C H W [PRECISION]`: the bf16 inference form (`Precision::Bf16`, or the
+//!   precision named, `bf16-onednn` or `bf16-emulated`; every pass); the answer names its arithmetic
+//!   (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
 //! - `allocator`: which malloc libtorch's tensors come from in this process, and the oneDNN version of
@@ -135,9 +136,14 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             let passes = n.form.as_ref().map(|f| f.passes().to_vec());
             Ok(serde_json::json!({"ok": true, "passes": passes}))
         }
-        ["compile-bf16", name, n_, c, h, w] => {
+        ["compile-bf16", name, n_, c, h, w, precision @ ..] => {
             let n = network(networks, name)?;
-            let form = InferenceResNet::compiled_with(n.shared, size(&[n_, c, h, w])?, Precision::Bf16)?;
+            let precision: Precision = match precision {
+                [] => Precision::Bf16,
+                [named] => serde_json::from_value(serde_json::json!(named))?,
+                _ => return Err("compile-bf16 NAME N C H W [PRECISION]".into()),
+            };
+            let form = InferenceResNet::compiled_with(n.shared, size(&[n_, c, h, w])?, precision)?;
             let answer = serde_json::json!({"ok": true, "passes": form.passes(), "arithmetic": form.arithmetic().describe(),
                 "native": form.arithmetic() == &scconv_tch::inference::Arithmetic::Bf16Native});
             n.form_bf16 = Some(form);

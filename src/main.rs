@@ -197,6 +197,9 @@ enum PrecisionArg {
     Bf16,
     /// The bf16 form's numbers computed in fp32 tensors on any CPU.
     Bf16Emulated,
+    /// The bf16 form on oneDNN's bf16 kernels wherever libtorch takes bf16, also on AVX-512 CPUs
+    /// without bf16 units (oneDNN emulates them there, slower than fp32): the native form's numbers.
+    Bf16Onednn,
 }
 
 impl From<PrecisionArg> for Precision {
@@ -205,6 +208,7 @@ impl From<PrecisionArg> for Precision {
             PrecisionArg::Fp32 => Precision::Fp32,
             PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::Bf16Emulated => Precision::Bf16Emulated,
+            PrecisionArg::Bf16Onednn => Precision::Bf16OneDnn,
         }
     }
 }

@@ -201,6 +201,36 @@ fn the_bf16_form_reports_its_arithmetic_and_its_differences() {
     );
 }
 
+/// `--precision bf16-onednn`: oneDNN's bf16 kernels wherever libtorch takes bf16, with a warning where
+/// oneDNN only emulates them (no bf16 units) and, where libtorch refuses bf16, the form emulated in fp32
+/// with the bf16 form's warning; its classes within the floor of `tests/bf16_form.rs` either way.
+#[test]
+fn bf16_onednn_says_how_it_runs_on_this_cpu() {
+    use scconv_tch::inference::{bf16_support, onednn_bf16_support};
+    let args =
+        ["infer", "--model", "weights/fmnist_plain.json", "--data", "sample", "--execution", "inference"];
+    let out = scconv_tch(&[&args[..], &["--precision", "bf16-onednn", "--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &json["runs"][0];
+    let arithmetic = run["arithmetic"].as_str().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match (onednn_bf16_support(), bf16_support()) {
+        (Err(why), _) => assert!(
+            arithmetic.contains(&why) && stderr.contains("warning: the bf16 form runs emulated"),
+            "{arithmetic}: {stderr}"
+        ),
+        (Ok(()), Err(_)) => assert!(
+            arithmetic.starts_with("bf16 (oneDNN") && stderr.contains("warning: this CPU has no bf16 units"),
+            "{arithmetic}: {stderr}"
+        ),
+        (Ok(()), Ok(())) => {
+            assert!(arithmetic.starts_with("bf16 (oneDNN") && !stderr.contains("warning"), "{arithmetic}")
+        }
+    }
+    assert!(run["scores"]["agreeing"].as_i64().unwrap() >= 990, "{}", run["scores"]);
+}
+
 /// An IDX folder of the sample's first `n` images and labels (not the test set in file order to
 /// `infer`: no agreement figure).
 fn first_images(n: usize) -> String {

@@ -179,6 +179,7 @@ impl Mode {
             Mode::Inference(Precision::Fp32) => "inference",
             Mode::Inference(Precision::Bf16) => "inference bf16",
             Mode::Inference(Precision::Bf16Emulated) => "inference bf16 emulated",
+            Mode::Inference(Precision::Bf16OneDnn) => "inference bf16 oneDNN",
         }
     }
 

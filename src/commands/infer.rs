@@ -62,6 +62,7 @@ impl InferMode {
             InferMode::Inference { precision: Precision::Fp32, .. } => "inference fp32",
             InferMode::Inference { precision: Precision::Bf16, .. } => "inference bf16",
             InferMode::Inference { precision: Precision::Bf16Emulated, .. } => "inference bf16 emulated",
+            InferMode::Inference { precision: Precision::Bf16OneDnn, .. } => "inference bf16 oneDNN",
         }
     }
 }
@@ -100,9 +101,9 @@ pub fn run_infer(
             InferMode::Inference { precision, .. } => {
                 let size = input_size(&classifier, &images, batch);
                 let form = InferenceResNet::compiled_with(&classifier.model, size, precision)?;
-                if let Arithmetic::Bf16Emulated { why } = form.arithmetic() {
-                    if precision == Precision::Bf16 && !std::mem::replace(&mut warned, true) {
-                        eprintln!("warning: the bf16 form runs emulated in fp32, with bf16's numbers and no speed-up: {why}");
+                if let Some(warning) = precision_warning(precision, form.arithmetic()) {
+                    if !std::mem::replace(&mut warned, true) {
+                        eprintln!("warning: {warning}");
                     }
                 }
                 Some(form)
@@ -258,10 +259,27 @@ fn infer_table(runs: &[Run], by_mode: bool) -> String {
     out
 }
 
+/// What a user asking for `precision` should know of the form's `arithmetic`: a bf16 form emulated in
+/// fp32 (no bf16 units, or libtorch refuses bf16), or oneDNN's bf16 kernels without bf16 units.
+fn precision_warning(precision: Precision, arithmetic: &Arithmetic) -> Option<String> {
+    match (precision, arithmetic) {
+        (Precision::Bf16 | Precision::Bf16OneDnn, Arithmetic::Bf16Emulated { why }) => {
+            Some(format!("the bf16 form runs emulated in fp32, with bf16's numbers and no speed-up: {why}"))
+        }
+        (Precision::Bf16OneDnn, Arithmetic::Bf16Native) if scconv_tch::inference::bf16_support().is_err() => {
+            Some("this CPU has no bf16 units: oneDNN emulates its bf16 kernels, slower than fp32".into())
+        }
+        _ => None,
+    }
+}
+
 /// The mode, `(emulated)` where a bf16 form had no bf16 units to run on.
 fn mode_label(r: &Run) -> String {
     match (&r.arithmetic, r.mode) {
-        (Some(Arithmetic::Bf16Emulated { .. }), InferMode::Inference { precision: Precision::Bf16, .. }) => {
+        (
+            Some(Arithmetic::Bf16Emulated { .. }),
+            InferMode::Inference { precision: Precision::Bf16 | Precision::Bf16OneDnn, .. },
+        ) => {
             format!("{} (emul.)", r.mode.name())
         }
         _ => r.mode.name().to_string(),

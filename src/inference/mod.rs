@@ -65,5 +65,7 @@ pub use ffi::{parallel_for, shim_built, ConvGeometry};
 pub use fold::{fold_batchnorm, BatchNormParams};
 pub use network::{InferenceResNet, Pass};
 pub use onednn::own_onednn_version;
-pub use precision::{bf16_support, cpu_bf16_flags, round_to_bf16, Arithmetic, Precision};
+pub use precision::{
+    bf16_support, cpu_bf16_flags, onednn_bf16_support, round_to_bf16, Arithmetic, Precision,
+};
 pub use scconv_step::ScConvStep;

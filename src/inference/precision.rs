@@ -26,6 +26,12 @@ pub enum Precision {
     /// The bf16 form's numbers computed in fp32 tensors on any CPU (to check its accuracy on a
     /// machine without bf16 units, or against the native form on one with them).
     Bf16Emulated,
+    /// The bf16 form on oneDNN's bf16 kernels wherever libtorch's oneDNN takes bf16
+    /// ([`onednn_bf16_support`]), bf16 units or not: on AVX-512 CPUs without them oneDNN emulates bf16
+    /// (its `jit_bf16:avx512_core` kernels, 3.5-4x slower than fp32: docs/speed.md), which runs the
+    /// native form's code and numbers on such a machine. Emulated in fp32, saying why, where refused.
+    #[serde(rename = "bf16-onednn")]
+    Bf16OneDnn,
 }
 
 /// How a form's convolutions run, as decided for its precision on this CPU.
@@ -49,6 +55,10 @@ impl Arithmetic {
             Precision::Fp32 => Arithmetic::Fp32,
             Precision::Bf16Emulated => Arithmetic::Bf16Emulated { why: "emulation was asked for".into() },
             Precision::Bf16 => match bf16_support() {
+                Ok(()) => Arithmetic::Bf16Native,
+                Err(why) => Arithmetic::Bf16Emulated { why },
+            },
+            Precision::Bf16OneDnn => match onednn_bf16_support() {
                 Ok(()) => Arithmetic::Bf16Native,
                 Err(why) => Arithmetic::Bf16Emulated { why },
             },
@@ -107,16 +117,24 @@ pub(crate) fn as_fp32(t: &Tensor) -> Tensor {
 /// `avx512_bf16` or `amx_bf16`; libtorch's check alone also passes on AVX-512 CPUs that emulate bf16),
 /// libtorch's oneDNN bf16 check, and this crate's oneDNN shim. `Err` says what is missing.
 pub fn bf16_support() -> Result<(), String> {
-    let flags = cpu_bf16_flags();
-    if flags.is_empty() {
+    if cpu_bf16_flags().is_empty() {
         return Err("this CPU has neither avx512_bf16 nor amx_bf16".into());
     }
+    onednn_bf16_support()
+}
+
+/// Whether this build and libtorch's oneDNN run bf16 convolutions here at all, natively or (on AVX-512
+/// CPUs without bf16 units) emulated by oneDNN: the shim, and libtorch's oneDNN bf16 check (which
+/// refuses CPUs without AVX-512). `Err` says what is missing.
+pub fn onednn_bf16_support() -> Result<(), String> {
     if !super::ffi::shim_built() {
         return Err("this build has no oneDNN shim".into());
     }
     match super::ffi::mkldnn_bf16_supported() {
         Ok(true) => Ok(()),
-        Ok(false) => Err(format!("libtorch's oneDNN refuses bf16 here (the CPU has {})", flags.join(", "))),
+        Ok(false) => {
+            Err("libtorch's oneDNN refuses bf16 on this CPU (it needs AVX-512 or bf16 units)".into())
+        }
         Err(e) => Err(format!("libtorch's oneDNN bf16 check failed: {e}")),
     }
 }
@@ -180,6 +198,19 @@ mod tests {
         }
         if cpu_bf16_flags().is_empty() {
             assert!(bf16_support().unwrap_err().contains("neither avx512_bf16 nor amx_bf16"));
+        }
+    }
+
+    /// `Precision::Bf16OneDnn` is native wherever libtorch's oneDNN takes bf16, the CPU's flags aside.
+    #[test]
+    fn bf16_onednn_is_native_wherever_libtorchs_onednn_takes_bf16() {
+        let arithmetic = Arithmetic::for_precision(Precision::Bf16OneDnn);
+        match onednn_bf16_support() {
+            Ok(()) => assert_eq!(arithmetic, Arithmetic::Bf16Native),
+            Err(why) => assert_eq!(arithmetic, Arithmetic::Bf16Emulated { why }),
+        }
+        if bf16_support().is_ok() {
+            assert!(onednn_bf16_support().is_ok());
         }
     }
 }
