@@ -125,7 +125,7 @@ pub fn bf16_support() -> Result<(), String> {
 
 /// Whether this build and libtorch's oneDNN run bf16 convolutions here at all, natively or (on AVX-512
 /// CPUs without bf16 units) emulated by oneDNN: the shim, and libtorch's oneDNN bf16 check (which
-/// refuses CPUs without AVX-512). `Err` says what is missing.
+/// refuses AVX2 CPUs without `avx_ne_convert`). `Err` says what is missing.
 pub fn onednn_bf16_support() -> Result<(), String> {
     if !super::ffi::shim_built() {
         return Err("this build has no oneDNN shim".into());
@@ -133,7 +133,7 @@ pub fn onednn_bf16_support() -> Result<(), String> {
     match super::ffi::mkldnn_bf16_supported() {
         Ok(true) => Ok(()),
         Ok(false) => {
-            Err("libtorch's oneDNN refuses bf16 on this CPU (it needs AVX-512 or bf16 units)".into())
+            Err("libtorch's oneDNN refuses bf16 on this CPU (it needs avx512bw, avx512vl and avx512dq, or avx_ne_convert)".into())
         }
         Err(e) => Err(format!("libtorch's oneDNN bf16 check failed: {e}")),
     }
