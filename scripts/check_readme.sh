@@ -76,7 +76,12 @@ run_project_block() {
     grep -q "^cp '$repo_root/Cargo.lock'" "$work/project.sh" || { echo "readme: no cargo run step" >&2; exit 1; }
     echo "readme: the project steps, in $folder:"
     sed 's/^/    /' "$body"
-    (cd "$folder" && CARGO_TARGET_DIR="$repo_root/target" bash "$work/project.sh")
+    (cd "$folder" && CARGO_TARGET_DIR="$repo_root/target" bash "$work/project.sh") 2>&1 | tee "$work/project.out"
+    # A path dependency's warnings reach the user's build output: the library alone builds clean.
+    if grep -q '^warning: `scconv-tch` (lib) generated' "$work/project.out"; then
+        echo "readme: FAILED: the library alone (no default features) builds with warnings" >&2
+        exit 1
+    fi
     local binary="$repo_root/target/debug/my-app"
     local needed
     needed="$(readelf -d "$binary" | grep NEEDED)"
@@ -95,7 +100,7 @@ run_project_block() {
             exit 1
         fi
     done
-    echo "readme: the project runs; libtorch_cuda.so is NEEDED; the library brings no CLI dependency"
+    echo "readme: the project runs; libtorch_cuda.so is NEEDED; the library builds without warnings and brings no CLI dependency"
 }
 
 for tag_file in "$work"/block-*.tag; do

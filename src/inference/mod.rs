@@ -59,6 +59,7 @@ mod precision;
 mod scconv_step;
 mod weighted_sum;
 
+#[cfg(feature = "cli")] // for `harness::bench`
 pub(crate) use channels_last_sru::to_channels_last;
 pub use conv::InferenceConv;
 pub use ffi::{parallel_for, shim_built, ConvGeometry};

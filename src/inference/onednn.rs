@@ -56,8 +56,9 @@ mod raw {
     }
 }
 
-/// The C++ side's primitive, its weights and scratchpad.
+/// The C++ side's primitive, its weights and scratchpad (never made in a build without our oneDNN).
 #[derive(Debug)]
+#[cfg_attr(not(scconv_onednn), allow(dead_code))]
 struct Handle(*mut std::os::raw::c_void);
 
 // SAFETY: owned by one `OwnConv` alone, used by one thread at a time (behind its mutex).
@@ -67,6 +68,7 @@ unsafe impl Send for Handle {}
 /// may share it: runs take turns (the scratchpad is the primitive's own).
 #[derive(Debug)]
 pub(crate) struct OwnConv {
+    #[cfg_attr(not(scconv_onednn), allow(dead_code))]
     handle: std::sync::Mutex<Handle>,
     input: [i64; 4],
     output: [i64; 4],
