@@ -125,16 +125,13 @@ fn the_native_forms_code_computes_the_emulated_forms_numbers() {
         }
         (Ok(()), Err(_)) => assert_eq!(arithmetic, Arithmetic::Bf16Native),
     }
-    hold_to_pytorchs_bf16_accuracy(Precision::Bf16OneDnn);
-    for name in ["fmnist_plain", "fmnist_sc"] {
+    for (name, native) in hold_to_pytorchs_bf16_accuracy(Precision::Bf16OneDnn) {
         let classifier = trained(name);
         let batch = pytorch_batch(name, &classifier.model);
-        let logits = |precision| {
-            let form =
-                InferenceResNet::compiled_with(&classifier.model, [250, 1, 28, 28], precision).unwrap();
-            form.forward_with_decisions(&batch.input, &batch.decisions).unwrap()
-        };
-        let (native, emulated) = (logits(Precision::Bf16OneDnn), logits(Precision::Bf16Emulated));
+        let form =
+            InferenceResNet::compiled_with(&classifier.model, [250, 1, 28, 28], Precision::Bf16Emulated)
+                .unwrap();
+        let emulated = form.forward_with_decisions(&batch.input, &batch.decisions).unwrap();
         let rounding = emulated.abs().max().double_value(&[]) * BF16_ROUNDING;
         let diff = max_abs_diff(&native, &emulated);
         println!("{name}: native against emulated {diff:.3e}, one bf16 rounding of the largest logit {rounding:.3e}");
@@ -155,8 +152,10 @@ const NATIVE_AGAINST_EMULATED_ROUNDINGS: f64 = 1.0;
 /// CPU bf16 autocast is off with the same decisions, plus one bf16 rounding of the largest logit. On
 /// the 1,000 shipped test images: classes agreeing with PyTorch's recorded ones above a floor, the
 /// differing gate decisions against the reference mode counted by layer and bounded.
-fn hold_to_pytorchs_bf16_accuracy(precision: Precision) {
+/// Returns each network's logits on PyTorch's batch (its decisions injected).
+fn hold_to_pytorchs_bf16_accuracy(precision: Precision) -> Vec<(&'static str, Tensor)> {
     let images = scconv_tch::harness::data::read_idx_split(&scconv_tch::harness::data::sample_dir()).unwrap();
+    let mut on_pytorchs_batch = Vec::new();
     for name in ["fmnist_plain", "fmnist_sc"] {
         let classifier = trained(name);
         let model = &classifier.model;
@@ -203,5 +202,7 @@ fn hold_to_pytorchs_bf16_accuracy(precision: Precision) {
         }
         assert_eq!(layers.is_empty(), !model.config().sc, "{name}: an SC network records its decisions");
         assert!(agreeing >= AGREEING_CLASSES_FLOOR, "{name}: {agreeing} of {n} classes agree with PyTorch's");
+        on_pytorchs_batch.push((name, logits));
     }
+    on_pytorchs_batch
 }

@@ -54,14 +54,16 @@ impl Arithmetic {
         match precision {
             Precision::Fp32 => Arithmetic::Fp32,
             Precision::Bf16Emulated => Arithmetic::Bf16Emulated { why: "emulation was asked for".into() },
-            Precision::Bf16 => match bf16_support() {
-                Ok(()) => Arithmetic::Bf16Native,
-                Err(why) => Arithmetic::Bf16Emulated { why },
-            },
-            Precision::Bf16OneDnn => match onednn_bf16_support() {
-                Ok(()) => Arithmetic::Bf16Native,
-                Err(why) => Arithmetic::Bf16Emulated { why },
-            },
+            Precision::Bf16 => Arithmetic::native_where(bf16_support()),
+            Precision::Bf16OneDnn => Arithmetic::native_where(onednn_bf16_support()),
+        }
+    }
+
+    /// Native bf16 where `support` holds, else emulated saying why.
+    fn native_where(support: Result<(), String>) -> Arithmetic {
+        match support {
+            Ok(()) => Arithmetic::Bf16Native,
+            Err(why) => Arithmetic::Bf16Emulated { why },
         }
     }
 
