@@ -121,6 +121,18 @@ impl Cru {
         fuse_scale: Option<&Tensor>,
     ) -> FuseParts {
         let (up, low) = scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low));
+        self.forward_squeezed(convs, up, low, fuse_scale)
+    }
+
+    /// As `forward_halves`, from the squeeze convolutions' outputs (`up`, `low`: squeezed where the
+    /// SRU wrote them, `Pass::FuseSqueezes`).
+    pub(crate) fn forward_squeezed(
+        &self,
+        convs: &dyn CruConvs,
+        up: Tensor,
+        low: Tensor,
+        fuse_scale: Option<&Tensor>,
+    ) -> FuseParts {
         let (y1, y2_head) = self.branches(convs, &up, &low);
         scope("CRU fuse: pooling, softmax", || self.fuse_parts(convs, &up, [y1, y2_head, low], fuse_scale))
     }

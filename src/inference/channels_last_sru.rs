@@ -11,6 +11,7 @@
 //!
 //! For the hard gate on the custom norm (2023-07-27, 2023-09-12/14 without `torch_gn`), as the CUDA
 //! kernels; other versions keep the fast path's NCHW step.
+use super::fused_squeeze::FusedSqueezes;
 use crate::config::Variant;
 use crate::error::ScConvError;
 use crate::fast::sru_kernel::{elements, ChannelGate, GateConstants, Normalisation, Rule, ON_GN_X, ON_X};
@@ -111,7 +112,8 @@ impl ChannelsLastSru {
 
     /// The SRU of `x` (fp32, channels-last contiguous: `channels_last_fp32`) as the CRU's two squeeze
     /// inputs `(up, low)`, channels-last; with `given` (an info mask of `x`'s shape) deciding in place of
-    /// the gate.
+    /// the gate. With `squeezes`, those inputs squeezed (`fused_squeeze`): the squeeze convolutions'
+    /// outputs instead.
     ///
     /// Written into `reuse` where it holds two tensors of the sizes needed that nothing else reads
     /// meanwhile (the step's buffers of its previous forward): fresh tensors of this size cost a page
@@ -120,11 +122,16 @@ impl ChannelsLastSru {
         &self,
         x: &Tensor,
         given: Option<&Tensor>,
+        squeezes: Option<&FusedSqueezes>,
         reuse: Option<(Tensor, Tensor)>,
     ) -> (Tensor, Tensor) {
         let [n, c, h, w] = dims(x);
         let gates = self.gates(x);
-        let sizes = [[n, self.up_channel, h, w], [n, c - self.up_channel, h, w]];
+        let channels = match squeezes {
+            Some(s) => [s.up.outputs, s.low.outputs],
+            None => [self.up_channel, c - self.up_channel],
+        };
+        let sizes = channels.map(|channels| [n, channels, h, w]);
         let (up, low) = match reuse {
             Some((up, low)) if [dims(&up), dims(&low)] == sizes => (up, low),
             _ => (empty_channels_last(sizes[0]), empty_channels_last(sizes[1])),
@@ -133,8 +140,12 @@ impl ChannelsLastSru {
         // SAFETY: `x`, `given`, `up` and `low` are contiguous CPU tensors of the sizes read, alive
         // until the end of this function; `up` and `low` are fresh or buffers no one reads meanwhile.
         let (xs, mask) = unsafe { (elements::<f32>(x), given.as_ref().map(|m| elements::<u8>(m))) };
-        let up_out = SharedOut(up.data_ptr() as *mut f32);
-        let low_out = SharedOut(low.data_ptr() as *mut f32);
+        let out = Outputs {
+            up: SharedOut(up.data_ptr() as *mut f32),
+            low: SharedOut(low.data_ptr() as *mut f32),
+            channels,
+            squeezes,
+        };
         let rows = Rows {
             xs,
             gates: GateArrays::of(&gates),
@@ -144,10 +155,10 @@ impl ChannelsLastSru {
             up_channel: self.up_channel,
         };
         match (self.rule == Rule::MasksOnGnX, mask.is_some()) {
-            (false, false) => rows.reconstruct::<ON_X, false>(n, &up_out, &low_out),
-            (true, false) => rows.reconstruct::<ON_GN_X, false>(n, &up_out, &low_out),
-            (false, true) => rows.reconstruct::<ON_X, true>(n, &up_out, &low_out),
-            (true, true) => rows.reconstruct::<ON_GN_X, true>(n, &up_out, &low_out),
+            (false, false) => rows.reconstruct::<ON_X, false>(n, &out),
+            (true, false) => rows.reconstruct::<ON_GN_X, false>(n, &out),
+            (false, true) => rows.reconstruct::<ON_X, true>(n, &out),
+            (true, true) => rows.reconstruct::<ON_GN_X, true>(n, &out),
         }
         (up, low)
     }
@@ -332,13 +343,25 @@ struct Rows<'a> {
     up_channel: usize,
 }
 
+/// Where the gate pass writes: `up` and `low` (channels-last, `channels` each a position), squeezed
+/// by `squeezes` where given.
+struct Outputs<'a> {
+    up: SharedOut,
+    low: SharedOut,
+    channels: [usize; 2],
+    squeezes: Option<&'a FusedSqueezes>,
+}
+
+/// Values of the reconstructed rows a task of the fused squeezes holds at once (64 KiB: its L2 share).
+const SQUEEZE_SCRATCH: usize = 1 << 14;
+
 impl Rows<'_> {
     /// `[x_11 + x_22, x_12 + x_21]` at every position, written as `up` (the first `up_channel`
-    /// channels) and `low` (the rest): `(x_1, x_2)` of each element by `RULE`'s gate, or by the
-    /// decision `mask` gives (`GIVEN`). Tasks are (sample, chunk of positions), on libtorch's threads.
-    fn reconstruct<const RULE: u8, const GIVEN: bool>(&self, n: usize, up: &SharedOut, low: &SharedOut) {
-        let (c, positions, cup) = (self.channels, self.positions, self.up_channel);
-        let half = c / 2;
+    /// channels) and `low` (the rest), or squeezed (`out.squeezes`): `(x_1, x_2)` of each element by
+    /// `RULE`'s gate, or by the decision `mask` gives (`GIVEN`). Tasks are (sample, chunk of
+    /// positions), on libtorch's threads.
+    fn reconstruct<const RULE: u8, const GIVEN: bool>(&self, n: usize, out: &Outputs) {
+        let (c, positions) = (self.channels, self.positions);
         let chunk = (TASK_ELEMENTS / c).max(1);
         let chunks = positions.div_ceil(chunk);
         parallel_for(n * chunks, 1, |tasks| {
@@ -346,26 +369,65 @@ impl Rows<'_> {
                 let (sample, first) = (task / chunks, task % chunks * chunk);
                 let last = (first + chunk).min(positions);
                 let (from, to) = (sample * positions + first, sample * positions + last);
-                let halves = (self.gates.slice(sample * c, half), self.gates.slice(sample * c + half, half));
-                let xs = &self.xs[from * c..to * c];
-                let mask = if GIVEN { &self.mask[from * c..to * c] } else { &[][..] };
                 // SAFETY: positions [from, to) are written by this task alone, inside `up` and `low`
-                // (N * positions rows of `cup` and `c - cup` values, alive for the call).
+                // (N * positions rows of `channels` values each, alive for the call).
                 let (up, low) = unsafe {
-                    (
-                        up.slice(from * cup, (to - from) * cup),
-                        low.slice(from * (c - cup), (to - from) * (c - cup)),
-                    )
+                    let [up, low] = out.channels;
+                    (out.up.slice(from * up, (to - from) * up), out.low.slice(from * low, (to - from) * low))
                 };
-                #[cfg(target_arch = "x86_64")]
-                if avx2() {
-                    // SAFETY: the CPU has AVX2.
-                    unsafe { reconstruct_rows_avx2::<RULE, GIVEN>(xs, mask, &halves, up, low) };
-                    continue;
+                match out.squeezes {
+                    None => self.rows_into::<RULE, GIVEN>(sample, from, to, up, low),
+                    Some(squeezes) => self.rows_squeezed::<RULE, GIVEN>(sample, from, to, squeezes, up, low),
                 }
-                reconstruct_rows::<RULE, GIVEN>(xs, mask, &halves, up, low);
             }
         });
+    }
+
+    /// Positions `[from, to)` of sample `sample` into `up` and `low` (their rows).
+    fn rows_into<const RULE: u8, const GIVEN: bool>(
+        &self,
+        sample: usize,
+        from: usize,
+        to: usize,
+        up: &mut [f32],
+        low: &mut [f32],
+    ) {
+        let (c, half) = (self.channels, self.channels / 2);
+        let halves = (self.gates.slice(sample * c, half), self.gates.slice(sample * c + half, half));
+        let xs = &self.xs[from * c..to * c];
+        let mask = if GIVEN { &self.mask[from * c..to * c] } else { &[][..] };
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { reconstruct_rows_avx2::<RULE, GIVEN>(xs, mask, &halves, up, low) };
+        }
+        reconstruct_rows::<RULE, GIVEN>(xs, mask, &halves, up, low);
+    }
+
+    /// As `rows_into`, a few positions at a time into a scratch that stays in the cache, squeezed from
+    /// there into `up` and `low` (the squeezed rows).
+    fn rows_squeezed<const RULE: u8, const GIVEN: bool>(
+        &self,
+        sample: usize,
+        from: usize,
+        to: usize,
+        squeezes: &FusedSqueezes,
+        up: &mut [f32],
+        low: &mut [f32],
+    ) {
+        let (c, cup) = (self.channels, self.up_channel);
+        let step = (SQUEEZE_SCRATCH / c).max(1);
+        let mut scratch = vec![0.0f32; step.min(to - from) * c];
+        let [s_up, s_low] = [squeezes.up.outputs, squeezes.low.outputs];
+        for start in (from..to).step_by(step) {
+            let end = (start + step).min(to);
+            let rows = end - start;
+            let (rows_up, rows_low) = scratch[..rows * c].split_at_mut(rows * cup);
+            self.rows_into::<RULE, GIVEN>(sample, start, end, rows_up, rows_low);
+            let at = start - from;
+            squeezes.up.apply(rows_up, &mut up[at * s_up..][..rows * s_up]);
+            squeezes.low.apply(rows_low, &mut low[at * s_low..][..rows * s_low]);
+        }
     }
 }
 
@@ -631,7 +693,7 @@ mod tests {
             let x = Tensor::randn([2, config.op_channel, 11, 6], (Kind::Float, Device::Cpu));
             let decisions = tch::no_grad(|| model.SRU.gate(&x).decisions);
             let reference = tch::no_grad(|| model.SRU.forward_with_decisions(&x, &decisions));
-            let (up, low) = kernel.forward(&channels_last_fp32(&x), Some(&decisions.info_mask), None);
+            let (up, low) = kernel.forward(&channels_last_fp32(&x), Some(&decisions.info_mask), None, None);
             let split = reference.split_with_sizes([config.up_channel(), config.low_channel()], 1);
             for (ours, theirs) in [(&up, &split[0]), (&low, &split[1])] {
                 let diff = (ours - theirs).abs().max().double_value(&[]);
@@ -660,10 +722,52 @@ mod tests {
             let mask = kernel.info_mask(&x);
             let reference = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions.info_mask);
             assert!(mask.equal(&reference), "{config:?}");
-            let (up, low) = kernel.forward(&x, None, None);
+            let (up, low) = kernel.forward(&x, None, None, None);
             let (given_up, given_low) =
-                kernel.forward(&x, Some(&mask), Some((up.empty_like(), low.empty_like())));
+                kernel.forward(&x, Some(&mask), None, Some((up.empty_like(), low.empty_like())));
             assert!(up.equal(&given_up) && low.equal(&given_low), "{config:?}");
+        }
+    }
+
+    /// With the squeezes fused, its outputs are the squeeze kernel's on the rows it writes without
+    /// them, bit for bit, its own decisions or given ones, reusing buffers or not.
+    #[test]
+    fn the_fused_squeezes_squeeze_the_rows_it_writes() {
+        for config in configs() {
+            let (_vs, model, kernel) = sru_and_kernel(&config);
+            let cru = &model.CRU;
+            let inputs = [config.up_channel(), config.low_channel()];
+            let squeezes = FusedSqueezes::new([&cru.squeeze1, &cru.squeeze2], inputs).unwrap().unwrap();
+            // 23 x 13 positions: the last task of each sample and its scratch's last step are partial.
+            let x = channels_last_fp32(&Tensor::randn(
+                [2, config.op_channel, 23, 13],
+                (Kind::Float, Device::Cpu),
+            ));
+            let mask = kernel.info_mask(&x);
+            for given in [None, Some(&mask)] {
+                let (up, low) = kernel.forward(&x, given, None, None);
+                let squeezed = kernel.forward(&x, given, Some(&squeezes), None);
+                let reused = kernel.forward(
+                    &x,
+                    given,
+                    Some(&squeezes),
+                    Some((squeezed.0.zeros_like(), squeezed.1.zeros_like())),
+                );
+                for (rows, kernel, ours, again) in [
+                    (&up, &squeezes.up, &squeezed.0, &reused.0),
+                    (&low, &squeezes.low, &squeezed.1, &reused.1),
+                ] {
+                    let [n, _, h, w] = dims(rows);
+                    // SAFETY: `rows` is a contiguous fp32 CPU tensor, alive for the call.
+                    let mut expected = vec![0.0f32; n * h * w * kernel.outputs];
+                    kernel.apply(unsafe { elements(rows) }, &mut expected);
+                    assert_eq!(dims(ours), [n, kernel.outputs, h, w]);
+                    assert!(is_channels_last(ours) && is_channels_last(again));
+                    // SAFETY: as above.
+                    assert_eq!(unsafe { elements::<f32>(ours) }, &expected[..], "{config:?}");
+                    assert!(ours.equal(again), "{config:?}");
+                }
+            }
         }
     }
 

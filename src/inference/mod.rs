@@ -13,6 +13,8 @@
 //! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout (for
 //!   the tiles' sizes);
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
+//! - [`Pass::FuseSqueezes`] (fp32 forms): the CRU's squeeze convolutions computed by the channels-last
+//!   SRU on the rows it reconstructs, where they read at most 64 channels.
 //!
 //! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
 //! (the reference's gate decisions on the same input). Build the form after loading the weights: the
@@ -52,6 +54,7 @@ mod conv;
 mod f64_conv;
 mod ffi;
 mod fold;
+mod fused_squeeze;
 mod head;
 mod network;
 mod onednn;

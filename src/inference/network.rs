@@ -40,19 +40,31 @@ pub enum Pass {
     /// SRU reading and writing them so (for the hard gate on the custom norm; other versions convert),
     /// and the head pooling them in one pass and, for a small classifier, multiplying in f64 (`head`).
     ChannelsLast,
+    /// The CRU's squeeze convolutions computed by the channels-last SRU on the rows it reconstructs,
+    /// while they are in the cache (`fused_squeeze`), instead of written out and read back by two
+    /// convolutions: fp32 forms, after the channels-last pass. Changes rounding (its own sums, not
+    /// oneDNN's).
+    FuseSqueezes,
 }
 
 impl Pass {
     /// Every pass of the fp32 form, in the order they compose.
-    pub const ALL: [Pass; 5] =
-        [Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::TileBatch, Pass::Prepack, Pass::ChannelsLast];
+    pub const ALL: [Pass; 6] = [
+        Pass::FoldBatchnorm,
+        Pass::FuseEpilogues,
+        Pass::TileBatch,
+        Pass::Prepack,
+        Pass::ChannelsLast,
+        Pass::FuseSqueezes,
+    ];
 
     /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
-    /// [`Pass::Bf16`] after the fuse for the bf16 precisions.
+    /// [`Pass::Bf16`] after the fuse and without [`Pass::FuseSqueezes`] for the bf16 precisions.
     pub fn all_for(precision: Precision) -> Vec<Pass> {
         let mut passes = Pass::ALL.to_vec();
         if precision != Precision::Fp32 {
             passes.insert(2, Pass::Bf16);
+            passes.retain(|p| *p != Pass::FuseSqueezes);
         }
         passes
     }
@@ -191,7 +203,7 @@ impl<'a> InferenceResNet<'a> {
             let skipped = match pass {
                 // Tiles pay where each runs prepacked primitives made for its size.
                 Pass::TileBatch | Pass::Prepack => !super::ffi::shim_built(),
-                Pass::ChannelsLast => !form.sc_steps_run_channels_last(),
+                Pass::ChannelsLast | Pass::FuseSqueezes => !form.sc_steps_run_channels_last(),
                 _ => false,
             };
             if skipped {
@@ -244,6 +256,9 @@ impl<'a> InferenceResNet<'a> {
         if pass == Pass::Bf16 {
             self.check_cast()?;
         }
+        if pass == Pass::FuseSqueezes {
+            self.check_fuse_squeezes()?;
+        }
         if pass == Pass::TileBatch && self.passes.contains(&Pass::Prepack) {
             return Err(ScConvError::InvalidInput(
                 "tile the batch before prepack, which makes the primitives for the tile's sizes".into(),
@@ -265,6 +280,7 @@ impl<'a> InferenceResNet<'a> {
                 self.each_sc_step(|s| s.channels_last().map(drop))?;
                 self.channels_last = true
             }
+            Pass::FuseSqueezes => self.each_sc_step(|s| s.fuse_squeezes().map(drop))?,
         }
         self.passes.push(pass);
         Ok(())
@@ -280,6 +296,22 @@ impl<'a> InferenceResNet<'a> {
         }
         let applied = |pass| self.passes.contains(&pass);
         super::conv::cast_allowed(applied(Pass::FoldBatchnorm), applied(Pass::Prepack))
+    }
+
+    /// Whether the fuse-squeezes pass may run now: in an fp32 form (a bf16 form's squeezes run in
+    /// bf16), after the channels-last pass (whose SRU computes them).
+    fn check_fuse_squeezes(&self) -> Result<(), ScConvError> {
+        if self.arithmetic != Arithmetic::Fp32 {
+            return Err(ScConvError::InvalidInput(
+                "the fuse-squeezes pass computes the squeezes in fp32; this form is bf16".into(),
+            ));
+        }
+        if !self.passes.contains(&Pass::ChannelsLast) {
+            return Err(ScConvError::InvalidInput(
+                "fuse the squeezes after the channels-last pass, whose SRU computes them".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn each_step(

@@ -10,6 +10,7 @@ use super::channels_last_sru::{channels_last_fp32, ChannelsLastSru};
 use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
+use super::fused_squeeze::FusedSqueezes;
 use super::precision::{as_fp32, Arithmetic};
 use super::weighted_sum::weighted_sum_shift_add_relu;
 use crate::error::ScConvError;
@@ -40,6 +41,8 @@ pub struct ScConvStep<'a> {
     arithmetic: Arithmetic,
     /// The channels-last pass's SRU (`channels_last_sru`): read and written NHWC, in two passes.
     channels_last: Option<ChannelsLastSru>,
+    /// The fuse-squeezes pass's squeeze convolutions, computed by the channels-last SRU (fp32 forms).
+    squeezes: Option<FusedSqueezes>,
     /// Its `(up, low)` of the last forward, written over by the next (`ChannelsLastSru::forward`).
     sru_buffers: std::cell::RefCell<Option<(Tensor, Tensor)>>,
 }
@@ -141,6 +144,7 @@ impl<'a> ScConvStep<'a> {
             cru: None,
             arithmetic: Arithmetic::Fp32,
             channels_last: None,
+            squeezes: None,
             sru_buffers: Default::default(),
         })
     }
@@ -194,6 +198,20 @@ impl<'a> ScConvStep<'a> {
     pub fn channels_last(&mut self) -> Result<bool, ScConvError> {
         self.channels_last = ChannelsLastSru::new(&self.scconv.SRU, self.scconv.config().up_channel())?;
         Ok(self.channels_last.is_some())
+    }
+
+    /// The fuse-squeezes pass: the CRU's squeeze convolutions computed by the channels-last SRU on the
+    /// rows it reconstructs (`fused_squeeze`), in fp32 forms after the channels-last pass; `Ok(false)`
+    /// (the step unchanged) where its SRU reads NCHW, its arithmetic is not fp32 or its squeezes read
+    /// more channels than the fused ones pay for (`fused_squeeze::MOST_INPUTS`).
+    pub fn fuse_squeezes(&mut self) -> Result<bool, ScConvError> {
+        if self.channels_last.is_none() || self.arithmetic != Arithmetic::Fp32 {
+            return Ok(false);
+        }
+        let (cru, config) = (&self.scconv.CRU, self.scconv.config());
+        let inputs = [config.up_channel(), config.low_channel()];
+        self.squeezes = FusedSqueezes::new([&cru.squeeze1, &cru.squeeze2], inputs)?;
+        Ok(self.squeezes.is_some())
     }
 
     /// Whether its ScConv version has the channels-last kernel (what the channels-last pass needs).
@@ -253,8 +271,15 @@ impl<'a> ScConvStep<'a> {
         let scale = self.folded.as_ref().map(|(scale, _)| scale);
         let convs = self.cru.as_ref().map_or(&self.scconv.CRU as &dyn CruConvs, |c| c as &dyn CruConvs);
         let buffers = self.sru_buffers.take();
-        let (up, low) = scope("SRU (channels-last)", || sru.forward(x, given.map(|d| &d.info_mask), buffers));
-        let parts = self.scconv.CRU.forward_halves(convs, &up, &low, scale);
+        let mask = given.map(|d| &d.info_mask);
+        let squeezes = self.squeezes.as_ref();
+        let (up, low) = scope("SRU (channels-last)", || sru.forward(x, mask, squeezes, buffers));
+        let parts = match squeezes {
+            Some(_) => {
+                self.scconv.CRU.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale)
+            }
+            None => self.scconv.CRU.forward_halves(convs, &up, &low, scale),
+        };
         // The CRU has read both (its output is a new tensor): the next forward may write them.
         self.sru_buffers.replace(Some((up, low)));
         if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref()) {
@@ -321,9 +346,9 @@ mod tests {
     }
 
     /// The channels-last step (its SRU kernel, the CRU on NHWC halves, the weighted sum with shift,
-    /// residual add and ReLU in one pass) against the NCHW step and the reference mode, the reference's
-    /// decisions given to all: within the fast path's fp32 tolerance; and its own decisions are the ones
-    /// it reports.
+    /// residual add and ReLU in one pass), and with the squeezes fused into its SRU, against the NCHW
+    /// step and the reference mode, the reference's decisions given to all: within the fast path's
+    /// fp32 tolerance; and its own decisions are the ones it reports.
     #[test]
     fn the_channels_last_step_is_the_reference_block_with_the_same_decisions() {
         for config in [ScConvConfig::new(64), ScConvConfig::for_variant(32, Variant::V20230912)] {
@@ -341,7 +366,8 @@ mod tests {
                 (y.apply_t(&bn, false) + &residual).relu()
             });
             let mut steps = Vec::new();
-            for layout_pass in [false, true] {
+            for passes in [0, 1, 2] {
+                let (layout_pass, fused_squeezes) = (passes >= 1, passes == 2);
                 let mut step = ScConvStep::new(&model, "sc", false, params(), true).unwrap();
                 step.fold();
                 step.fuse().unwrap();
@@ -351,22 +377,48 @@ mod tests {
                 if layout_pass {
                     assert!(step.channels_last().unwrap());
                 }
+                assert_eq!(step.fuse_squeezes().unwrap(), layout_pass, "{config:?}");
+                if !fused_squeezes {
+                    step.squeezes = None;
+                }
                 let input = step.input(&x);
                 let out = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&decisions)));
                 let check = compare(&out, &reference, Tolerance::FP32).unwrap();
-                assert!(check.passed(), "{config:?}, channels-last {layout_pass}: {check:?}");
+                assert!(
+                    check.passed(),
+                    "{config:?}, channels-last {layout_pass}, squeezes {fused_squeezes}: {check:?}"
+                );
                 steps.push((step, out));
             }
-            let check = compare(&steps[1].1, &steps[0].1, Tolerance::FP32).unwrap();
-            assert!(check.passed(), "{config:?}: channels-last against NCHW step {check:?}");
-            let (step, _) = &steps[1];
-            let input = step.input(&x);
-            let own = step.info_mask(&input).unwrap();
-            assert!(own.equal(&decisions.info_mask), "{config:?}: no z near the threshold here");
-            let given = GateDecisions::from_info_mask(&own);
-            let with_own = tch::no_grad(|| step.forward(&input, Some(residual.copy()), None));
-            let with_given = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&given)));
-            assert!(with_own.equal(&with_given), "{config:?}: it applies the decisions it reports");
+            for (i, against) in [(1, "the NCHW step"), (2, "the NCHW step"), (2, "the channels-last step")] {
+                let j = if against == "the NCHW step" { 0 } else { 1 };
+                let check = compare(&steps[i].1, &steps[j].1, Tolerance::FP32).unwrap();
+                assert!(check.passed(), "{config:?}: step {i} against {against}: {check:?}");
+            }
+            for (step, _) in &steps[1..] {
+                let input = step.input(&x);
+                let own = step.info_mask(&input).unwrap();
+                assert!(own.equal(&decisions.info_mask), "{config:?}: no z near the threshold here");
+                let given = GateDecisions::from_info_mask(&own);
+                let with_own = tch::no_grad(|| step.forward(&input, Some(residual.copy()), None));
+                let with_given = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&given)));
+                assert!(with_own.equal(&with_given), "{config:?}: it applies the decisions it reports");
+            }
         }
+    }
+
+    /// The fuse-squeezes pass leaves a bf16 step as it is (its squeezes run in bf16).
+    #[test]
+    fn a_bf16_step_keeps_its_squeeze_convolutions() {
+        let vs = VarStore::new(Device::Cpu);
+        let config = ScConvConfig::new(32);
+        let model = scconv(vs.root() / "sc", &config).unwrap();
+        let bn = batchnorm(&vs, config.op_channel);
+        let mut step = ScConvStep::new(&model, "sc", false, BatchNormParams::of(&bn, 1e-5), true).unwrap();
+        step.fold();
+        step.cast(&Arithmetic::for_precision(crate::inference::Precision::Bf16)).unwrap();
+        assert!(step.channels_last().unwrap());
+        assert!(!step.fuse_squeezes().unwrap());
+        assert!(step.squeezes.is_none());
     }
 }
