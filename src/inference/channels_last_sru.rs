@@ -771,6 +771,49 @@ mod tests {
         }
     }
 
+    /// The baseline and AVX2 builds of both loops give the same bits (40 channels: two blocks of 8 in
+    /// each half and a remainder of 4).
+    #[test]
+    fn every_build_gives_the_same_bits() {
+        let config = ScConvConfig { group_num: 4, ..ScConvConfig::new(40) };
+        let (_vs, _model, kernel) = sru_and_kernel(&config);
+        let (c, half, positions) = (40, 20, 57);
+        let x = channels_last_fp32(&Tensor::randn([1, 40, 3, 19], (Kind::Float, Device::Cpu)));
+        // SAFETY: `x` is a contiguous fp32 CPU tensor alive for the test.
+        let xs = unsafe { elements::<f32>(&x) };
+        let shift: Vec<f64> = xs[..c].iter().map(|&v| f64::from(v) - 0.25).collect();
+        let sums = |f: &dyn Fn(&mut [f64])| {
+            let mut sums = vec![0.0; 2 * c];
+            f(&mut sums);
+            sums
+        };
+        let gates = GateArrays::of(&kernel.gates(&x));
+        let halves = (gates.slice(0, half), gates.slice(half, half));
+        let rows = |f: &dyn Fn(&mut [f32], &mut [f32])| {
+            let (mut up, mut low) = (vec![f32::NAN; positions * half], vec![f32::NAN; positions * half]);
+            f(&mut up, &mut low);
+            (up, low)
+        };
+        let baseline_sums = sums(&|s| shifted_sums(xs, &shift, s));
+        let on_x = rows(&|u, l| reconstruct_rows::<ON_X, false>(xs, &[], &halves, u, l));
+        let on_gn_x = rows(&|u, l| reconstruct_rows::<ON_GN_X, false>(xs, &[], &halves, u, l));
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY (each call): only where the CPU has AVX2.
+            if avx2() {
+                assert_eq!(baseline_sums, sums(&|s| unsafe { shifted_sums_avx2(xs, &shift, s) }));
+                let build = |u: &mut [f32], l: &mut [f32]| unsafe {
+                    reconstruct_rows_avx2::<ON_X, false>(xs, &[], &halves, u, l)
+                };
+                assert_eq!(on_x, rows(&build));
+                let build = |u: &mut [f32], l: &mut [f32]| unsafe {
+                    reconstruct_rows_avx2::<ON_GN_X, false>(xs, &[], &halves, u, l)
+                };
+                assert_eq!(on_gn_x, rows(&build));
+            }
+        }
+    }
+
     #[test]
     fn the_soft_gate_and_torch_gn_are_not_covered() {
         for config in [
