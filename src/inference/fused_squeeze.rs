@@ -13,11 +13,12 @@ use crate::error::ScConvError;
 use tch::{nn, Kind};
 
 /// The most input channels a fused squeeze reads. Measured on an AVX-512 Xeon (docs/speed.md, "The
-/// squeezes in the gate pass"), ScConv steps alone, fused against oneDNN's prepacked squeezes: 0.90-0.95x
-/// the time at C = 32 and 64 (16 and 32 inputs a squeeze), level at C = 128, 1.03-1.08x at 256 and 512,
-/// where oneDNN's GEMM kernels (about 50 GMAC/s a thread there) outrun these (about 35) by more than
-/// the saved memory pass is worth.
-pub(crate) const MOST_INPUTS: i64 = 64;
+/// squeezes in the gate pass"), ScConv steps alone, fused against oneDNN's prepacked squeezes: 0.90-0.98x
+/// the time at C = 32 and 64 (16 and 32 inputs a squeeze); at C = 128 0.98-1.16x at 28x28 and 256 images
+/// of 7x7, 0.93x only at batch 1 of 7x7; 1.03-1.10x at 256 and 512 (with the weights' blocks kept in
+/// L1 over the positions too; the kernel alone runs level with oneDNN's in the cache, so the cause there
+/// is not the kernel's arithmetic).
+pub(crate) const MOST_INPUTS: i64 = 32;
 
 /// Output channels a block of the kernel: one AVX-512 register of fp32, two AVX2 ones.
 const OUTPUTS_A_BLOCK: usize = 16;

@@ -14,7 +14,7 @@
 //!   the tiles' sizes);
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //! - [`Pass::FuseSqueezes`] (fp32 forms): the CRU's squeeze convolutions computed by the channels-last
-//!   SRU on the rows it reconstructs, where they read at most 64 channels.
+//!   SRU on the rows it reconstructs, where they read at most 32 channels.
 //!
 //! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
 //! (the reference's gate decisions on the same input). Build the form after loading the weights: the
