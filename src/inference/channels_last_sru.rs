@@ -352,8 +352,11 @@ struct Outputs<'a> {
     squeezes: Option<&'a FusedSqueezes>,
 }
 
-/// Values of the reconstructed rows a task of the fused squeezes holds at once (64 KiB: its L2 share).
-const SQUEEZE_SCRATCH: usize = 1 << 14;
+/// Values of the reconstructed rows the fused squeezes hold at once (16 KiB, so that they stay in L1
+/// while each block of outputs passes over them). Alternated in one process against 64 KiB on an
+/// AVX-512 Xeon (docs/speed.md): the step 0.94-0.97x the time at 64@56, 0.96x at 128@28, level at the
+/// other shapes.
+const SQUEEZE_SCRATCH: usize = 1 << 12;
 
 impl Rows<'_> {
     /// `[x_11 + x_22, x_12 + x_21]` at every position, written as `up` (the first `up_channel`
