@@ -75,6 +75,13 @@ pub(crate) fn channels_last_fp32(x: &Tensor) -> Tensor {
     to_channels_last(&super::precision::as_fp32(x))
 }
 
+/// The elements of `t` as fp32 values in its logical order (for the kernels' constants); `what` names
+/// them in the error.
+pub(crate) fn fp32_values(t: &Tensor, what: &str) -> Result<Vec<f32>, ScConvError> {
+    Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1))
+        .map_err(|e| ScConvError::InvalidInput(format!("{what}: {e}")))
+}
+
 /// An uninitialised fp32 channels-last tensor of logical shape (N, C, H, W).
 fn empty_channels_last([n, c, h, w]: [usize; 4]) -> Tensor {
     let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
@@ -88,10 +95,7 @@ impl ChannelsLastSru {
         if !ChannelsLastSru::covers(sru) {
             return Ok(None);
         }
-        let values = |t: &Tensor| {
-            Vec::<f32>::try_from(t.detach().to_kind(Kind::Float).flatten(0, -1))
-                .map_err(|e| ScConvError::InvalidInput(format!("the SRU's constants: {e}")))
-        };
+        let values = |t: &Tensor| fp32_values(t, "the SRU's constants");
         let w_gamma = tch::no_grad(|| sru.w_gamma());
         Ok(Some(ChannelsLastSru {
             gamma: values(&sru.gn.gamma)?,

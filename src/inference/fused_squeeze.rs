@@ -9,8 +9,9 @@
 //! fp32 rounding (the form's bound holds; gate decisions downstream can move, and are counted).
 //! Every build (AVX-512, AVX2 + FMA, baseline) runs the same operations in the same order, so gives
 //! the same bits.
+use super::channels_last_sru::fp32_values;
 use crate::error::ScConvError;
-use tch::{nn, Kind};
+use tch::nn;
 
 /// The most input channels a fused squeeze reads. Measured on an AVX-512 Xeon (docs/speed.md, "The
 /// squeezes in the gate pass"), ScConv steps alone, fused against oneDNN's prepacked squeezes: 0.90-0.98x
@@ -68,9 +69,8 @@ impl Pointwise {
             _ => return Ok(None),
         }
         let outputs = size[0];
-        let transposed = conv.ws.detach().to_kind(Kind::Float).view([outputs, inputs]).transpose(0, 1);
-        let by_input = Vec::<f32>::try_from(transposed.contiguous().flatten(0, -1))
-            .map_err(|e| ScConvError::InvalidInput(format!("a squeeze convolution's weight: {e}")))?;
+        let transposed = conv.ws.view([outputs, inputs]).transpose(0, 1);
+        let by_input = fp32_values(&transposed, "a squeeze convolution's weight")?;
         Ok(Some(Pointwise { inputs: inputs as usize, outputs: outputs as usize, by_input }))
     }
 
@@ -165,7 +165,7 @@ impl Pointwise {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn::VarStore, Device, Tensor};
+    use tch::{nn::VarStore, Device, Kind, Tensor};
 
     /// A bias-free 1x1 convolution of `inputs` -> `outputs` channels and its kernel.
     fn squeeze(vs: &VarStore, inputs: i64, outputs: i64) -> (nn::Conv2D, Pointwise) {
