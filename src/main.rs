@@ -130,6 +130,11 @@ enum Command {
         /// a block config without op_channel, e.g. {"variant": "2023-10-19"} (default: the seed's).
         #[arg(long)]
         scconv: Option<PathBuf>,
+        /// The bf16 form timed beside the fp32 one (and with `--dtype bf16`): bf16-onednn times the
+        /// native form's code on AVX-512 CPUs without bf16 units (oneDNN emulates its bf16
+        /// convolutions there, so only its other steps time as on a CPU with them).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+        bf16: PrecisionArg,
         /// Print the timings as JSON.
         #[arg(long)]
         json: bool,
@@ -378,8 +383,12 @@ fn run(command: Command) -> Result<ExitCode> {
             cuda_graph,
             profile,
             scconv,
+            bf16,
             json,
         } => {
+            if matches!(bf16, PrecisionArg::Fp32) {
+                bail!("--bf16 names the bf16 form: bf16, bf16-emulated or bf16-onednn");
+            }
             tch::Cuda::cudnn_set_benchmark(cudnn_benchmark);
             let scconv = match scconv {
                 Some(path) => scconv_tch::harness::json::read(&path)?,
@@ -391,7 +400,8 @@ fn run(command: Command) -> Result<ExitCode> {
                 DtypeArg::Bf16 => tch::Kind::BFloat16,
             };
             let (warmup, runs) = (warmup as usize, runs as usize);
-            let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv };
+            let bf16 = bf16.into();
+            let options = BenchOptions { kind, cuda_graph, profile, warmup, runs, scconv, bf16 };
             run_bench(device.resolve()?, batches, options, !no_models, json)
         }
         Command::Infer {

@@ -153,18 +153,16 @@ enum Mode {
 impl Mode {
     /// Reference, fast (SC networks) in the bench's dtype; on the CPU (the forms' passes are oneDNN's)
     /// the inference forms that dtype names: fp32 and bf16 for `float`, bf16 for `bf16`, none for
-    /// `half`.
-    fn for_network(sc: bool, device: Device, kind: Kind) -> Vec<Mode> {
+    /// `half`; the bf16 one in `bf16`'s precision.
+    fn for_network(sc: bool, device: Device, kind: Kind, bf16: Precision) -> Vec<Mode> {
         let mut modes = vec![Mode::Model(Execution::Reference)];
         if sc {
             modes.push(Mode::Model(Execution::Fast));
         }
         if device == Device::Cpu {
             match kind {
-                Kind::Float => {
-                    modes.extend([Mode::Inference(Precision::Fp32), Mode::Inference(Precision::Bf16)])
-                }
-                Kind::BFloat16 => modes.push(Mode::Inference(Precision::Bf16)),
+                Kind::Float => modes.extend([Mode::Inference(Precision::Fp32), Mode::Inference(bf16)]),
+                Kind::BFloat16 => modes.push(Mode::Inference(bf16)),
                 _ => {}
             }
         }
@@ -249,7 +247,7 @@ fn bench_networks(
         let mut model = scconv_tch::models::resnet(vs.root(), &config)?;
         vs.set_kind(options.kind);
         let x = Tensor::randn([batch, config.in_channels, side, side], (options.kind, device));
-        let modes = Mode::for_network(config.sc, device, options.kind);
+        let modes = Mode::for_network(config.sc, device, options.kind, options.bf16);
         // The forms are built from fp32 networks (they cast themselves): a second one where the
         // bench's dtype is not fp32 and a form is timed (random weights time alike).
         let forms = modes.iter().any(|m| matches!(m, Mode::Inference(_)));

@@ -73,6 +73,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// The version and settings of every ScConv timed (`--scconv`; default: the seed's).
     pub scconv: crate::ScConvSettings,
+    /// The bf16 form's precision (`--bf16`; default: `Precision::Bf16`).
+    pub bf16: Precision,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,7 +162,7 @@ pub fn bench_block(
             conv3x3_graph = Some(time_graph(device, options, &mut graph)?);
         }
         let form = match device == Device::Cpu && options.kind == Kind::Float {
-            true => [Precision::Fp32, Precision::Bf16]
+            true => [Precision::Fp32, options.bf16]
                 .into_iter()
                 .map(|p| bench_form_block(&block, &conv, &batchnorm, &x, p, options))
                 .collect::<Result<_, _>>()?,

@@ -289,15 +289,16 @@ impl<'a> ScConvStep<'a> {
         scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
     }
 
-    /// The weighted sum, shift, residual add and ReLU as one pass (`weighted_sum`), where this step
-    /// runs them in place in fp32 with no pool between; `None` where it does not (or the pass cannot).
+    /// The weighted sum, shift, residual add, ReLU and the step's store as one pass (`weighted_sum`),
+    /// where this step runs them in place with no pool between; `None` where it does not (or the pass
+    /// cannot).
     fn fused_weighted_sum(&self, parts: &FuseParts, residual: Option<&Tensor>) -> Option<Tensor> {
         let (_, shift) = self.folded.as_ref()?;
-        if self.pool || !self.fused || self.arithmetic.is_bf16() {
+        if self.pool || !self.fused {
             return None;
         }
         scope("CRU fuse: weighted sum, shift, add, ReLU (one pass)", || {
-            weighted_sum_shift_add_relu(parts, shift, residual, self.relu)
+            weighted_sum_shift_add_relu(parts, shift, residual, self.relu, &self.arithmetic)
         })
     }
 

@@ -1,111 +1,264 @@
 //! The CRU's weighted sum and what follows it in a channels-last ScConv step (the folded BatchNorm's
-//! shift, the residual add, the ReLU) in one pass over the tensors, where libtorch's operations make
-//! five. Per element the same operations in the same order, so the same bits: `Y1 * w0` rounded, the
-//! branch added as libtorch's `addcmul_` adds it (one fused multiply-add: its CPU kernels are built
-//! with FMA contraction), `+ shift`, `+ residual`, then the ReLU as libtorch's `clamp_min(0)` (NaN and
-//! -0 kept). Runs where the CPU has AVX2 and FMA and every tensor is fp32 and channels-last; the caller
-//! runs libtorch's passes otherwise.
-use super::channels_last_sru::is_channels_last_fp32;
+//! shift, the residual add, the ReLU, the form's store) in one pass over the tensors, where libtorch's
+//! operations make five (seven in the bf16 forms). Per element the same operations in the same order,
+//! so the same bits: `Y1 * w0` rounded, the branch added as libtorch's `addcmul_` adds it (one fused
+//! multiply-add: its CPU kernels are built with FMA contraction), `+ shift`, `+ residual`, then the
+//! ReLU as libtorch's `clamp_min(0)` (NaN and -0 kept), and in the bf16 forms the result rounded to
+//! bf16 as libtorch's `to(bf16)` rounds it (ties to even; a NaN stays a NaN).
+//!
+//! `Y1` is fp32 (the fuse's pooling read it so); the branches and the residual are fp32, or bf16 in
+//! the native bf16 form, read as libtorch promotes them (exactly). The result goes into `Y1` in place
+//! (fp32, or bf16 values in fp32 tensors: the emulated bf16 form), or into a new bf16 tensor (the native
+//! bf16 form). Runs where the CPU has AVX2 and FMA and every tensor is channels-last; the caller runs
+//! libtorch's passes otherwise.
+use super::channels_last_sru::{is_channels_last, is_channels_last_fp32};
+use super::precision::Arithmetic;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::fast::FuseParts;
 use crate::inference::parallel_for;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Elements of the output one task writes.
 const TASK_ELEMENTS: usize = 1 << 14;
 
-/// `relu(weighted_sum(parts) + shift [+ residual])` written into `parts.y1` (returned), or `None`
-/// where this pass does not run (see the module comment). `shift`: `(1, C, 1, 1)`.
+/// `store(relu(weighted_sum(parts) + shift [+ residual]))`, as `store` stores a step's output (into
+/// `parts.y1` in place, or a new bf16 tensor), or `None` where this pass does not run (see the module
+/// comment). `shift`: `(1, C, 1, 1)`.
 pub(crate) fn weighted_sum_shift_add_relu(
     parts: &FuseParts,
     shift: &Tensor,
     residual: Option<&Tensor>,
     relu: bool,
+    store: &Arithmetic,
 ) -> Option<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
         let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-        let tensors = [&parts.y1, &parts.y2_head, &parts.low];
-        let fits =
-            tensors.iter().all(|t| is_channels_last_fp32(t)) && residual.is_none_or(is_channels_last_fp32);
+        let kind = parts.low.kind();
+        let read = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
+        let fits = is_channels_last_fp32(&parts.y1)
+            && matches!(kind, Kind::Float | Kind::BFloat16)
+            && read(&parts.y2_head)
+            && read(&parts.low)
+            && residual.is_none_or(read);
         if !cpu || !fits || shift.kind() != Kind::Float || parts.weights.kind() != Kind::Float {
             return None;
         }
-        let [n, c, h, w] = <[i64; 4]>::try_from(parts.y1.size()).ok()?;
         if residual.is_some_and(|r| r.size() != parts.y1.size()) {
             return None;
         }
         let weights: Vec<Tensor> = parts.split_weights().iter().map(|w| w.contiguous()).collect();
         let shift = shift.contiguous();
-        let (n, c, positions) = (n as usize, c as usize, (h * w) as usize);
-        let head = parts.y2_head.size()[1] as usize;
-        // SAFETY: every tensor read is a contiguous fp32 CPU tensor alive until the end of this block;
-        // `y1` is written, position rows by one task each, and read by nothing else meanwhile.
+        let (w, shift) = ([&weights[0], &weights[1], &weights[2]], &shift);
+        // SAFETY: `kind` is the branches' and the residual's element type (checked above).
         unsafe {
-            let reads = Reads {
-                y2_head: values(&parts.y2_head),
-                low: values(&parts.low),
-                w: [values(&weights[0]), values(&weights[1]), values(&weights[2])],
-                shift: values(&shift),
-                residual: residual.map(|r| values(r)),
-                channels: c,
-                head,
-                relu,
-            };
-            let out = SharedOut(parts.y1.data_ptr() as *mut f32);
-            let chunk = (TASK_ELEMENTS / c).max(1);
-            let chunks = positions.div_ceil(chunk);
-            parallel_for(n * chunks, 1, |tasks| {
-                for task in tasks {
-                    let (sample, first) = (task / chunks, task % chunks * chunk);
-                    let rows =
-                        (sample * positions + first)..(sample * positions + (first + chunk).min(positions));
-                    // SAFETY: these rows of `y1` are this task's alone; the CPU has AVX2 and FMA.
-                    let y1 = out.slice(rows.start * c, rows.len() * c);
-                    positions_avx2_fma(&reads, sample, rows, y1);
-                }
-            });
+            match kind {
+                Kind::BFloat16 => run::<Bf16>(parts, w, shift, residual, relu, store),
+                _ => run::<f32>(parts, w, shift, residual, relu, store),
+            }
         }
-        Some(parts.y1.shallow_clone())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (parts, shift, residual, relu);
+        let _ = (parts, shift, residual, relu, store);
         None
+    }
+}
+
+/// The pass over every position of `parts`, into the tensor `store` asks for (returned).
+/// SAFETY: the branches and the residual hold `V`s, every tensor is a dense channels-last CPU tensor
+/// of the sizes the pass reads, alive and unwritten by others until it returns; the CPU has AVX2 and
+/// FMA.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run<V: Value>(
+    parts: &FuseParts,
+    w: [&Tensor; 3],
+    shift: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    store: &Arithmetic,
+) -> Option<Tensor> {
+    let [n, c, h, width] = <[i64; 4]>::try_from(parts.y1.size()).ok()?;
+    let (n, c, positions) = (n as usize, c as usize, (h * width) as usize);
+    let reads = Reads::<V> {
+        y2_head: values(&parts.y2_head),
+        low: values(&parts.low),
+        w: [values(w[0]), values(w[1]), values(w[2])],
+        shift: values(shift),
+        residual: residual.map(|r| values(r)),
+        channels: c,
+        head: parts.y2_head.size()[1] as usize,
+        relu,
+    };
+    let out = match store {
+        Arithmetic::Bf16Native => {
+            let strides = [h * width * c as i64, 1, width * c as i64, c as i64];
+            Tensor::empty_strided(parts.y1.size(), strides, (Kind::BFloat16, Device::Cpu))
+        }
+        _ => parts.y1.shallow_clone(),
+    };
+    let (y1, into) = (values::<f32>(&parts.y1), SharedOut(out.data_ptr() as *mut u16));
+    let in_place = SharedOut(parts.y1.data_ptr() as *mut f32);
+    let chunk = (TASK_ELEMENTS / c).max(1);
+    let chunks = positions.div_ceil(chunk);
+    parallel_for(n * chunks, 1, |tasks| {
+        for task in tasks {
+            let (sample, first) = (task / chunks, task % chunks * chunk);
+            let rows = (sample * positions + first)..(sample * positions + (first + chunk).min(positions));
+            let (offset, len) = (rows.start * c, rows.len() * c);
+            // SAFETY: these rows of the output are this task's alone (of `y1` too where it is the
+            // output); the CPU has AVX2 and FMA.
+            match store {
+                Arithmetic::Fp32 => {
+                    positions_avx2_fma(&reads, sample, rows, InPlace::<false>(in_place.slice(offset, len)))
+                }
+                Arithmetic::Bf16Emulated { .. } => {
+                    positions_avx2_fma(&reads, sample, rows, InPlace::<true>(in_place.slice(offset, len)))
+                }
+                Arithmetic::Bf16Native => {
+                    let out = IntoBf16 { y1: &y1[offset..][..len], out: into.slice(offset, len) };
+                    positions_avx2_fma(&reads, sample, rows, out)
+                }
+            }
+        }
+    });
+    Some(out)
+}
+
+/// A branch's or the residual's stored element: fp32, or bf16's bits.
+trait Value: Copy + Sync {
+    /// Zero, for the residual where there is none.
+    const ZERO: Self;
+    /// The element as an fp32 value (exact).
+    fn value(self) -> f32;
+}
+
+impl Value for f32 {
+    const ZERO: f32 = 0.0;
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 element's bits, as libtorch stores them.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Bf16(u16);
+
+impl Value for Bf16 {
+    const ZERO: Bf16 = Bf16(0);
+    #[inline(always)]
+    fn value(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+}
+
+/// `v` rounded to the nearest bf16 (ties to even) as libtorch's `to(bf16)` rounds it; a NaN becomes
+/// a quiet NaN (libtorch's NaN bits differ between its scalar and vector code: only NaN-ness is kept).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    if v.is_nan() {
+        0x7fc0
+    } else {
+        rounded as u16
+    }
+}
+
+/// Where a stretch of the result goes, and where its `Y1` values come from.
+trait Out: Sized {
+    /// Its length.
+    fn len(&self) -> usize;
+    /// `Y1` at `i`.
+    fn y1(&self, i: usize) -> f32;
+    /// Stores the result at `i`.
+    fn put(&mut self, i: usize, v: f32);
+    /// The first `mid` elements and the rest.
+    fn split_at(self, mid: usize) -> (Self, Self);
+}
+
+/// In place in `Y1`'s fp32 values; `ROUND`: rounded to bf16 values (the emulated bf16 form).
+struct InPlace<'a, const ROUND: bool>(&'a mut [f32]);
+
+impl<const ROUND: bool> Out for InPlace<'_, ROUND> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn y1(&self, i: usize) -> f32 {
+        self.0[i]
+    }
+    #[inline(always)]
+    fn put(&mut self, i: usize, v: f32) {
+        self.0[i] = if ROUND { f32::from_bits((bf16_bits(v) as u32) << 16) } else { v };
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let (a, b) = self.0.split_at_mut(mid);
+        (InPlace(a), InPlace(b))
+    }
+}
+
+/// Into a bf16 tensor's elements, from `Y1`'s fp32 values (the native bf16 form).
+struct IntoBf16<'a> {
+    y1: &'a [f32],
+    out: &'a mut [u16],
+}
+
+impl Out for IntoBf16<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.out.len()
+    }
+    #[inline(always)]
+    fn y1(&self, i: usize) -> f32 {
+        self.y1[i]
+    }
+    #[inline(always)]
+    fn put(&mut self, i: usize, v: f32) {
+        self.out[i] = bf16_bits(v);
+    }
+    #[inline(always)]
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        let ((y1_a, y1_b), (out_a, out_b)) = (self.y1.split_at(mid), self.out.split_at_mut(mid));
+        (IntoBf16 { y1: y1_a, out: out_a }, IntoBf16 { y1: y1_b, out: out_b })
     }
 }
 
 /// What the pass reads besides `y1`, as values: the branches and the residual channels-last, the
 /// weights `(N, C | head | C - head)`, the shift `(C)`.
-struct Reads<'a> {
-    y2_head: &'a [f32],
-    low: &'a [f32],
+struct Reads<'a, V> {
+    y2_head: &'a [V],
+    low: &'a [V],
     w: [&'a [f32]; 3],
     shift: &'a [f32],
-    residual: Option<&'a [f32]>,
+    residual: Option<&'a [V]>,
     channels: usize,
     head: usize,
     relu: bool,
 }
 
-/// Position rows `rows` (global indices, all of sample `sample`) of `y1`, in place.
+/// Position rows `rows` (global indices, all of sample `sample`), written to `out` (those rows).
 #[inline(always)]
-fn positions(r: &Reads, sample: usize, rows: std::ops::Range<usize>, y1: &mut [f32]) {
+fn positions<V: Value, O: Out>(r: &Reads<V>, sample: usize, rows: std::ops::Range<usize>, out: O) {
     match (r.residual.is_some(), r.relu) {
-        (true, true) => positions_as::<true, true>(r, sample, rows, y1),
-        (true, false) => positions_as::<true, false>(r, sample, rows, y1),
-        (false, true) => positions_as::<false, true>(r, sample, rows, y1),
-        (false, false) => positions_as::<false, false>(r, sample, rows, y1),
+        (true, true) => positions_as::<V, O, true, true>(r, sample, rows, out),
+        (true, false) => positions_as::<V, O, true, false>(r, sample, rows, out),
+        (false, true) => positions_as::<V, O, false, true>(r, sample, rows, out),
+        (false, false) => positions_as::<V, O, false, false>(r, sample, rows, out),
     }
 }
 
 #[inline(always)]
-fn positions_as<const RESIDUAL: bool, const RELU: bool>(
-    r: &Reads,
+fn positions_as<V: Value, O: Out, const RESIDUAL: bool, const RELU: bool>(
+    r: &Reads<V>,
     sample: usize,
     rows: std::ops::Range<usize>,
-    y1: &mut [f32],
+    mut out: O,
 ) {
     let (c, head) = (r.channels, r.head);
     let tail = c - head;
@@ -113,56 +266,63 @@ fn positions_as<const RESIDUAL: bool, const RELU: bool>(
     let (w0_head, w0_tail) = w0.split_at(head);
     let (w1, w2) = (&r.w[1][sample * head..][..head], &r.w[2][sample * tail..][..tail]);
     let (shift_head, shift_tail) = r.shift[..c].split_at(head);
-    let no_residual = vec![0.0f32; c];
-    for (i, row) in rows.enumerate() {
-        let (out_head, out_tail) = y1[i * c..][..c].split_at_mut(head);
+    let no_residual = vec![V::ZERO; c];
+    for row in rows {
+        let (row_out, rest) = out.split_at(c);
+        out = rest;
+        let (out_head, out_tail) = row_out.split_at(head);
         let (y2, low) = (&r.y2_head[row * head..][..head], &r.low[row * tail..][..tail]);
         let residual = match (RESIDUAL, r.residual) {
             (true, Some(residual)) => &residual[row * c..][..c],
             _ => &no_residual[..],
         };
         let (res_head, res_tail) = residual.split_at(head);
-        segment::<RESIDUAL, RELU>(out_head, y2, w0_head, w1, shift_head, res_head);
-        segment::<RESIDUAL, RELU>(out_tail, low, w0_tail, w2, shift_tail, res_tail);
+        segment::<V, O, RESIDUAL, RELU>(out_head, y2, w0_head, w1, shift_head, res_head);
+        segment::<V, O, RESIDUAL, RELU>(out_tail, low, w0_tail, w2, shift_tail, res_tail);
     }
 }
 
 /// One stretch of a position's channels: `relu(branch * w + y1 * w0 + shift [+ residual])`, each
 /// operation rounded as libtorch's passes round it, each value stored once.
 #[inline(always)]
-fn segment<const RESIDUAL: bool, const RELU: bool>(
-    out: &mut [f32],
-    branch: &[f32],
+fn segment<V: Value, O: Out, const RESIDUAL: bool, const RELU: bool>(
+    mut out: O,
+    branch: &[V],
     w0: &[f32],
     w: &[f32],
     shift: &[f32],
-    residual: &[f32],
+    residual: &[V],
 ) {
     let n = out.len();
     let (branch, w0, w, shift, residual) = (&branch[..n], &w0[..n], &w[..n], &shift[..n], &residual[..n]);
     for ch in 0..n {
-        let mut t = branch[ch].mul_add(w[ch], out[ch] * w0[ch]) + shift[ch];
+        let mut t = branch[ch].value().mul_add(w[ch], out.y1(ch) * w0[ch]) + shift[ch];
         if RESIDUAL {
-            t += residual[ch];
+            t += residual[ch].value();
         }
         if RELU {
             // libtorch's clamp_min(0): `0 > t ? 0 : t`, so NaN and -0 pass.
             t = if 0.0 > t { 0.0 } else { t };
         }
-        out[ch] = t;
+        out.put(ch, t);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn positions_avx2_fma(r: &Reads, sample: usize, rows: std::ops::Range<usize>, y1: &mut [f32]) {
-    positions(r, sample, rows, y1)
+unsafe fn positions_avx2_fma<V: Value, O: Out>(
+    r: &Reads<V>,
+    sample: usize,
+    rows: std::ops::Range<usize>,
+    out: O,
+) {
+    positions(r, sample, rows, out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::inference::round_to_bf16;
 
     fn nhwc(size: [i64; 4]) -> Tensor {
         let [n, c, h, w] = size;
@@ -194,37 +354,95 @@ mod tests {
         }
     }
 
-    /// The one pass gives libtorch's passes' bits (weighted sum, `+= shift`, `+= residual`, `relu_`),
-    /// NaN and signed zeros included, with and without residual and ReLU.
+    /// `p`'s branches as bf16 tensors (channels-last kept).
+    fn bf16_branches(p: &FuseParts) -> FuseParts {
+        let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+        FuseParts { y2_head: bf16(&p.y2_head), low: bf16(&p.low), ..copy(p) }
+    }
+
+    /// Bit for bit, NaN-ness for NaNs (libtorch's own NaN bits, sign included, differ by code path),
+    /// signed zeros too.
+    fn assert_same(out: &Tensor, expected: &Tensor, what: &str) {
+        assert_eq!(out.kind(), expected.kind(), "{what}");
+        assert!(is_channels_last(out), "{what}: channels-last");
+        let (out, expected) = (out.to_kind(Kind::Float), expected.to_kind(Kind::Float));
+        let same = out.isnan().logical_and(&expected.isnan()).logical_or(&out.eq_tensor(&expected));
+        assert!(same.all().int64_value(&[]) == 1, "{what}");
+        let signs = |t: &Tensor| t.signbit().logical_and(&t.isnan().logical_not()).sum(Kind::Int64);
+        assert!(signs(&out).equal(&signs(&expected)), "{what}: signed zeros");
+    }
+
+    /// The one pass gives libtorch's passes' bits (weighted sum, `+= shift`, `+= residual`, `relu_`,
+    /// the form's store), NaN and signed zeros included, with and without residual and ReLU, in each
+    /// arithmetic: fp32; bf16 emulated (fp32 tensors, rounded); native bf16 (bf16 branches and
+    /// residual, a bf16 output).
     #[test]
     fn one_pass_is_libtorchs_passes_bit_for_bit() {
         let fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let emulated = Arithmetic::Bf16Emulated { why: "a test".into() };
         for (n, c, head, hw) in [(2, 64, 48, 9), (3, 32, 24, 5), (1, 128, 96, 4)] {
             let shift = Tensor::randn([1, c, 1, 1], (Kind::Float, Device::Cpu));
             for (with_residual, relu) in [(true, true), (false, true), (true, false)] {
-                let p = parts(n, c, head, hw);
-                let residual = with_residual.then(|| nhwc([n, c, hw, hw]));
-                let expected = tch::no_grad(|| {
-                    let mut y = copy(&p).weighted_sum();
-                    y += &shift;
-                    super::super::conv::epilogue(y, residual.as_ref().map(|r| r.copy()), relu, true)
-                });
-                let out = tch::no_grad(|| weighted_sum_shift_add_relu(&p, &shift, residual.as_ref(), relu));
-                match out {
-                    Some(out) => {
-                        let same =
-                            out.isnan().logical_and(&expected.isnan()).logical_or(&out.eq_tensor(&expected));
-                        assert!(
-                            same.all().int64_value(&[]) == 1,
-                            "{n} {c} {head} {hw} {with_residual} {relu}"
-                        );
-                        let signs = |t: &Tensor| t.signbit().sum(Kind::Int64);
-                        assert!(signs(&out).equal(&signs(&expected)), "signed zeros");
+                for store in [Arithmetic::Fp32, emulated.clone(), Arithmetic::Bf16Native] {
+                    let native = store == Arithmetic::Bf16Native;
+                    let p = match native {
+                        true => bf16_branches(&parts(n, c, head, hw)),
+                        false => parts(n, c, head, hw),
+                    };
+                    let residual = with_residual.then(|| nhwc([n, c, hw, hw]).to_kind(p.low.kind()));
+                    let expected = tch::no_grad(|| {
+                        let mut y = copy(&p).weighted_sum();
+                        y += &shift;
+                        store.store(&super::super::conv::epilogue(
+                            y,
+                            residual.as_ref().map(|r| r.copy()),
+                            relu,
+                            true,
+                        ))
+                    });
+                    let out = tch::no_grad(|| {
+                        weighted_sum_shift_add_relu(&p, &shift, residual.as_ref(), relu, &store)
+                    });
+                    let what =
+                        format!("{n} {c} {head} {hw} residual {with_residual} relu {relu} {}", store.name());
+                    match out {
+                        Some(out) => assert_same(&out, &expected, &what),
+                        None => assert!(!fma, "runs on every CPU with AVX2 and FMA: {what}"),
                     }
-                    None => assert!(!fma, "runs on every CPU with AVX2 and FMA"),
                 }
             }
         }
+    }
+
+    /// The rounding to bf16 is libtorch's on the values where rounding is delicate: ties (to even),
+    /// just past them, the largest finite values (to infinity), infinities, subnormals, NaN.
+    #[test]
+    fn bf16_rounding_is_libtorchs() {
+        let bits: [u32; 14] = [
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x0000_8000,
+            0x0001_8000,
+            0x8000_0001,
+            0x0000_0000,
+            0x8000_0000,
+            0x4049_0fdb,
+        ];
+        let values: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let libtorch = Tensor::from_slice(&values).to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let libtorch = Vec::<f32>::try_from(&libtorch).unwrap();
+        for (v, expected) in values.iter().zip(libtorch) {
+            let ours = f32::from_bits((bf16_bits(*v) as u32) << 16);
+            assert_eq!(ours.to_bits(), expected.to_bits(), "{v:e} ({:#010x})", v.to_bits());
+        }
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+        assert!(round_to_bf16(&Tensor::from_slice(&[f32::NAN])).isnan().all().int64_value(&[]) == 1);
     }
 
     #[test]
@@ -232,8 +450,10 @@ mod tests {
         let p = parts(2, 16, 12, 4);
         let nchw = FuseParts { y1: p.y1.contiguous(), ..copy(&p) };
         let shift = Tensor::zeros([1, 16, 1, 1], (Kind::Float, Device::Cpu));
-        assert!(weighted_sum_shift_add_relu(&nchw, &shift, None, true).is_none());
+        assert!(weighted_sum_shift_add_relu(&nchw, &shift, None, true, &Arithmetic::Fp32).is_none());
         let residual = nhwc([2, 16, 4, 4]).contiguous();
-        assert!(weighted_sum_shift_add_relu(&p, &shift, Some(&residual), true).is_none());
+        assert!(weighted_sum_shift_add_relu(&p, &shift, Some(&residual), true, &Arithmetic::Fp32).is_none());
+        let mixed = FuseParts { low: p.low.to_kind(Kind::BFloat16), ..copy(&p) };
+        assert!(weighted_sum_shift_add_relu(&mixed, &shift, None, true, &Arithmetic::Bf16Native).is_none());
     }
 }
