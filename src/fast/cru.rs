@@ -64,10 +64,15 @@ impl FuseParts {
         self.weights.split_with_sizes(sizes, 1)
     }
 
-    /// The weighted sum by libtorch's operations, into `y1` in place.
+    /// The weighted sum by libtorch's operations, into `y1` in place (into an fp32 copy where the
+    /// weights are fp32 and `y1` is not: the bf16 forms sum in fp32).
     pub(crate) fn weighted_sum(self) -> Tensor {
         let weights = self.split_weights();
-        let FuseParts { mut y1, y2_head, low, .. } = self;
+        let FuseParts { y1, y2_head, low, .. } = self;
+        let mut y1 = match (y1.kind(), weights[0].kind()) {
+            (Kind::BFloat16, Kind::Float) => y1.to_kind(Kind::Float),
+            _ => y1,
+        };
         let head = y2_head.size()[1];
         y1 *= &weights[0];
         let _ = y1.narrow(1, 0, head).addcmul_(&y2_head, &weights[1]);
@@ -160,15 +165,11 @@ impl Cru {
         })
     }
 
-    /// `(Y1, PWC2(low))`: `Y1` in fp32 where the fuse computes in fp32 (`CruConvs::fuse_in_fp32`).
+    /// `(Y1, PWC2(low))`, as the convolutions store them.
     fn branches(&self, convs: &dyn CruConvs, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
         let y1 = scope("CRU GWC + PWC1", || convs.gwc_plus_pwc1(up));
         // Y2 = cat(PWC2(low), low) is never built: its two parts are weighted separately.
         let y2_head = scope("CRU PWC2", || convs.pwc2(low));
-        let y1 = match convs.fuse_in_fp32() {
-            true => y1.to_kind(Kind::Float),
-            false => y1,
-        };
         (y1, y2_head)
     }
 
@@ -181,9 +182,9 @@ impl Cru {
         [y1, y2_head, low]: [Tensor; 3],
         fuse_scale: Option<&Tensor>,
     ) -> FuseParts {
-        let pool = |t: &Tensor| match (t.kind(), y1.kind()) {
+        let pool = |t: &Tensor| match (t.kind(), convs.fuse_in_fp32()) {
             // The bf16 form's tensors pooled in fp32 (bf16 pooling would round the means).
-            (Kind::BFloat16, Kind::Float) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
+            (Kind::BFloat16, true) => t.mean_dim(&[2i64, 3][..], true, Kind::Float),
             _ => t.adaptive_avg_pool2d([1, 1]),
         };
         let pooled = convs

@@ -3,25 +3,30 @@
 //! libtorch's operations make four (three poolings, then their concatenation). At batch 1 a libtorch
 //! call costs more than its arithmetic (docs/speed.md, "Batch 1: the per-call cost").
 //!
+//! The parts are fp32 or bf16 (the native bf16 form's branches), each read exactly.
+//!
 //! Each mean is summed in f64 and rounded once, so it is within half an fp32 ulp of the exact mean
 //! (libtorch's fp32 reduction sums in fp32 in its own order: a few ulps). A change of rounding, not of
 //! meaning: the step stays within the form's bound. The partial sums are cut at fixed positions and
 //! added in a fixed order, so the result does not depend on the number of threads.
-use super::channels_last_sru::is_channels_last_fp32;
-use crate::fast::sru_kernel::elements as values;
+use super::channels_last_sru::is_channels_last;
+use super::elements::{stored, Stored, Value};
 use crate::fast::welford::SharedOut;
 use crate::inference::parallel_for;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Values one task sums (a chunk of positions, all of one tensor's channels).
 const TASK_ELEMENTS: usize = 1 << 14;
 
-/// The means over height and width of `parts` (each fp32, dense channels-last, on the CPU, with the
-/// same batch and spatial size), concatenated along channels as `(N, sum of C, 1, 1)` fp32; `None` where
-/// a part is not so (the caller pools with libtorch).
+/// The means over height and width of `parts` (each fp32 or bf16, dense channels-last, on the CPU,
+/// with the same batch and spatial size), concatenated along channels as `(N, sum of C, 1, 1)` fp32;
+/// `None` where a part is not so (the caller pools with libtorch).
 pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
     let [n, _, h, w] = <[i64; 4]>::try_from(parts.first()?.size()).ok()?;
-    if !parts.iter().all(|t| is_channels_last_fp32(t) && t.size()[0] == n && t.size()[2..] == [h, w]) {
+    let fits = |t: &&Tensor| {
+        matches!(t.kind(), Kind::Float | Kind::BFloat16) && t.device() == Device::Cpu && is_channels_last(t)
+    };
+    if !parts.iter().all(|t| fits(t) && t.size()[0] == n && t.size()[2..] == [h, w]) {
         return None;
     }
     let channels: Vec<usize> = parts.iter().map(|t| t.size()[1] as usize).collect();
@@ -45,18 +50,21 @@ pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
         .collect();
     let mut partial = vec![0f64; offsets.last()? + channels[count - 1]];
     let shared = SharedOut(partial.as_mut_ptr());
-    // SAFETY: every part is a dense channels-last fp32 CPU tensor alive for this function, read as
-    // (N, H, W, C); each task writes only its own partial sums.
+    // SAFETY: every part is a dense channels-last fp32 or bf16 CPU tensor alive for this function,
+    // read as (N, H, W, C); each task writes only its own partial sums.
     unsafe {
-        let inputs: Vec<&[f32]> = parts.iter().map(|t| values(t)).collect();
+        let inputs: Vec<Stored> = parts.iter().map(|t| stored(t)).collect::<Option<_>>()?;
         parallel_for(tasks, 1, |range| {
             for task in range {
                 let (sample, part, first) = (task / chunks / count, task / chunks % count, task % chunks);
                 let c = channels[part];
                 let rows = first * chunk..((first + 1) * chunk).min(positions);
-                let data =
-                    &inputs[part][(sample * positions + rows.start) * c..(sample * positions + rows.end) * c];
-                sum_rows(data, shared.slice(offsets[task], c));
+                let range = (sample * positions + rows.start) * c..(sample * positions + rows.end) * c;
+                let sums = shared.slice(offsets[task], c);
+                match inputs[part] {
+                    Stored::F32(data) => sum_rows(&data[range], sums),
+                    Stored::Bf16(data) => sum_rows(&data[range], sums),
+                }
             }
         });
     }
@@ -76,7 +84,7 @@ pub(crate) fn channel_means(parts: &[&Tensor]) -> Option<Tensor> {
 /// `out[c] += sum over rows of data[row * C + c]` in f64, `C = out.len()`: each column summed from zero
 /// in row order, then added to `out` (so, where `out` starts at zero, as every caller's does, the
 /// same bits as adding each row into `out`).
-pub(crate) fn sum_rows(data: &[f32], out: &mut [f64]) {
+pub(crate) fn sum_rows<V: Value>(data: &[V], out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
@@ -87,28 +95,28 @@ pub(crate) fn sum_rows(data: &[f32], out: &mut [f64]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn sum_rows_avx2(data: &[f32], out: &mut [f64]) {
+unsafe fn sum_rows_avx2<V: Value>(data: &[V], out: &mut [f64]) {
     sum_rows_portable(data, out) // the same loop, vectorised four f64 at a time
 }
 
 #[inline(always)]
-fn sum_rows_portable(data: &[f32], out: &mut [f64]) {
+fn sum_rows_portable<V: Value>(data: &[V], out: &mut [f64]) {
     // Blocks of 16 channels, then of 8, each summed down all rows with its sums in registers (a
     // loop over all `C` sums kept in memory waits on a load and a store per value), then the rest.
     // Every sum adds its column's values in row order, from zero, then into `out`.
     let c = out.len();
     let (sixteens, eights) = (c / 16 * 16, c / 8 * 8);
     for first in (0..sixteens).step_by(16) {
-        sum_block::<16>(data, c, first, &mut out[first..first + 16]);
+        sum_block::<V, 16>(data, c, first, &mut out[first..first + 16]);
     }
     for first in (sixteens..eights).step_by(8) {
-        sum_block::<8>(data, c, first, &mut out[first..first + 8]);
+        sum_block::<V, 8>(data, c, first, &mut out[first..first + 8]);
     }
     if eights < c {
         let mut lanes = [0f64; 8]; // fewer than 8 channels left: one more pass over the rows
         for row in data.chunks_exact(c) {
             for (lane, &v) in lanes.iter_mut().zip(&row[eights..]) {
-                *lane += v as f64;
+                *lane += v.value() as f64;
             }
         }
         for (sum, lane) in out[eights..].iter_mut().zip(lanes) {
@@ -119,12 +127,12 @@ fn sum_rows_portable(data: &[f32], out: &mut [f64]) {
 
 /// `sums[i] += sum over rows of data[row * c + first + i]`, `i < B`.
 #[inline(always)]
-fn sum_block<const B: usize>(data: &[f32], c: usize, first: usize, sums: &mut [f64]) {
+fn sum_block<V: Value, const B: usize>(data: &[V], c: usize, first: usize, sums: &mut [f64]) {
     let mut lanes = [0f64; B];
     for row in data.chunks_exact(c) {
-        let values: &[f32; B] = row[first..first + B].try_into().expect("B channels");
+        let values: &[V; B] = row[first..first + B].try_into().expect("B channels");
         for (lane, &v) in lanes.iter_mut().zip(values) {
-            *lane += v as f64;
+            *lane += v.value() as f64;
         }
     }
     for (sum, lane) in sums.iter_mut().zip(lanes) {
@@ -183,6 +191,19 @@ mod tests {
         }
     }
 
+    /// bf16 parts (the native bf16 form's branches) beside fp32 ones: the means of their exact values,
+    /// as of the same values held in fp32.
+    #[test]
+    fn bf16_parts_are_read_exactly() {
+        let y1 = channels_last([2, 64, 9, 9], 3.0);
+        let head = channels_last([2, 24, 9, 9], 0.0).to_kind(Kind::BFloat16);
+        let low = channels_last([2, 8, 9, 9], -3.0).to_kind(Kind::BFloat16);
+        let means = channel_means(&[&y1, &head, &low]).expect("fp32 and bf16 parts");
+        let (head32, low32) = (head.to_kind(Kind::Float), low.to_kind(Kind::Float));
+        assert!(super::super::channels_last_sru::is_channels_last(&head32));
+        assert!(means.equal(&channel_means(&[&y1, &head32, &low32]).unwrap()));
+    }
+
     /// The blocked sums add each column in row order from zero, as adding each row into zeroed sums
     /// does: the same bits, for every channel count (blocks of 16, of 8, and a rest of fewer).
     #[test]
@@ -208,7 +229,7 @@ mod tests {
         let cl = channels_last([1, 8, 4, 4], 0.0);
         let nchw = Tensor::randn([1, 8, 4, 4], (Kind::Float, Device::Cpu));
         assert!(channel_means(&[&cl, &nchw]).is_none());
-        assert!(channel_means(&[&cl.to_kind(Kind::BFloat16)]).is_none());
+        assert!(channel_means(&[&cl.to_kind(Kind::Double)]).is_none());
         let other_size = channels_last([1, 8, 2, 2], 0.0);
         assert!(channel_means(&[&cl, &other_size]).is_none());
         assert!(channel_means(&[&cl]).is_some());

@@ -51,6 +51,7 @@ mod branch_means;
 mod channel_means;
 mod channels_last_sru;
 mod conv;
+mod elements;
 mod f64_conv;
 mod ffi;
 mod fold;

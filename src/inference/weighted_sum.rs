@@ -12,6 +12,7 @@
 //! bf16 form). Runs where the CPU has AVX2 and FMA and every tensor is channels-last; the caller runs
 //! libtorch's passes otherwise.
 use super::channels_last_sru::{is_channels_last, is_channels_last_fp32};
+use super::elements::{bf16_bits, Bf16, Value};
 use super::precision::Arithmetic;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
@@ -37,7 +38,14 @@ pub(crate) fn weighted_sum_shift_add_relu(
         let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let kind = parts.low.kind();
         let read = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
-        let fits = is_channels_last_fp32(&parts.y1)
+        // Written in place, `y1` is fp32; read only (into a new bf16 tensor), fp32 or bf16.
+        let y1_fits = match (store, parts.y1.kind()) {
+            (Arithmetic::Bf16Native, Kind::BFloat16) => {
+                parts.y1.device() == Device::Cpu && is_channels_last(&parts.y1)
+            }
+            _ => is_channels_last_fp32(&parts.y1),
+        };
+        let fits = y1_fits
             && matches!(kind, Kind::Float | Kind::BFloat16)
             && read(&parts.y2_head)
             && read(&parts.low)
@@ -51,11 +59,14 @@ pub(crate) fn weighted_sum_shift_add_relu(
         let weights: Vec<Tensor> = parts.split_weights().iter().map(|w| w.contiguous()).collect();
         let shift = shift.contiguous();
         let (w, shift) = ([&weights[0], &weights[1], &weights[2]], &shift);
-        // SAFETY: `kind` is the branches' and the residual's element type (checked above).
+        // SAFETY: `kind` is the branches' and the residual's element type, `y1`'s is its own, bf16
+        // only where the output is a new tensor (checked above).
         unsafe {
-            match kind {
-                Kind::BFloat16 => run::<Bf16>(parts, w, shift, residual, relu, store),
-                _ => run::<f32>(parts, w, shift, residual, relu, store),
+            match (kind, parts.y1.kind()) {
+                (Kind::BFloat16, Kind::BFloat16) => run::<Bf16, Bf16>(parts, w, shift, residual, relu, store),
+                (Kind::BFloat16, _) => run::<Bf16, f32>(parts, w, shift, residual, relu, store),
+                (_, Kind::BFloat16) => run::<f32, Bf16>(parts, w, shift, residual, relu, store),
+                _ => run::<f32, f32>(parts, w, shift, residual, relu, store),
             }
         }
     }
@@ -67,11 +78,11 @@ pub(crate) fn weighted_sum_shift_add_relu(
 }
 
 /// The pass over every position of `parts`, into the tensor `store` asks for (returned).
-/// SAFETY: the branches and the residual hold `V`s, every tensor is a dense channels-last CPU tensor
-/// of the sizes the pass reads, alive and unwritten by others until it returns; the CPU has AVX2 and
-/// FMA.
+/// SAFETY: the branches and the residual hold `V`s, `y1` holds `Y`s (fp32 unless `store` is native
+/// bf16), every tensor is a dense channels-last CPU tensor of the sizes the pass reads, alive and
+/// unwritten by others until it returns; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-unsafe fn run<V: Value>(
+unsafe fn run<V: Value, Y: Value>(
     parts: &FuseParts,
     w: [&Tensor; 3],
     shift: &Tensor,
@@ -98,7 +109,7 @@ unsafe fn run<V: Value>(
         }
         _ => parts.y1.shallow_clone(),
     };
-    let (y1, into) = (values::<f32>(&parts.y1), SharedOut(out.data_ptr() as *mut u16));
+    let (y1, into) = (values::<Y>(&parts.y1), SharedOut(out.data_ptr() as *mut u16));
     let in_place = SharedOut(parts.y1.data_ptr() as *mut f32);
     let chunk = (TASK_ELEMENTS / c).max(1);
     let chunks = positions.div_ceil(chunk);
@@ -124,48 +135,6 @@ unsafe fn run<V: Value>(
         }
     });
     Some(out)
-}
-
-/// A branch's or the residual's stored element: fp32, or bf16's bits.
-trait Value: Copy + Sync {
-    /// Zero, for the residual where there is none.
-    const ZERO: Self;
-    /// The element as an fp32 value (exact).
-    fn value(self) -> f32;
-}
-
-impl Value for f32 {
-    const ZERO: f32 = 0.0;
-    #[inline(always)]
-    fn value(self) -> f32 {
-        self
-    }
-}
-
-/// A bf16 element's bits, as libtorch stores them.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Bf16(u16);
-
-impl Value for Bf16 {
-    const ZERO: Bf16 = Bf16(0);
-    #[inline(always)]
-    fn value(self) -> f32 {
-        f32::from_bits((self.0 as u32) << 16)
-    }
-}
-
-/// `v` rounded to the nearest bf16 (ties to even) as libtorch's `to(bf16)` rounds it; a NaN becomes
-/// a quiet NaN (libtorch's NaN bits differ between its scalar and vector code: only NaN-ness is kept).
-#[inline(always)]
-fn bf16_bits(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-    if v.is_nan() {
-        0x7fc0
-    } else {
-        rounded as u16
-    }
 }
 
 /// Where a stretch of the result goes, and where its `Y1` values come from.
@@ -203,20 +172,20 @@ impl<const ROUND: bool> Out for InPlace<'_, ROUND> {
     }
 }
 
-/// Into a bf16 tensor's elements, from `Y1`'s fp32 values (the native bf16 form).
-struct IntoBf16<'a> {
-    y1: &'a [f32],
+/// Into a bf16 tensor's elements, from `Y1`'s values (the native bf16 form).
+struct IntoBf16<'a, Y> {
+    y1: &'a [Y],
     out: &'a mut [u16],
 }
 
-impl Out for IntoBf16<'_> {
+impl<Y: Value> Out for IntoBf16<'_, Y> {
     #[inline(always)]
     fn len(&self) -> usize {
         self.out.len()
     }
     #[inline(always)]
     fn y1(&self, i: usize) -> f32 {
-        self.y1[i]
+        self.y1[i].value()
     }
     #[inline(always)]
     fn put(&mut self, i: usize, v: f32) {
@@ -322,7 +291,6 @@ unsafe fn positions_avx2_fma<V: Value, O: Out>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::round_to_bf16;
 
     fn nhwc(size: [i64; 4]) -> Tensor {
         let [n, c, h, w] = size;
@@ -354,10 +322,11 @@ mod tests {
         }
     }
 
-    /// `p`'s branches as bf16 tensors (channels-last kept).
-    fn bf16_branches(p: &FuseParts) -> FuseParts {
+    /// `p`'s branches as bf16 tensors (channels-last kept), and `y1` too where `y1_too`.
+    fn bf16_branches(p: &FuseParts, y1_too: bool) -> FuseParts {
         let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
-        FuseParts { y2_head: bf16(&p.y2_head), low: bf16(&p.low), ..copy(p) }
+        let y1 = if y1_too { bf16(&p.y1) } else { copy(p).y1 };
+        FuseParts { y1, y2_head: bf16(&p.y2_head), low: bf16(&p.low), weights: p.weights.shallow_clone() }
     }
 
     /// Bit for bit, NaN-ness for NaNs (libtorch's own NaN bits, sign included, differ by code path),
@@ -375,7 +344,7 @@ mod tests {
     /// The one pass gives libtorch's passes' bits (weighted sum, `+= shift`, `+= residual`, `relu_`,
     /// the form's store), NaN and signed zeros included, with and without residual and ReLU, in each
     /// arithmetic: fp32; bf16 emulated (fp32 tensors, rounded); native bf16 (bf16 branches and
-    /// residual, a bf16 output).
+    /// residual, `Y1` fp32 or bf16, a bf16 output).
     #[test]
     fn one_pass_is_libtorchs_passes_bit_for_bit() {
         let fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
@@ -383,11 +352,13 @@ mod tests {
         for (n, c, head, hw) in [(2, 64, 48, 9), (3, 32, 24, 5), (1, 128, 96, 4)] {
             let shift = Tensor::randn([1, c, 1, 1], (Kind::Float, Device::Cpu));
             for (with_residual, relu) in [(true, true), (false, true), (true, false)] {
-                for store in [Arithmetic::Fp32, emulated.clone(), Arithmetic::Bf16Native] {
-                    let native = store == Arithmetic::Bf16Native;
-                    let p = match native {
-                        true => bf16_branches(&parts(n, c, head, hw)),
-                        false => parts(n, c, head, hw),
+                let native = [(Arithmetic::Bf16Native, false), (Arithmetic::Bf16Native, true)];
+                for (store, bf16_y1) in
+                    [(Arithmetic::Fp32, false), (emulated.clone(), false)].into_iter().chain(native)
+                {
+                    let p = match store {
+                        Arithmetic::Bf16Native => bf16_branches(&parts(n, c, head, hw), bf16_y1),
+                        _ => parts(n, c, head, hw),
                     };
                     let residual = with_residual.then(|| nhwc([n, c, hw, hw]).to_kind(p.low.kind()));
                     let expected = tch::no_grad(|| {
@@ -403,8 +374,9 @@ mod tests {
                     let out = tch::no_grad(|| {
                         weighted_sum_shift_add_relu(&p, &shift, residual.as_ref(), relu, &store)
                     });
+                    let (name, tail) = (store.name(), if bf16_y1 { ", bf16 y1" } else { "" });
                     let what =
-                        format!("{n} {c} {head} {hw} residual {with_residual} relu {relu} {}", store.name());
+                        format!("{n} {c} {head} {hw} residual {with_residual} relu {relu} {name}{tail}");
                     match out {
                         Some(out) => assert_same(&out, &expected, &what),
                         None => assert!(!fma, "runs on every CPU with AVX2 and FMA: {what}"),
@@ -412,37 +384,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// The rounding to bf16 is libtorch's on the values where rounding is delicate: ties (to even),
-    /// just past them, the largest finite values (to infinity), infinities, subnormals, NaN.
-    #[test]
-    fn bf16_rounding_is_libtorchs() {
-        let bits: [u32; 14] = [
-            0x3f80_8000,
-            0x3f81_8000,
-            0x3f80_8001,
-            0x3f80_7fff,
-            0x7f7f_ffff,
-            0xff7f_ffff,
-            0x7f80_0000,
-            0xff80_0000,
-            0x0000_8000,
-            0x0001_8000,
-            0x8000_0001,
-            0x0000_0000,
-            0x8000_0000,
-            0x4049_0fdb,
-        ];
-        let values: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-        let libtorch = Tensor::from_slice(&values).to_kind(Kind::BFloat16).to_kind(Kind::Float);
-        let libtorch = Vec::<f32>::try_from(&libtorch).unwrap();
-        for (v, expected) in values.iter().zip(libtorch) {
-            let ours = f32::from_bits((bf16_bits(*v) as u32) << 16);
-            assert_eq!(ours.to_bits(), expected.to_bits(), "{v:e} ({:#010x})", v.to_bits());
-        }
-        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
-        assert!(round_to_bf16(&Tensor::from_slice(&[f32::NAN])).isnan().all().int64_value(&[]) == 1);
     }
 
     #[test]
