@@ -59,6 +59,7 @@ mod fused_squeeze;
 mod head;
 mod network;
 mod onednn;
+mod pooled_weighted_sum;
 mod precision;
 mod scconv_step;
 mod weighted_sum;

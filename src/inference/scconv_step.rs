@@ -11,6 +11,7 @@ use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::fused_squeeze::FusedSqueezes;
+use super::pooled_weighted_sum::weighted_sum_pool_shift_add_relu;
 use super::precision::{as_fp32, Arithmetic};
 use super::weighted_sum::weighted_sum_shift_add_relu;
 use crate::error::ScConvError;
@@ -289,17 +290,23 @@ impl<'a> ScConvStep<'a> {
         scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
     }
 
-    /// The weighted sum, shift, residual add, ReLU and the step's store as one pass (`weighted_sum`),
-    /// where this step runs them in place with no pool between; `None` where it does not (or the pass
-    /// cannot).
+    /// The weighted sum, its pool where the step pools, the shift, residual add, ReLU and the step's
+    /// store as one pass (`weighted_sum`, `pooled_weighted_sum`), where this step runs them in place;
+    /// `None` where it does not (or the pass cannot).
     fn fused_weighted_sum(&self, parts: &FuseParts, residual: Option<&Tensor>) -> Option<Tensor> {
         let (_, shift) = self.folded.as_ref()?;
-        if self.pool || !self.fused {
+        if !self.fused {
             return None;
         }
-        scope("CRU fuse: weighted sum, shift, add, ReLU (one pass)", || {
-            weighted_sum_shift_add_relu(parts, shift, residual, self.relu, &self.arithmetic)
-        })
+        let (relu, store) = (self.relu, &self.arithmetic);
+        match self.pool {
+            true => scope("CRU fuse: weighted sum, pool, shift, add, ReLU (one pass)", || {
+                weighted_sum_pool_shift_add_relu(parts, shift, residual, relu, store)
+            }),
+            false => scope("CRU fuse: weighted sum, shift, add, ReLU (one pass)", || {
+                weighted_sum_shift_add_relu(parts, shift, residual, relu, store)
+            }),
+        }
     }
 
     /// `relu(bn(pool(y)) [+ residual])` on the ScConv's output, stored as the step stores values.
@@ -346,13 +353,16 @@ mod tests {
         x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
     }
 
-    /// The channels-last step (its SRU kernel, the CRU on NHWC halves, the weighted sum with shift,
-    /// residual add and ReLU in one pass), and with the squeezes fused into its SRU, against the NCHW
-    /// step and the reference mode, the reference's decisions given to all: within the fast path's
-    /// fp32 tolerance; and its own decisions are the ones it reports.
+    /// The channels-last step (its SRU kernel, the CRU on NHWC halves, the weighted sum with its pool
+    /// where it pools, shift, residual add and ReLU in one pass), and with the squeezes fused into its
+    /// SRU, against the NCHW step and the reference mode, the reference's decisions given to all, with
+    /// and without the 2x2 pool: within the fast path's fp32 tolerance; and its own decisions are the
+    /// ones it reports.
     #[test]
     fn the_channels_last_step_is_the_reference_block_with_the_same_decisions() {
-        for config in [ScConvConfig::new(64), ScConvConfig::for_variant(32, Variant::V20230912)] {
+        let cases =
+            [(ScConvConfig::new(64), false), (ScConvConfig::for_variant(32, Variant::V20230912), false)];
+        for (config, pool) in cases.into_iter().chain([(ScConvConfig::new(32), true)]) {
             let vs = VarStore::new(Device::Cpu);
             let mut model = scconv(vs.root() / "sc", &config).unwrap();
             tch::no_grad(|| model.SRU.gn.gamma.copy_(&Tensor::randn_like(&model.SRU.gn.gamma)));
@@ -360,16 +370,18 @@ mod tests {
             let params = || BatchNormParams::of(&bn, crate::models::blocks::BATCHNORM_EPS);
             let size = [2, config.op_channel, 14, 14];
             let x = channels_last(&Tensor::randn(size, (Kind::Float, Device::Cpu)));
-            let residual = channels_last(&Tensor::randn(size, (Kind::Float, Device::Cpu)));
+            let pooled = if pool { [2, config.op_channel, 7, 7] } else { size };
+            let residual = channels_last(&Tensor::randn(pooled, (Kind::Float, Device::Cpu)));
             let decisions = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions);
             let reference = tch::no_grad(|| {
                 let y = model.CRU.forward(&model.SRU.forward_with_decisions(&x.contiguous(), &decisions));
+                let y = if pool { y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None) } else { y };
                 (y.apply_t(&bn, false) + &residual).relu()
             });
             let mut steps = Vec::new();
             for passes in [0, 1, 2] {
                 let (layout_pass, fused_squeezes) = (passes >= 1, passes == 2);
-                let mut step = ScConvStep::new(&model, "sc", false, params(), true).unwrap();
+                let mut step = ScConvStep::new(&model, "sc", pool, params(), true).unwrap();
                 step.fold();
                 step.fuse().unwrap();
                 if crate::inference::shim_built() {

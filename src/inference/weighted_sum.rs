@@ -265,16 +265,34 @@ fn segment<V: Value, O: Out, const RESIDUAL: bool, const RELU: bool>(
     let n = out.len();
     let (branch, w0, w, shift, residual) = (&branch[..n], &w0[..n], &w[..n], &shift[..n], &residual[..n]);
     for ch in 0..n {
-        let mut t = branch[ch].value().mul_add(w[ch], out.y1(ch) * w0[ch]) + shift[ch];
-        if RESIDUAL {
-            t += residual[ch].value();
-        }
-        if RELU {
-            // libtorch's clamp_min(0): `0 > t ? 0 : t`, so NaN and -0 pass.
-            t = if 0.0 > t { 0.0 } else { t };
-        }
-        out.put(ch, t);
+        let t = weighted(out.y1(ch), w0[ch], branch[ch].value(), w[ch]);
+        out.put(ch, shift_add_relu::<RESIDUAL, RELU>(t, shift[ch], residual[ch].value()));
     }
+}
+
+/// `y1 * w0 + branch * w` as libtorch's weighted sum rounds it: `y1 * w0` rounded, then the branch
+/// added in one fused multiply-add (`addcmul_`).
+#[inline(always)]
+pub(super) fn weighted(y1: f32, w0: f32, branch: f32, w: f32) -> f32 {
+    branch.mul_add(w, y1 * w0)
+}
+
+/// `relu(t + shift [+ residual])`, each addition rounded, the ReLU as libtorch's `clamp_min(0)`.
+#[inline(always)]
+pub(super) fn shift_add_relu<const RESIDUAL: bool, const RELU: bool>(
+    t: f32,
+    shift: f32,
+    residual: f32,
+) -> f32 {
+    let mut t = t + shift;
+    if RESIDUAL {
+        t += residual;
+    }
+    if RELU {
+        // libtorch's clamp_min(0): `0 > t ? 0 : t`, so NaN and -0 pass.
+        t = if 0.0 > t { 0.0 } else { t };
+    }
+    t
 }
 
 #[cfg(target_arch = "x86_64")]
