@@ -11,6 +11,7 @@
 //!
 //! For the hard gate on the custom norm (2023-07-27, 2023-09-12/14 without `torch_gn`), as the CUDA
 //! kernels; other versions keep the fast path's NCHW step.
+use super::elements::{stored, Bf16Bits, Store, Stored, Value};
 use super::fused_squeeze::FusedSqueezes;
 use crate::config::Variant;
 use crate::error::ScConvError;
@@ -75,6 +76,15 @@ pub(crate) fn channels_last_fp32(x: &Tensor) -> Tensor {
     to_channels_last(&super::precision::as_fp32(x))
 }
 
+/// `x` as this kernel reads it: channels-last, in fp32 unless it is bf16 already (a copy only where
+/// it is neither).
+pub(crate) fn channels_last_input(x: &Tensor) -> Tensor {
+    match x.kind() {
+        Kind::BFloat16 => to_channels_last(x),
+        _ => channels_last_fp32(x),
+    }
+}
+
 /// The elements of `t` as fp32 values in its logical order (for the kernels' constants); `what` names
 /// them in the error.
 pub(crate) fn fp32_values(t: &Tensor, what: &str) -> Result<Vec<f32>, ScConvError> {
@@ -82,10 +92,10 @@ pub(crate) fn fp32_values(t: &Tensor, what: &str) -> Result<Vec<f32>, ScConvErro
         .map_err(|e| ScConvError::InvalidInput(format!("{what}: {e}")))
 }
 
-/// An uninitialised fp32 channels-last tensor of logical shape (N, C, H, W).
-fn empty_channels_last([n, c, h, w]: [usize; 4]) -> Tensor {
+/// An uninitialised channels-last tensor of logical shape (N, C, H, W).
+fn empty_channels_last([n, c, h, w]: [usize; 4], kind: Kind) -> Tensor {
     let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
-    Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (Kind::Float, Device::Cpu))
+    Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (kind, Device::Cpu))
 }
 
 impl ChannelsLastSru {
@@ -114,9 +124,10 @@ impl ChannelsLastSru {
         rule_of(sru) != Rule::SoftOnX && !sru.gn.torch_gn && sru.variant != Variant::V20231019
     }
 
-    /// The SRU of `x` (fp32, channels-last contiguous: `channels_last_fp32`) as the CRU's two squeeze
-    /// inputs `(up, low)`, channels-last; with `given` (an info mask of `x`'s shape) deciding in place of
-    /// the gate. With `squeezes`, those inputs squeezed (`fused_squeeze`): the squeeze convolutions'
+    /// The SRU of `x` (fp32 or bf16, channels-last contiguous: `channels_last_input`) as the CRU's two
+    /// squeeze inputs `(up, low)`, channels-last, fp32 or (`bf16`) rounded to bf16 as libtorch's
+    /// `to(bf16)` rounds; with `given` (an info mask of `x`'s shape) deciding in place of the gate.
+    /// With `squeezes` (fp32 only), those inputs squeezed (`fused_squeeze`): the squeeze convolutions'
     /// outputs instead.
     ///
     /// Written into `reuse` where it holds two tensors of the sizes needed that nothing else reads
@@ -128,6 +139,7 @@ impl ChannelsLastSru {
         given: Option<&Tensor>,
         squeezes: Option<&FusedSqueezes>,
         reuse: Option<(Tensor, Tensor)>,
+        bf16: bool,
     ) -> (Tensor, Tensor) {
         let [n, c, h, w] = dims(x);
         let gates = self.gates(x);
@@ -135,52 +147,88 @@ impl ChannelsLastSru {
             Some(s) => [s.up.outputs, s.low.outputs],
             None => [self.up_channel, c - self.up_channel],
         };
+        let kind = if bf16 && squeezes.is_none() { Kind::BFloat16 } else { Kind::Float };
         let sizes = channels.map(|channels| [n, channels, h, w]);
         let (up, low) = match reuse {
-            Some((up, low)) if [dims(&up), dims(&low)] == sizes => (up, low),
-            _ => (empty_channels_last(sizes[0]), empty_channels_last(sizes[1])),
+            Some((up, low)) if [dims(&up), dims(&low)] == sizes && up.kind() == kind => (up, low),
+            _ => (empty_channels_last(sizes[0], kind), empty_channels_last(sizes[1], kind)),
         };
         let given = given.map(|m| m.permute([0, 2, 3, 1]).to_kind(Kind::Uint8).contiguous());
         // SAFETY: `x`, `given`, `up` and `low` are contiguous CPU tensors of the sizes read, alive
         // until the end of this function; `up` and `low` are fresh or buffers no one reads meanwhile.
-        let (xs, mask) = unsafe { (elements::<f32>(x), given.as_ref().map(|m| elements::<u8>(m))) };
-        let out = Outputs {
-            up: SharedOut(up.data_ptr() as *mut f32),
-            low: SharedOut(low.data_ptr() as *mut f32),
-            channels,
-            squeezes,
-        };
-        let rows = Rows {
-            xs,
-            gates: GateArrays::of(&gates),
-            mask: mask.unwrap_or(&[]),
-            channels: c,
-            positions: h * w,
-            up_channel: self.up_channel,
-        };
-        match (self.rule == Rule::MasksOnGnX, mask.is_some()) {
-            (false, false) => rows.reconstruct::<ON_X, false>(n, &out),
-            (true, false) => rows.reconstruct::<ON_GN_X, false>(n, &out),
-            (false, true) => rows.reconstruct::<ON_X, true>(n, &out),
-            (true, true) => rows.reconstruct::<ON_GN_X, true>(n, &out),
+        let (xs, mask) = unsafe { (stored(x), given.as_ref().map(|m| elements::<u8>(m))) };
+        let gates = GateArrays::of(&gates);
+        let (mask, positions) = (mask.unwrap_or(&[]), h * w);
+        let up_channel = self.up_channel;
+        match xs.expect("an fp32 or bf16 input (channels_last_input)") {
+            Stored::F32(xs) => {
+                let rows = Rows { xs, gates, mask, channels: c, positions, up_channel };
+                self.reconstruct_into(&rows, n, (&up, &low), channels, squeezes)
+            }
+            Stored::Bf16(xs) => {
+                let rows = Rows { xs, gates, mask, channels: c, positions, up_channel };
+                self.reconstruct_into(&rows, n, (&up, &low), channels, squeezes)
+            }
         }
         (up, low)
+    }
+
+    /// `rows` reconstructed into `up` and `low` as their kind stores values (fp32 or bf16).
+    fn reconstruct_into<X: Value>(
+        &self,
+        rows: &Rows<X>,
+        n: usize,
+        (up, low): (&Tensor, &Tensor),
+        channels: [usize; 2],
+        squeezes: Option<&FusedSqueezes>,
+    ) {
+        match up.kind() {
+            Kind::BFloat16 => {
+                let out = Outputs::<Bf16Bits> {
+                    up: SharedOut(up.data_ptr() as *mut u16),
+                    low: SharedOut(low.data_ptr() as *mut u16),
+                    channels,
+                    squeezes: None,
+                };
+                self.reconstruct_by_rule(rows, n, &out)
+            }
+            _ => {
+                let out = Outputs::<f32> {
+                    up: SharedOut(up.data_ptr() as *mut f32),
+                    low: SharedOut(low.data_ptr() as *mut f32),
+                    channels,
+                    squeezes,
+                };
+                self.reconstruct_by_rule(rows, n, &out)
+            }
+        }
+    }
+
+    fn reconstruct_by_rule<X: Value, S: Store>(&self, rows: &Rows<X>, n: usize, out: &Outputs<S>)
+    where
+        S::Elem: Send,
+    {
+        match (self.rule == Rule::MasksOnGnX, !rows.mask.is_empty()) {
+            (false, false) => rows.reconstruct::<S, ON_X, false>(n, out),
+            (true, false) => rows.reconstruct::<S, ON_GN_X, false>(n, out),
+            (false, true) => rows.reconstruct::<S, ON_X, true>(n, out),
+            (true, true) => rows.reconstruct::<S, ON_GN_X, true>(n, out),
+        }
     }
 
     /// The informative mask this kernel decides on `x` (bool, `x`'s logical shape).
     pub(crate) fn info_mask(&self, x: &Tensor) -> Tensor {
         let [n, c, h, w] = dims(x);
         let gates = self.gates(x);
+        let decide = |i: usize, v: f32| {
+            let (sample, channel) = (i / (h * w * c), i % c);
+            gates[sample * c + channel].informative(self.rule, false, v, 0.0) as u8
+        };
         // SAFETY: as in `forward`, for reading only.
-        let xs = unsafe { elements::<f32>(x) };
-        let mask: Vec<u8> = xs
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| {
-                let (sample, channel) = (i / (h * w * c), i % c);
-                gates[sample * c + channel].informative(self.rule, false, v, 0.0) as u8
-            })
-            .collect();
+        let mask: Vec<u8> = match unsafe { stored(x) }.expect("an fp32 or bf16 input") {
+            Stored::F32(xs) => xs.iter().enumerate().map(|(i, v)| decide(i, v.value())).collect(),
+            Stored::Bf16(xs) => xs.iter().enumerate().map(|(i, v)| decide(i, v.value())).collect(),
+        };
         let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
         Tensor::from_slice(&mask).view([n, h, w, c]).permute([0, 3, 1, 2]).to_kind(Kind::Bool)
     }
@@ -189,8 +237,10 @@ impl ChannelsLastSru {
     fn gates(&self, x: &Tensor) -> Vec<ChannelGate> {
         let [n, c, h, w] = dims(x);
         // SAFETY: as in `forward`, for reading only.
-        let xs = unsafe { elements::<f32>(x) };
-        let (mean, denom) = self.statistics(xs, n, c, h * w);
+        let (mean, denom) = match unsafe { stored(x) }.expect("an fp32 or bf16 input") {
+            Stored::F32(xs) => self.statistics(xs, n, c, h * w),
+            Stored::Bf16(xs) => self.statistics(xs, n, c, h * w),
+        };
         let constants = GateConstants {
             w_gamma: self.w_gamma.clone(),
             threshold: self.threshold,
@@ -207,11 +257,11 @@ impl ChannelsLastSru {
 
     /// `mean` and `std + eps` (unbiased, as the reference's `std`) of each (sample, group), row-major
     /// `(N, G)`, from channels-last `xs`.
-    fn statistics(&self, xs: &[f32], n: usize, c: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    fn statistics<X: Value>(&self, xs: &[X], n: usize, c: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
         let (groups, per_group) = (self.groups, c / self.groups);
         // The shift of every channel: its group's first value in the sample.
         let shift: Vec<f64> = (0..n * c)
-            .map(|i| f64::from(xs[(i / c) * positions * c + (i % c) / per_group * per_group]))
+            .map(|i| f64::from(xs[(i / c) * positions * c + (i % c) / per_group * per_group].value()))
             .collect();
         let chunk = (TASK_ELEMENTS / c).max(1);
         let chunks = positions.div_ceil(chunk);
@@ -338,8 +388,8 @@ impl<'a> GateSlice<'a> {
 }
 
 /// The gate pass's inputs: channels-last `xs`, the gates, and the given decisions (`GIVEN`).
-struct Rows<'a> {
-    xs: &'a [f32],
+struct Rows<'a, X> {
+    xs: &'a [X],
     gates: GateArrays,
     mask: &'a [u8],
     channels: usize,
@@ -347,11 +397,11 @@ struct Rows<'a> {
     up_channel: usize,
 }
 
-/// Where the gate pass writes: `up` and `low` (channels-last, `channels` each a position), squeezed
-/// by `squeezes` where given.
-struct Outputs<'a> {
-    up: SharedOut,
-    low: SharedOut,
+/// Where the gate pass writes: `up` and `low` (channels-last, `channels` each a position, stored by
+/// `S`), squeezed by `squeezes` where given (fp32 only).
+struct Outputs<'a, S: Store> {
+    up: SharedOut<S::Elem>,
+    low: SharedOut<S::Elem>,
     channels: [usize; 2],
     squeezes: Option<&'a FusedSqueezes>,
 }
@@ -362,12 +412,15 @@ struct Outputs<'a> {
 /// other shapes.
 const SQUEEZE_SCRATCH: usize = 1 << 12;
 
-impl Rows<'_> {
+impl<X: Value> Rows<'_, X> {
     /// `[x_11 + x_22, x_12 + x_21]` at every position, written as `up` (the first `up_channel`
     /// channels) and `low` (the rest), or squeezed (`out.squeezes`): `(x_1, x_2)` of each element by
     /// `RULE`'s gate, or by the decision `mask` gives (`GIVEN`). Tasks are (sample, chunk of
     /// positions), on libtorch's threads.
-    fn reconstruct<const RULE: u8, const GIVEN: bool>(&self, n: usize, out: &Outputs) {
+    fn reconstruct<S: Store, const RULE: u8, const GIVEN: bool>(&self, n: usize, out: &Outputs<S>)
+    where
+        S::Elem: Send,
+    {
         let (c, positions) = (self.channels, self.positions);
         let chunk = (TASK_ELEMENTS / c).max(1);
         let chunks = positions.div_ceil(chunk);
@@ -383,21 +436,25 @@ impl Rows<'_> {
                     (out.up.slice(from * up, (to - from) * up), out.low.slice(from * low, (to - from) * low))
                 };
                 match out.squeezes {
-                    None => self.rows_into::<RULE, GIVEN>(sample, from, to, up, low),
-                    Some(squeezes) => self.rows_squeezed::<RULE, GIVEN>(sample, from, to, squeezes, up, low),
+                    Some(squeezes) => {
+                        let fp32 = (S::as_fp32(up), S::as_fp32(low));
+                        let (Some(up), Some(low)) = fp32 else { unreachable!("fused squeezes write fp32") };
+                        self.rows_squeezed::<RULE, GIVEN>(sample, from, to, squeezes, up, low)
+                    }
+                    None => self.rows_into::<S, RULE, GIVEN>(sample, from, to, up, low),
                 }
             }
         });
     }
 
     /// Positions `[from, to)` of sample `sample` into `up` and `low` (their rows).
-    fn rows_into<const RULE: u8, const GIVEN: bool>(
+    fn rows_into<S: Store, const RULE: u8, const GIVEN: bool>(
         &self,
         sample: usize,
         from: usize,
         to: usize,
-        up: &mut [f32],
-        low: &mut [f32],
+        up: &mut [S::Elem],
+        low: &mut [S::Elem],
     ) {
         let (c, half) = (self.channels, self.channels / 2);
         let halves = (self.gates.slice(sample * c, half), self.gates.slice(sample * c + half, half));
@@ -406,9 +463,9 @@ impl Rows<'_> {
         #[cfg(target_arch = "x86_64")]
         if avx2() {
             // SAFETY: the CPU has AVX2.
-            return unsafe { reconstruct_rows_avx2::<RULE, GIVEN>(xs, mask, &halves, up, low) };
+            return unsafe { reconstruct_rows_avx2::<X, S, RULE, GIVEN>(xs, mask, &halves, up, low) };
         }
-        reconstruct_rows::<RULE, GIVEN>(xs, mask, &halves, up, low);
+        reconstruct_rows::<X, S, RULE, GIVEN>(xs, mask, &halves, up, low);
     }
 
     /// As `rows_into`, a few positions at a time into a scratch that stays in the cache, squeezed from
@@ -430,7 +487,7 @@ impl Rows<'_> {
             let end = (start + step).min(to);
             let rows = end - start;
             let (rows_up, rows_low) = scratch[..rows * c].split_at_mut(rows * cup);
-            self.rows_into::<RULE, GIVEN>(sample, start, end, rows_up, rows_low);
+            self.rows_into::<f32, RULE, GIVEN>(sample, start, end, rows_up, rows_low);
             let at = start - from;
             squeezes.up.apply(rows_up, &mut up[at * s_up..][..rows * s_up]);
             squeezes.low.apply(rows_low, &mut low[at * s_low..][..rows * s_low]);
@@ -448,13 +505,13 @@ fn avx2() -> bool {
 /// Each channel's sums of `x - shift` and `(x - shift)^2` over channels-last `rows`, added into
 /// `sums` (`[s1; c]` then `[s2; c]`).
 #[inline(always)]
-fn shifted_sums(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
+fn shifted_sums<X: Value>(rows: &[X], shift: &[f64], sums: &mut [f64]) {
     let c = shift.len();
     let (s1, s2) = sums.split_at_mut(c);
     let (s1, s2) = (&mut s1[..c], &mut s2[..c]);
     for row in rows.chunks_exact(c) {
         for ch in 0..c {
-            let d = f64::from(row[ch]) - shift[ch];
+            let d = f64::from(row[ch].value()) - shift[ch];
             s1[ch] += d;
             s2[ch] += d * d;
         }
@@ -463,7 +520,7 @@ fn shifted_sums(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn shifted_sums_avx2(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
+unsafe fn shifted_sums_avx2<X: Value>(rows: &[X], shift: &[f64], sums: &mut [f64]) {
     shifted_sums(rows, shift, sums)
 }
 
@@ -471,24 +528,24 @@ unsafe fn shifted_sums_avx2(rows: &[f32], shift: &[f64], sums: &mut [f64]) {
 /// channels: `[x_11 + x_22, x_12 + x_21]` at each position, its first `up.len() / positions` channels
 /// into `up`, the rest into `low`.
 #[inline(always)]
-fn reconstruct_rows<const RULE: u8, const GIVEN: bool>(
-    xs: &[f32],
+fn reconstruct_rows<X: Value, S: Store, const RULE: u8, const GIVEN: bool>(
+    xs: &[X],
     mask: &[u8],
     (lo, hi): &(GateSlice, GateSlice),
-    up: &mut [f32],
-    low: &mut [f32],
+    up: &mut [S::Elem],
+    low: &mut [S::Elem],
 ) {
     let half = lo.mean.len();
     let c = 2 * half;
     let positions = xs.len() / c;
     let cup = up.len() / positions.max(1);
     if cup == half && !GIVEN {
-        return reconstruct_blocks::<RULE>(xs, lo, hi, up, low);
+        return reconstruct_blocks::<X, S, RULE>(xs, lo, hi, up, low);
     }
     if cup == half {
         // The CRU splits where the reconstruction does (alpha = 1/2, the default): straight into both.
         for p in 0..positions {
-            reconstruct_row::<RULE, GIVEN>(
+            reconstruct_row::<X, S, RULE, GIVEN>(
                 &xs[p * c..][..c],
                 mask_row(mask, p, c),
                 (lo, hi),
@@ -501,9 +558,20 @@ fn reconstruct_rows<const RULE: u8, const GIVEN: bool>(
     let mut row_out = vec![0.0f32; c];
     for p in 0..positions {
         let (out_lo, out_hi) = row_out.split_at_mut(half);
-        reconstruct_row::<RULE, GIVEN>(&xs[p * c..][..c], mask_row(mask, p, c), (lo, hi), out_lo, out_hi);
-        up[p * cup..][..cup].copy_from_slice(&row_out[..cup]);
-        low[p * (c - cup)..][..c - cup].copy_from_slice(&row_out[cup..]);
+        reconstruct_row::<X, f32, RULE, GIVEN>(
+            &xs[p * c..][..c],
+            mask_row(mask, p, c),
+            (lo, hi),
+            out_lo,
+            out_hi,
+        );
+        let (row_up, row_low) = row_out.split_at(cup);
+        for (o, &v) in up[p * cup..][..cup].iter_mut().zip(row_up) {
+            *o = S::put(v);
+        }
+        for (o, &v) in low[p * (c - cup)..][..c - cup].iter_mut().zip(row_low) {
+            *o = S::put(v);
+        }
     }
 }
 
@@ -516,12 +584,12 @@ fn mask_row(mask: &[u8], p: usize, c: usize) -> &[u8] {
 /// One position: channels-last `x` (C values), its output channels `[0, C/2)` into `out_lo` and
 /// `[C/2, C)` into `out_hi`. (A function, not a closure: closures do not inherit `target_feature`.)
 #[inline(always)]
-fn reconstruct_row<const RULE: u8, const GIVEN: bool>(
-    x: &[f32],
+fn reconstruct_row<X: Value, S: Store, const RULE: u8, const GIVEN: bool>(
+    x: &[X],
     mask: &[u8],
     (lo, hi): (&GateSlice, &GateSlice),
-    out_lo: &mut [f32],
-    out_hi: &mut [f32],
+    out_lo: &mut [S::Elem],
+    out_hi: &mut [S::Elem],
 ) {
     let half = lo.mean.len();
     let (x_lo, x_hi) = (&x[..half], &x[half..][..half]);
@@ -529,17 +597,17 @@ fn reconstruct_row<const RULE: u8, const GIVEN: bool>(
     if GIVEN {
         let (m_lo, m_hi) = (&mask[..half], &mask[half..][..half]);
         for ch in 0..half {
-            let (kept_a, passed_a) = lo.gate(ch).parts_decided::<RULE>(x_lo[ch], m_lo[ch] != 0);
-            let (kept_b, passed_b) = hi.gate(ch).parts_decided::<RULE>(x_hi[ch], m_hi[ch] != 0);
-            out_lo[ch] = kept_a + passed_b;
-            out_hi[ch] = kept_b + passed_a;
+            let (kept_a, passed_a) = lo.gate(ch).parts_decided::<RULE>(x_lo[ch].value(), m_lo[ch] != 0);
+            let (kept_b, passed_b) = hi.gate(ch).parts_decided::<RULE>(x_hi[ch].value(), m_hi[ch] != 0);
+            out_lo[ch] = S::put(kept_a + passed_b);
+            out_hi[ch] = S::put(kept_b + passed_a);
         }
     } else {
         for ch in 0..half {
-            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(x_lo[ch], 0.0);
-            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(x_hi[ch], 0.0);
-            out_lo[ch] = kept_a + passed_b;
-            out_hi[ch] = kept_b + passed_a;
+            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(x_lo[ch].value(), 0.0);
+            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(x_hi[ch].value(), 0.0);
+            out_lo[ch] = S::put(kept_a + passed_b);
+            out_hi[ch] = S::put(kept_b + passed_a);
         }
     }
 }
@@ -550,12 +618,12 @@ fn reconstruct_row<const RULE: u8, const GIVEN: bool>(
 /// channels a half, and each row paid the loops' set-up: 1.17 -> ~0.6 ms there, batch 8. The same
 /// operations per element as `reconstruct_row`, so the same bits.
 #[inline(always)]
-fn reconstruct_blocks<const RULE: u8>(
-    xs: &[f32],
+fn reconstruct_blocks<X: Value, S: Store, const RULE: u8>(
+    xs: &[X],
     lo: &GateSlice,
     hi: &GateSlice,
-    up: &mut [f32],
-    low: &mut [f32],
+    up: &mut [S::Elem],
+    low: &mut [S::Elem],
 ) {
     let half = lo.mean.len();
     let c = 2 * half;
@@ -566,15 +634,14 @@ fn reconstruct_blocks<const RULE: u8>(
         for p in 0..positions {
             let row = &xs[p * c..][..c];
             let (a, b) = (lanes(row, ch), lanes(row, half + ch));
-            let (mut y_lo, mut y_hi) = ([0.0; LANES], [0.0; LANES]);
+            let (y_lo, y_hi): (&mut [S::Elem; LANES], &mut [S::Elem; LANES]) =
+                (lanes_mut(up, p * half + ch), lanes_mut(low, p * half + ch));
             for i in 0..LANES {
-                let (kept_a, passed_a) = ga.gate(i).parts::<RULE, false>(a[i], 0.0);
-                let (kept_b, passed_b) = gb.gate(i).parts::<RULE, false>(b[i], 0.0);
-                y_lo[i] = kept_a + passed_b;
-                y_hi[i] = kept_b + passed_a;
+                let (kept_a, passed_a) = ga.gate(i).parts::<RULE, false>(a[i].value(), 0.0);
+                let (kept_b, passed_b) = gb.gate(i).parts::<RULE, false>(b[i].value(), 0.0);
+                y_lo[i] = S::put(kept_a + passed_b);
+                y_hi[i] = S::put(kept_b + passed_a);
             }
-            up[p * half + ch..][..LANES].copy_from_slice(&y_lo);
-            low[p * half + ch..][..LANES].copy_from_slice(&y_hi);
         }
     }
     if blocks == half {
@@ -583,10 +650,10 @@ fn reconstruct_blocks<const RULE: u8>(
     for p in 0..positions {
         let row = &xs[p * c..][..c];
         for ch in blocks..half {
-            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(row[ch], 0.0);
-            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(row[half + ch], 0.0);
-            up[p * half + ch] = kept_a + passed_b;
-            low[p * half + ch] = kept_b + passed_a;
+            let (kept_a, passed_a) = lo.gate(ch).parts::<RULE, false>(row[ch].value(), 0.0);
+            let (kept_b, passed_b) = hi.gate(ch).parts::<RULE, false>(row[half + ch].value(), 0.0);
+            up[p * half + ch] = S::put(kept_a + passed_b);
+            low[p * half + ch] = S::put(kept_b + passed_a);
         }
     }
 }
@@ -596,20 +663,26 @@ const LANES: usize = 8;
 
 /// `v[from..from + LANES]` as an array.
 #[inline(always)]
-fn lanes(v: &[f32], from: usize) -> &[f32; LANES] {
+fn lanes<T>(v: &[T], from: usize) -> &[T; LANES] {
     v[from..][..LANES].try_into().expect("a block")
+}
+
+/// `v[from..from + LANES]` as a mutable array.
+#[inline(always)]
+fn lanes_mut<T>(v: &mut [T], from: usize) -> &mut [T; LANES] {
+    (&mut v[from..][..LANES]).try_into().expect("a block")
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn reconstruct_rows_avx2<const RULE: u8, const GIVEN: bool>(
-    xs: &[f32],
+unsafe fn reconstruct_rows_avx2<X: Value, S: Store, const RULE: u8, const GIVEN: bool>(
+    xs: &[X],
     mask: &[u8],
     halves: &(GateSlice, GateSlice),
-    up: &mut [f32],
-    low: &mut [f32],
+    up: &mut [S::Elem],
+    low: &mut [S::Elem],
 ) {
-    reconstruct_rows::<RULE, GIVEN>(xs, mask, halves, up, low)
+    reconstruct_rows::<X, S, RULE, GIVEN>(xs, mask, halves, up, low)
 }
 
 #[cfg(test)]
@@ -670,7 +743,7 @@ mod tests {
             let std = Vec::<f32>::try_from(grouped.std_dim(2, true, false).flatten(0, -1)).unwrap();
             let xs = channels_last_fp32(&x);
             // SAFETY: `xs` is a contiguous fp32 CPU tensor alive for the call.
-            let (ours_mean, ours_denom) = kernel.statistics(unsafe { elements(&xs) }, 3, 64, 63);
+            let (ours_mean, ours_denom) = kernel.statistics(unsafe { elements::<f32>(&xs) }, 3, 64, 63);
             let eps = model.SRU.gn.eps as f32;
             for i in 0..mean.len() {
                 let close = |a: f32, b: f32| (a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1.0);
@@ -700,7 +773,8 @@ mod tests {
             let x = Tensor::randn([2, config.op_channel, 11, 6], (Kind::Float, Device::Cpu));
             let decisions = tch::no_grad(|| model.SRU.gate(&x).decisions);
             let reference = tch::no_grad(|| model.SRU.forward_with_decisions(&x, &decisions));
-            let (up, low) = kernel.forward(&channels_last_fp32(&x), Some(&decisions.info_mask), None, None);
+            let (up, low) =
+                kernel.forward(&channels_last_fp32(&x), Some(&decisions.info_mask), None, None, false);
             let split = reference.split_with_sizes([config.up_channel(), config.low_channel()], 1);
             for (ours, theirs) in [(&up, &split[0]), (&low, &split[1])] {
                 let diff = (ours - theirs).abs().max().double_value(&[]);
@@ -729,9 +803,9 @@ mod tests {
             let mask = kernel.info_mask(&x);
             let reference = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions.info_mask);
             assert!(mask.equal(&reference), "{config:?}");
-            let (up, low) = kernel.forward(&x, None, None, None);
+            let (up, low) = kernel.forward(&x, None, None, None, false);
             let (given_up, given_low) =
-                kernel.forward(&x, Some(&mask), None, Some((up.empty_like(), low.empty_like())));
+                kernel.forward(&x, Some(&mask), None, Some((up.empty_like(), low.empty_like())), false);
             assert!(up.equal(&given_up) && low.equal(&given_low), "{config:?}");
         }
     }
@@ -752,13 +826,14 @@ mod tests {
             ));
             let mask = kernel.info_mask(&x);
             for given in [None, Some(&mask)] {
-                let (up, low) = kernel.forward(&x, given, None, None);
-                let squeezed = kernel.forward(&x, given, Some(&squeezes), None);
+                let (up, low) = kernel.forward(&x, given, None, None, false);
+                let squeezed = kernel.forward(&x, given, Some(&squeezes), None, false);
                 let reused = kernel.forward(
                     &x,
                     given,
                     Some(&squeezes),
                     Some((squeezed.0.zeros_like(), squeezed.1.zeros_like())),
+                    false,
                 );
                 for (rows, kernel, ours, again) in [
                     (&up, &squeezes.up, &squeezed.0, &reused.0),
@@ -773,6 +848,41 @@ mod tests {
                     // SAFETY: as above.
                     assert_eq!(unsafe { elements::<f32>(ours) }, &expected[..], "{config:?}");
                     assert!(ours.equal(again), "{config:?}");
+                }
+            }
+        }
+    }
+
+    /// A bf16 `x` (the native bf16 form's) is read exactly and a bf16 output is the fp32 output rounded
+    /// as libtorch's `to(bf16)` rounds it: bit for bit what the fp32 kernel does on `x`'s fp32 copy
+    /// followed by the squeeze convolutions' cast, the same decisions, with and without given ones,
+    /// into reused buffers of either kind too.
+    #[test]
+    fn bf16_in_and_out_is_the_fp32_kernel_on_the_same_values() {
+        // Also a split off the halves (alpha 1/4): the row-by-row copy into `up` and `low`.
+        let quarter = ScConvConfig { alpha: 0.25, ..ScConvConfig::new(32) };
+        for config in configs().into_iter().chain([quarter]) {
+            let (_vs, _model, kernel) = sru_and_kernel(&config);
+            let x = Tensor::randn([2, config.op_channel, 9, 7], (Kind::Float, Device::Cpu)) * 3.0;
+            let bf16 = channels_last_input(&x.to_kind(Kind::BFloat16));
+            assert_eq!(bf16.kind(), Kind::BFloat16);
+            let fp32 = channels_last_fp32(&bf16);
+            let mask = kernel.info_mask(&fp32);
+            assert!(kernel.info_mask(&bf16).equal(&mask), "{config:?}: the same decisions");
+            for given in [None, Some(&mask)] {
+                let (up, low) = kernel.forward(&fp32, given, None, None, false);
+                for out_bf16 in [false, true] {
+                    let reuse = kernel.forward(&fp32, None, None, None, !out_bf16);
+                    for reuse in [None, Some(reuse)] {
+                        let (ours_up, ours_low) = kernel.forward(&bf16, given, None, reuse, out_bf16);
+                        for (ours, theirs) in [(&ours_up, &up), (&ours_low, &low)] {
+                            let expected =
+                                if out_bf16 { theirs.to_kind(Kind::BFloat16) } else { theirs.copy() };
+                            assert_eq!(ours.kind(), expected.kind(), "{config:?}");
+                            assert!(is_channels_last(ours), "{config:?}");
+                            assert!(ours.equal(&expected), "{config:?}, bf16 out {out_bf16}");
+                        }
+                    }
                 }
             }
         }
@@ -802,19 +912,19 @@ mod tests {
             (up, low)
         };
         let baseline_sums = sums(&|s| shifted_sums(xs, &shift, s));
-        let on_x = rows(&|u, l| reconstruct_rows::<ON_X, false>(xs, &[], &halves, u, l));
-        let on_gn_x = rows(&|u, l| reconstruct_rows::<ON_GN_X, false>(xs, &[], &halves, u, l));
+        let on_x = rows(&|u, l| reconstruct_rows::<f32, f32, ON_X, false>(xs, &[], &halves, u, l));
+        let on_gn_x = rows(&|u, l| reconstruct_rows::<f32, f32, ON_GN_X, false>(xs, &[], &halves, u, l));
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY (each call): only where the CPU has AVX2.
             if avx2() {
                 assert_eq!(baseline_sums, sums(&|s| unsafe { shifted_sums_avx2(xs, &shift, s) }));
                 let build = |u: &mut [f32], l: &mut [f32]| unsafe {
-                    reconstruct_rows_avx2::<ON_X, false>(xs, &[], &halves, u, l)
+                    reconstruct_rows_avx2::<f32, f32, ON_X, false>(xs, &[], &halves, u, l)
                 };
                 assert_eq!(on_x, rows(&build));
                 let build = |u: &mut [f32], l: &mut [f32]| unsafe {
-                    reconstruct_rows_avx2::<ON_GN_X, false>(xs, &[], &halves, u, l)
+                    reconstruct_rows_avx2::<f32, f32, ON_GN_X, false>(xs, &[], &halves, u, l)
                 };
                 assert_eq!(on_gn_x, rows(&build));
             }

@@ -44,6 +44,51 @@ pub(crate) fn bf16_bits(v: f32) -> u16 {
     }
 }
 
+/// How a result is stored: fp32; bf16 values in fp32 (the emulated bf16 form); bf16's bits.
+pub(crate) trait Store {
+    /// The element written.
+    type Elem;
+    /// `v` as stored.
+    fn put(v: f32) -> Self::Elem;
+    /// Elements written as plain fp32 values (fp32 stores only; `None` for the others).
+    fn as_fp32(_: &mut [Self::Elem]) -> Option<&mut [f32]> {
+        None
+    }
+}
+
+impl Store for f32 {
+    type Elem = f32;
+    #[inline(always)]
+    fn put(v: f32) -> f32 {
+        v
+    }
+    fn as_fp32(elements: &mut [f32]) -> Option<&mut [f32]> {
+        Some(elements)
+    }
+}
+
+/// bf16 values in fp32 elements (the emulated bf16 form).
+pub(crate) struct Bf16Values;
+
+impl Store for Bf16Values {
+    type Elem = f32;
+    #[inline(always)]
+    fn put(v: f32) -> f32 {
+        Bf16(bf16_bits(v)).value()
+    }
+}
+
+/// bf16 elements (the native bf16 form).
+pub(crate) struct Bf16Bits;
+
+impl Store for Bf16Bits {
+    type Elem = u16;
+    #[inline(always)]
+    fn put(v: f32) -> u16 {
+        bf16_bits(v)
+    }
+}
+
 /// A contiguous CPU tensor's elements as stored, fp32 or bf16; `None` for other kinds. SAFETY: the
 /// caller keeps `t` alive and unwritten while the slice is used.
 pub(crate) unsafe fn stored(t: &Tensor) -> Option<Stored<'_>> {

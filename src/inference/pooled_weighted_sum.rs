@@ -11,7 +11,7 @@
 //! as `avg_pool2d` without `ceil_mode` leaves it. Runs where the CPU has AVX2 and FMA and every tensor
 //! is channels-last; the caller runs libtorch's passes otherwise.
 use super::channels_last_sru::is_channels_last;
-use super::elements::{bf16_bits, Bf16, Value};
+use super::elements::{Bf16, Bf16Bits, Bf16Values, Store, Value};
 use super::precision::Arithmetic;
 use super::weighted_sum::{shift_add_relu, weighted};
 use crate::fast::sru_kernel::elements as values;
@@ -129,40 +129,6 @@ unsafe fn run<V: Value, Y: Value>(
         }
     });
     Some(out)
-}
-
-/// How a result is stored: fp32; bf16 values in fp32 (the emulated bf16 form); bf16's bits.
-trait Store {
-    type Elem;
-    fn put(v: f32) -> Self::Elem;
-}
-
-impl Store for f32 {
-    type Elem = f32;
-    #[inline(always)]
-    fn put(v: f32) -> f32 {
-        v
-    }
-}
-
-struct Bf16Values;
-
-impl Store for Bf16Values {
-    type Elem = f32;
-    #[inline(always)]
-    fn put(v: f32) -> f32 {
-        Bf16(bf16_bits(v)).value()
-    }
-}
-
-struct Bf16Bits;
-
-impl Store for Bf16Bits {
-    type Elem = u16;
-    #[inline(always)]
-    fn put(v: f32) -> u16 {
-        bf16_bits(v)
-    }
 }
 
 /// What the pass reads: `Y1`, the branches and the (pooled) residual channels-last, the weights
@@ -375,4 +341,3 @@ mod tests {
         assert!(weighted_sum_pool_shift_add_relu(&single, &shift, None, true, &Arithmetic::Fp32).is_none());
     }
 }
-

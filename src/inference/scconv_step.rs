@@ -6,7 +6,7 @@
 //! convolutions run in bf16 and everything else in fp32 on their bf16 values, the step's output
 //! stored in bf16 once (`precision`).
 use super::branch_means::BranchMeans;
-use super::channels_last_sru::{channels_last_fp32, ChannelsLastSru};
+use super::channels_last_sru::{channels_last_input, ChannelsLastSru};
 use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
@@ -220,10 +220,11 @@ impl<'a> ScConvStep<'a> {
         ChannelsLastSru::covers(&self.scconv.SRU)
     }
 
-    /// `x` as this step's SRU reads it: fp32, channels-last after the channels-last pass, else NCHW.
+    /// `x` as this step's SRU reads it: channels-last after the channels-last pass (fp32, or bf16 as
+    /// the bf16 form stores it), else NCHW fp32.
     pub(crate) fn input(&self, x: &Tensor) -> Tensor {
-        scope("ScConv step input (fp32, its layout)", || match self.channels_last {
-            Some(_) => channels_last_fp32(x),
+        scope("ScConv step input (its layout)", || match self.channels_last {
+            Some(_) => channels_last_input(x),
             None => as_fp32(x).contiguous(),
         })
     }
@@ -274,7 +275,9 @@ impl<'a> ScConvStep<'a> {
         let buffers = self.sru_buffers.take();
         let mask = given.map(|d| &d.info_mask);
         let squeezes = self.squeezes.as_ref();
-        let (up, low) = scope("SRU (channels-last)", || sru.forward(x, mask, squeezes, buffers));
+        // The native bf16 form's squeeze convolutions read bf16: the SRU rounds its output as they would.
+        let bf16 = self.arithmetic == Arithmetic::Bf16Native;
+        let (up, low) = scope("SRU (channels-last)", || sru.forward(x, mask, squeezes, buffers, bf16));
         let parts = match squeezes {
             Some(_) => {
                 self.scconv.CRU.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale)
