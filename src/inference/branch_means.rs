@@ -11,16 +11,23 @@
 //! once; libtorch (and `channel_means`) pool the convolutions' fp32-rounded outputs, each off by up to
 //! an ulp of its own size, so the two agree to a few fp32 ulps of the largest mean (more, relative
 //! to it, where a mean is small beside its values). A change of rounding, not of meaning:
-//! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 dense channels-last
-//! `up` and `low` (the fp32 channels-last step's); the caller pools the branches otherwise.
+//! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 or bf16 dense
+//! channels-last `up` and `low` (the channels-last step's); the caller pools the branches otherwise.
+//!
+//! In the bf16 forms the layers' weights and biases are rounded to bf16 first, as the form's
+//! convolutions round theirs, and the means are those of the bf16 convolutions' outputs before their
+//! rounding to bf16: each output rounded to bf16 moves by up to 2^-9 of itself, and pooling those
+//! moves averages them out, so the two differ far below a bf16 rounding of the mean (measured and
+//! reported where the forms' differences are: docs/speed.md).
 use super::channel_means::sum_rows;
-use super::channels_last_sru::is_channels_last_fp32;
+use super::channels_last_sru::is_channels_last;
+use super::elements::{stored, Stored, Value};
 use super::f64_conv::F64Conv;
-use crate::fast::sru_kernel::elements as values;
+use super::precision::round_to_bf16;
 use crate::fast::welford::SharedOut;
 use crate::inference::parallel_for;
 use std::ops::Range;
-use tch::{nn, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// The CRU's `GWC`, `PWC1` and `PWC2` as the fuse's pooling needs them.
 #[derive(Debug)]
@@ -31,15 +38,20 @@ pub(crate) struct BranchMeans {
 }
 
 impl BranchMeans {
-    /// From the CRU's layers (`group_size` groups in `GWC`); `None` where a layer is not a
-    /// same-size convolution of the squeezed halves (then the branches are pooled).
+    /// From the CRU's layers (`group_size` groups in `GWC`), their weights and biases rounded to bf16
+    /// where `bf16` (the bf16 forms' convolutions); `None` where a layer is not a same-size
+    /// convolution of the squeezed halves (then the branches are pooled).
     pub(crate) fn new(
         gwc: &nn::Conv2D,
         group_size: i64,
         pwc1: &nn::Conv2D,
         pwc2: &nn::Conv2D,
+        bf16: bool,
     ) -> Option<Self> {
-        let layer = |conv: &nn::Conv2D, groups| F64Conv::of(&conv.ws, conv.bs.as_ref(), groups);
+        let stored = |t: &Tensor| if bf16 { round_to_bf16(t) } else { t.shallow_clone() };
+        let layer = |conv: &nn::Conv2D, groups| {
+            F64Conv::of(&stored(&conv.ws), conv.bs.as_ref().map(stored).as_ref(), groups)
+        };
         let (gwc, pwc1, pwc2) = (layer(gwc, group_size)?, layer(pwc1, 1)?, layer(pwc2, 1)?);
         let fits = pwc1.kernel() == 1
             && pwc2.kernel() == 1
@@ -64,10 +76,16 @@ impl BranchMeans {
     }
 
     /// The means of `[Y1, PWC2(low), low]` side by side, `(N, C + C2 + C_low, 1, 1)` fp32, from the
-    /// squeezed `up` and `low`; `None` where they are not fp32 dense channels-last CPU tensors of
-    /// the layers' channels and one batch and size.
+    /// squeezed `up` and `low`; `None` where they are not fp32 or bf16 (both one kind) dense
+    /// channels-last CPU tensors of the layers' channels and one batch and size.
     pub(crate) fn means(&self, up: &Tensor, low: &Tensor) -> Option<Tensor> {
-        let fits = |t: &Tensor, channels: usize| is_channels_last_fp32(t) && t.size()[1] == channels as i64;
+        let fits = |t: &Tensor, channels: usize| {
+            matches!(t.kind(), Kind::Float | Kind::BFloat16)
+                && t.kind() == up.kind()
+                && t.device() == Device::Cpu
+                && is_channels_last(t)
+                && t.size()[1] == channels as i64
+        };
         let [n, _, h, w] = <[i64; 4]>::try_from(up.size()).ok()?;
         if !fits(up, self.gwc.inputs())
             || !fits(low, self.pwc2.inputs())
@@ -83,17 +101,27 @@ impl BranchMeans {
         let width = c + c2 + c_low;
         let mut means = vec![0f32; n * width];
         let out = SharedOut(means.as_mut_ptr());
-        // SAFETY: `up` and `low` are dense channels-last fp32 CPU tensors alive for this function,
-        // read as (N, H, W, C); each task writes only its sample's means.
+        // SAFETY: `up` and `low` are dense channels-last CPU tensors of one kind (fp32 or bf16) alive
+        // for this function, read as (N, H, W, C); each task writes only its sample's means.
         unsafe {
-            let (up, low) = (values::<f32>(up), values::<f32>(low));
+            let (up_one, low_one) = (h * w * self.gwc.inputs(), h * w * c_low);
+            let (up, low) = (stored(up), stored(low));
+            let one = |sample: usize| match (up, low) {
+                (Some(Stored::F32(up)), Some(Stored::F32(low))) => self.sample_means(
+                    &up[sample * up_one..][..up_one],
+                    &low[sample * low_one..][..low_one],
+                    [h, w],
+                ),
+                (Some(Stored::Bf16(up)), Some(Stored::Bf16(low))) => self.sample_means(
+                    &up[sample * up_one..][..up_one],
+                    &low[sample * low_one..][..low_one],
+                    [h, w],
+                ),
+                _ => unreachable!("`up` and `low` are fp32 or bf16, of one kind (checked)"),
+            };
             parallel_for(n, 1, |samples| {
                 for sample in samples {
-                    let (up_one, low_one) = (h * w * self.gwc.inputs(), h * w * c_low);
-                    let up = &up[sample * up_one..(sample + 1) * up_one];
-                    let low = &low[sample * low_one..(sample + 1) * low_one];
-                    let row = self.sample_means(up, low, [h, w]);
-                    for (slot, mean) in out.slice(sample * width, width).iter_mut().zip(row) {
+                    for (slot, mean) in out.slice(sample * width, width).iter_mut().zip(one(sample)) {
                         *slot = mean as f32;
                     }
                 }
@@ -103,7 +131,7 @@ impl BranchMeans {
     }
 
     /// One sample's means in f64: `Y1`'s, `PWC2(low)`'s, `low`'s.
-    fn sample_means(&self, up: &[f32], low: &[f32], size: [usize; 2]) -> Vec<f64> {
+    fn sample_means<X: Value>(&self, up: &[X], low: &[X], size: [usize; 2]) -> Vec<f64> {
         let positions = size[0] * size[1];
         let (c, c2, c_low) = (self.gwc.outputs(), self.pwc2.outputs(), self.pwc2.inputs());
         let mut means = vec![0f64; c + c2 + c_low];
@@ -126,7 +154,7 @@ impl BranchMeans {
 /// For each channel and each tap `(ky, kx)` of a `kernel` x `kernel` convolution at stride 1 with
 /// padding `kernel / 2`, the sum of the input values that tap reads over all output positions:
 /// `(channels, kernel, kernel)` row-major, a weight's order. `x`: one sample, `(H, W, channels)`.
-fn window_sums(x: &[f32], channels: usize, [h, w]: [usize; 2], kernel: usize) -> Vec<f64> {
+fn window_sums<X: Value>(x: &[X], channels: usize, [h, w]: [usize; 2], kernel: usize) -> Vec<f64> {
     let pad = kernel / 2;
     let block = |rows: Range<usize>, cols: Range<usize>| {
         let mut sums = vec![0f64; channels];
@@ -211,7 +239,7 @@ mod tests {
             let vs = VarStore::new(Device::Cpu);
             let gwc = conv(&vs, "gwc", 16, 64, k, groups, true);
             let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, bias), conv(&vs, "pwc2", 8, 56, 1, 1, bias));
-            let means = BranchMeans::new(&gwc, groups, &pwc1, &pwc2).expect("same-size convolutions");
+            let means = BranchMeans::new(&gwc, groups, &pwc1, &pwc2, false).expect("same-size convolutions");
             let (up, low) = (channels_last([n, 16, h, w], offset), channels_last([n, 8, h, w], -offset));
             let ours = means.means(&up, &low).expect("fp32 channels-last halves");
             assert_eq!(ours.size(), [n, 128, 1, 1]);
@@ -232,7 +260,7 @@ mod tests {
         let gwc = conv(&vs, "gwc", 16, 64, 3, 2, true);
         let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, false), conv(&vs, "pwc2", 16, 48, 1, 1, false));
         let (up, low) = (channels_last([8, 16, 56, 56], 0.0), channels_last([8, 16, 56, 56], 0.0));
-        let ours = BranchMeans::new(&gwc, 2, &pwc1, &pwc2).unwrap().means(&up, &low).unwrap();
+        let ours = BranchMeans::new(&gwc, 2, &pwc1, &pwc2, false).unwrap().means(&up, &low).unwrap();
         let y1 = up.conv2d(&gwc.ws, gwc.bs.as_ref(), [1, 1], [1, 1], [1, 1], 2)
             + up.conv2d(&pwc1.ws, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
         let head = low.conv2d(&pwc2.ws, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
@@ -242,12 +270,60 @@ mod tests {
         assert!(diff <= 8.0 * f64::from(f32::EPSILON) * largest, "{diff} from libtorch's pooling");
     }
 
+    /// The bf16 forms' means: of the bf16 layers (weights and biases rounded to bf16) on bf16 `up`
+    /// and `low`, in f64 as above; and within a small part of a bf16 rounding of the pooling of the
+    /// bf16 outputs themselves (what libtorch's bf16 convolutions and an fp32 pooling give).
+    #[test]
+    fn bf16_means_are_those_of_the_bf16_convolutions() {
+        tch::manual_seed(2);
+        let vs = VarStore::new(Device::Cpu);
+        let gwc = conv(&vs, "gwc", 16, 64, 3, 2, true);
+        let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, true), conv(&vs, "pwc2", 8, 56, 1, 1, false));
+        let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+        let (up, low) =
+            (bf16(&channels_last([2, 16, 28, 28], 0.5)), bf16(&channels_last([2, 8, 28, 28], 0.0)));
+        let ours = BranchMeans::new(&gwc, 2, &pwc1, &pwc2, true).unwrap().means(&up, &low).unwrap();
+        let f32s = |t: &Tensor| t.to_kind(Kind::Float);
+        let rounded = VarStore::new(Device::Cpu);
+        let layers = [("gwc", &gwc, 2), ("pwc1", &pwc1, 1), ("pwc2", &pwc2, 1)].map(|(name, c, groups)| {
+            let [out, inputs, k, _] = <[i64; 4]>::try_from(c.ws.size()).unwrap();
+            let mut copy = conv(&rounded, name, inputs * groups, out, k, groups, c.bs.is_some());
+            tch::no_grad(|| {
+                copy.ws.copy_(&round_to_bf16(&c.ws));
+                if let (Some(to), Some(from)) = (&mut copy.bs, &c.bs) {
+                    to.copy_(&round_to_bf16(from));
+                }
+            });
+            copy
+        });
+        let expected = f64_means([&layers[0], &layers[1], &layers[2]], 2, &f32s(&up), &f32s(&low));
+        let ulp = expected.abs() * f64::from(f32::EPSILON) + 1e-12;
+        let off = (ours.to_kind(Kind::Double) - &expected).abs() - ulp;
+        assert!(off.max().double_value(&[]) <= 0.0, "over one fp32 ulp from the bf16 layers' f64 means");
+        // The bf16 outputs pooled: each output rounded to bf16 moves its mean by far less than a bf16
+        // rounding of the largest mean.
+        let run = |c: &nn::Conv2D, x: &Tensor, groups| {
+            let k = c.ws.size()[2];
+            x.conv2d(&bf16(&c.ws), c.bs.as_ref().map(bf16), [1, 1], [k / 2, k / 2], [1, 1], groups)
+        };
+        let y1 = bf16(&(f32s(&run(&gwc, &up, 2)) + f32s(&run(&pwc1, &up, 1))));
+        let parts = [y1, run(&pwc2, &low, 1), low.shallow_clone()];
+        let pooled = Tensor::cat(&parts.map(|t| t.mean_dim(&[2i64, 3][..], true, Kind::Float)), 1);
+        let largest = pooled.abs().max().double_value(&[]);
+        let diff = (&ours - &pooled).abs().max().double_value(&[]);
+        println!("bf16 means {diff:.3e} from the pooled bf16 outputs, largest mean {largest:.3e}");
+        assert!(
+            diff <= 0.25 * largest / 256.0,
+            "{diff} from the pooled bf16 outputs (largest mean {largest})"
+        );
+    }
+
     /// The CRU's layers at ScConv's defaults for `c` channels.
     fn defaults(vs: &VarStore, c: i64) -> BranchMeans {
         let gwc = conv(vs, "gwc", c / 4, c, 3, 2, true);
         let (pwc1, pwc2) =
             (conv(vs, "pwc1", c / 4, c, 1, 1, false), conv(vs, "pwc2", c / 4, c - c / 4, 1, 1, false));
-        BranchMeans::new(&gwc, 2, &pwc1, &pwc2).unwrap()
+        BranchMeans::new(&gwc, 2, &pwc1, &pwc2, false).unwrap()
     }
 
     #[test]
@@ -270,12 +346,13 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, false), conv(&vs, "pwc2", 8, 56, 1, 1, false));
         let even = conv(&vs, "even", 16, 64, 2, 2, true);
-        assert!(BranchMeans::new(&even, 2, &pwc1, &pwc2).is_none(), "an even kernel changes the size");
-        let means = BranchMeans::new(&conv(&vs, "gwc", 16, 64, 3, 2, true), 2, &pwc1, &pwc2).unwrap();
+        assert!(BranchMeans::new(&even, 2, &pwc1, &pwc2, false).is_none(), "an even kernel changes the size");
+        let means = BranchMeans::new(&conv(&vs, "gwc", 16, 64, 3, 2, true), 2, &pwc1, &pwc2, false).unwrap();
         let (up, low) = (channels_last([1, 16, 4, 4], 0.0), channels_last([1, 8, 4, 4], 0.0));
         assert!(means.means(&up, &low).is_some());
         assert!(means.means(&up.contiguous(), &low).is_none(), "NCHW");
-        assert!(means.means(&up.to_kind(Kind::BFloat16), &low).is_none(), "bf16");
+        assert!(means.means(&up.to_kind(Kind::BFloat16), &low).is_none(), "bf16 beside fp32");
+        assert!(means.means(&up.to_kind(Kind::Double), &low.to_kind(Kind::Double)).is_none(), "f64");
         assert!(means.means(&up, &channels_last([1, 8, 2, 2], 0.0)).is_none(), "another size");
         assert!(means.means(&low, &low).is_none(), "other channels");
         let empty = (channels_last([0, 16, 4, 4], 0.0), channels_last([0, 8, 4, 4], 0.0));

@@ -50,7 +50,7 @@ pub struct ScConvStep<'a> {
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
 /// say), `GWC + PWC1` as one with the sum in its epilogue; the fuse's pooling from their inputs
-/// (`branch_means`) where they compute in fp32.
+/// (`branch_means`, of the bf16 layers in the bf16 forms).
 #[derive(Debug)]
 struct FormCru {
     squeeze1: InferenceConv,
@@ -78,10 +78,7 @@ impl FormCru {
             gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size))?,
             pwc1: conv(&cru.PWC1, pointwise)?,
             pwc2: conv(&cru.PWC2, pointwise)?,
-            means: match arithmetic.is_bf16() {
-                true => None,
-                false => BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2),
-            },
+            means: BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2, arithmetic.is_bf16()),
         })
     }
 
