@@ -37,11 +37,9 @@ impl Value for Bf16 {
 pub(crate) fn bf16_bits(v: f32) -> u16 {
     let bits = v.to_bits();
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-    if v.is_nan() {
-        0x7fc0
-    } else {
-        rounded as u16
-    }
+    // Integer compares only (a float compare beside them keeps LLVM from vectorising the loops).
+    let nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { 0x7fc0 } else { rounded }) as u16
 }
 
 /// How a result is stored: fp32; bf16 values in fp32 (the emulated bf16 form); bf16's bits.
