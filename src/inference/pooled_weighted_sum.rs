@@ -10,10 +10,9 @@
 //! channels-last tensor stored as the step stores its output. An odd last row or column is left out,
 //! as `avg_pool2d` without `ceil_mode` leaves it. Runs where the CPU has AVX2 and FMA and every tensor
 //! is channels-last; the caller runs libtorch's passes otherwise.
-use super::channels_last_sru::is_channels_last;
 use super::elements::{Bf16, Bf16Bits, Bf16Values, Store, Value};
 use super::precision::Arithmetic;
-use super::weighted_sum::{shift_add_relu, weighted};
+use super::weighted_sum::{by_kinds, operands, shift_add_relu, weighted, Operands};
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::fast::FuseParts;
@@ -33,54 +32,24 @@ pub(crate) fn weighted_sum_pool_shift_add_relu(
     relu: bool,
     store: &Arithmetic,
 ) -> Option<Tensor> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-        let kind = parts.low.kind();
-        let readable =
-            |t: &Tensor, kind: Kind| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
-        let fits = matches!(kind, Kind::Float | Kind::BFloat16)
-            && matches!(parts.y1.kind(), Kind::Float | Kind::BFloat16)
-            && readable(&parts.y1, parts.y1.kind())
-            && readable(&parts.y2_head, kind)
-            && readable(&parts.low, kind)
-            && residual.is_none_or(|r| readable(r, kind));
-        if !cpu || !fits || shift.kind() != Kind::Float || parts.weights.kind() != Kind::Float {
-            return None;
-        }
-        let [n, c, h, w] = <[i64; 4]>::try_from(parts.y1.size()).ok()?;
-        let pooled = [n, c, h / 2, w / 2];
-        if residual.is_some_and(|r| r.size() != pooled) || pooled.contains(&0) {
-            return None;
-        }
-        let weights: Vec<Tensor> = parts.split_weights().iter().map(|w| w.contiguous()).collect();
-        let shift = shift.contiguous();
-        let reads = ([&weights[0], &weights[1], &weights[2]], &shift, residual);
-        // SAFETY: `kind` is the branches' and the residual's element type, `y1`'s is its own (checked).
-        unsafe {
-            match (kind, parts.y1.kind()) {
-                (Kind::BFloat16, Kind::BFloat16) => run::<Bf16, Bf16>(parts, reads, relu, store),
-                (Kind::BFloat16, _) => run::<Bf16, f32>(parts, reads, relu, store),
-                (_, Kind::BFloat16) => run::<f32, Bf16>(parts, reads, relu, store),
-                _ => run::<f32, f32>(parts, reads, relu, store),
-            }
-        }
+    let operands = operands(parts, shift, residual)?;
+    let [n, c, h, w] = <[i64; 4]>::try_from(parts.y1.size()).ok()?;
+    let pooled = [n, c, h / 2, w / 2];
+    if residual.is_some_and(|r| r.size() != pooled) || pooled.contains(&0) {
+        return None;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (parts, shift, residual, relu, store);
-        None
-    }
+    // SAFETY: `operands` checked the tensors' kinds and layouts; the CPU has AVX2 and FMA.
+    unsafe { by_kinds!(parts, run(parts, &operands, residual, relu, store)) }
 }
 
 /// The pass over every window of `parts` into a new tensor as `store` stores values (returned).
 /// SAFETY: the branches and the residual hold `V`s, `y1` holds `Y`s, every tensor is a dense
 /// channels-last CPU tensor of the sizes the pass reads, alive and unwritten until it returns; the CPU
 /// has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
 unsafe fn run<V: Value, Y: Value>(
     parts: &FuseParts,
-    (w, shift, residual): ([&Tensor; 3], &Tensor, Option<&Tensor>),
+    Operands { weights: w, shift }: &Operands,
+    residual: Option<&Tensor>,
     relu: bool,
     store: &Arithmetic,
 ) -> Option<Tensor> {
@@ -96,7 +65,7 @@ unsafe fn run<V: Value, Y: Value>(
         y1: values(&parts.y1),
         y2_head: values(&parts.y2_head),
         low: values(&parts.low),
-        w: [values(w[0]), values(w[1]), values(w[2])],
+        w: [values(&w[0]), values(&w[1]), values(&w[2])],
         shift: values(shift),
         residual: residual.map(|r| values(r)),
         channels: c as usize,
@@ -223,8 +192,8 @@ fn segment<V: Value, Y: Value, S: Store, const RESIDUAL: bool, const RELU: bool>
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// `windows` built for AVX2 and FMA (elsewhere never called: `operands` refuses other CPUs).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn windows_avx2_fma<V: Value, Y: Value, S: Store>(
     r: &Reads<V, Y>,
     sample: usize,
@@ -236,6 +205,7 @@ unsafe fn windows_avx2_fma<V: Value, Y: Value, S: Store>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::channels_last_sru::is_channels_last;
     use super::*;
 
     fn nhwc(size: [i64; 4], kind: Kind) -> Tensor {

@@ -11,7 +11,7 @@
 //! (fp32, or bf16 values in fp32 tensors: the emulated bf16 form), or into a new bf16 tensor (the native
 //! bf16 form). Runs where the CPU has AVX2 and FMA and every tensor is channels-last; the caller runs
 //! libtorch's passes otherwise.
-use super::channels_last_sru::{is_channels_last, is_channels_last_fp32};
+use super::channels_last_sru::is_channels_last;
 use super::elements::{bf16_bits, Bf16, Value};
 use super::precision::Arithmetic;
 use crate::fast::sru_kernel::elements as values;
@@ -33,59 +33,72 @@ pub(crate) fn weighted_sum_shift_add_relu(
     relu: bool,
     store: &Arithmetic,
 ) -> Option<Tensor> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-        let kind = parts.low.kind();
-        let read = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
-        // Written in place, `y1` is fp32; read only (into a new bf16 tensor), fp32 or bf16.
-        let y1_fits = match (store, parts.y1.kind()) {
-            (Arithmetic::Bf16Native, Kind::BFloat16) => {
-                parts.y1.device() == Device::Cpu && is_channels_last(&parts.y1)
-            }
-            _ => is_channels_last_fp32(&parts.y1),
-        };
-        let fits = y1_fits
-            && matches!(kind, Kind::Float | Kind::BFloat16)
-            && read(&parts.y2_head)
-            && read(&parts.low)
-            && residual.is_none_or(read);
-        if !cpu || !fits || shift.kind() != Kind::Float || parts.weights.kind() != Kind::Float {
-            return None;
-        }
-        if residual.is_some_and(|r| r.size() != parts.y1.size()) {
-            return None;
-        }
-        let weights: Vec<Tensor> = parts.split_weights().iter().map(|w| w.contiguous()).collect();
-        let shift = shift.contiguous();
-        let (w, shift) = ([&weights[0], &weights[1], &weights[2]], &shift);
-        // SAFETY: `kind` is the branches' and the residual's element type, `y1`'s is its own, bf16
-        // only where the output is a new tensor (checked above).
-        unsafe {
-            match (kind, parts.y1.kind()) {
-                (Kind::BFloat16, Kind::BFloat16) => run::<Bf16, Bf16>(parts, w, shift, residual, relu, store),
-                (Kind::BFloat16, _) => run::<Bf16, f32>(parts, w, shift, residual, relu, store),
-                (_, Kind::BFloat16) => run::<f32, Bf16>(parts, w, shift, residual, relu, store),
-                _ => run::<f32, f32>(parts, w, shift, residual, relu, store),
-            }
-        }
+    let operands = operands(parts, shift, residual)?;
+    // Written in place, `y1` is fp32; read only (into a new bf16 tensor), fp32 or bf16.
+    let y1_fits = parts.y1.kind() == Kind::Float || *store == Arithmetic::Bf16Native;
+    if !y1_fits || residual.is_some_and(|r| r.size() != parts.y1.size()) {
+        return None;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (parts, shift, residual, relu, store);
-        None
-    }
+    // SAFETY: `operands` checked the tensors' kinds and layouts, `y1` is bf16 only where the output
+    // is a new tensor (checked above); the CPU has AVX2 and FMA.
+    unsafe { by_kinds!(parts, run(parts, &operands, residual, relu, store)) }
 }
+
+/// The fuse's weights `[w0, w1, w2]` (`(N, C | head | C - head, 1, 1)`) and the shift `(1, C, 1, 1)`,
+/// contiguous fp32: what the one passes read besides the tensors of `FuseParts`.
+pub(super) struct Operands {
+    pub(super) weights: [Tensor; 3],
+    pub(super) shift: Tensor,
+}
+
+/// `Operands` where a one pass runs on `parts`: a CPU with AVX2 and FMA; the branches and the residual
+/// of one kind, fp32 or bf16, and `Y1` fp32 or bf16, each a dense channels-last CPU tensor; the weights
+/// and the shift fp32. `None` otherwise (the caller runs libtorch's passes).
+pub(super) fn operands(parts: &FuseParts, shift: &Tensor, residual: Option<&Tensor>) -> Option<Operands> {
+    #[cfg(target_arch = "x86_64")]
+    let cpu = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = false;
+    let kind = parts.low.kind();
+    let fp32_or_bf16 = |kind: Kind| matches!(kind, Kind::Float | Kind::BFloat16);
+    let read = |t: &Tensor, kind: Kind| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
+    let fits = cpu
+        && fp32_or_bf16(kind)
+        && fp32_or_bf16(parts.y1.kind())
+        && read(&parts.y1, parts.y1.kind())
+        && read(&parts.y2_head, kind)
+        && read(&parts.low, kind)
+        && residual.is_none_or(|r| read(r, kind))
+        && shift.kind() == Kind::Float
+        && parts.weights.kind() == Kind::Float;
+    fits.then(|| {
+        let weights = parts.split_weights();
+        let weights = [0, 1, 2].map(|i| weights[i].contiguous());
+        Operands { weights, shift: shift.contiguous() }
+    })
+}
+
+/// `$run::<V, Y>(args)` with `V` the branches' element type (`f32` or `Bf16`) and `Y` `Y1`'s, as
+/// `$parts` holds them (after `operands`).
+macro_rules! by_kinds {
+    ($parts:expr, $run:ident($($arg:expr),*)) => {
+        match ($parts.low.kind(), $parts.y1.kind()) {
+            (Kind::BFloat16, Kind::BFloat16) => $run::<Bf16, Bf16>($($arg),*),
+            (Kind::BFloat16, _) => $run::<Bf16, f32>($($arg),*),
+            (_, Kind::BFloat16) => $run::<f32, Bf16>($($arg),*),
+            _ => $run::<f32, f32>($($arg),*),
+        }
+    };
+}
+pub(super) use by_kinds;
 
 /// The pass over every position of `parts`, into the tensor `store` asks for (returned).
 /// SAFETY: the branches and the residual hold `V`s, `y1` holds `Y`s (fp32 unless `store` is native
 /// bf16), every tensor is a dense channels-last CPU tensor of the sizes the pass reads, alive and
 /// unwritten by others until it returns; the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
 unsafe fn run<V: Value, Y: Value>(
     parts: &FuseParts,
-    w: [&Tensor; 3],
-    shift: &Tensor,
+    Operands { weights: w, shift }: &Operands,
     residual: Option<&Tensor>,
     relu: bool,
     store: &Arithmetic,
@@ -95,7 +108,7 @@ unsafe fn run<V: Value, Y: Value>(
     let reads = Reads::<V> {
         y2_head: values(&parts.y2_head),
         low: values(&parts.low),
-        w: [values(w[0]), values(w[1]), values(w[2])],
+        w: [values(&w[0]), values(&w[1]), values(&w[2])],
         shift: values(shift),
         residual: residual.map(|r| values(r)),
         channels: c,
@@ -295,8 +308,8 @@ pub(super) fn shift_add_relu<const RESIDUAL: bool, const RELU: bool>(
     t
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// `positions` built for AVX2 and FMA (elsewhere never called: `operands` refuses other CPUs).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn positions_avx2_fma<V: Value, O: Out>(
     r: &Reads<V>,
     sample: usize,
