@@ -298,7 +298,7 @@ fn bench_networks(
             };
             // A bf16 form that had no bf16 units to run on says so in its name.
             let suffix = match (&arithmetic, mode) {
-                (Some(Arithmetic::Bf16Emulated { .. }), Mode::Inference(Precision::Bf16)) => {
+                (Some(Arithmetic::Bf16Emulated { .. }), Mode::Inference(p)) if p != Precision::Fp32 => {
                     " (inference bf16, emulated)".to_string()
                 }
                 _ => mode.suffix(),

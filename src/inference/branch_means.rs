@@ -16,9 +16,9 @@
 //!
 //! In the bf16 forms the layers' weights and biases are rounded to bf16 first, as the form's
 //! convolutions round theirs, and the means are those of the bf16 convolutions' outputs before their
-//! rounding to bf16: each output rounded to bf16 moves by up to 2^-9 of itself, and pooling those
-//! moves averages them out, so the two differ far below a bf16 rounding of the mean (measured and
-//! reported where the forms' differences are: docs/speed.md).
+//! roundings to bf16 (`PWC1`'s output, which `GWC`'s epilogue adds, and the sum): each rounding moves
+//! an output by up to 2^-9 of itself, and pooling averages those moves out, so the two differ far
+//! below a bf16 rounding of the mean (tested; the forms' differences are in docs/speed.md).
 use super::channel_means::sum_rows;
 use super::channels_last_sru::is_channels_last;
 use super::elements::{stored, Stored, Value};

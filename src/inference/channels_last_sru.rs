@@ -150,7 +150,9 @@ impl ChannelsLastSru {
         let kind = if bf16 && squeezes.is_none() { Kind::BFloat16 } else { Kind::Float };
         let sizes = channels.map(|channels| [n, channels, h, w]);
         let (up, low) = match reuse {
-            Some((up, low)) if [dims(&up), dims(&low)] == sizes && up.kind() == kind => (up, low),
+            Some((up, low)) if [dims(&up), dims(&low)] == sizes && [up.kind(), low.kind()] == [kind; 2] => {
+                (up, low)
+            }
             _ => (empty_channels_last(sizes[0], kind), empty_channels_last(sizes[1], kind)),
         };
         let given = given.map(|m| m.permute([0, 2, 3, 1]).to_kind(Kind::Uint8).contiguous());

@@ -475,7 +475,7 @@ impl<'a> InferenceResNet<'a> {
             (Step::Conv(c), None) => scope("conv (inference form)", || c.forward(x)),
             (Step::Conv(c), Some(r)) => scope("conv + add (inference form)", || c.forward_add(x, r)),
             (Step::Sc(s), residual) => {
-                let x = s.input(x); // the SRU kernel reads fp32 NCHW
+                let x = s.input(x); // as its SRU reads it (layout, and fp32 unless bf16)
                 let given = match gates {
                     FormGates::Record(log) => {
                         if let Some(mask) = s.info_mask(&x) {

@@ -6,10 +6,10 @@
 //! ReLU as libtorch's `clamp_min(0)` (NaN and -0 kept), and in the bf16 forms the result rounded to
 //! bf16 as libtorch's `to(bf16)` rounds it (ties to even; a NaN stays a NaN).
 //!
-//! `Y1` is fp32 (the fuse's pooling read it so); the branches and the residual are fp32, or bf16 in
-//! the native bf16 form, read as libtorch promotes them (exactly). The result goes into `Y1` in place
-//! (fp32, or bf16 values in fp32 tensors: the emulated bf16 form), or into a new bf16 tensor (the native
-//! bf16 form). Runs where the CPU has AVX2 and FMA and every tensor is channels-last; the caller runs
+//! `Y1`, the branches and the residual are fp32, or bf16 in the native bf16 form, read as libtorch
+//! promotes them (exactly). The result goes into `Y1` in place (fp32, or bf16 values in fp32 tensors:
+//! the emulated bf16 form), or into a new bf16 tensor (the native bf16 form). Runs where the CPU has
+//! AVX2 and FMA and every tensor is channels-last and of the sizes the CRU gives them; the caller runs
 //! libtorch's passes otherwise.
 use super::channels_last_sru::is_channels_last;
 use super::elements::{bf16_bits, Bf16, Value};
@@ -62,6 +62,7 @@ pub(super) fn operands(parts: &FuseParts, shift: &Tensor, residual: Option<&Tens
     let kind = parts.low.kind();
     let fp32_or_bf16 = |kind: Kind| matches!(kind, Kind::Float | Kind::BFloat16);
     let read = |t: &Tensor, kind: Kind| t.kind() == kind && t.device() == Device::Cpu && is_channels_last(t);
+    let fp32_cpu = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
     let fits = cpu
         && fp32_or_bf16(kind)
         && fp32_or_bf16(parts.y1.kind())
@@ -69,13 +70,28 @@ pub(super) fn operands(parts: &FuseParts, shift: &Tensor, residual: Option<&Tens
         && read(&parts.y2_head, kind)
         && read(&parts.low, kind)
         && residual.is_none_or(|r| read(r, kind))
-        && shift.kind() == Kind::Float
-        && parts.weights.kind() == Kind::Float;
+        && fp32_cpu(shift)
+        && fp32_cpu(&parts.weights)
+        && sizes_fit(parts, shift);
     fits.then(|| {
         let weights = parts.split_weights();
         let weights = [0, 1, 2].map(|i| weights[i].contiguous());
         Operands { weights, shift: shift.contiguous() }
     })
+}
+
+/// Whether the branches are `Y1`'s batch and size, their channels `Y1`'s, the weights `(N, 2C, 1, 1)`
+/// and the shift `C` values: the CRU's sizes, which the passes index by (checked, so that anything
+/// else falls back to libtorch rather than out of bounds).
+fn sizes_fit(parts: &FuseParts, shift: &Tensor) -> bool {
+    let Ok([n, c, h, w]) = <[i64; 4]>::try_from(parts.y1.size()) else { return false };
+    let (head, low) = (parts.y2_head.size(), parts.low.size());
+    let same_grid = |s: &[i64]| s.len() == 4 && s[0] == n && s[2] == h && s[3] == w;
+    same_grid(&head)
+        && same_grid(&low)
+        && head[1] + low[1] == c
+        && parts.weights.size() == [n, 2 * c, 1, 1]
+        && shift.numel() == c as usize
 }
 
 /// `$run::<V, Y>(args)` with `V` the branches' element type (`f32` or `Bf16`) and `Y` `Y1`'s, as
@@ -115,15 +131,18 @@ unsafe fn run<V: Value, Y: Value>(
         head: parts.y2_head.size()[1] as usize,
         relu,
     };
-    let out = match store {
+    // Native, `Y1` is read (a slice) and a new bf16 tensor written; else `Y1` is written in place
+    // (through the task's own rows only, no shared slice of it).
+    let (out, y1) = match store {
         Arithmetic::Bf16Native => {
             let strides = [h * width * c as i64, 1, width * c as i64, c as i64];
-            Tensor::empty_strided(parts.y1.size(), strides, (Kind::BFloat16, Device::Cpu))
+            let out = Tensor::empty_strided(parts.y1.size(), strides, (Kind::BFloat16, Device::Cpu));
+            (out, values::<Y>(&parts.y1))
         }
-        _ => parts.y1.shallow_clone(),
+        _ => (parts.y1.shallow_clone(), &[][..]),
     };
-    let (y1, into) = (values::<Y>(&parts.y1), SharedOut(out.data_ptr() as *mut u16));
-    let in_place = SharedOut(parts.y1.data_ptr() as *mut f32);
+    let (into, in_place) =
+        (SharedOut(out.data_ptr() as *mut u16), SharedOut(parts.y1.data_ptr() as *mut f32));
     let chunk = (TASK_ELEMENTS / c).max(1);
     let chunks = positions.div_ceil(chunk);
     parallel_for(n * chunks, 1, |tasks| {
@@ -417,6 +436,7 @@ mod tests {
         }
     }
 
+    /// Other layouts, sizes, kinds: left to libtorch's passes (`None`), never indexed out of bounds.
     #[test]
     fn other_layouts_are_left_to_libtorch() {
         let p = parts(2, 16, 12, 4);
@@ -425,6 +445,13 @@ mod tests {
         assert!(weighted_sum_shift_add_relu(&nchw, &shift, None, true, &Arithmetic::Fp32).is_none());
         let residual = nhwc([2, 16, 4, 4]).contiguous();
         assert!(weighted_sum_shift_add_relu(&p, &shift, Some(&residual), true, &Arithmetic::Fp32).is_none());
+        let other_size = FuseParts { low: nhwc([2, 4, 3, 4]), ..copy(&p) };
+        assert!(weighted_sum_shift_add_relu(&other_size, &shift, None, true, &Arithmetic::Fp32).is_none());
+        let other_channels = FuseParts { low: nhwc([2, 5, 4, 4]), ..copy(&p) };
+        assert!(weighted_sum_shift_add_relu(&other_channels, &shift, None, true, &Arithmetic::Fp32).is_none());
+        let other_weights =
+            FuseParts { weights: Tensor::rand([2, 30, 1, 1], (Kind::Float, Device::Cpu)), ..copy(&p) };
+        assert!(weighted_sum_shift_add_relu(&other_weights, &shift, None, true, &Arithmetic::Fp32).is_none());
         let mixed = FuseParts { low: p.low.to_kind(Kind::BFloat16), ..copy(&p) };
         assert!(weighted_sum_shift_add_relu(&mixed, &shift, None, true, &Arithmetic::Bf16Native).is_none());
     }
