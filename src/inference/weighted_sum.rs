@@ -12,12 +12,13 @@
 //! AVX2 and FMA and every tensor is channels-last and of the sizes the CRU gives them; the caller runs
 //! libtorch's passes otherwise.
 use super::channels_last_sru::is_channels_last;
-use super::elements::{bf16_bits, Bf16, Value};
+use super::elements::{Bf16, Bf16Bits, Bf16Values, Store, Value};
 use super::precision::Arithmetic;
 use crate::fast::sru_kernel::elements as values;
 use crate::fast::welford::SharedOut;
 use crate::fast::FuseParts;
 use crate::inference::parallel_for;
+use std::marker::PhantomData;
 use tch::{Device, Kind, Tensor};
 
 /// Elements of the output one task writes.
@@ -153,12 +154,18 @@ unsafe fn run<V: Value, Y: Value>(
             // SAFETY: these rows of the output are this task's alone (of `y1` too where it is the
             // output); the CPU has AVX2 and FMA.
             match store {
-                Arithmetic::Fp32 => {
-                    positions_avx2_fma(&reads, sample, rows, InPlace::<false>(in_place.slice(offset, len)))
-                }
-                Arithmetic::Bf16Emulated { .. } => {
-                    positions_avx2_fma(&reads, sample, rows, InPlace::<true>(in_place.slice(offset, len)))
-                }
+                Arithmetic::Fp32 => positions_avx2_fma(
+                    &reads,
+                    sample,
+                    rows,
+                    InPlace::<f32>(in_place.slice(offset, len), PhantomData),
+                ),
+                Arithmetic::Bf16Emulated { .. } => positions_avx2_fma(
+                    &reads,
+                    sample,
+                    rows,
+                    InPlace::<Bf16Values>(in_place.slice(offset, len), PhantomData),
+                ),
                 Arithmetic::Bf16Native => {
                     let out = IntoBf16 { y1: &y1[offset..][..len], out: into.slice(offset, len) };
                     positions_avx2_fma(&reads, sample, rows, out)
@@ -181,10 +188,10 @@ trait Out: Sized {
     fn split_at(self, mid: usize) -> (Self, Self);
 }
 
-/// In place in `Y1`'s fp32 values; `ROUND`: rounded to bf16 values (the emulated bf16 form).
-struct InPlace<'a, const ROUND: bool>(&'a mut [f32]);
+/// In place in `Y1`'s fp32 values, stored by `S` (fp32, or bf16 values: the emulated bf16 form).
+struct InPlace<'a, S>(&'a mut [f32], PhantomData<S>);
 
-impl<const ROUND: bool> Out for InPlace<'_, ROUND> {
+impl<S: Store<Elem = f32>> Out for InPlace<'_, S> {
     #[inline(always)]
     fn len(&self) -> usize {
         self.0.len()
@@ -195,12 +202,12 @@ impl<const ROUND: bool> Out for InPlace<'_, ROUND> {
     }
     #[inline(always)]
     fn put(&mut self, i: usize, v: f32) {
-        self.0[i] = if ROUND { f32::from_bits((bf16_bits(v) as u32) << 16) } else { v };
+        self.0[i] = S::put(v);
     }
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
         let (a, b) = self.0.split_at_mut(mid);
-        (InPlace(a), InPlace(b))
+        (InPlace(a, PhantomData), InPlace(b, PhantomData))
     }
 }
 
@@ -221,7 +228,7 @@ impl<Y: Value> Out for IntoBf16<'_, Y> {
     }
     #[inline(always)]
     fn put(&mut self, i: usize, v: f32) {
-        self.out[i] = bf16_bits(v);
+        self.out[i] = Bf16Bits::put(v);
     }
     #[inline(always)]
     fn split_at(self, mid: usize) -> (Self, Self) {
