@@ -330,14 +330,22 @@ fn restore_sigpipe() {
     }
 }
 
+/// On SIGINT, SIGTERM or SIGHUP, a thread of its own removes the temporary files of the writes in
+/// progress and ends the process with 130.
 fn remove_partial_files_on_interrupt() {
-    let _ = ctrlc::set_handler(|| {
-        scconv_tch::output::remove_pending();
-        let _ = writeln!(std::io::stderr(), "error: interrupted");
-        // Not `process::exit`: its exit handlers would tear libtorch down under the main thread, which
-        // may be inside it (a segfault, seen in a fresh-clone run).
-        // SAFETY: `_exit` ends the process at once; nothing runs after it.
-        unsafe { libc::_exit(130) }
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            scconv_tch::output::remove_pending();
+            let _ = writeln!(std::io::stderr(), "error: interrupted");
+            // Not `process::exit`: its exit handlers would tear libtorch down under the main thread,
+            // which may be inside it (a segfault, seen in a fresh-clone run).
+            // SAFETY: `_exit` ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(130) }
+        }
     });
 }
 

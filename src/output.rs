@@ -56,8 +56,8 @@ pub fn write_file(
 /// Removes every temporary file a `write_file` in progress holds. For signal handlers: after it, the
 /// interrupted writes cannot complete.
 pub fn remove_pending() {
-    // A plain lock: ctrlc runs its handler on a thread of its own, and writers hold the lock only to
-    // add or remove a path.
+    // A plain lock: the CLI's signal handling runs this on a thread of its own, and writers hold the
+    // lock only to add or remove a path.
     let pending = match PENDING.lock() {
         Ok(pending) => pending.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
