@@ -345,7 +345,8 @@ def main():
     for path, (_, data, *_) in zip(paths, every):
         with open(path, "wb") as f:
             f.write(data)
-    # PyTorch's verdicts (its pure-Python unpickler, ~30 s in all) two at a time, in fresh interpreters.
+    # PyTorch's verdicts (its pure-Python unpickler: most of this script's time) two at a time, in fresh
+    # interpreters.
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         verdicts = [pool.submit(pytorch_verdict, path, select, keys) if try_torch else None
                     for path, (_, _, select, _, _, try_torch) in zip(paths, every)]

@@ -12,7 +12,7 @@
 # A ```sh block without a tag fails the test. The ```rust block tagged `example` must equal
 # scripts/my_app_main.rs, the file the project steps copy. Every Python script must answer --help.
 # The project is built into this checkout's target/ with its Cargo.lock, so torch-sys is reused, not
-# rebuilt (tch is built again: without the CLI, some of its dependencies get other features).
+# rebuilt (tch is still built again).
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$repo_root"
@@ -140,5 +140,5 @@ answers_help() {
 }
 export -f answers_help
 export work
-printf '%s\n' scripts/*.py parity/*.py | xargs -P 2 -n 1 bash -c 'answers_help "$0"'
+printf '%s\0' scripts/*.py parity/*.py | xargs -0 -P 2 -n 1 bash -c 'answers_help "$0"'
 echo "readme: every command ran; every Python script answers --help"

@@ -337,7 +337,7 @@ fn remove_partial_files_on_interrupt() {
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
         return;
     };
-    std::thread::spawn(move || {
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
         if signals.forever().next().is_some() {
             scconv_tch::output::remove_pending();
             let _ = writeln!(std::io::stderr(), "error: interrupted");

@@ -140,7 +140,7 @@ fn fast_mode_counts_its_differing_decisions_by_layer() {
     assert!(made >= 1000 * 28 * 28, "decisions of every image: {made}");
     assert!(differing as f64 <= 1e-6 * made as f64, "{differing} of {made}");
     // The table on fifty images (a folder of its own: `first_images` empties it first): the same code
-    // path as the JSON's thousand, a twentieth of the time.
+    // path as the JSON's thousand, a twentieth of the images.
     let fifty = first_images(50);
     let table = text(&scconv_tch(&[
         "infer",
