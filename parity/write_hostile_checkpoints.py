@@ -341,16 +341,16 @@ def main():
         ("storage_typed_twice", two_typed_storage(sd), None, "refused", "8 dtype", True),
         ("storage_of_i64_max_elements", huge_storage(sd), None, "refused", "6 error text", True),
     ]
-    paths = [os.path.join(args.out, f"{name}.pt") for name, *_ in every]
-    for path, (_, data, *_) in zip(paths, every):
-        with open(path, "wb") as f:
-            f.write(data)
     # PyTorch's verdicts (its pure-Python unpickler: most of this script's time) two at a time, in fresh
-    # interpreters.
+    # interpreters, each file's asked for as soon as it is written.
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        verdicts = [pool.submit(pytorch_verdict, path, select, keys) if try_torch else None
-                    for path, (_, _, select, _, _, try_torch) in zip(paths, every)]
-        verdicts = [v.result() if v else ("not tried", None, None) for v in verdicts]
+        pending = []
+        for name, data, select, _, _, try_torch in every:
+            path = os.path.join(args.out, f"{name}.pt")
+            with open(path, "wb") as f:
+                f.write(data)
+            pending.append(pool.submit(pytorch_verdict, path, select, keys) if try_torch else None)
+        verdicts = [v.result() if v else ("not tried", None, None) for v in pending]
     for (name, _, select, expect, cause, _), (verdict, why, chosen) in zip(every, verdicts):
         if expect == "loads" and chosen is not None:
             save_file({k: v.contiguous() for k, v in chosen.items()}, os.path.join(args.out, f"{name}.expected.safetensors"))
