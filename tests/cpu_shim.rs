@@ -48,7 +48,7 @@ fn the_compiled_form_applies_every_pass_it_names() {
         let form = InferenceResNet::compiled(&model, [1, 3, 64, 64]).unwrap();
         let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::TileBatch, Pass::Prepack];
         if channels_last {
-            expected.extend([Pass::ChannelsLast, Pass::FuseSqueezes]);
+            expected.extend([Pass::ChannelsLast, Pass::FuseSqueezes, Pass::FuseGwcPwc1]);
         }
         assert_eq!(form.passes(), expected, "sc {sc}, {variant:?}");
     }

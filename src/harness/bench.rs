@@ -214,6 +214,7 @@ fn bench_form_block(
     plain.prepack(size)?;
     let channels_last = step.channels_last()?;
     step.fuse_squeezes()?;
+    step.fuse_gwc_pwc1()?;
     // Each step reads its input as the form hands it over: bf16 where the form stores bf16, channels-last
     // where the step's version has the channels-last kernel (the form's plain convolutions always).
     let x = arithmetic.store(&crate::inference::to_channels_last(x));

@@ -15,6 +15,8 @@
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //! - [`Pass::FuseSqueezes`] (fp32 forms): the CRU's squeeze convolutions computed by the channels-last
 //!   SRU on the rows it reconstructs, where they read at most 32 channels.
+//! - [`Pass::FuseGwcPwc1`] (fp32 forms, AVX-512 CPUs): the CRU's `GWC + PWC1` as one kernel of ours,
+//!   where a group of GWC reads at most 8 channels.
 //!
 //! The exact model is not changed: the form borrows its tensors, and its ScConvs run their fast path
 //! (the reference's gate decisions on the same input). Build the form after loading the weights: the
@@ -56,6 +58,7 @@ mod f64_conv;
 mod ffi;
 mod fold;
 mod fused_squeeze;
+mod grouped_plus_pointwise;
 mod head;
 mod network;
 mod onednn;

@@ -45,28 +45,40 @@ pub enum Pass {
     /// convolutions: fp32 forms, after the channels-last pass. Changes rounding (its own sums, not
     /// oneDNN's).
     FuseSqueezes,
+    /// The CRU's `GWC + PWC1` as one kernel of ours (`grouped_plus_pointwise`) reading the
+    /// channels-last SRU's output, instead of two oneDNN calls, where a group of GWC reads at most 8
+    /// channels and the CPU has AVX-512: fp32 forms, after the channels-last pass. Changes rounding
+    /// (its own sums, not oneDNN's).
+    FuseGwcPwc1,
 }
 
 impl Pass {
     /// Every pass of the fp32 form, in the order they compose.
-    pub const ALL: [Pass; 6] = [
+    pub const ALL: [Pass; 7] = [
         Pass::FoldBatchnorm,
         Pass::FuseEpilogues,
         Pass::TileBatch,
         Pass::Prepack,
         Pass::ChannelsLast,
         Pass::FuseSqueezes,
+        Pass::FuseGwcPwc1,
     ];
 
     /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
-    /// [`Pass::Bf16`] after the fuse and without [`Pass::FuseSqueezes`] for the bf16 precisions.
+    /// [`Pass::Bf16`] after the fuse and without the fp32 kernels of ours ([`Pass::FuseSqueezes`],
+    /// [`Pass::FuseGwcPwc1`]) for the bf16 precisions.
     pub fn all_for(precision: Precision) -> Vec<Pass> {
         let mut passes = Pass::ALL.to_vec();
         if precision != Precision::Fp32 {
             passes.insert(2, Pass::Bf16);
-            passes.retain(|p| *p != Pass::FuseSqueezes);
+            passes.retain(|p| !p.computes_in_fp32());
         }
         passes
+    }
+
+    /// Whether the pass replaces convolutions by fp32 kernels of ours (fp32 forms only).
+    fn computes_in_fp32(self) -> bool {
+        matches!(self, Pass::FuseSqueezes | Pass::FuseGwcPwc1)
     }
 }
 
@@ -203,7 +215,9 @@ impl<'a> InferenceResNet<'a> {
             let skipped = match pass {
                 // Tiles pay where each runs prepacked primitives made for its size.
                 Pass::TileBatch | Pass::Prepack => !super::ffi::shim_built(),
-                Pass::ChannelsLast | Pass::FuseSqueezes => !form.sc_steps_run_channels_last(),
+                Pass::ChannelsLast | Pass::FuseSqueezes | Pass::FuseGwcPwc1 => {
+                    !form.sc_steps_run_channels_last()
+                }
                 _ => false,
             };
             if skipped {
@@ -256,8 +270,8 @@ impl<'a> InferenceResNet<'a> {
         if pass == Pass::Bf16 {
             self.check_cast()?;
         }
-        if pass == Pass::FuseSqueezes {
-            self.check_fuse_squeezes()?;
+        if pass.computes_in_fp32() {
+            self.check_fp32_kernels(pass)?;
         }
         if pass == Pass::TileBatch && self.passes.contains(&Pass::Prepack) {
             return Err(ScConvError::InvalidInput(
@@ -281,6 +295,7 @@ impl<'a> InferenceResNet<'a> {
                 self.channels_last = true
             }
             Pass::FuseSqueezes => self.each_sc_step(|s| s.fuse_squeezes().map(drop))?,
+            Pass::FuseGwcPwc1 => self.each_sc_step(|s| s.fuse_gwc_pwc1().map(drop))?,
         }
         self.passes.push(pass);
         Ok(())
@@ -298,18 +313,19 @@ impl<'a> InferenceResNet<'a> {
         super::conv::cast_allowed(applied(Pass::FoldBatchnorm), applied(Pass::Prepack))
     }
 
-    /// Whether the fuse-squeezes pass may run now: in an fp32 form (a bf16 form's squeezes run in
-    /// bf16), after the channels-last pass (whose SRU computes them).
-    fn check_fuse_squeezes(&self) -> Result<(), ScConvError> {
+    /// Whether `pass` (the fuse-squeezes or fuse-GWC-PWC1 pass) may run now: in an fp32 form (a bf16
+    /// form's convolutions run in bf16), after the channels-last pass (whose SRU computes the squeezes
+    /// and writes what GWC and PWC1 read).
+    fn check_fp32_kernels(&self, pass: Pass) -> Result<(), ScConvError> {
         if self.arithmetic != Arithmetic::Fp32 {
-            return Err(ScConvError::InvalidInput(
-                "the fuse-squeezes pass computes the squeezes in fp32; this form is bf16".into(),
-            ));
+            return Err(ScConvError::InvalidInput(format!(
+                "the pass {pass:?} computes its convolutions in fp32; this form is bf16"
+            )));
         }
         if !self.passes.contains(&Pass::ChannelsLast) {
-            return Err(ScConvError::InvalidInput(
-                "fuse the squeezes after the channels-last pass, whose SRU computes them".into(),
-            ));
+            return Err(ScConvError::InvalidInput(format!(
+                "apply {pass:?} after the channels-last pass, whose SRU writes what it reads"
+            )));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use super::conv::{cast_allowed, epilogue, fuse_needs_fold, InferenceConv};
 use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::fused_squeeze::FusedSqueezes;
+use super::grouped_plus_pointwise::GroupedPlusPointwise;
 use super::pooled_weighted_sum::weighted_sum_pool_shift_add_relu;
 use super::precision::{as_fp32, Arithmetic};
 use super::weighted_sum::weighted_sum_shift_add_relu;
@@ -49,8 +50,8 @@ pub struct ScConvStep<'a> {
 }
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
-/// say), `GWC + PWC1` as one with the sum in its epilogue; the fuse's pooling from their inputs
-/// (`branch_means`, of the bf16 layers in the bf16 forms).
+/// say), `GWC + PWC1` as one with the sum in its epilogue, or as one kernel of ours (the fuse-GWC-PWC1
+/// pass); the fuse's pooling from their inputs (`branch_means`, of the bf16 layers in the bf16 forms).
 #[derive(Debug)]
 struct FormCru {
     squeeze1: InferenceConv,
@@ -59,6 +60,7 @@ struct FormCru {
     pwc1: InferenceConv,
     pwc2: InferenceConv,
     means: Option<BranchMeans>,
+    gwc_pwc1: Option<GroupedPlusPointwise>,
 }
 
 impl FormCru {
@@ -79,6 +81,7 @@ impl FormCru {
             pwc1: conv(&cru.PWC1, pointwise)?,
             pwc2: conv(&cru.PWC2, pointwise)?,
             means: BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2, arithmetic.is_bf16()),
+            gwc_pwc1: None,
         })
     }
 
@@ -102,7 +105,8 @@ impl CruConvs for FormCru {
     }
 
     fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor {
-        self.gwc.forward_add(up, self.pwc1.forward(up))
+        let ours = self.gwc_pwc1.as_ref().and_then(|kernel| kernel.forward(up));
+        ours.unwrap_or_else(|| self.gwc.forward_add(up, self.pwc1.forward(up)))
     }
 
     fn pwc2(&self, low: &Tensor) -> Tensor {
@@ -210,6 +214,30 @@ impl<'a> ScConvStep<'a> {
         let inputs = [config.up_channel(), config.low_channel()];
         self.squeezes = FusedSqueezes::new([&cru.squeeze1, &cru.squeeze2], inputs)?;
         Ok(self.squeezes.is_some())
+    }
+
+    /// The fuse-GWC-PWC1 pass: the CRU's `GWC + PWC1` as one kernel of ours on the channels-last SRU's
+    /// output (`grouped_plus_pointwise`), in fp32 forms after the channels-last pass; `Ok(false)` (the
+    /// step unchanged) where its SRU reads NCHW, its arithmetic is not fp32, or the kernel does not pay
+    /// there (a group reads more than `grouped_plus_pointwise::MOST_INPUTS_A_GROUP` channels, or the CPU
+    /// has no AVX-512).
+    pub fn fuse_gwc_pwc1(&mut self) -> Result<bool, ScConvError> {
+        if self.channels_last.is_none() || self.arithmetic != Arithmetic::Fp32 {
+            return Ok(false);
+        }
+        let (cru, config) = (&self.scconv.CRU, self.scconv.config());
+        let Some(kernel) =
+            GroupedPlusPointwise::new(&cru.GWC, &cru.PWC1, config.squeezed_up(), config.group_size)?
+        else {
+            return Ok(false);
+        };
+        let mut form_cru = match self.cru.take() {
+            Some(cru) => cru,
+            None => FormCru::new(self.scconv, &self.arithmetic)?,
+        };
+        form_cru.gwc_pwc1 = Some(kernel);
+        self.cru = Some(form_cru);
+        Ok(true)
     }
 
     /// Whether its ScConv version has the channels-last kernel (what the channels-last pass needs).
@@ -354,10 +382,10 @@ mod tests {
     }
 
     /// The channels-last step (its SRU kernel, the CRU on NHWC halves, the weighted sum with its pool
-    /// where it pools, shift, residual add and ReLU in one pass), and with the squeezes fused into its
-    /// SRU, against the NCHW step and the reference mode, the reference's decisions given to all, with
-    /// and without the 2x2 pool: within the fast path's fp32 tolerance; and its own decisions are the
-    /// ones it reports.
+    /// where it pools, shift, residual add and ReLU in one pass), with the squeezes fused into its SRU,
+    /// and with `GWC + PWC1` as one kernel of ours too (AVX-512 CPUs), against the NCHW step and the
+    /// reference mode, the reference's decisions given to all, with and without the 2x2 pool: within
+    /// the fast path's fp32 tolerance; and its own decisions are the ones it reports.
     #[test]
     fn the_channels_last_step_is_the_reference_block_with_the_same_decisions() {
         let cases =
@@ -379,8 +407,8 @@ mod tests {
                 (y.apply_t(&bn, false) + &residual).relu()
             });
             let mut steps = Vec::new();
-            for passes in [0, 1, 2] {
-                let (layout_pass, fused_squeezes) = (passes >= 1, passes == 2);
+            for passes in [0, 1, 2, 3] {
+                let (layout_pass, fused_squeezes, own_gwc_pwc1) = (passes >= 1, passes >= 2, passes == 3);
                 let mut step = ScConvStep::new(&model, "sc", pool, params(), true).unwrap();
                 step.fold();
                 step.fuse().unwrap();
@@ -394,17 +422,26 @@ mod tests {
                 if !fused_squeezes {
                     step.squeezes = None;
                 }
+                // Every ScConv here has at most 8 inputs a group and 16 outputs or more.
+                let avx512 = super::super::grouped_plus_pointwise::has_avx512();
+                assert_eq!(step.fuse_gwc_pwc1().unwrap(), layout_pass && avx512, "{config:?}");
+                if !own_gwc_pwc1 {
+                    if let Some(cru) = step.cru.as_mut() {
+                        cru.gwc_pwc1 = None;
+                    }
+                }
                 let input = step.input(&x);
                 let out = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&decisions)));
                 let check = compare(&out, &reference, Tolerance::FP32).unwrap();
                 assert!(
                     check.passed(),
-                    "{config:?}, channels-last {layout_pass}, squeezes {fused_squeezes}: {check:?}"
+                    "{config:?}, channels-last {layout_pass}, squeezes {fused_squeezes}, GWC + PWC1 {own_gwc_pwc1}: {check:?}"
                 );
                 steps.push((step, out));
             }
-            for (i, against) in [(1, "the NCHW step"), (2, "the NCHW step"), (2, "the channels-last step")] {
-                let j = if against == "the NCHW step" { 0 } else { 1 };
+            let pairs = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 2)];
+            for (i, j) in pairs {
+                let against = ["the NCHW step", "the channels-last step", "the step with fused squeezes"][j];
                 let check = compare(&steps[i].1, &steps[j].1, Tolerance::FP32).unwrap();
                 assert!(check.passed(), "{config:?}: step {i} against {against}: {check:?}");
             }
