@@ -46,9 +46,18 @@ impl InferenceConv {
     /// The convolution `conv` (its weight and bias shared, not copied) with `geometry` (tch keeps a
     /// layer's stride and padding private, so the builder of the network gives them).
     pub fn new(conv: &nn::Conv2D, geometry: ConvGeometry) -> InferenceConv {
+        InferenceConv::from_weights(conv.ws.detach(), conv.bs.as_ref().map(Tensor::detach), geometry)
+    }
+
+    /// A convolution of `weight` and `bias` made here (not a layer of the model) with `geometry`.
+    pub(crate) fn from_weights(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        geometry: ConvGeometry,
+    ) -> InferenceConv {
         InferenceConv {
-            weight: conv.ws.detach(),
-            bias: conv.bs.as_ref().map(Tensor::detach),
+            weight,
+            bias,
             geometry,
             batchnorm: None,
             relu: false,

@@ -34,6 +34,12 @@ pub enum Pass {
     /// activation within the threads' L2 caches, at least 8), and prepack made for the tile's sizes.
     /// Each image's numbers are unchanged (its arithmetic does not depend on the others'). Before prepack.
     TileBatch,
+    /// Where a stride-2 ScConv step pools its output, the 2x2 average pool moved before the CRU's
+    /// convolutions (`pool_first`): GWC and the pool as one stride-2 convolution, PWC1, PWC2 and the
+    /// weighted sum at a quarter of the positions. fp32 forms, before prepack (which packs PWC1 and PWC2
+    /// for the pooled inputs); taken by the channels-last steps on inputs of even height and width.
+    /// Changes rounding (the pooled kernel, sums of fewer terms).
+    PoolFirst,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
     /// Activations kept channels-last (NHWC strides) between the convolutions, the ScConv steps'
@@ -54,10 +60,11 @@ pub enum Pass {
 
 impl Pass {
     /// Every pass of the fp32 form, in the order they compose.
-    pub const ALL: [Pass; 7] = [
+    pub const ALL: [Pass; 8] = [
         Pass::FoldBatchnorm,
         Pass::FuseEpilogues,
         Pass::TileBatch,
+        Pass::PoolFirst,
         Pass::Prepack,
         Pass::ChannelsLast,
         Pass::FuseSqueezes,
@@ -65,8 +72,8 @@ impl Pass {
     ];
 
     /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
-    /// [`Pass::Bf16`] after the fuse and without the fp32 kernels of ours ([`Pass::FuseSqueezes`],
-    /// [`Pass::FuseGwcPwc1`]) for the bf16 precisions.
+    /// [`Pass::Bf16`] after the fuse and without the fp32 ones ([`Pass::PoolFirst`],
+    /// [`Pass::FuseSqueezes`], [`Pass::FuseGwcPwc1`]) for the bf16 precisions.
     pub fn all_for(precision: Precision) -> Vec<Pass> {
         let mut passes = Pass::ALL.to_vec();
         if precision != Precision::Fp32 {
@@ -76,9 +83,9 @@ impl Pass {
         passes
     }
 
-    /// Whether the pass replaces convolutions by fp32 kernels of ours (fp32 forms only).
+    /// Whether the pass changes what the CRU computes in fp32 forms only.
     fn computes_in_fp32(self) -> bool {
-        matches!(self, Pass::FuseSqueezes | Pass::FuseGwcPwc1)
+        matches!(self, Pass::PoolFirst | Pass::FuseSqueezes | Pass::FuseGwcPwc1)
     }
 }
 
@@ -215,7 +222,7 @@ impl<'a> InferenceResNet<'a> {
             let skipped = match pass {
                 // Tiles pay where each runs prepacked primitives made for its size.
                 Pass::TileBatch | Pass::Prepack => !super::ffi::shim_built(),
-                Pass::ChannelsLast | Pass::FuseSqueezes | Pass::FuseGwcPwc1 => {
+                Pass::PoolFirst | Pass::ChannelsLast | Pass::FuseSqueezes | Pass::FuseGwcPwc1 => {
                     !form.sc_steps_run_channels_last()
                 }
                 _ => false,
@@ -278,6 +285,11 @@ impl<'a> InferenceResNet<'a> {
                 "tile the batch before prepack, which makes the primitives for the tile's sizes".into(),
             ));
         }
+        if pass == Pass::PoolFirst && self.passes.contains(&Pass::Prepack) {
+            return Err(ScConvError::InvalidInput(
+                "move the pool first before prepack, which packs PWC1 and PWC2 for the pooled sizes".into(),
+            ));
+        }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
                 s.fold();
@@ -296,6 +308,7 @@ impl<'a> InferenceResNet<'a> {
             }
             Pass::FuseSqueezes => self.each_sc_step(|s| s.fuse_squeezes().map(drop))?,
             Pass::FuseGwcPwc1 => self.each_sc_step(|s| s.fuse_gwc_pwc1().map(drop))?,
+            Pass::PoolFirst => self.each_sc_step(|s| s.pool_first().map(drop))?,
         }
         self.passes.push(pass);
         Ok(())
@@ -313,16 +326,16 @@ impl<'a> InferenceResNet<'a> {
         super::conv::cast_allowed(applied(Pass::FoldBatchnorm), applied(Pass::Prepack))
     }
 
-    /// Whether `pass` (the fuse-squeezes or fuse-GWC-PWC1 pass) may run now: in an fp32 form (a bf16
-    /// form's convolutions run in bf16), after the channels-last pass (whose SRU computes the squeezes
-    /// and writes what GWC and PWC1 read).
+    /// Whether `pass` (pool-first, fuse-squeezes or fuse-GWC-PWC1) may run now: in an fp32 form (a
+    /// bf16 form's convolutions run in bf16); fuse-squeezes and fuse-GWC-PWC1 after the channels-last
+    /// pass (whose SRU computes the squeezes and writes what GWC and PWC1 read).
     fn check_fp32_kernels(&self, pass: Pass) -> Result<(), ScConvError> {
         if self.arithmetic != Arithmetic::Fp32 {
             return Err(ScConvError::InvalidInput(format!(
                 "the pass {pass:?} computes its convolutions in fp32; this form is bf16"
             )));
         }
-        if !self.passes.contains(&Pass::ChannelsLast) {
+        if pass != Pass::PoolFirst && !self.passes.contains(&Pass::ChannelsLast) {
             return Err(ScConvError::InvalidInput(format!(
                 "apply {pass:?} after the channels-last pass, whose SRU writes what it reads"
             )));

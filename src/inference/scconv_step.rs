@@ -12,6 +12,7 @@ use super::ffi::ConvGeometry;
 use super::fold::BatchNormParams;
 use super::fused_squeeze::FusedSqueezes;
 use super::grouped_plus_pointwise::GroupedPlusPointwise;
+use super::pool_first;
 use super::pooled_weighted_sum::weighted_sum_pool_shift_add_relu;
 use super::precision::{as_fp32, Arithmetic};
 use super::weighted_sum::weighted_sum_shift_add_relu;
@@ -47,6 +48,8 @@ pub struct ScConvStep<'a> {
     squeezes: Option<FusedSqueezes>,
     /// Its `(up, low)` of the last forward, written over by the next (`ChannelsLastSru::forward`).
     sru_buffers: std::cell::RefCell<Option<(Tensor, Tensor)>>,
+    /// The pool-first pass: the pool moved before the CRU's convolutions (`pool_first`).
+    pool_first: bool,
 }
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
@@ -61,10 +64,13 @@ struct FormCru {
     pwc2: InferenceConv,
     means: Option<BranchMeans>,
     gwc_pwc1: Option<GroupedPlusPointwise>,
+    /// GWC and the 2x2 pool after it as one stride-2 convolution (the pool-first pass).
+    pooled_gwc: Option<InferenceConv>,
 }
 
 impl FormCru {
-    fn new(scconv: &ScConv, arithmetic: &Arithmetic) -> Result<FormCru, ScConvError> {
+    /// With `pool_first`, also GWC pooled (`pool_first::pooled_gwc`).
+    fn new(scconv: &ScConv, arithmetic: &Arithmetic, pool_first: bool) -> Result<FormCru, ScConvError> {
         let (cru, config) = (&scconv.CRU, scconv.config());
         let k = config.group_kernel_size;
         let pointwise = ConvGeometry::square(1, 0, 1);
@@ -74,6 +80,15 @@ impl FormCru {
             conv.cast(arithmetic)?;
             Ok(conv)
         };
+        let pooled_gwc = match pool_first {
+            true => {
+                let mut gwc = pool_first::pooled_gwc(&cru.GWC, config.group_size);
+                gwc.fuse()?;
+                gwc.cast(arithmetic)?;
+                Some(gwc)
+            }
+            false => None,
+        };
         Ok(FormCru {
             squeeze1: conv(&cru.squeeze1, pointwise)?,
             squeeze2: conv(&cru.squeeze2, pointwise)?,
@@ -82,20 +97,29 @@ impl FormCru {
             pwc2: conv(&cru.PWC2, pointwise)?,
             means: BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2, arithmetic.is_bf16()),
             gwc_pwc1: None,
+            pooled_gwc,
         })
     }
 
-    /// Prepacked for ScConv inputs of each of `sizes` (N, C, H, W).
+    /// Prepacked for ScConv inputs of each of `sizes` (N, C, H, W): PWC1 and PWC2 for pooled inputs
+    /// where GWC is pooled.
     fn prepack(&mut self, scconv: &ScConv, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let config = scconv.config();
         let (up, low) = (config.squeezed_up(), config.squeezed_low());
         let with_channels =
             |c: i64| -> Vec<[i64; 4]> { sizes.iter().map(|&[n, _, h, w]| [n, c, h, w]).collect() };
+        let shrink = if self.pooled_gwc.is_some() { 2 } else { 1 };
+        let after_gwc = |c: i64| -> Vec<[i64; 4]> {
+            sizes.iter().map(|&[n, _, h, w]| [n, c, h / shrink, w / shrink]).collect()
+        };
         self.squeeze1.prepack_sizes(&with_channels(config.up_channel()))?;
         self.squeeze2.prepack_sizes(&with_channels(config.low_channel()))?;
         self.gwc.prepack_sizes(&with_channels(up))?;
-        self.pwc1.prepack_sizes(&with_channels(up))?;
-        self.pwc2.prepack_sizes(&with_channels(low))
+        if let Some(gwc) = &mut self.pooled_gwc {
+            gwc.prepack_sizes(&with_channels(up))?;
+        }
+        self.pwc1.prepack_sizes(&after_gwc(up))?;
+        self.pwc2.prepack_sizes(&after_gwc(low))
     }
 }
 
@@ -120,6 +144,36 @@ impl CruConvs for FormCru {
     fn channel_means(&self, up: &Tensor, parts: [&Tensor; 3]) -> Option<Tensor> {
         let from_inputs = self.means.as_ref().and_then(|means| means.means_where_cheaper(up, parts[2]));
         from_inputs.or_else(|| super::channel_means::channel_means(&parts))
+    }
+}
+
+/// The CRU's convolutions with the 2x2 pool moved before them (`pool_first`): GWC pooled, PWC1 on the
+/// pooled `up`, PWC2 on the pooled `low` (the caller pools it: it is also a branch), the channel means
+/// from the pooled branches.
+struct PoolFirstCru<'a> {
+    cru: &'a FormCru,
+    pooled_gwc: &'a InferenceConv,
+}
+
+impl CruConvs for PoolFirstCru<'_> {
+    fn squeezes(&self, up: &Tensor, low: &Tensor) -> (Tensor, Tensor) {
+        self.cru.squeezes(up, low)
+    }
+
+    fn gwc_plus_pwc1(&self, up: &Tensor) -> Tensor {
+        self.pooled_gwc.forward_add(up, self.cru.pwc1.forward(&pool_first::pool(up)))
+    }
+
+    fn pwc2(&self, low: &Tensor) -> Tensor {
+        self.cru.pwc2.forward(low)
+    }
+
+    fn fuse_in_fp32(&self) -> bool {
+        self.cru.fuse_in_fp32()
+    }
+
+    fn channel_means(&self, _up: &Tensor, parts: [&Tensor; 3]) -> Option<Tensor> {
+        super::channel_means::channel_means(&parts)
     }
 }
 
@@ -148,6 +202,7 @@ impl<'a> ScConvStep<'a> {
             channels_last: None,
             squeezes: None,
             sru_buffers: Default::default(),
+            pool_first: false,
         })
     }
 
@@ -173,7 +228,7 @@ impl<'a> ScConvStep<'a> {
     /// output (after fold, before prepack, as a convolution's).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         cast_allowed(self.batchnorm.is_none(), self.cru.is_some())?;
-        self.cru = Some(FormCru::new(self.scconv, arithmetic)?);
+        self.cru = Some(FormCru::new(self.scconv, arithmetic, self.pool_first)?);
         self.arithmetic = arithmetic.clone();
         Ok(())
     }
@@ -188,7 +243,7 @@ impl<'a> ScConvStep<'a> {
     pub fn prepack_sizes(&mut self, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let mut cru = match self.cru.take() {
             Some(cru) => cru,
-            None => FormCru::new(self.scconv, &self.arithmetic)?,
+            None => FormCru::new(self.scconv, &self.arithmetic, self.pool_first)?,
         };
         cru.prepack(self.scconv, sizes)?;
         self.cru = Some(cru);
@@ -233,11 +288,25 @@ impl<'a> ScConvStep<'a> {
         };
         let mut form_cru = match self.cru.take() {
             Some(cru) => cru,
-            None => FormCru::new(self.scconv, &self.arithmetic)?,
+            None => FormCru::new(self.scconv, &self.arithmetic, self.pool_first)?,
         };
         form_cru.gwc_pwc1 = Some(kernel);
         self.cru = Some(form_cru);
         Ok(true)
+    }
+
+    /// The pool-first pass: where the step pools, the pool moved before the CRU's convolutions
+    /// (`pool_first`), in fp32 forms, for the versions with the channels-last kernel (whose path
+    /// takes it, on inputs of even height and width), before prepack (which packs PWC1 and PWC2 for
+    /// the pooled inputs); `Ok(false)` (the step unchanged) elsewhere.
+    pub fn pool_first(&mut self) -> Result<bool, ScConvError> {
+        if self.cru.is_some() {
+            return Err(ScConvError::InvalidInput(
+                "move the pool first before prepack, which packs PWC1 and PWC2 for its sizes".into(),
+            ));
+        }
+        self.pool_first = self.pool && self.arithmetic == Arithmetic::Fp32 && self.has_channels_last_kernel();
+        Ok(self.pool_first)
     }
 
     /// Whether its ScConv version has the channels-last kernel (what the channels-last pass needs).
@@ -303,31 +372,47 @@ impl<'a> ScConvStep<'a> {
         // The native bf16 form's squeeze convolutions read bf16: the SRU rounds its output as they would.
         let bf16 = self.arithmetic == Arithmetic::Bf16Native;
         let (up, low) = scope("SRU (channels-last)", || sru.forward(x, mask, squeezes, buffers, bf16));
-        let parts = match squeezes {
-            Some(_) => {
-                self.scconv.CRU.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale)
+        let pool_first = self.pool_first_cru(x);
+        let cru = &self.scconv.CRU;
+        let parts = match (&pool_first, squeezes) {
+            (Some(pooled), _) => {
+                let (up, low) = match squeezes {
+                    Some(_) => (up.shallow_clone(), low.shallow_clone()),
+                    None => scope("CRU squeeze1, squeeze2", || convs.squeezes(&up, &low)),
+                };
+                let low = scope("CRU pool first", || pool_first::pool(&low));
+                cru.forward_squeezed(pooled, up, low, scale)
             }
-            None => self.scconv.CRU.forward_halves(convs, &up, &low, scale),
+            (None, Some(_)) => cru.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale),
+            (None, None) => cru.forward_halves(convs, &up, &low, scale),
         };
         // The CRU has read both (its output is a new tensor): the next forward may write them.
         self.sru_buffers.replace(Some((up, low)));
-        if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref()) {
+        if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref(), pool_first.is_none()) {
             return out;
         }
         let y = scope("CRU fuse: weighted sum", || parts.weighted_sum());
         scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
     }
 
-    /// The weighted sum, its pool where the step pools, the shift, residual add, ReLU and the step's
-    /// store as one pass (`weighted_sum`, `pooled_weighted_sum`), where this step runs them in place;
-    /// `None` where it does not (or the pass cannot).
-    fn fused_weighted_sum(&self, parts: &FuseParts, residual: Option<&Tensor>) -> Option<Tensor> {
+    /// The pool-first CRU where this step takes that path on `x`: after the pass, with the weighted
+    /// sum fused (the one pass that takes pooled parts), on an even height and width.
+    fn pool_first_cru(&self, x: &Tensor) -> Option<PoolFirstCru<'_>> {
+        let cru = self.cru.as_ref()?;
+        let takes = self.pool_first && self.fused && self.folded.is_some() && pool_first::fits(x);
+        takes.then_some(PoolFirstCru { cru, pooled_gwc: cru.pooled_gwc.as_ref()? })
+    }
+
+    /// The weighted sum, its pool where the step pools and `parts` are not pooled already, the shift,
+    /// residual add, ReLU and the step's store as one pass (`weighted_sum`, `pooled_weighted_sum`),
+    /// where this step runs them in place; `None` where it does not (or the pass cannot).
+    fn fused_weighted_sum(&self, parts: &FuseParts, residual: Option<&Tensor>, pool: bool) -> Option<Tensor> {
         let (_, shift) = self.folded.as_ref()?;
         if !self.fused {
             return None;
         }
         let (relu, store) = (self.relu, &self.arithmetic);
-        match self.pool {
+        match self.pool && pool {
             true => scope("CRU fuse: weighted sum, pool, shift, add, ReLU (one pass)", || {
                 weighted_sum_pool_shift_add_relu(parts, shift, residual, relu, store)
             }),
@@ -407,11 +492,15 @@ mod tests {
                 (y.apply_t(&bn, false) + &residual).relu()
             });
             let mut steps = Vec::new();
-            for passes in [0, 1, 2, 3] {
-                let (layout_pass, fused_squeezes, own_gwc_pwc1) = (passes >= 1, passes >= 2, passes == 3);
+            for passes in [0, 1, 2, 3, 4] {
+                let (layout_pass, fused_squeezes, own_gwc_pwc1) = (passes >= 1, passes >= 2, passes >= 3);
+                let pooled_first = passes == 4;
                 let mut step = ScConvStep::new(&model, "sc", pool, params(), true).unwrap();
                 step.fold();
                 step.fuse().unwrap();
+                if pooled_first {
+                    assert_eq!(step.pool_first().unwrap(), pool, "{config:?}: the step pools");
+                }
                 if crate::inference::shim_built() {
                     step.prepack(size).unwrap();
                 }
@@ -435,13 +524,19 @@ mod tests {
                 let check = compare(&out, &reference, Tolerance::FP32).unwrap();
                 assert!(
                     check.passed(),
-                    "{config:?}, channels-last {layout_pass}, squeezes {fused_squeezes}, GWC + PWC1 {own_gwc_pwc1}: {check:?}"
+                    "{config:?}, channels-last {layout_pass}, squeezes {fused_squeezes}, GWC + PWC1 {own_gwc_pwc1}, \
+                     pool first {pooled_first}: {check:?}"
                 );
                 steps.push((step, out));
             }
-            let pairs = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 2)];
+            let pairs = [(1, 0), (2, 0), (2, 1), (3, 0), (3, 2), (4, 0), (4, 3)];
             for (i, j) in pairs {
-                let against = ["the NCHW step", "the channels-last step", "the step with fused squeezes"][j];
+                let against = [
+                    "the NCHW step",
+                    "the channels-last step",
+                    "the step with fused squeezes",
+                    "the step with its own GWC + PWC1",
+                ][j];
                 let check = compare(&steps[i].1, &steps[j].1, Tolerance::FP32).unwrap();
                 assert!(check.passed(), "{config:?}: step {i} against {against}: {check:?}");
             }
