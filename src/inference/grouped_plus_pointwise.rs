@@ -16,10 +16,10 @@ use crate::fast::welford::SharedOut;
 use tch::{nn, Device, Kind, Tensor};
 
 /// The most input channels a group of GWC reads where this kernel runs. Measured on an AVX-512 Xeon
-/// against the form's two prepacked oneDNN calls (docs/speed.md, "GWC + PWC1 as one kernel"): 0.57-0.82x
+/// against the form's two prepacked oneDNN calls (docs/speed.md, "GWC + PWC1 as one kernel"): 0.56-0.93x
 /// their time with 4 or 8 inputs a group (the ScConvs of 32 and 64 channels at the default ratios), at
-/// batch 1 and 8-10; with 16 (128 channels) 0.82x at 28x28 batch 1 but 1.10x at batch 8 and 1.5x at
-/// 7x7 (a group's weights outgrow the L1 cache).
+/// batch 1 and 8-10; with 16 (128 channels) 0.82x at 28x28 batch 1 but 1.07-1.10x at batch 8 and 1.57x
+/// at 7x7, and 2-4.6x with 32 and 64 (a group's weights outgrow the L1 cache).
 pub(crate) const MOST_INPUTS_A_GROUP: i64 = 8;
 
 /// Output channels a block: two AVX-512 registers of fp32.
@@ -66,20 +66,10 @@ impl GroupedPlusPointwise {
         inputs: i64,
         groups: i64,
     ) -> Result<Option<GroupedPlusPointwise>, ScConvError> {
-        let (size, pointwise) = (gwc.ws.size(), pwc1.ws.size());
-        let [outputs, per_group_in, kernel, kernel_w] = size[..] else { return Ok(None) };
-        let fits = groups > 0
-            && per_group_in * groups == inputs
-            && per_group_in <= MOST_INPUTS_A_GROUP
-            && kernel == kernel_w
-            && kernel % 2 == 1
-            && outputs % groups == 0
-            && (outputs / groups) % 16 == 0
-            && pointwise[..] == [outputs, inputs, 1, 1]
-            && pwc1.bs.is_none();
-        if !fits || !has_avx512() {
+        if !covers(&gwc.ws.size(), &pwc1.ws.size(), pwc1.bs.is_some(), inputs, groups) || !has_avx512() {
             return Ok(None);
         }
+        let [outputs, per_group_in, kernel, _] = <[i64; 4]>::try_from(gwc.ws.size()).expect("checked");
         let (taps, out_g) = (kernel * kernel, outputs / groups);
         // (group, tap, input of the group, output of the group), then (group, input, output of the group)
         let grouped = gwc.ws.view([groups, out_g, per_group_in, taps]).permute([0, 3, 2, 1]);
@@ -104,7 +94,7 @@ impl GroupedPlusPointwise {
     /// `Y1` of `up` (N, inputs, H, W), an fp32 CPU tensor with dense channels-last strides, as a new
     /// channels-last fp32 tensor (N, outputs, H, W); `None` for any other `up`.
     pub(crate) fn forward(&self, up: &Tensor) -> Option<Tensor> {
-        if !is_channels_last_fp32(up) || up.size()[1] != self.inputs as i64 {
+        if !is_channels_last_fp32(up) || up.size()[1] != self.inputs as i64 || up.numel() == 0 {
             return None;
         }
         let size = up.size();
@@ -259,6 +249,23 @@ unsafe fn accumulate<const P: usize, const J: usize>(
     }
 }
 
+/// Whether the kernel computes a GWC of weight size `gwc` (`groups` groups) and a PWC1 of weight size
+/// `pwc1` (with a bias where `pwc1_bias`), both reading `inputs` channels: a square odd kernel, at most
+/// [`MOST_INPUTS_A_GROUP`] inputs a group, a multiple of 16 outputs a group, PWC1 1x1 without bias.
+/// (Stride 1 and padding `k / 2` are the CRU's own, `crate::cru`.)
+fn covers(gwc: &[i64], pwc1: &[i64], pwc1_bias: bool, inputs: i64, groups: i64) -> bool {
+    let [outputs, per_group_in, kernel, kernel_w] = gwc[..] else { return false };
+    groups > 0
+        && per_group_in * groups == inputs
+        && per_group_in <= MOST_INPUTS_A_GROUP
+        && kernel == kernel_w
+        && kernel % 2 == 1
+        && outputs % groups == 0
+        && (outputs / groups) % 16 == 0
+        && pwc1[..] == [outputs, inputs, 1, 1]
+        && !pwc1_bias
+}
+
 /// Whether this CPU has AVX-512F, which the kernel's registers are.
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -356,30 +363,33 @@ mod tests {
         }
     }
 
-    /// Made for the CRU's layers where a group reads at most 8 channels, writes a multiple of 16 and
-    /// the CPU has AVX-512; it reads channels-last fp32 `up` of its channels only.
+    /// Made for the CRU's layers where a group reads at most 8 channels and writes a multiple of 16,
+    /// where the CPU has AVX-512; it reads channels-last fp32 `up` of its channels only.
     #[test]
     fn a_kernel_is_made_where_it_pays() {
-        let vs = VarStore::new(Device::Cpu);
-        let made = |[gwc, pwc1]: [nn::Conv2D; 2], inputs, groups| {
-            GroupedPlusPointwise::new(&gwc, &pwc1, inputs, groups).unwrap().is_some()
+        let covered = |inputs: i64, outputs: i64, groups: i64, k: i64| {
+            covers(&[outputs, inputs / groups, k, k], &[outputs, inputs, 1, 1], false, inputs, groups)
         };
-        assert_eq!(made(layers(&vs, 16, 64, 2, 3, true), 16, 2), has_avx512(), "64 channels' CRU");
-        assert!(!made(layers(&vs, 32, 128, 2, 3, true), 32, 2), "16 inputs a group");
-        assert!(!made(layers(&vs, 16, 40, 2, 3, true), 16, 2), "20 outputs a group");
-        assert!(!made(layers(&vs, 8, 32, 2, 2, true), 8, 2), "an even kernel");
-        let biased_pwc1 = nn::conv2d(vs.root(), 16, 64, 1, Default::default());
-        let [gwc, _] = layers(&vs, 16, 64, 2, 3, true);
-        assert!(!made([gwc, biased_pwc1], 16, 2), "PWC1 with a bias");
+        assert!(covered(16, 64, 2, 3), "64 channels' CRU");
+        assert!(covered(8, 32, 2, 3) && covered(8, 48, 1, 5), "32 channels' CRU, a 5x5 kernel");
+        assert!(!covered(32, 128, 2, 3), "16 inputs a group");
+        assert!(!covered(16, 40, 2, 3), "20 outputs a group");
+        assert!(!covered(8, 32, 2, 2), "an even kernel");
+        assert!(!covers(&[64, 8, 3, 3], &[64, 16, 1, 1], true, 16, 2), "PWC1 with a bias");
+        assert!(!covers(&[64, 8, 3, 3], &[64, 8, 1, 1], false, 16, 2), "PWC1 reading other channels");
+        let vs = VarStore::new(Device::Cpu);
+        let [gwc, pwc1] = layers(&vs, 16, 64, 2, 3, true);
+        let made = GroupedPlusPointwise::new(&gwc, &pwc1, 16, 2).unwrap();
+        assert_eq!(made.is_some(), has_avx512(), "made where the CPU has AVX-512 only");
         if !has_avx512() {
             return;
         }
-        let [gwc, pwc1] = layers(&vs, 16, 64, 2, 3, true);
-        let ours = GroupedPlusPointwise::new(&gwc, &pwc1, 16, 2).unwrap().unwrap();
+        let ours = made.unwrap();
         let nchw = Tensor::randn([2, 16, 5, 6], (Kind::Float, Device::Cpu));
         assert!(ours.forward(&nchw).is_none(), "NCHW");
         assert!(ours.forward(&channels_last(&nchw.to_kind(Kind::BFloat16))).is_none(), "bf16");
         assert!(ours.forward(&channels_last(&nchw.narrow(1, 0, 8))).is_none(), "8 channels");
+        assert!(ours.forward(&channels_last(&nchw.narrow(0, 0, 0))).is_none(), "no images");
         assert!(ours.forward(&channels_last(&nchw)).is_some());
     }
 }

@@ -37,8 +37,8 @@ pub enum Pass {
     /// Where a stride-2 ScConv step pools its output, the 2x2 average pool moved before the CRU's
     /// convolutions (`pool_first`): GWC and the pool as one stride-2 convolution, PWC1, PWC2 and the
     /// weighted sum at a quarter of the positions. fp32 forms, before prepack (which packs PWC1 and PWC2
-    /// for the pooled inputs); taken by the channels-last steps on inputs of even height and width.
-    /// Changes rounding (the pooled kernel, sums of fewer terms).
+    /// for the pooled inputs); taken by the steps that run channels-last (after [`Pass::ChannelsLast`])
+    /// on inputs of even height and width. Changes rounding (the pooled kernel, sums of fewer terms).
     PoolFirst,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
@@ -202,9 +202,10 @@ impl<'a> InferenceResNet<'a> {
     }
 
     /// The form with the passes that measured fastest applied, prepacked for inputs of `input_size`:
-    /// every pass of [`Pass::ALL`], except `ChannelsLast` in SC networks whose ScConv version has no
+    /// every pass of [`Pass::ALL`], except `ChannelsLast` and the passes that work on its steps
+    /// (`PoolFirst`, `FuseSqueezes`, `FuseGwcPwc1`) in SC networks whose ScConv version has no
     /// channels-last kernel (the soft gate, `nn.GroupNorm`: converting at each ScConv cost more than it
-    /// saved, docs/speed.md) and `TileBatch` and `Prepack` without the shim.
+    /// saved, docs/speed.md), and `TileBatch` and `Prepack` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
         InferenceResNet::compiled_with(model, input_size, Precision::Fp32)
     }
@@ -628,8 +629,11 @@ mod tests {
         form.apply(Pass::FoldBatchnorm, size).unwrap();
         form.apply(Pass::FuseEpilogues, size).unwrap();
         form.tile = tile;
+        form.apply(Pass::PoolFirst, size).unwrap();
         form.apply(Pass::Prepack, size).unwrap();
-        form.apply(Pass::ChannelsLast, size).unwrap();
+        for pass in [Pass::ChannelsLast, Pass::FuseSqueezes, Pass::FuseGwcPwc1] {
+            form.apply(pass, size).unwrap();
+        }
         form
     }
 

@@ -36,10 +36,15 @@ pub(crate) fn pool(t: &Tensor) -> Tensor {
     t.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)
 }
 
-/// Whether a step's input of this size takes the pooled path: an even height and width.
+/// Whether a step's input `x` takes the pooled path: an even height and width.
 pub(crate) fn fits(x: &Tensor) -> bool {
     let size = x.size();
-    size.len() == 4 && size[2] % 2 == 0 && size[3] % 2 == 0
+    size.len() == 4 && fits_size(size[2], size[3])
+}
+
+/// Whether inputs of height `h` and width `w` take the pooled path (see [`fits`]).
+pub(crate) fn fits_size(h: i64, w: i64) -> bool {
+    h % 2 == 0 && w % 2 == 0
 }
 
 #[cfg(test)]

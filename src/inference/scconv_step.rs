@@ -69,8 +69,7 @@ struct FormCru {
 }
 
 impl FormCru {
-    /// With `pool_first`, also GWC pooled (`pool_first::pooled_gwc`).
-    fn new(scconv: &ScConv, arithmetic: &Arithmetic, pool_first: bool) -> Result<FormCru, ScConvError> {
+    fn new(scconv: &ScConv, arithmetic: &Arithmetic) -> Result<FormCru, ScConvError> {
         let (cru, config) = (&scconv.CRU, scconv.config());
         let k = config.group_kernel_size;
         let pointwise = ConvGeometry::square(1, 0, 1);
@@ -80,15 +79,6 @@ impl FormCru {
             conv.cast(arithmetic)?;
             Ok(conv)
         };
-        let pooled_gwc = match pool_first {
-            true => {
-                let mut gwc = pool_first::pooled_gwc(&cru.GWC, config.group_size);
-                gwc.fuse()?;
-                gwc.cast(arithmetic)?;
-                Some(gwc)
-            }
-            false => None,
-        };
         Ok(FormCru {
             squeeze1: conv(&cru.squeeze1, pointwise)?,
             squeeze2: conv(&cru.squeeze2, pointwise)?,
@@ -97,20 +87,32 @@ impl FormCru {
             pwc2: conv(&cru.PWC2, pointwise)?,
             means: BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2, arithmetic.is_bf16()),
             gwc_pwc1: None,
-            pooled_gwc,
+            pooled_gwc: None,
         })
     }
 
-    /// Prepacked for ScConv inputs of each of `sizes` (N, C, H, W): PWC1 and PWC2 for pooled inputs
-    /// where GWC is pooled.
+    /// GWC and the 2x2 pool after it as the form's stride-2 convolution (`pool_first::pooled_gwc`).
+    fn pooled_gwc(scconv: &ScConv, arithmetic: &Arithmetic) -> Result<InferenceConv, ScConvError> {
+        let mut gwc = pool_first::pooled_gwc(&scconv.CRU.GWC, scconv.config().group_size);
+        gwc.fuse()?;
+        gwc.cast(arithmetic)?;
+        Ok(gwc)
+    }
+
+    /// Prepacked for ScConv inputs of each of `sizes` (N, C, H, W): PWC1 and PWC2 for the pooled inputs
+    /// where GWC is pooled and the size takes the pooled path (`pool_first::fits`).
     fn prepack(&mut self, scconv: &ScConv, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let config = scconv.config();
         let (up, low) = (config.squeezed_up(), config.squeezed_low());
         let with_channels =
             |c: i64| -> Vec<[i64; 4]> { sizes.iter().map(|&[n, _, h, w]| [n, c, h, w]).collect() };
-        let shrink = if self.pooled_gwc.is_some() { 2 } else { 1 };
+        let pooled = self.pooled_gwc.is_some();
         let after_gwc = |c: i64| -> Vec<[i64; 4]> {
-            sizes.iter().map(|&[n, _, h, w]| [n, c, h / shrink, w / shrink]).collect()
+            let shrink = |[n, _, h, w]: [i64; 4]| match pooled && pool_first::fits_size(h, w) {
+                true => [n, c, h / 2, w / 2],
+                false => [n, c, h, w],
+            };
+            sizes.iter().map(|&size| shrink(size)).collect()
         };
         self.squeeze1.prepack_sizes(&with_channels(config.up_channel()))?;
         self.squeeze2.prepack_sizes(&with_channels(config.low_channel()))?;
@@ -228,7 +230,7 @@ impl<'a> ScConvStep<'a> {
     /// output (after fold, before prepack, as a convolution's).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         cast_allowed(self.batchnorm.is_none(), self.cru.is_some())?;
-        self.cru = Some(FormCru::new(self.scconv, arithmetic, self.pool_first)?);
+        self.cru = Some(FormCru::new(self.scconv, arithmetic)?);
         self.arithmetic = arithmetic.clone();
         Ok(())
     }
@@ -241,13 +243,8 @@ impl<'a> ScConvStep<'a> {
     /// As [`ScConvStep::prepack`], for inputs of each size given (a tiled batch's full tiles and its
     /// rest).
     pub fn prepack_sizes(&mut self, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
-        let mut cru = match self.cru.take() {
-            Some(cru) => cru,
-            None => FormCru::new(self.scconv, &self.arithmetic, self.pool_first)?,
-        };
-        cru.prepack(self.scconv, sizes)?;
-        self.cru = Some(cru);
-        Ok(())
+        let scconv = self.scconv;
+        self.form_cru()?.prepack(scconv, sizes)
     }
 
     /// The channels-last pass: the SRU read and written channels-last (`channels_last_sru`), for the
@@ -286,27 +283,31 @@ impl<'a> ScConvStep<'a> {
         else {
             return Ok(false);
         };
-        let mut form_cru = match self.cru.take() {
-            Some(cru) => cru,
-            None => FormCru::new(self.scconv, &self.arithmetic, self.pool_first)?,
-        };
-        form_cru.gwc_pwc1 = Some(kernel);
-        self.cru = Some(form_cru);
+        self.form_cru()?.gwc_pwc1 = Some(kernel);
         Ok(true)
     }
 
     /// The pool-first pass: where the step pools, the pool moved before the CRU's convolutions
     /// (`pool_first`), in fp32 forms, for the versions with the channels-last kernel (whose path
-    /// takes it, on inputs of even height and width), before prepack (which packs PWC1 and PWC2 for
-    /// the pooled inputs); `Ok(false)` (the step unchanged) elsewhere.
+    /// takes it, on inputs of even height and width); `Ok(false)` (the step unchanged) elsewhere.
+    /// Before prepack, which then packs PWC1 and PWC2 for the pooled inputs.
     pub fn pool_first(&mut self) -> Result<bool, ScConvError> {
-        if self.cru.is_some() {
-            return Err(ScConvError::InvalidInput(
-                "move the pool first before prepack, which packs PWC1 and PWC2 for its sizes".into(),
-            ));
+        if !self.pool || self.arithmetic != Arithmetic::Fp32 || !self.has_channels_last_kernel() {
+            return Ok(false);
         }
-        self.pool_first = self.pool && self.arithmetic == Arithmetic::Fp32 && self.has_channels_last_kernel();
-        Ok(self.pool_first)
+        let pooled = FormCru::pooled_gwc(self.scconv, &self.arithmetic)?;
+        self.form_cru()?.pooled_gwc = Some(pooled);
+        self.pool_first = true;
+        Ok(true)
+    }
+
+    /// The form's CRU, made (unprepacked) where no pass has made it yet.
+    fn form_cru(&mut self) -> Result<&mut FormCru, ScConvError> {
+        let cru = match self.cru.take() {
+            Some(cru) => cru,
+            None => FormCru::new(self.scconv, &self.arithmetic)?,
+        };
+        Ok(self.cru.insert(cru))
     }
 
     /// Whether its ScConv version has the channels-last kernel (what the channels-last pass needs).
@@ -352,7 +353,7 @@ impl<'a> ScConvStep<'a> {
                 tch::no_grad(|| cru.forward_fused(convs.unwrap_or(cru), &sru_out, false, copies, scale))
             }
         };
-        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
+        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual, true))
     }
 
     /// `forward` after the channels-last pass: its SRU writes the CRU's halves, and the weighted sum
@@ -374,32 +375,47 @@ impl<'a> ScConvStep<'a> {
         let (up, low) = scope("SRU (channels-last)", || sru.forward(x, mask, squeezes, buffers, bf16));
         let pool_first = self.pool_first_cru(x);
         let cru = &self.scconv.CRU;
-        let parts = match (&pool_first, squeezes) {
-            (Some(pooled), _) => {
-                let (up, low) = match squeezes {
-                    Some(_) => (up.shallow_clone(), low.shallow_clone()),
-                    None => scope("CRU squeeze1, squeeze2", || convs.squeezes(&up, &low)),
-                };
-                let low = scope("CRU pool first", || pool_first::pool(&low));
-                cru.forward_squeezed(pooled, up, low, scale)
+        let parts = match &pool_first {
+            Some(pooled) => self.pooled_parts(pooled, convs, &up, &low, scale),
+            None if squeezes.is_some() => {
+                cru.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale)
             }
-            (None, Some(_)) => cru.forward_squeezed(convs, up.shallow_clone(), low.shallow_clone(), scale),
-            (None, None) => cru.forward_halves(convs, &up, &low, scale),
+            None => cru.forward_halves(convs, &up, &low, scale),
         };
         // The CRU has read both (its output is a new tensor): the next forward may write them.
         self.sru_buffers.replace(Some((up, low)));
-        if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref(), pool_first.is_none()) {
+        // Whether the parts are still to be pooled (where the step pools).
+        let pool = pool_first.is_none();
+        if let Some(out) = self.fused_weighted_sum(&parts, residual.as_ref(), pool) {
             return out;
         }
         let y = scope("CRU fuse: weighted sum", || parts.weighted_sum());
-        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual))
+        scope("ScConv step pool, shift, add, ReLU", || self.after_scconv(y, residual, pool))
     }
 
-    /// The pool-first CRU where this step takes that path on `x`: after the pass, with the weighted
-    /// sum fused (the one pass that takes pooled parts), on an even height and width.
+    /// The CRU's parts with the pool first: the SRU's halves squeezed (unless it squeezed them), `low`
+    /// pooled (a branch as it is), `up` pooled by `pooled`'s convolutions.
+    fn pooled_parts(
+        &self,
+        pooled: &PoolFirstCru,
+        convs: &dyn CruConvs,
+        up: &Tensor,
+        low: &Tensor,
+        scale: Option<&Tensor>,
+    ) -> FuseParts {
+        let (up, low) = match self.squeezes {
+            Some(_) => (up.shallow_clone(), low.shallow_clone()),
+            None => scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low)),
+        };
+        let low = scope("CRU pool first", || pool_first::pool(&low));
+        self.scconv.CRU.forward_squeezed(pooled, up, low, scale)
+    }
+
+    /// The pool-first CRU where this step takes that path on `x`: after the pass, on an even height
+    /// and width.
     fn pool_first_cru(&self, x: &Tensor) -> Option<PoolFirstCru<'_>> {
         let cru = self.cru.as_ref()?;
-        let takes = self.pool_first && self.fused && self.folded.is_some() && pool_first::fits(x);
+        let takes = self.pool_first && pool_first::fits(x);
         takes.then_some(PoolFirstCru { cru, pooled_gwc: cru.pooled_gwc.as_ref()? })
     }
 
@@ -422,9 +438,10 @@ impl<'a> ScConvStep<'a> {
         }
     }
 
-    /// `relu(bn(pool(y)) [+ residual])` on the ScConv's output, stored as the step stores values.
-    fn after_scconv(&self, y: Tensor, residual: Option<Tensor>) -> Tensor {
-        let y = match self.pool {
+    /// `relu(bn(pool(y)) [+ residual])` on the ScConv's output, stored as the step stores values; the
+    /// pool where the step pools and `pool` (`y` not pooled already).
+    fn after_scconv(&self, y: Tensor, residual: Option<Tensor>, pool: bool) -> Tensor {
+        let y = match self.pool && pool {
             true => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
             false => y,
         };
@@ -520,6 +537,8 @@ mod tests {
                     }
                 }
                 let input = step.input(&x);
+                let takes_pooled_path = step.pool_first_cru(&input).is_some();
+                assert_eq!(takes_pooled_path, pooled_first && pool, "{config:?}: the pooled path");
                 let out = tch::no_grad(|| step.forward(&input, Some(residual.copy()), Some(&decisions)));
                 let check = compare(&out, &reference, Tolerance::FP32).unwrap();
                 assert!(
@@ -550,6 +569,32 @@ mod tests {
                 assert!(with_own.equal(&with_given), "{config:?}: it applies the decisions it reports");
             }
         }
+    }
+
+    /// With the pool first but the weighted sum not fused (no fuse pass), the step pools once: its
+    /// parts are pooled already, so the plain weighted sum's epilogue does not pool again.
+    #[test]
+    fn a_pool_first_step_pools_once_without_the_fused_weighted_sum() {
+        let config = ScConvConfig::new(32);
+        let vs = VarStore::new(Device::Cpu);
+        let model = scconv(vs.root() / "sc", &config).unwrap();
+        let bn = batchnorm(&vs, config.op_channel);
+        let x = channels_last(&Tensor::randn([2, 32, 14, 14], (Kind::Float, Device::Cpu)));
+        let decisions = tch::no_grad(|| model.SRU.gate(&x.contiguous()).decisions);
+        let reference = tch::no_grad(|| {
+            let y = model.CRU.forward(&model.SRU.forward_with_decisions(&x.contiguous(), &decisions));
+            y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None).apply_t(&bn, false).relu()
+        });
+        let mut step = ScConvStep::new(&model, "sc", true, BatchNormParams::of(&bn, 1e-5), true).unwrap();
+        step.fold();
+        assert!(step.pool_first().unwrap());
+        assert!(step.channels_last().unwrap());
+        let input = step.input(&x);
+        assert!(step.pool_first_cru(&input).is_some(), "the pooled path");
+        let out = tch::no_grad(|| step.forward(&input, None, Some(&decisions)));
+        assert_eq!(out.size(), [2, 32, 7, 7]);
+        let check = compare(&out, &reference, Tolerance::FP32).unwrap();
+        assert!(check.passed(), "{check:?}");
     }
 
     /// The fuse-squeezes pass leaves a bf16 step as it is (its squeezes run in bf16).
