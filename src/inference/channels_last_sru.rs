@@ -93,7 +93,7 @@ pub(crate) fn fp32_values(t: &Tensor, what: &str) -> Result<Vec<f32>, ScConvErro
 }
 
 /// An uninitialised channels-last tensor of logical shape (N, C, H, W).
-fn empty_channels_last([n, c, h, w]: [usize; 4], kind: Kind) -> Tensor {
+pub(crate) fn empty_channels_last([n, c, h, w]: [usize; 4], kind: Kind) -> Tensor {
     let [n, c, h, w] = [n, c, h, w].map(|d| d as i64);
     Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (kind, Device::Cpu))
 }

@@ -9,11 +9,11 @@
 //! oneDNN sums in its own order, so `Y1` differs from the two calls' by fp32 rounding (the form's
 //! bound holds; gate decisions downstream can move, and are counted). Each output row is computed
 //! alone, so a batch gives each image the same bits whatever its tiles.
-use super::channels_last_sru::{fp32_values, is_channels_last_fp32};
+use super::channels_last_sru::{empty_channels_last, fp32_values, is_channels_last_fp32};
 use super::parallel_for;
 use crate::error::ScConvError;
 use crate::fast::welford::SharedOut;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// The most input channels a group of GWC reads where this kernel runs. Measured on an AVX-512 Xeon
 /// against the form's two prepacked oneDNN calls (docs/speed.md, "GWC + PWC1 as one kernel"): 0.56-0.93x
@@ -97,9 +97,8 @@ impl GroupedPlusPointwise {
         if !is_channels_last_fp32(up) || up.size()[1] != self.inputs as i64 || up.numel() == 0 {
             return None;
         }
-        let size = up.size();
-        let (n, c, h, w) = (size[0], self.outputs as i64, size[2], size[3]);
-        let out = Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (Kind::Float, Device::Cpu));
+        let [n, _, h, w] = <[i64; 4]>::try_from(up.size()).ok()?.map(|d| d as usize);
+        let out = empty_channels_last([n, self.outputs, h, w], Kind::Float);
         // SAFETY: `up` is a dense fp32 CPU tensor (checked above) alive for the call; `out` is new, of
         // `n * h * w * outputs` fp32 values, and nothing else holds it yet.
         let (up_values, out_values) = unsafe {
@@ -107,7 +106,7 @@ impl GroupedPlusPointwise {
             let out_values = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel());
             (up_values, out_values)
         };
-        self.apply(up_values, out_values, [n, h, w].map(|d| d as usize));
+        self.apply(up_values, out_values, [n, h, w]);
         Some(out)
     }
 
@@ -278,6 +277,7 @@ pub(crate) fn has_avx512() -> bool {
 mod tests {
     use super::*;
     use tch::nn::{Module, VarStore};
+    use tch::Device;
 
     /// A CRU-like GWC (`groups`, `kernel`, bias as asked) and PWC1 reading `inputs` channels.
     fn layers(

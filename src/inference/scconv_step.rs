@@ -48,8 +48,6 @@ pub struct ScConvStep<'a> {
     squeezes: Option<FusedSqueezes>,
     /// Its `(up, low)` of the last forward, written over by the next (`ChannelsLastSru::forward`).
     sru_buffers: std::cell::RefCell<Option<(Tensor, Tensor)>>,
-    /// The pool-first pass: the pool moved before the CRU's convolutions (`pool_first`).
-    pool_first: bool,
 }
 
 /// The CRU's five convolutions as the form's convolutions (fused, cast and prepacked as the passes
@@ -204,7 +202,6 @@ impl<'a> ScConvStep<'a> {
             channels_last: None,
             squeezes: None,
             sru_buffers: Default::default(),
-            pool_first: false,
         })
     }
 
@@ -297,7 +294,6 @@ impl<'a> ScConvStep<'a> {
         }
         let pooled = FormCru::pooled_gwc(self.scconv, &self.arithmetic)?;
         self.form_cru()?.pooled_gwc = Some(pooled);
-        self.pool_first = true;
         Ok(true)
     }
 
@@ -411,12 +407,12 @@ impl<'a> ScConvStep<'a> {
         self.scconv.CRU.forward_squeezed(pooled, up, low, scale)
     }
 
-    /// The pool-first CRU where this step takes that path on `x`: after the pass, on an even height
-    /// and width.
+    /// The pool-first CRU where this step takes that path on `x`: after the pass (which made the
+    /// pooled GWC), on an even height and width.
     fn pool_first_cru(&self, x: &Tensor) -> Option<PoolFirstCru<'_>> {
         let cru = self.cru.as_ref()?;
-        let takes = self.pool_first && pool_first::fits(x);
-        takes.then_some(PoolFirstCru { cru, pooled_gwc: cru.pooled_gwc.as_ref()? })
+        let pooled_gwc = cru.pooled_gwc.as_ref()?;
+        pool_first::fits(x).then_some(PoolFirstCru { cru, pooled_gwc })
     }
 
     /// The weighted sum, its pool where the step pools and `parts` are not pooled already, the shift,
@@ -442,7 +438,7 @@ impl<'a> ScConvStep<'a> {
     /// pool where the step pools and `pool` (`y` not pooled already).
     fn after_scconv(&self, y: Tensor, residual: Option<Tensor>, pool: bool) -> Tensor {
         let y = match self.pool && pool {
-            true => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+            true => pool_first::pool(&y),
             false => y,
         };
         let y = match (&self.batchnorm, &self.folded) {
