@@ -1,6 +1,6 @@
 """Writes whole-network parity fixtures: eval-mode logits of a batch and the gate of every ScConv.
 
-    python parity/generate_model_fixtures.py --out DIR --cases random [--seed N] [--device cuda] [--only NAME]
+    python parity/generate_model_fixtures.py --out DIR --cases random [--seed N] [--device cuda] [--only NAME[,NAME...]]
     python parity/generate_model_fixtures.py --out weights/parity-models --cases trained
     python parity/generate_model_fixtures.py --out weights/parity-models/versions --cases versions
 
@@ -12,9 +12,10 @@ ResNet-50's is 66 MB); the last is an SC-ResNet-18 of the current head (2023-10-
 images of the shipped sample.
 
 Per case: `NAME.tensors.safetensors` with `input`, `logits`, and for each ScConv at path P (e.g.
-`layer1.0.conv2`) `gate.P.z` and `gate.P.info_mask`; one `manifest.json` for all cases. The trained cases
-also hold `logits_bf16_autocast`: the same batch under PyTorch's CPU bf16 autocast with the fp32 run's gate
-decisions injected (PyTorch's own bf16 accuracy, the bound of the bf16 inference form's test).
+`layer1.0.conv2`) `gate.P.z` and `gate.P.info_mask`; one `manifest.json` for all cases. The trained cases,
+and on the CPU the random SC cases of the seed's version, also hold `logits_bf16_autocast`: the same batch
+under PyTorch's CPU bf16 autocast with the fp32 run's gate decisions injected (PyTorch's own bf16 accuracy,
+the bound of the bf16 inference form's tests).
 """
 import argparse
 import gzip
@@ -138,7 +139,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--format", choices=["safetensors", "pt"], default=None,
                         help="pt: every file by torch.save (a state dict as torch.save(model.state_dict()))")
-    parser.add_argument("--only", default=None, help="just the case of this name")
+    parser.add_argument("--only", default=None, help="just the cases of these names (comma-separated)")
     args = parser.parse_args()
     fmt = args.format or ("safetensors" if save_file else "pt")
     os.makedirs(args.out, exist_ok=True)
@@ -146,7 +147,7 @@ def main():
                 "device": args.device, **cpu_kernels(args.device), "seed": args.seed, "cases": []}
     if args.cases in ("random", "versions"):
         for index, (name, config, shape) in enumerate(RANDOM_CASES if args.cases == "random" else VERSION_CASES):
-            if args.only not in (None, name):
+            if args.only is not None and name not in args.only.split(","):
                 continue
             torch.manual_seed(args.seed + index)
             model = build(config)
@@ -157,6 +158,8 @@ def main():
             state_dict = {k: v for k, v in model.state_dict().items()}
             state_file = write(state_dict, args.out, name, fmt)
             tensors = run(model, config, x, args.device)
+            if args.device == "cpu" and config.get("sc") and not config.get("scconv"):
+                tensors["logits_bf16_autocast"] = bf16_autocast_logits(model, tensors["input"], tensors)
             manifest["cases"].append({"name": name, "config": full_config(config), "state_dict": state_file,
                                       "tensors": write(tensors, args.out, f"{name}.tensors", fmt)})
             print(f"{name}: logits {list(tensors['logits'].shape)}, {sum(k.endswith('.z') for k in tensors)} gates")

@@ -10,6 +10,7 @@ use scconv_tch::harness::infer::Classifier;
 use scconv_tch::inference::{
     bf16_support, cpu_bf16_flags, onednn_bf16_support, Arithmetic, InferenceResNet, Pass, Precision,
 };
+use scconv_tch::models::ResNet;
 use tch::{Device, Kind, Tensor};
 
 /// One rounding to bf16, relative (8 significant bits).
@@ -73,6 +74,14 @@ fn the_bf16_pass_casts_a_bf16_form_after_fold_and_before_prepack() {
     assert!(err.contains("before prepack"), "{err}");
     assert_eq!(form.passes(), &[Pass::FoldBatchnorm, Pass::Prepack]);
     assert!(form.try_forward(&probe).unwrap().equal(&before), "a refused cast changes no step");
+
+    // The pool first makes its pooled GWC in the form's precision: after the cast.
+    let mut early = InferenceResNet::with_precision(&classifier.model, Precision::Bf16Emulated).unwrap();
+    early.apply(Pass::FoldBatchnorm, size).unwrap();
+    let err = early.apply(Pass::PoolFirst, size).unwrap_err().to_string();
+    assert!(err.contains("after the bf16 pass"), "{err}");
+    early.apply(Pass::Bf16, size).unwrap();
+    early.apply(Pass::PoolFirst, size).unwrap();
 
     // Fold then cast alone (no fuse, no prepack): the logits are the bf16 form's already.
     let mut cast = InferenceResNet::with_precision(&classifier.model, Precision::Bf16Emulated).unwrap();
@@ -205,4 +214,97 @@ fn hold_to_pytorchs_bf16_accuracy(precision: Precision) -> Vec<(&'static str, Te
         on_pytorchs_batch.push((name, logits));
     }
     on_pytorchs_batch
+}
+
+/// Networks whose stride-2 ScConvs pool (the random `sc_small_pooled_32px` and `sc_resnet50_64px` of
+/// `parity/generate_model_fixtures.py`, made here with PyTorch's bf16 autocast logits): the bf16 form
+/// with the pool moved before the CRU, and without, held to the trained networks' bound on PyTorch's
+/// batch with its decisions injected (twice PyTorch's bf16 autocast error against the fp64 twin, plus
+/// one bf16 rounding of the largest logit); the pass taking effect (other roundings, other logits);
+/// and, where libtorch's oneDNN takes bf16, the native form's code computing the emulated form's
+/// numbers with the pool first too.
+#[test]
+fn networks_whose_scconvs_pool_are_as_accurate_in_bf16_with_the_pool_first() {
+    use scconv_tch::harness::model_parity::ModelCaseSpec;
+    use scconv_tch::harness::parity::Manifest;
+    let dir = common::scratch_dir("bf16-pooled-networks");
+    let status = std::process::Command::new(common::python())
+        .arg(crate_dir().join("parity/generate_model_fixtures.py"))
+        .args(["--out".as_ref(), dir.as_os_str()])
+        .args(["--cases", "random", "--only", "sc_small_pooled_32px,sc_resnet50_64px"])
+        .status()
+        .expect("cannot start the Python model fixture generator");
+    assert!(status.success(), "generate_model_fixtures.py failed ({status})");
+    let manifest = Manifest::<ModelCaseSpec>::read(&dir).unwrap();
+    assert_eq!(manifest.cases.len(), 2);
+    let native = matches!(Arithmetic::for_precision(Precision::Bf16OneDnn), Arithmetic::Bf16Native);
+    for case in &manifest.cases {
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        let model = scconv_tch::models::resnet(vs.root(), &case.config).unwrap();
+        scconv_tch::weights::load(&mut vs, dir.join(&case.state_dict)).unwrap();
+        let batch = common::trained::pytorch_batch_from(&dir.join(&case.tensors), &case.name, &model);
+        let (_twin_vs, twin) = f64_twin(&vs, model.config());
+        let truth =
+            twin.forward_with_decisions(&batch.input.to_kind(Kind::Double), &batch.decisions).unwrap();
+        let pytorch = max_abs_diff(&batch.logits_bf16_autocast, &truth);
+        let rounding = truth.abs().max().double_value(&[]) * BF16_ROUNDING;
+        let size = <[i64; 4]>::try_from(batch.input.size()).unwrap();
+        let mut logits = Vec::new();
+        let precisions = if native {
+            vec![Precision::Bf16Emulated, Precision::Bf16OneDnn]
+        } else {
+            vec![Precision::Bf16Emulated]
+        };
+        for precision in precisions {
+            for pool_first in [true, false] {
+                let form = bf16_form(&model, size, precision, pool_first);
+                let ours = form.forward_with_decisions(&batch.input, &batch.decisions).unwrap();
+                let off = max_abs_diff(&ours, &truth);
+                println!(
+                    "{} ({}, pool first {pool_first}): off by {off:.3e}, PyTorch's bf16 autocast by {pytorch:.3e}, one bf16 rounding of the largest logit {rounding:.3e}",
+                    case.name,
+                    form.arithmetic().describe()
+                );
+                assert!(
+                    off <= 2.0 * pytorch + rounding,
+                    "{} {precision:?}, pool first {pool_first}: {off:e}",
+                    case.name
+                );
+                logits.push(ours);
+            }
+            let n = logits.len();
+            assert!(
+                !logits[n - 2].equal(&logits[n - 1]),
+                "{} {precision:?}: the pool first took effect",
+                case.name
+            );
+        }
+        if native {
+            for (emulated, native) in [(&logits[0], &logits[2]), (&logits[1], &logits[3])] {
+                let diff = max_abs_diff(native, emulated);
+                let rounding = emulated.abs().max().double_value(&[]) * BF16_ROUNDING;
+                assert!(
+                    diff <= NATIVE_AGAINST_EMULATED_ROUNDINGS * rounding,
+                    "{}: {diff:e} against {rounding:e}",
+                    case.name
+                );
+            }
+        }
+    }
+}
+
+/// The bf16 form of `precision` with every pass of `Pass::all_for`, or all but the pool first.
+fn bf16_form(model: &ResNet, size: [i64; 4], precision: Precision, pool_first: bool) -> InferenceResNet<'_> {
+    if pool_first {
+        let form = InferenceResNet::compiled_with(model, size, precision).unwrap();
+        assert!(form.passes().contains(&Pass::PoolFirst), "the bf16 forms move the pool first");
+        return form;
+    }
+    let mut form = InferenceResNet::with_precision(model, precision).unwrap();
+    for pass in Pass::all_for(precision).into_iter().filter(|&p| p != Pass::PoolFirst) {
+        if !matches!(pass, Pass::TileBatch | Pass::Prepack) || scconv_tch::inference::shim_built() {
+            form.apply(pass, size).unwrap();
+        }
+    }
+    form
 }

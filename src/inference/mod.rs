@@ -10,8 +10,8 @@
 //!   bf16, what in fp32, and how CPUs without bf16 units emulate it);
 //! - [`Pass::TileBatch`]: a large batch run in tiles of a few images, each tile's activations small
 //!   enough to stay in the cores' caches (the same numbers an image);
-//! - [`Pass::PoolFirst`] (fp32 forms): after a stride-2 ScConv, the 2x2 pool moved before the CRU's
-//!   convolutions (GWC and the pool as one stride-2 convolution, the rest at a quarter of the positions);
+//! - [`Pass::PoolFirst`]: after a stride-2 ScConv, the 2x2 pool moved before the CRU's convolutions
+//!   (GWC and the pool as one stride-2 convolution, the rest at a quarter of the positions);
 //! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout (for
 //!   the tiles' sizes);
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.

@@ -36,9 +36,11 @@ pub enum Pass {
     TileBatch,
     /// Where a stride-2 ScConv step pools its output, the 2x2 average pool moved before the CRU's
     /// convolutions (`pool_first`): GWC and the pool as one stride-2 convolution, PWC1, PWC2 and the
-    /// weighted sum at a quarter of the positions. fp32 forms, before prepack (which packs PWC1 and PWC2
-    /// for the pooled inputs); taken by the steps that run channels-last (after [`Pass::ChannelsLast`])
-    /// on inputs of even height and width. Changes rounding (the pooled kernel, sums of fewer terms).
+    /// weighted sum at a quarter of the positions. Before prepack (which packs PWC1 and PWC2 for the
+    /// pooled inputs) and, in a bf16 form, after the bf16 pass (the pooled GWC is made in the form's
+    /// precision); taken by the steps that run channels-last (after [`Pass::ChannelsLast`]) on inputs
+    /// of even height and width. Changes rounding (the pooled kernel, sums of fewer terms; in bf16 the
+    /// pooled halves are stored in bf16 as the convolutions read them).
     PoolFirst,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
@@ -72,8 +74,8 @@ impl Pass {
     ];
 
     /// Every pass of a form of `precision`, in the order they compose: [`Pass::ALL`], with
-    /// [`Pass::Bf16`] after the fuse and without the fp32 ones ([`Pass::PoolFirst`],
-    /// [`Pass::FuseSqueezes`], [`Pass::FuseGwcPwc1`]) for the bf16 precisions.
+    /// [`Pass::Bf16`] after the fuse and without the fp32 ones ([`Pass::FuseSqueezes`],
+    /// [`Pass::FuseGwcPwc1`]) for the bf16 precisions.
     pub fn all_for(precision: Precision) -> Vec<Pass> {
         let mut passes = Pass::ALL.to_vec();
         if precision != Precision::Fp32 {
@@ -85,7 +87,7 @@ impl Pass {
 
     /// Whether the pass changes what the CRU computes in fp32 forms only.
     fn computes_in_fp32(self) -> bool {
-        matches!(self, Pass::PoolFirst | Pass::FuseSqueezes | Pass::FuseGwcPwc1)
+        matches!(self, Pass::FuseSqueezes | Pass::FuseGwcPwc1)
     }
 }
 
@@ -286,10 +288,8 @@ impl<'a> InferenceResNet<'a> {
                 "tile the batch before prepack, which makes the primitives for the tile's sizes".into(),
             ));
         }
-        if pass == Pass::PoolFirst && self.passes.contains(&Pass::Prepack) {
-            return Err(ScConvError::InvalidInput(
-                "move the pool first before prepack, which packs PWC1 and PWC2 for the pooled sizes".into(),
-            ));
+        if pass == Pass::PoolFirst {
+            self.check_pool_first()?;
         }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
@@ -327,16 +327,29 @@ impl<'a> InferenceResNet<'a> {
         super::conv::cast_allowed(applied(Pass::FoldBatchnorm), applied(Pass::Prepack))
     }
 
-    /// Whether `pass` (pool-first, fuse-squeezes or fuse-GWC-PWC1) may run now: in an fp32 form (a
-    /// bf16 form's convolutions run in bf16); fuse-squeezes and fuse-GWC-PWC1 after the channels-last
-    /// pass (whose SRU computes the squeezes and writes what GWC and PWC1 read).
+    /// Whether the pool-first pass may run now: before prepack (which packs PWC1 and PWC2 for the
+    /// pooled sizes) and, in a bf16 form, after the bf16 pass (the pooled GWC is cast with the rest).
+    fn check_pool_first(&self) -> Result<(), ScConvError> {
+        let refused = if self.passes.contains(&Pass::Prepack) {
+            "move the pool first before prepack, which packs PWC1 and PWC2 for the pooled sizes"
+        } else if self.arithmetic.is_bf16() && !self.passes.contains(&Pass::Bf16) {
+            "move the pool first after the bf16 pass, which casts the CRU the pooled GWC joins"
+        } else {
+            return Ok(());
+        };
+        Err(ScConvError::InvalidInput(refused.into()))
+    }
+
+    /// Whether `pass` (fuse-squeezes or fuse-GWC-PWC1) may run now: in an fp32 form (a bf16 form's
+    /// convolutions run in bf16), after the channels-last pass (whose SRU computes the squeezes and
+    /// writes what GWC and PWC1 read).
     fn check_fp32_kernels(&self, pass: Pass) -> Result<(), ScConvError> {
         if self.arithmetic != Arithmetic::Fp32 {
             return Err(ScConvError::InvalidInput(format!(
                 "the pass {pass:?} computes its convolutions in fp32; this form is bf16"
             )));
         }
-        if pass != Pass::PoolFirst && !self.passes.contains(&Pass::ChannelsLast) {
+        if !self.passes.contains(&Pass::ChannelsLast) {
             return Err(ScConvError::InvalidInput(format!(
                 "apply {pass:?} after the channels-last pass, whose SRU writes what it reads"
             )));

@@ -226,6 +226,11 @@ impl<'a> ScConvStep<'a> {
     /// The cast pass: the CRU's convolutions stored as `arithmetic` stores values, and the step's
     /// output (after fold, before prepack, as a convolution's).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
+        if self.cru.as_ref().is_some_and(|cru| cru.pooled_gwc.is_some()) {
+            return Err(ScConvError::InvalidInput(
+                "cast before the pool-first pass, which makes the pooled GWC as the CRU is stored".into(),
+            ));
+        }
         cast_allowed(self.batchnorm.is_none(), self.cru.is_some())?;
         self.cru = Some(FormCru::new(self.scconv, arithmetic)?);
         self.arithmetic = arithmetic.clone();
@@ -285,11 +290,12 @@ impl<'a> ScConvStep<'a> {
     }
 
     /// The pool-first pass: where the step pools, the pool moved before the CRU's convolutions
-    /// (`pool_first`), in fp32 forms, for the versions with the channels-last kernel (whose path
-    /// takes it, on inputs of even height and width); `Ok(false)` (the step unchanged) elsewhere.
-    /// Before prepack, which then packs PWC1 and PWC2 for the pooled inputs.
+    /// (`pool_first`), for the versions with the channels-last kernel (whose path takes it, on inputs
+    /// of even height and width); `Ok(false)` (the step unchanged) elsewhere. Before prepack, which
+    /// then packs PWC1 and PWC2 for the pooled inputs; after the cast, whose precision the pooled GWC
+    /// takes.
     pub fn pool_first(&mut self) -> Result<bool, ScConvError> {
-        if !self.pool || self.arithmetic != Arithmetic::Fp32 || !self.has_channels_last_kernel() {
+        if !self.pool || !self.has_channels_last_kernel() {
             return Ok(false);
         }
         let pooled = FormCru::pooled_gwc(self.scconv, &self.arithmetic)?;
@@ -390,7 +396,8 @@ impl<'a> ScConvStep<'a> {
     }
 
     /// The CRU's parts with the pool first: the SRU's halves squeezed (unless it squeezed them), `low`
-    /// pooled (a branch as it is), `up` pooled by `pooled`'s convolutions.
+    /// pooled (a branch as it is) and stored as the step stores values (in bf16, as PWC2 reads it and
+    /// as the native form's pool writes it), `up` pooled by `pooled`'s convolutions.
     fn pooled_parts(
         &self,
         pooled: &PoolFirstCru,
@@ -403,7 +410,7 @@ impl<'a> ScConvStep<'a> {
             Some(_) => (up.shallow_clone(), low.shallow_clone()),
             None => scope("CRU squeeze1, squeeze2", || convs.squeezes(up, low)),
         };
-        let low = scope("CRU pool first", || pool_first::pool(&low));
+        let low = scope("CRU pool first", || self.arithmetic.store(&pool_first::pool(&low)));
         self.scconv.CRU.forward_squeezed(pooled, up, low, scale)
     }
 
@@ -591,6 +598,27 @@ mod tests {
         assert_eq!(out.size(), [2, 32, 7, 7]);
         let check = compare(&out, &reference, Tolerance::FP32).unwrap();
         assert!(check.passed(), "{check:?}");
+    }
+
+    /// A bf16 step's pooled GWC is made in the step's precision: the pool-first pass after the cast,
+    /// a cast after it refused.
+    #[test]
+    fn a_bf16_step_moves_its_pool_first_after_the_cast() {
+        let vs = VarStore::new(Device::Cpu);
+        let model = scconv(vs.root() / "sc", &ScConvConfig::new(32)).unwrap();
+        let bn = batchnorm(&vs, 32);
+        let bf16 = Arithmetic::for_precision(crate::inference::Precision::Bf16Emulated);
+        let mut early = ScConvStep::new(&model, "sc", true, BatchNormParams::of(&bn, 1e-5), true).unwrap();
+        early.fold();
+        assert!(early.pool_first().unwrap());
+        let err = early.cast(&bf16).unwrap_err().to_string();
+        assert!(err.contains("before the pool-first pass"), "{err}");
+        let mut step = ScConvStep::new(&model, "sc", true, BatchNormParams::of(&bn, 1e-5), true).unwrap();
+        step.fold();
+        step.cast(&bf16).unwrap();
+        assert!(step.pool_first().unwrap());
+        let pooled_gwc = step.cru.as_ref().and_then(|cru| cru.pooled_gwc.as_ref()).unwrap();
+        assert_eq!(pooled_gwc.arithmetic(), &bf16);
     }
 
     /// The fuse-squeezes pass leaves a bf16 step as it is (its squeezes run in bf16).

@@ -27,8 +27,13 @@ pub struct PytorchBatch {
 
 pub fn pytorch_batch(name: &str, model: &ResNet) -> PytorchBatch {
     let path = crate_dir().join(format!("weights/parity-models/{name}.tensors.safetensors"));
+    pytorch_batch_from(&path, name, model)
+}
+
+/// As [`pytorch_batch`], from the fixture file at `path` (of a network `name`d so in messages).
+pub fn pytorch_batch_from(path: &std::path::Path, name: &str, model: &ResNet) -> PytorchBatch {
     let tensors: std::collections::BTreeMap<String, Tensor> =
-        scconv_tch::weights::read(&path).unwrap().into_iter().collect();
+        scconv_tch::weights::read(path).unwrap().into_iter().collect();
     let input = tensors["input"].shallow_clone();
     // The model's own ScConv paths, in forward order, each with PyTorch's recorded decisions.
     let (_, gates) = tch::no_grad(|| model.forward_recording_gates(&input)).unwrap();
