@@ -9,9 +9,9 @@
 //! - `compile NAME N C H W [PASSES]`: the inference form for inputs of that size, with every pass or
 //!   the comma-separated ones given, in order (`fold-batchnorm,fuse-epilogues,tile-batch,pool-first,
 //!   prepack,channels-last,fuse-squeezes,fuse-gwc-pwc1`, `Pass`'s names);
-//! - `compile-bf16 NAME N C H W [PRECISION]`: the bf16 inference form (`Precision::Bf16`, or the
-//!   precision named, `bf16-onednn` or `bf16-emulated`; every pass); the answer names its arithmetic
-//!   (native, or emulated and why);
+//! - `compile-bf16 NAME N C H W [PRECISION [PASSES]]`: the bf16 inference form (`Precision::Bf16`, or
+//!   the precision named, `bf16-onednn` or `bf16-emulated`; every pass, or the ones given as for
+//!   `compile`, `bf16` among them); the answer names its arithmetic (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
 //! - `allocator`: which malloc libtorch's tensors come from in this process, and the oneDNN version of
@@ -107,6 +107,20 @@ fn read_input(path: &str) -> Result<Tensor, Error> {
     Ok(tensors.into_iter().find(|(k, _)| k == "input").ok_or("no `input`")?.1)
 }
 
+/// The inference form of `precision` with the comma-separated passes of `list`, in order.
+fn form_with_passes<'a>(
+    model: &'a ResNet,
+    precision: Precision,
+    size: [i64; 4],
+    list: &str,
+) -> Result<InferenceResNet<'a>, Error> {
+    let mut form = InferenceResNet::with_precision(model, precision)?;
+    for pass in list.split(',').filter(|p| !p.is_empty()) {
+        form.apply(serde_json::from_value(serde_json::json!(pass))?, size)?;
+    }
+    Ok(form)
+}
+
 fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result<&'a mut Network, Error> {
     networks.get_mut(name).ok_or_else(|| format!("no network {name}").into())
 }
@@ -125,26 +139,25 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             let size = size(&[n_, c, h, w])?;
             n.form = Some(match passes {
                 [] => InferenceResNet::compiled(n.shared, size)?,
-                [list] => {
-                    let mut form = InferenceResNet::new(n.shared)?;
-                    for pass in list.split(',').filter(|p| !p.is_empty()) {
-                        form.apply(serde_json::from_value(serde_json::json!(pass))?, size)?;
-                    }
-                    form
-                }
+                [list] => form_with_passes(n.shared, Precision::Fp32, size, list)?,
                 _ => return Err("compile NAME N C H W [PASS,PASS,...]".into()),
             });
             let passes = n.form.as_ref().map(|f| f.passes().to_vec());
             Ok(serde_json::json!({"ok": true, "passes": passes}))
         }
-        ["compile-bf16", name, n_, c, h, w, precision @ ..] => {
+        ["compile-bf16", name, n_, c, h, w, rest @ ..] => {
             let n = network(networks, name)?;
-            let precision: Precision = match precision {
-                [] => Precision::Bf16,
-                [named] => serde_json::from_value(serde_json::json!(named))?,
-                _ => return Err("compile-bf16 NAME N C H W [PRECISION]".into()),
+            let size = size(&[n_, c, h, w])?;
+            let (precision, passes): (Precision, _) = match rest {
+                [] => (Precision::Bf16, None),
+                [named] => (serde_json::from_value(serde_json::json!(named))?, None),
+                [named, list] => (serde_json::from_value(serde_json::json!(named))?, Some(list)),
+                _ => return Err("compile-bf16 NAME N C H W [PRECISION [PASS,PASS,...]]".into()),
             };
-            let form = InferenceResNet::compiled_with(n.shared, size(&[n_, c, h, w])?, precision)?;
+            let form = match passes {
+                None => InferenceResNet::compiled_with(n.shared, size, precision)?,
+                Some(list) => form_with_passes(n.shared, precision, size, list)?,
+            };
             let answer = serde_json::json!({"ok": true, "passes": form.passes(), "arithmetic": form.arithmetic().describe(),
                 "native": form.arithmetic() == &scconv_tch::inference::Arithmetic::Bf16Native});
             n.form_bf16 = Some(form);
