@@ -45,10 +45,33 @@ sys.path.insert(0, str(ROOT / "parity"))
 # A pause before each runtime's turn: the thread pools of the one before (OpenMP's, ONNX Runtime's,
 # OpenVINO's TBB) keep spinning for a while after their last call, and on 2 cores a spinning pool in
 # the other process took the next runtime's CPU (measured: our Fashion-MNIST batch 1 at 173 images/s
-# right after the peers, 1,095 alone).
+# right after the peers, 1,095 alone). `OtherSide` records, per turn, the CPU the other process used
+# (the table says the most), so a run shows whether the pause sufficed.
 QUIET_S = 0.5
 PEER_PACKAGES = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "openvino==2026.4.1", "matplotlib==3.11.2"]
 MEAN, STD = 0.2860, 0.3530  # the training script's Fashion-MNIST normalisation (src/harness/data)
+
+
+def cpu_seconds(pid):
+    """The CPU seconds (user and system, all threads) process `pid` has used so far (/proc/PID/stat)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherSide:
+    """The CPU the process not being timed uses during a runtime's turn (the driver's, with the peers'
+    thread pools, while ours runs; the worker's while a peer runs), as a share of one core: 0 when the
+    other side is quiet, as a fair side-by-side run needs."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def __enter__(self):
+        self.cpu, self.start = cpu_seconds(self.pid), time.perf_counter()
+        return self
+
+    def __exit__(self, *_):
+        self.share = (cpu_seconds(self.pid) - self.cpu) / (time.perf_counter() - self.start)
 
 
 def fail(what, err):
@@ -377,6 +400,7 @@ def main():
             for batch in entry["batches"]:
                 x = torch.randn(batch, *shape)
                 timings = entry["timings"].setdefault(str(batch), {})
+                other_side = entry.setdefault("other_side_cpu", {}).setdefault(str(batch), {})
                 # Batch 1 runs take a millisecond or so: more of them, after more warm-up, per turn.
                 warmup, runs = (1, args.runs) if batch > 1 else (10, 10 * args.runs)
                 for runtime, per_batch in runtimes.items():
@@ -384,17 +408,20 @@ def main():
                         continue
                     f = per_batch[batch]
                     time.sleep(QUIET_S)
-                    with torch.no_grad():
+                    with torch.no_grad(), OtherSide(worker.proc.pid) as other:
                         for _ in range(warmup):
                             f(x)
                         for _ in range(runs):
                             start = time.perf_counter()
                             f(x)
                             timings.setdefault(runtime, []).append((time.perf_counter() - start) * 1e3)
+                    other_side.setdefault(runtime, []).append(other.share)
                 for mode in ours:
                     time.sleep(QUIET_S)
-                    ms = worker.ask(f"time {entry['name']}@{batch} {mode} {batch} {' '.join(map(str, shape))} {warmup} {runs}")["ms"]
+                    with OtherSide(os.getpid()) as other:
+                        ms = worker.ask(f"time {entry['name']}@{batch} {mode} {batch} {' '.join(map(str, shape))} {warmup} {runs}")["ms"]
                     timings.setdefault(our_name(mode), []).extend(ms)
+                    other_side.setdefault(our_name(mode), []).append(other.share)
 
     for entry in results["networks"]:
         entry["images_per_second"] = {
@@ -450,6 +477,13 @@ def table(results):
             cells += [ratio(ips, "scconv-tch inference", best), ratio(ips, "scconv-tch inference bf16", "OpenVINO default"),
                       ratio(ips, "scconv-tch inference bf16", "torch.compile bf16")]
             lines.append(f"| {entry['name']} ({batch}) | " + " | ".join(cells) + " |")
+    shares = [(share, e["name"], batch, runtime) for e in results["networks"]
+              for batch, per in e.get("other_side_cpu", {}).items() for runtime, turn in per.items() for share in turn]
+    if shares:
+        most = max(shares)
+        lines += ["", f"The process not being timed (the driver, with the peers' thread pools, during our turns; our "
+                  f"worker during the peers') used at most {most[0]:.2f} of a core in any of the {len(shares)} turns "
+                  f"({most[1]} ({most[2]}), {most[3]}'s turn): no runtime shared the cores with the other process."]
     single = [(e["name"], e["images_per_second"]["1"]) for e in results["networks"] if "1" in e["images_per_second"]]
     if single:
         lines += ["", "Batch 1, milliseconds per image (the median forward; a serving process's latency):", "",
