@@ -8,8 +8,8 @@
 //!   (`precision::Arithmetic`);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
 //!   where the build has oneDNN primitives of its own (`onednn.rs`) and the convolution is a fused
-//!   fp32 one, dense or grouped and small, also a primitive created once for that size (and for a
-//!   tiled batch's rest), which channels-last inputs of that size then run.
+//!   fp32 or native bf16 one, dense or grouped and small, also a primitive created once for that size
+//!   (and for a tiled batch's rest), which channels-last inputs of that size then run.
 use super::ffi::{self, ConvGeometry};
 use super::fold::{self, BatchNormParams};
 use super::onednn::OwnConv;
@@ -133,13 +133,14 @@ impl InferenceConv {
         Ok(())
     }
 
-    /// Whether a primitive of our own runs inputs of `size` faster than libtorch's call: fused fp32
-    /// convolutions, dense ones always; grouped ones (the CRU's GWC) only when small, since oneDNN 3.2's
-    /// grouped kernels take 1.1-1.75x the time of libtorch's oneDNN 3.10 ones (SC-ResNet-50's GWCs at
-    /// batch 1), which pays where a call's work is large, and the call's ~28 us where it is small.
+    /// Whether a primitive of our own runs inputs of `size` faster than libtorch's call: fused fp32 or
+    /// native bf16 convolutions (emulated bf16 rounds each output after an fp32 call: libtorch's),
+    /// dense ones always; grouped ones (the CRU's GWC) only when small, since oneDNN 3.2's grouped
+    /// kernels take 1.1-1.75x the time of libtorch's oneDNN 3.10 ones (SC-ResNet-50's GWCs at batch 1,
+    /// fp32), which pays where a call's work is large, and the call's ~28 us where it is small.
     fn own_primitive_pays(&self, size: [i64; 4]) -> bool {
-        let fused_fp32 = self.fused && self.arithmetic == Arithmetic::Fp32;
-        fused_fp32 && (self.geometry.groups == 1 || self.multiply_adds(size) < SMALL_GROUPED_MULTIPLY_ADDS)
+        let fused = self.fused && matches!(self.arithmetic, Arithmetic::Fp32 | Arithmetic::Bf16Native);
+        fused && (self.geometry.groups == 1 || self.multiply_adds(size) < SMALL_GROUPED_MULTIPLY_ADDS)
     }
 
     /// Multiply-adds of one call on inputs of `size` (N, C, H, W).
@@ -186,10 +187,12 @@ impl InferenceConv {
     /// `relu(bn(conv(x)))`, each part where configured; in bf16 (after `cast`), `x` is stored in bf16
     /// first and the result is bf16.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        // In fp32 `x` as it is (no call); in bf16 its bf16 values, which the own primitive reads too.
+        let stored = self.arithmetic.is_bf16().then(|| self.arithmetic.store(x));
+        let x = stored.as_ref().unwrap_or(x);
         if let Some(y) = self.own.iter().find_map(|own| own.forward(x)) {
             return y;
         }
-        let x = &self.arithmetic.store(x);
         if self.fused && ffi::shim_built() {
             let y =
                 ffi::conv_pointwise(x, self.onednn_weight(), self.bias.as_ref(), &self.geometry, self.relu);
@@ -367,12 +370,24 @@ mod tests {
         assert!(!layer.ws.equal(&r(&layer.ws)), "the model's own weight is not changed");
     }
 
-    /// Prepack's own oneDNN primitive (where built) against libtorch's fused call on the same fp32
-    /// weights, on channels-last inputs of the prepacked size, for the geometries the networks use: the
-    /// same function, as accurate against fp64 (twice libtorch's error plus one rounding; the two
-    /// oneDNNs may pick other kernels). Other inputs (NCHW, another batch) run libtorch's call.
+    /// Prepack's own oneDNN primitive (where built) against libtorch's fused call on the same weights,
+    /// fp32 and (where libtorch's oneDNN takes bf16) native bf16, on channels-last inputs of the
+    /// prepacked size, for the geometries the networks use: the same function, as accurate against
+    /// fp64 on the same (rounded) operands (twice libtorch's error plus one rounding of the output
+    /// type; the two oneDNNs may pick other kernels). Other inputs (NCHW, another batch) run
+    /// libtorch's call.
     #[test]
     fn the_own_primitive_is_as_accurate_as_libtorchs_call() {
+        let mut arithmetics = vec![(Arithmetic::Fp32, f64::powi(2.0, -24))];
+        if crate::inference::onednn_bf16_support().is_ok() {
+            arithmetics.push((Arithmetic::Bf16Native, f64::powi(2.0, -8)));
+        }
+        for (arithmetic, rounding) in arithmetics {
+            own_primitive_against_libtorch(&arithmetic, rounding);
+        }
+    }
+
+    fn own_primitive_against_libtorch(arithmetic: &Arithmetic, rounding: f64) {
         let cl = crate::inference::channels_last_sru::to_channels_last;
         // (in, out, kernel, stride, groups, input size, relu)
         for (c_in, c_out, k, stride, groups, size, relu) in [
@@ -387,42 +402,41 @@ mod tests {
             let config = nn::ConvConfig { stride, padding: k / 2, groups, ..Default::default() };
             let layer = nn::conv2d(vs.root() / "c", c_in, c_out, k, config);
             let input = [2, c_in, size, size];
-            let x = cl(&Tensor::randn(input, (Kind::Float, Device::Cpu)));
+            let x = arithmetic.store(&cl(&Tensor::randn(input, (Kind::Float, Device::Cpu))));
             let out = (size + 2 * (k / 2) - k) / stride + 1;
-            let residual = cl(&Tensor::randn([2, c_out, out, out], (Kind::Float, Device::Cpu)));
+            let residual =
+                arithmetic.store(&cl(&Tensor::randn([2, c_out, out, out], (Kind::Float, Device::Cpu))));
             let mut conv = InferenceConv::new(&layer, ConvGeometry::square(stride, k / 2, groups));
             if relu {
                 conv = conv.then_relu();
             }
             conv.fuse().unwrap();
+            conv.cast(arithmetic).unwrap();
             if !ffi::shim_built() {
                 return;
             }
             conv.prepack(input).unwrap();
+            let what = format!("{} {c_in}->{c_out} k{k} s{stride} g{groups}", arithmetic.name());
             // Every case is dense or a grouped one small enough (0.45 M multiply-adds).
             let own = crate::inference::own_onednn_version().is_some();
-            assert_eq!(conv.runs_own_primitive(), own, "dense convolutions and small grouped ones");
+            assert_eq!(conv.runs_own_primitive(), own, "{what}: dense convolutions and small grouped ones");
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
             if let Some(own) = conv.own.first() {
                 let takes_nchw = tch::no_grad(|| own.forward(&x.contiguous()).is_some());
-                assert_eq!(
-                    takes_nchw,
-                    c_in == 1,
-                    "{c_in}->{c_out}: the primitive takes NCHW only with one channel"
-                );
+                assert_eq!(takes_nchw, c_in == 1, "{what}: the primitive takes NCHW only with one channel");
             }
             conv.own.clear(); // libtorch's call from here on
             let libtorch = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             match c_in {
-                1 => assert!(nchw.equal(&ours.0), "a one-channel NCHW input runs the own primitive"),
-                _ => assert!(nchw.equal(&libtorch.0), "an NCHW input runs libtorch's call"),
+                1 => assert!(nchw.equal(&ours.0), "{what}: a one-channel NCHW input runs the own primitive"),
+                _ => assert!(nchw.equal(&libtorch.0), "{what}: an NCHW input runs libtorch's call"),
             }
             let d = |t: &Tensor| t.to_kind(Kind::Double);
             let g = |v: i64| [v, v];
             let plain = d(&x).conv2d(
-                &d(&layer.ws),
-                layer.bs.as_ref().map(d).as_ref(),
+                &d(&conv.weight),
+                conv.bias.as_ref().map(d).as_ref(),
                 g(stride),
                 g(k / 2),
                 g(1),
@@ -433,16 +447,14 @@ mod tests {
                 ("conv", &ours.0, &libtorch.0, activate(plain.shallow_clone())),
                 ("conv + add", &ours.1, &libtorch.1, activate(&plain + d(&residual))),
             ] {
-                let ulp = truth.abs().max().double_value(&[]) * f64::powi(2.0, -24);
+                let ulp = truth.abs().max().double_value(&[]) * rounding;
                 let budget = 2.0 * max_abs_diff(libtorch, &truth) + ulp;
                 let err = max_abs_diff(ours, &truth);
-                assert!(
-                    err <= budget,
-                    "{c_in}->{c_out} k{k} s{stride} g{groups} {name}: {err:e} > {budget:e}"
-                );
+                assert!(err <= budget, "{what} {name}: {err:e} > {budget:e}");
+                assert_eq!(ours.kind(), x.kind(), "{what} {name}: the output's kind");
                 assert!(
                     crate::inference::channels_last_sru::is_channels_last(ours),
-                    "{name}: channels-last out"
+                    "{what} {name}: channels-last out"
                 );
             }
         }

@@ -4,7 +4,8 @@
 // call through libtorch's `mkldnn::_convolution_pointwise` rebuilds oneDNN's descriptors and attributes
 // and looks the primitive up in its cache every time: ~18-30 us of fixed cost per call, against ~1-2 us
 // here (docs/speed.md, "Batch 1: the per-call cost"). libtorch does not export its own oneDNN, so this
-// is a second one; it sees plain fp32 pointers only (no ATen headers: their oneDNN headers differ).
+// is a second one; it sees plain fp32 or bf16 pointers only (no ATen headers: their oneDNN headers
+// differ).
 //
 // Every function returns 0 on success, or non-zero with a message in `err` (never throws).
 #include <oneapi/dnnl/dnnl.hpp>
@@ -65,13 +66,15 @@ dnnl::convolution_forward::primitive_desc describe(const dnnl::memory::desc& src
 
 extern "C" {
 
-// A convolution for channels-last fp32 inputs of `input` (N, C, H, W), `w` (O, C / groups, KH, KW)
-// and `b` (O, or null) contiguous fp32, geometry as PyTorch gives it. Writes the output size
-// (N, O, OH, OW) into `output`.
-int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, const int64_t* input,
+// A convolution for channels-last inputs of `input` (N, C, H, W), `w` (O, C / groups, KH, KW) and `b`
+// (O, or null) contiguous, geometry as PyTorch gives it; all fp32, or with `bf16` all bf16 (products
+// summed in fp32, the output rounded to bf16 once, as libtorch's bf16 call computes). Writes the output
+// size (N, O, OH, OW) into `output`.
+int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, const int64_t* input,
                          const int64_t* stride, const int64_t* padding, const int64_t* dilation, int64_t groups,
-                         int relu, scc_dnnl_conv** out, int64_t* output, char* err, size_t len) {
+                         int relu, int bf16, scc_dnnl_conv** out, int64_t* output, char* err, size_t len) {
   try {
+    const dt type = bf16 ? dt::bf16 : dt::f32;
     const int64_t n = input[0], c = input[1], h = input[2], wd = input[3], o = w_size[0];
     int64_t spatial[2] = {h, wd}, out_spatial[2];
     dims pad_l(2), pad_r(2), dil(2), str(2);
@@ -84,16 +87,16 @@ int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, 
       dil[i] = dilation[i] - 1;  // oneDNN counts the gaps
       str[i] = stride[i];
     }
-    dnnl::memory::desc src({n, c, h, wd}, dt::f32, tag::nhwc);
-    dnnl::memory::desc dst({n, o, out_spatial[0], out_spatial[1]}, dt::f32, tag::nhwc);
+    dnnl::memory::desc src({n, c, h, wd}, type, tag::nhwc);
+    dnnl::memory::desc dst({n, o, out_spatial[0], out_spatial[1]}, type, tag::nhwc);
     dims w_dims = groups == 1 ? dims{o, c, w_size[2], w_size[3]}
                               : dims{groups, o / groups, c / groups, w_size[2], w_size[3]};
-    dnnl::memory::desc w_any(w_dims, dt::f32, tag::any);
-    dnnl::memory::desc w_user(w_dims, dt::f32, groups == 1 ? tag::oihw : tag::goihw);
-    dnnl::memory::desc b_md({o}, dt::f32, tag::a);
+    dnnl::memory::desc w_any(w_dims, type, tag::any);
+    dnnl::memory::desc w_user(w_dims, type, groups == 1 ? tag::oihw : tag::goihw);
+    dnnl::memory::desc b_md({o}, type, tag::a);
     const dnnl::memory::desc* bias = b ? &b_md : nullptr;
     dnnl::stream stream(cpu());
-    dnnl::memory user(w_user, cpu(), const_cast<float*>(w));
+    dnnl::memory user(w_user, cpu(), const_cast<void*>(w));
     // With and without the residual add oneDNN may choose different kernels, and weight layouts.
     auto variant = [&](bool sum) {
       auto pd = describe(src, w_any, bias, dst, str, dil, pad_l, pad_r, relu != 0, sum);
@@ -106,7 +109,7 @@ int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, 
                                   dnnl::memory(dst, cpu(), nullptr), {}, {}};
     if (b) {
       conv->bias = dnnl::memory(b_md, cpu());
-      dnnl::memory user_b(b_md, cpu(), const_cast<float*>(b));
+      dnnl::memory user_b(b_md, cpu(), const_cast<void*>(b));
       dnnl::reorder(user_b, conv->bias).execute(stream, user_b, conv->bias);
     }
     auto args = [&](const scc_dnnl_variant& v) {
@@ -132,13 +135,13 @@ int scc_dnnl_conv_create(const float* w, const int64_t* w_size, const float* b, 
   }
 }
 
-// y = relu?(conv(x) + bias [+ y when `add`]): x and y channels-last fp32 of the sizes given at
+// y = relu?(conv(x) + bias [+ y when `add`]): x and y channels-last, of the sizes and type given at
 // creation. Not for two threads at once on one convolution (its scratchpad, source and destination
 // memories are its own).
-int scc_dnnl_conv_run(scc_dnnl_conv* conv, const float* x, float* y, int add, char* err, size_t len) {
+int scc_dnnl_conv_run(scc_dnnl_conv* conv, const void* x, void* y, int add, char* err, size_t len) {
   try {
     thread_local dnnl::stream stream(cpu());
-    conv->src.set_data_handle(const_cast<float*>(x));
+    conv->src.set_data_handle(const_cast<void*>(x));
     conv->dst.set_data_handle(y);
     const scc_dnnl_variant& v = add ? conv->with_sum : conv->plain;
     v.primitive.execute(stream, add ? conv->sum_args : conv->plain_args);

@@ -2,9 +2,9 @@
 //! `onednn` feature is on and build.rs finds oneDNN: `cfg(scconv_onednn)`): created once per input
 //! size when the prepack pass runs, executed on each call's data pointers, where libtorch's
 //! `mkldnn::_convolution_pointwise` rebuilds descriptors and looks the primitive up on every call.
-//! fp32, channels-last input and output, ReLU and residual add in the epilogue, as the fused form's
-//! libtorch call computes them; any other input is left to libtorch.
-use super::channels_last_sru::is_channels_last_fp32;
+//! fp32 or bf16 (the native bf16 form's), channels-last input and output, ReLU and residual add in the
+//! epilogue, as the fused form's libtorch call computes them; any other input is left to libtorch.
+use super::channels_last_sru::is_channels_last;
 #[cfg(scconv_onednn)]
 use super::ffi::checked;
 use super::ffi::ConvGeometry;
@@ -29,15 +29,16 @@ mod raw {
     use std::os::raw::{c_char, c_int, c_void};
     extern "C" {
         pub fn scc_dnnl_conv_create(
-            w: *const f32,
+            w: *const c_void,
             w_size: *const i64,
-            b: *const f32,
+            b: *const c_void,
             input: *const i64,
             stride: *const i64,
             padding: *const i64,
             dilation: *const i64,
             groups: i64,
             relu: c_int,
+            bf16: c_int,
             out: *mut *mut c_void,
             output: *mut i64,
             err: *mut c_char,
@@ -45,8 +46,8 @@ mod raw {
         ) -> c_int;
         pub fn scc_dnnl_conv_run(
             conv: *mut c_void,
-            x: *const f32,
-            y: *mut f32,
+            x: *const c_void,
+            y: *mut c_void,
             add: c_int,
             err: *mut c_char,
             len: usize,
@@ -64,14 +65,16 @@ struct Handle(*mut std::os::raw::c_void);
 // SAFETY: owned by one `OwnConv` alone, used by one thread at a time (behind its mutex).
 unsafe impl Send for Handle {}
 
-/// One convolution (with its bias and optional ReLU) as a primitive for one input size. Two threads
-/// may share it: runs take turns (the scratchpad is the primitive's own).
+/// One convolution (with its bias and optional ReLU) as a primitive for one input size and kind (fp32
+/// or bf16: input, weight, bias and output alike). Two threads may share it: runs take turns (the
+/// scratchpad is the primitive's own).
 #[derive(Debug)]
 pub(crate) struct OwnConv {
     #[cfg_attr(not(scconv_onednn), allow(dead_code))]
     handle: std::sync::Mutex<Handle>,
     input: [i64; 4],
     output: [i64; 4],
+    kind: Kind,
 }
 
 impl Drop for OwnConv {
@@ -84,14 +87,14 @@ impl Drop for OwnConv {
     }
 }
 
-/// Whether `t` is an fp32 CPU tensor of `size` with dense channels-last strides.
-fn fits(t: &Tensor, size: [i64; 4]) -> bool {
-    t.size() == size && is_channels_last_fp32(t)
+/// Whether `t` is a CPU tensor of `kind` and `size` with dense channels-last strides.
+fn fits(t: &Tensor, kind: Kind, size: [i64; 4]) -> bool {
+    t.kind() == kind && t.device() == Device::Cpu && t.size() == size && is_channels_last(t)
 }
 
 impl OwnConv {
-    /// The primitive for channels-last fp32 inputs of `input` (N, C, H, W); `None` where this build
-    /// has none or the weight is not fp32 on the CPU.
+    /// The primitive for channels-last inputs of `input` (N, C, H, W) of the weight's kind; `None`
+    /// where this build has none, or the weight and bias are not both fp32 or both bf16 on the CPU.
     pub(crate) fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -99,8 +102,11 @@ impl OwnConv {
         input: [i64; 4],
         relu: bool,
     ) -> Result<Option<OwnConv>, String> {
-        let fp32_cpu = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
-        if own_onednn_version().is_none() || !fp32_cpu(weight) || !bias.is_none_or(fp32_cpu) {
+        let kind = weight.kind();
+        let taken = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu;
+        let supported =
+            matches!(kind, Kind::Float | Kind::BFloat16) && taken(weight) && bias.is_none_or(taken);
+        if own_onednn_version().is_none() || !supported {
             return Ok(None);
         }
         #[cfg(scconv_onednn)]
@@ -110,24 +116,26 @@ impl OwnConv {
             let w_size = weight.size();
             let (mut handle, mut output) = (std::ptr::null_mut(), [0i64; 4]);
             checked(|err, len| unsafe {
-                // SAFETY: live contiguous fp32 tensors; the sizes are four values each.
+                // SAFETY: live contiguous tensors of one kind (fp32 or bf16, as the flag says); the sizes
+                // are four values each.
                 raw::scc_dnnl_conv_create(
-                    weight.data_ptr() as *const f32,
+                    weight.data_ptr(),
                     w_size.as_ptr(),
-                    bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr() as *const f32),
+                    bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr()),
                     input.as_ptr(),
                     g.stride.as_ptr(),
                     g.padding.as_ptr(),
                     g.dilation.as_ptr(),
                     g.groups,
                     relu as _,
+                    (kind == Kind::BFloat16) as _,
                     &mut handle,
                     output.as_mut_ptr(),
                     err,
                     len,
                 )
             })?;
-            return Ok(Some(OwnConv { handle: std::sync::Mutex::new(Handle(handle)), input, output }));
+            return Ok(Some(OwnConv { handle: std::sync::Mutex::new(Handle(handle)), input, output, kind }));
         }
         #[allow(unreachable_code)]
         {
@@ -139,19 +147,21 @@ impl OwnConv {
     /// `relu?(conv(x) + b)` as a new channels-last tensor, or `None` where `x` is not what the
     /// primitive was made for (the caller calls libtorch).
     pub(crate) fn forward(&self, x: &Tensor) -> Option<Tensor> {
-        if !fits(x, self.input) {
+        if !fits(x, self.kind, self.input) {
             return None;
         }
         let [n, c, h, w] = self.output;
         // One call (a permuted NHWC `empty` is two through libtorch's dispatcher).
-        let y = Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (Kind::Float, Device::Cpu));
+        let y = Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (self.kind, Device::Cpu));
         self.run(x, &y, false).then_some(y)
     }
 
     /// `residual = relu?(conv(x) + b + residual)` in place; `false` (nothing written) where `x` or
     /// `residual` is not what the primitive was made for.
     pub(crate) fn forward_add(&self, x: &Tensor, residual: &mut Tensor) -> bool {
-        fits(x, self.input) && fits(residual, self.output) && self.run(x, residual, true)
+        fits(x, self.kind, self.input)
+            && fits(residual, self.kind, self.output)
+            && self.run(x, residual, true)
     }
 
     fn run(&self, x: &Tensor, y: &Tensor, add: bool) -> bool {
@@ -159,10 +169,9 @@ impl OwnConv {
         {
             let handle = self.handle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let ran = checked(|err, len| unsafe {
-                // SAFETY: `x` and `y` are dense channels-last fp32 CPU tensors of the primitive's sizes
-                // (checked by the callers), alive for the call; `y` is written, nothing else reads it.
-                let (x, y) = (x.data_ptr() as *const f32, y.data_ptr() as *mut f32);
-                raw::scc_dnnl_conv_run(handle.0, x, y, add as _, err, len)
+                // SAFETY: `x` and `y` are dense channels-last CPU tensors of the primitive's sizes and
+                // kind (checked by the callers), alive for the call; `y` is written, nothing else reads it.
+                raw::scc_dnnl_conv_run(handle.0, x.data_ptr(), y.data_ptr(), add as _, err, len)
             });
             // oneDNN accepted these sizes when the primitive was made: a failure now is a bug or an
             // allocation failure, a panic as tch's own operations make it.
