@@ -8,7 +8,7 @@
 //!   `ResNetConfig` JSON) with those weights (`-`: the random ones the driver exported instead);
 //! - `compile NAME N C H W [PASSES]`: the inference form for inputs of that size, with every pass or
 //!   the comma-separated ones given, in order (`fold-batchnorm,fuse-epilogues,tile-batch,pool-first,
-//!   prepack,channels-last,fuse-squeezes,fuse-gwc-pwc1`, `Pass`'s names);
+//!   prepack,own-primitives,channels-last,fuse-squeezes,fuse-gwc-pwc1`, `Pass`'s names);
 //! - `compile-bf16 NAME N C H W [PRECISION [PASSES]]`: the bf16 inference form (`Precision::Bf16`, or
 //!   the precision named, `bf16-onednn` or `bf16-emulated`; every pass, or the ones given as for
 //!   `compile`, `bf16` among them); the answer names its arithmetic (native, or emulated and why);

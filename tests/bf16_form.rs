@@ -302,7 +302,9 @@ fn bf16_form(model: &ResNet, size: [i64; 4], precision: Precision, pool_first: b
     }
     let mut form = InferenceResNet::with_precision(model, precision).unwrap();
     for pass in Pass::all_for(precision).into_iter().filter(|&p| p != Pass::PoolFirst) {
-        if !matches!(pass, Pass::TileBatch | Pass::Prepack) || scconv_tch::inference::shim_built() {
+        if !matches!(pass, Pass::TileBatch | Pass::Prepack | Pass::OwnPrimitives)
+            || scconv_tch::inference::shim_built()
+        {
             form.apply(pass, size).unwrap();
         }
     }

@@ -48,10 +48,10 @@ fn the_compiled_form_applies_every_pass_it_names() {
         let form = InferenceResNet::compiled(&model, [1, 3, 64, 64]).unwrap();
         let mut expected = vec![Pass::FoldBatchnorm, Pass::FuseEpilogues, Pass::TileBatch];
         if channels_last {
-            expected.extend([Pass::PoolFirst, Pass::Prepack, Pass::ChannelsLast]);
+            expected.extend([Pass::PoolFirst, Pass::Prepack, Pass::OwnPrimitives, Pass::ChannelsLast]);
             expected.extend([Pass::FuseSqueezes, Pass::FuseGwcPwc1]);
         } else {
-            expected.push(Pass::Prepack);
+            expected.extend([Pass::Prepack, Pass::OwnPrimitives]);
         }
         assert_eq!(form.passes(), expected, "sc {sc}, {variant:?}");
     }

@@ -130,6 +130,8 @@ fn a_pass_out_of_order_or_twice_is_an_error() {
         let err = form.apply(early, [1, 1, 28, 28]).unwrap_err().to_string();
         assert!(err.contains("fold"), "{early:?}: {err}");
     }
+    let err = form.apply(Pass::OwnPrimitives, [1, 1, 28, 28]).unwrap_err().to_string();
+    assert!(err.contains("prepack first"), "{err}");
     assert!(form.passes().is_empty(), "a refused pass is not recorded");
     form.apply(Pass::FoldBatchnorm, [1, 1, 28, 28]).unwrap();
     let err = form.apply(Pass::FoldBatchnorm, [1, 1, 28, 28]).unwrap_err().to_string();

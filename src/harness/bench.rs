@@ -187,7 +187,8 @@ pub fn bench_block(
 }
 
 /// One [`FormBlockBench`]: both steps built from `scconv`, `conv` and `batchnorm` with every pass of
-/// the form (`Pass::Bf16` too in bf16), prepacked for `x`'s size.
+/// the form (`Pass::Bf16` too in bf16), prepacked for `x`'s size, on primitives of our own where they
+/// pay.
 fn bench_form_block(
     scconv: &crate::ScConv,
     conv: &nn::Conv2D,
@@ -212,6 +213,8 @@ fn bench_form_block(
     }
     step.prepack(size)?;
     plain.prepack(size)?;
+    step.own_primitives()?;
+    plain.own_primitives()?;
     let channels_last = step.channels_last()?;
     step.fuse_squeezes()?;
     step.fuse_gwc_pwc1()?;

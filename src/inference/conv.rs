@@ -7,9 +7,10 @@
 //! - `cast` (the bf16 form only): weight and bias stored in bf16, and so its input and output
 //!   (`precision::Arithmetic`);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
-//!   where the build has oneDNN primitives of its own (`onednn.rs`) and the convolution is a fused
-//!   fp32 or native bf16 one, dense or grouped and small, also a primitive created once for that size
-//!   (and for a tiled batch's rest), which channels-last inputs of that size then run.
+//! - `own_primitives` (after prepack): where the build has oneDNN primitives of its own (`onednn.rs`)
+//!   and the convolution is a fused fp32 or native bf16 one, dense or grouped and small, a primitive
+//!   created once for each prepacked size (a tiled batch's full tile and its rest), which
+//!   channels-last inputs of that size then run instead of libtorch's call.
 use super::ffi::{self, ConvGeometry};
 use super::fold::{self, BatchNormParams};
 use super::onednn::OwnConv;
@@ -38,7 +39,9 @@ pub struct InferenceConv {
     packed: Option<Tensor>,
     /// How its weight, input and output are stored (the cast pass).
     arithmetic: Arithmetic,
-    /// The fused fp32 convolution as oneDNN primitives of our own, one for each prepacked input size.
+    /// The input sizes prepack packed for (the own-primitives pass makes a primitive for each).
+    packed_sizes: Vec<[i64; 4]>,
+    /// The fused convolution as oneDNN primitives of our own, one for each prepacked input size.
     own: Vec<OwnConv>,
 }
 
@@ -64,6 +67,7 @@ impl InferenceConv {
             fused: false,
             packed: None,
             arithmetic: Arithmetic::Fp32,
+            packed_sizes: Vec::new(),
             own: Vec::new(),
         }
     }
@@ -85,6 +89,7 @@ impl InferenceConv {
         if let Some(bn) = self.batchnorm.take() {
             let (weight, bias) = fold::fold_batchnorm(&self.weight, self.bias.as_ref(), &bn);
             (self.weight, self.bias, self.packed, self.own) = (weight, Some(bias), None, Vec::new());
+            self.packed_sizes.clear();
         }
     }
 
@@ -105,8 +110,8 @@ impl InferenceConv {
     }
 
     /// As [`InferenceConv::prepack`], for inputs of each size given (a tiled batch's full tiles and
-    /// its rest): the weight reordered for the first, and where the build has oneDNN primitives of its
-    /// own, one primitive for each size.
+    /// its rest): the weight reordered for the first; the sizes kept for
+    /// [`InferenceConv::own_primitives`].
     pub fn prepack_sizes(&mut self, input_sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         if !ffi::shim_built() {
             return Err(ScConvError::InvalidInput(
@@ -119,18 +124,33 @@ impl InferenceConv {
         let packed = tch::no_grad(|| ffi::reorder_conv_weight(&self.weight, &self.geometry, first))
             .map_err(|e| ScConvError::InvalidInput(format!("prepack: {e}")))?;
         self.packed = Some(packed);
+        self.packed_sizes = input_sizes.to_vec();
+        self.own = Vec::new();
+        Ok(())
+    }
+
+    /// The own-primitives pass (after prepack): the convolution as oneDNN primitives of our own, one
+    /// for each size prepack packed for, where this build has them and they pay
+    /// (`own_primitive_pays`); `Ok(false)` (libtorch's calls kept) elsewhere. The same function as
+    /// libtorch's call, another oneDNN's kernels (the unit tests hold them to its accuracy).
+    pub fn own_primitives(&mut self) -> Result<bool, ScConvError> {
+        let Some(&first) = self.packed_sizes.first() else {
+            return Err(ScConvError::InvalidInput(
+                "own primitives need prepack first, for the sizes it packed (the prepack pass)".into(),
+            ));
+        };
+        self.own = Vec::new();
         // Decided on the first size (a tiled batch's full tile) for every size, so that a form computes
         // each image alike whichever tile it runs in.
-        let own = self.own_primitive_pays(first);
-        self.own = Vec::new();
-        if own {
-            for &size in input_sizes {
-                let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
-                    .map_err(|e| ScConvError::InvalidInput(format!("prepack (own oneDNN primitive): {e}")))?;
-                self.own.extend(own);
-            }
+        if !self.own_primitive_pays(first) {
+            return Ok(false);
         }
-        Ok(())
+        for size in self.packed_sizes.clone() {
+            let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
+                .map_err(|e| ScConvError::InvalidInput(format!("own oneDNN primitive: {e}")))?;
+            self.own.extend(own);
+        }
+        Ok(!self.own.is_empty())
     }
 
     /// Whether a primitive of our own runs inputs of `size` faster than libtorch's call: fused fp32 or
@@ -154,7 +174,7 @@ impl InferenceConv {
         n * out(0, h) * out(1, w) * self.weight.numel() as i64
     }
 
-    /// Whether prepack made it a oneDNN primitive of our own (`own_onednn_version`).
+    /// Whether the own-primitives pass made it a oneDNN primitive of our own (`own_onednn_version`).
     pub fn runs_own_primitive(&self) -> bool {
         !self.own.is_empty()
     }
@@ -417,9 +437,15 @@ mod tests {
             }
             conv.prepack(input).unwrap();
             let what = format!("{} {c_in}->{c_out} k{k} s{stride} g{groups}", arithmetic.name());
+            assert!(!conv.runs_own_primitive(), "{what}: prepack alone keeps libtorch's call");
             // Every case is dense or a grouped one small enough (0.45 M multiply-adds).
             let own = crate::inference::own_onednn_version().is_some();
-            assert_eq!(conv.runs_own_primitive(), own, "{what}: dense convolutions and small grouped ones");
+            assert_eq!(
+                conv.own_primitives().unwrap(),
+                own,
+                "{what}: dense convolutions and small grouped ones"
+            );
+            assert_eq!(conv.runs_own_primitive(), own, "{what}");
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
             if let Some(own) = conv.own.first() {
@@ -479,6 +505,7 @@ mod tests {
             let mut conv = InferenceConv::new(&layer, ConvGeometry::square(stride, k / 2, 1)).then_relu();
             conv.fuse().unwrap();
             conv.prepack_sizes(&[[10, c_in, 28, 28], [6, c_in, 28, 28]]).unwrap();
+            assert!(conv.own_primitives().unwrap());
             assert_eq!(conv.own.len(), 2, "one primitive a size");
             let x = cl(&Tensor::randn([10, c_in, 28, 28], (Kind::Float, Device::Cpu)));
             let rest = cl(&x.narrow(0, 4, 6));
@@ -507,8 +534,10 @@ mod tests {
         assert_eq!(stride2.multiply_adds([1, 8, 28, 28]), 14 * 14 * 32 * 4 * 9);
         if crate::inference::own_onednn_version().is_some() {
             conv.prepack_sizes(&[[10, 8, 28, 28], [1, 8, 28, 28]]).unwrap();
+            assert!(!conv.own_primitives().unwrap());
             assert!(conv.own.is_empty(), "decided on the full tile, for its rest too");
             conv.prepack_sizes(&[[1, 8, 28, 28]]).unwrap();
+            assert!(conv.own_primitives().unwrap());
             assert_eq!(conv.own.len(), 1, "a batch of 1 on our own primitive");
             let x = crate::inference::channels_last_sru::to_channels_last(&Tensor::randn(
                 [1, 8, 28, 28],
@@ -521,6 +550,16 @@ mod tests {
         let mut dense = InferenceConv::new(&dense, ConvGeometry::square(1, 1, 1));
         dense.fuse().unwrap();
         assert!(dense.own_primitive_pays([256, 8, 28, 28]), "dense ones at any size");
+    }
+
+    #[test]
+    fn own_primitives_before_prepack_are_refused() {
+        let vs = VarStore::new(Device::Cpu);
+        let layer = nn::conv2d(vs.root() / "c", 4, 4, 1, Default::default());
+        let mut conv = InferenceConv::new(&layer, ConvGeometry::square(1, 0, 1));
+        conv.fuse().unwrap();
+        let err = conv.own_primitives().unwrap_err().to_string();
+        assert!(err.contains("prepack first"), "{err}");
     }
 
     #[test]

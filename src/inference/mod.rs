@@ -14,6 +14,8 @@
 //!   (GWC and the pool as one stride-2 convolution, the rest at a quarter of the positions);
 //! - [`Pass::Prepack`]: every convolution's weight reordered once into oneDNN's blocked layout (for
 //!   the tiles' sizes);
+//! - [`Pass::OwnPrimitives`]: the fused convolutions (fp32, native bf16) as oneDNN primitives of this
+//!   crate's own, created once for those sizes (a call's fixed cost ~1-2 us, not libtorch's ~18-30);
 //! - [`Pass::ChannelsLast`]: activations in NHWC strides between the plain convolutions.
 //! - [`Pass::FuseSqueezes`] (fp32 forms): the CRU's squeeze convolutions computed by the channels-last
 //!   SRU on the rows it reconstructs, where they read at most 32 channels.

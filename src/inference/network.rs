@@ -44,6 +44,12 @@ pub enum Pass {
     PoolFirst,
     /// Each convolution's weight reordered once into oneDNN's layout for the input size given.
     Prepack,
+    /// Each fused convolution (fp32, or native bf16) as a oneDNN primitive of this crate's own, created
+    /// once for each size prepack packed for, where the build has them (`own_onednn_version`): dense
+    /// ones, and grouped ones where a call is small. A call then costs ~1-2 us of fixed time where
+    /// libtorch's `_convolution_pointwise` rebuilds descriptors and looks its primitive up (~18-30 us).
+    /// After prepack. The same function (another oneDNN's kernels).
+    OwnPrimitives,
     /// Activations kept channels-last (NHWC strides) between the convolutions, the ScConv steps'
     /// SRU reading and writing them so (for the hard gate on the custom norm; other versions convert),
     /// and the head pooling them in one pass and, for a small classifier, multiplying in f64 (`head`).
@@ -62,12 +68,13 @@ pub enum Pass {
 
 impl Pass {
     /// Every pass of the fp32 form, in the order they compose.
-    pub const ALL: [Pass; 8] = [
+    pub const ALL: [Pass; 9] = [
         Pass::FoldBatchnorm,
         Pass::FuseEpilogues,
         Pass::TileBatch,
         Pass::PoolFirst,
         Pass::Prepack,
+        Pass::OwnPrimitives,
         Pass::ChannelsLast,
         Pass::FuseSqueezes,
         Pass::FuseGwcPwc1,
@@ -207,7 +214,7 @@ impl<'a> InferenceResNet<'a> {
     /// every pass of [`Pass::ALL`], except `ChannelsLast` and the passes that work on its steps
     /// (`PoolFirst`, `FuseSqueezes`, `FuseGwcPwc1`) in SC networks whose ScConv version has no
     /// channels-last kernel (the soft gate, `nn.GroupNorm`: converting at each ScConv cost more than it
-    /// saved, docs/speed.md), and `TileBatch` and `Prepack` without the shim.
+    /// saved, docs/speed.md), and `TileBatch`, `Prepack` and `OwnPrimitives` without the shim.
     pub fn compiled(model: &'a ResNet, input_size: [i64; 4]) -> Result<InferenceResNet<'a>, ScConvError> {
         InferenceResNet::compiled_with(model, input_size, Precision::Fp32)
     }
@@ -224,7 +231,7 @@ impl<'a> InferenceResNet<'a> {
         for pass in Pass::all_for(precision) {
             let skipped = match pass {
                 // Tiles pay where each runs prepacked primitives made for its size.
-                Pass::TileBatch | Pass::Prepack => !super::ffi::shim_built(),
+                Pass::TileBatch | Pass::Prepack | Pass::OwnPrimitives => !super::ffi::shim_built(),
                 Pass::PoolFirst | Pass::ChannelsLast | Pass::FuseSqueezes | Pass::FuseGwcPwc1 => {
                     !form.sc_steps_run_channels_last()
                 }
@@ -291,6 +298,11 @@ impl<'a> InferenceResNet<'a> {
         if pass == Pass::PoolFirst {
             self.check_pool_first()?;
         }
+        if pass == Pass::OwnPrimitives && !self.passes.contains(&Pass::Prepack) {
+            return Err(ScConvError::InvalidInput(
+                "own primitives need prepack first, for the sizes it packed (the prepack pass)".into(),
+            ));
+        }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
                 s.fold();
@@ -303,6 +315,7 @@ impl<'a> InferenceResNet<'a> {
             }
             Pass::TileBatch => self.tile = self.tile_for(input_size)?,
             Pass::Prepack => self.prepack(input_size)?,
+            Pass::OwnPrimitives => self.each_step(|s| s.own_primitives())?,
             Pass::ChannelsLast => {
                 self.each_sc_step(|s| s.channels_last().map(drop))?;
                 self.channels_last = true
@@ -587,6 +600,7 @@ trait FoldAndFuse {
     fn fold(&mut self);
     fn fuse(&mut self) -> Result<(), ScConvError>;
     fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError>;
+    fn own_primitives(&mut self) -> Result<(), ScConvError>;
 }
 
 impl FoldAndFuse for InferenceConv {
@@ -599,6 +613,9 @@ impl FoldAndFuse for InferenceConv {
     fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         InferenceConv::cast(self, arithmetic)
     }
+    fn own_primitives(&mut self) -> Result<(), ScConvError> {
+        InferenceConv::own_primitives(self).map(drop)
+    }
 }
 
 impl FoldAndFuse for ScConvStep<'_> {
@@ -610,6 +627,9 @@ impl FoldAndFuse for ScConvStep<'_> {
     }
     fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         ScConvStep::cast(self, arithmetic)
+    }
+    fn own_primitives(&mut self) -> Result<(), ScConvError> {
+        ScConvStep::own_primitives(self)
     }
 }
 
@@ -644,7 +664,7 @@ mod tests {
         form.tile = tile;
         form.apply(Pass::PoolFirst, size).unwrap();
         form.apply(Pass::Prepack, size).unwrap();
-        for pass in [Pass::ChannelsLast, Pass::FuseSqueezes, Pass::FuseGwcPwc1] {
+        for pass in [Pass::OwnPrimitives, Pass::ChannelsLast, Pass::FuseSqueezes, Pass::FuseGwcPwc1] {
             form.apply(pass, size).unwrap();
         }
         form

@@ -121,6 +121,18 @@ impl FormCru {
         self.pwc1.prepack_sizes(&after_gwc(up))?;
         self.pwc2.prepack_sizes(&after_gwc(low))
     }
+
+    /// Its convolutions as oneDNN primitives of our own where they pay (`InferenceConv::own_primitives`;
+    /// after prepack).
+    fn own_primitives(&mut self) -> Result<(), ScConvError> {
+        for conv in [&mut self.squeeze1, &mut self.squeeze2, &mut self.gwc, &mut self.pwc1, &mut self.pwc2] {
+            conv.own_primitives()?;
+        }
+        if let Some(gwc) = &mut self.pooled_gwc {
+            gwc.own_primitives()?;
+        }
+        Ok(())
+    }
 }
 
 impl CruConvs for FormCru {
@@ -247,6 +259,17 @@ impl<'a> ScConvStep<'a> {
     pub fn prepack_sizes(&mut self, sizes: &[[i64; 4]]) -> Result<(), ScConvError> {
         let scconv = self.scconv;
         self.form_cru()?.prepack(scconv, sizes)
+    }
+
+    /// The own-primitives pass (after prepack): the CRU's convolutions as oneDNN primitives of our own
+    /// where they pay (`InferenceConv::own_primitives`).
+    pub fn own_primitives(&mut self) -> Result<(), ScConvError> {
+        match self.cru.as_mut() {
+            Some(cru) => cru.own_primitives(),
+            None => {
+                Err(ScConvError::InvalidInput("own primitives need prepack first (the prepack pass)".into()))
+            }
+        }
     }
 
     /// The channels-last pass: the SRU read and written channels-last (`channels_last_sru`), for the
@@ -523,6 +546,7 @@ mod tests {
                 }
                 if crate::inference::shim_built() {
                     step.prepack(size).unwrap();
+                    step.own_primitives().unwrap();
                 }
                 if layout_pass {
                     assert!(step.channels_last().unwrap());
