@@ -101,7 +101,7 @@ impl Pass {
 /// One residual 3x3 step.
 #[derive(Debug)]
 enum Step<'a> {
-    Conv(InferenceConv),
+    Conv(Box<InferenceConv>),
     Sc(Box<ScConvStep<'a>>),
 }
 
@@ -137,7 +137,7 @@ fn residual_step<'a>(c: &'a Conv3x3, bn: &nn::BatchNorm, relu: bool) -> Result<S
     Ok(match c {
         Conv3x3::Plain(layer, stride) => {
             let step = conv(layer, *stride, 1, bn);
-            Step::Conv(if relu { step.then_relu() } else { step })
+            Step::Conv(Box::new(if relu { step.then_relu() } else { step }))
         }
         Conv3x3::Sc { scconv, pool, path } => {
             let bn = BatchNormParams::of(bn, BATCHNORM_EPS);
@@ -158,9 +158,9 @@ fn block(b: &Block) -> Result<InferenceBlock<'_>, ScConvError> {
         },
         Block::Bottleneck(b) => InferenceBlock {
             steps: vec![
-                Step::Conv(conv(&b.conv1, 1, 0, &b.bn1).then_relu()),
+                Step::Conv(Box::new(conv(&b.conv1, 1, 0, &b.bn1).then_relu())),
                 residual_step(&b.conv2, &b.bn2, true)?,
-                Step::Conv(conv(&b.conv3, 1, 0, &b.bn3).then_relu()),
+                Step::Conv(Box::new(conv(&b.conv3, 1, 0, &b.bn3).then_relu())),
             ],
             downsample: downsample(&b.downsample),
         },
@@ -378,7 +378,7 @@ impl<'a> InferenceResNet<'a> {
         for block in &mut self.blocks {
             for step in &mut block.steps {
                 match step {
-                    Step::Conv(c) => f(c)?,
+                    Step::Conv(c) => f(c.as_mut())?,
                     Step::Sc(s) => f(s.as_mut())?,
                 }
             }
