@@ -139,6 +139,8 @@ fn a_pass_out_of_order_or_twice_is_an_error() {
     form.apply(Pass::Prepack, [1, 1, 28, 28]).unwrap();
     let err = form.apply(Pass::PoolFirst, [1, 1, 28, 28]).unwrap_err().to_string();
     assert!(err.contains("before prepack"), "{err}");
+    let err = form.apply(Pass::OwnPrimitives, [1, 1, 28, 28]).unwrap_err().to_string();
+    assert!(err.contains("fuse pass first"), "{err}");
 }
 
 #[test]

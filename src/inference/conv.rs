@@ -131,8 +131,10 @@ impl InferenceConv {
 
     /// The own-primitives pass (after prepack): the convolution as oneDNN primitives of our own, one
     /// for each size prepack packed for, where this build has them and they pay
-    /// (`own_primitive_pays`); `Ok(false)` (libtorch's calls kept) elsewhere. The same function as
-    /// libtorch's call, another oneDNN's kernels (the unit tests hold them to its accuracy).
+    /// (`own_primitive_pays`); `Ok(false)` (libtorch's calls kept) elsewhere, and where our oneDNN
+    /// cannot make one for every size or offers only its reference kernel (e.g. bf16 on a CPU where
+    /// libtorch's newer oneDNN takes it and ours does not). The same function as libtorch's call,
+    /// another oneDNN's kernels (the unit tests hold them to its accuracy).
     pub fn own_primitives(&mut self) -> Result<bool, ScConvError> {
         let Some(&first) = self.packed_sizes.first() else {
             return Err(ScConvError::InvalidInput(
@@ -145,11 +147,11 @@ impl InferenceConv {
         if !self.own_primitive_pays(first) {
             return Ok(false);
         }
-        for size in self.packed_sizes.clone() {
-            let own = OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu)
-                .map_err(|e| ScConvError::InvalidInput(format!("own oneDNN primitive: {e}")))?;
-            self.own.extend(own);
-        }
+        let made: Result<Vec<_>, String> = (self.packed_sizes.iter())
+            .map(|&size| OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu))
+            .collect();
+        // Every size or none: an image's numbers must not depend on the tile it runs in.
+        self.own = made.ok().and_then(|own| own.into_iter().collect::<Option<Vec<_>>>()).unwrap_or_default();
         Ok(!self.own.is_empty())
     }
 
@@ -449,8 +451,11 @@ mod tests {
             let ours = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));
             let nchw = tch::no_grad(|| conv.forward(&x.contiguous()));
             if let Some(own) = conv.own.first() {
+                assert!(tch::no_grad(|| own.forward(&x).is_some()), "{what}: the primitive takes its input");
                 let takes_nchw = tch::no_grad(|| own.forward(&x.contiguous()).is_some());
                 assert_eq!(takes_nchw, c_in == 1, "{what}: the primitive takes NCHW only with one channel");
+                let other = x.to_kind(if x.kind() == Kind::Float { Kind::BFloat16 } else { Kind::Float });
+                assert!(tch::no_grad(|| own.forward(&other).is_none()), "{what}: another kind is libtorch's");
             }
             conv.own.clear(); // libtorch's call from here on
             let libtorch = tch::no_grad(|| (conv.forward(&x), conv.forward_add(&x, residual.copy())));

@@ -273,7 +273,10 @@ impl<'a> InferenceResNet<'a> {
 
     /// Applies `pass`; `Prepack` reorders the weights for inputs of `input_size` (N, C, H, W), which
     /// are then fastest (other sizes still run, correctly). Errors: fuse, bf16 or prepack before fold,
-    /// bf16 after prepack or in an fp32 form, prepack without the shim, a pass applied twice.
+    /// bf16 after prepack or in an fp32 form, tile or pool-first after prepack, pool-first before the
+    /// bf16 pass in a bf16 form, own-primitives before prepack or fuse, fuse-squeezes and
+    /// fuse-GWC-PWC1 before channels-last or in a bf16 form, prepack without the shim, a pass applied
+    /// twice.
     pub fn apply(&mut self, pass: Pass, input_size: [i64; 4]) -> Result<(), ScConvError> {
         if self.passes.contains(&pass) {
             return Err(ScConvError::InvalidInput(format!("the pass {pass:?} is applied already")));
@@ -298,10 +301,8 @@ impl<'a> InferenceResNet<'a> {
         if pass == Pass::PoolFirst {
             self.check_pool_first()?;
         }
-        if pass == Pass::OwnPrimitives && !self.passes.contains(&Pass::Prepack) {
-            return Err(ScConvError::InvalidInput(
-                "own primitives need prepack first, for the sizes it packed (the prepack pass)".into(),
-            ));
+        if pass == Pass::OwnPrimitives {
+            self.check_own_primitives()?;
         }
         match pass {
             Pass::FoldBatchnorm => self.each_step(|s| {
@@ -347,6 +348,19 @@ impl<'a> InferenceResNet<'a> {
             "move the pool first before prepack, which packs PWC1 and PWC2 for the pooled sizes"
         } else if self.arithmetic.is_bf16() && !self.passes.contains(&Pass::Bf16) {
             "move the pool first after the bf16 pass, which casts the CRU the pooled GWC joins"
+        } else {
+            return Ok(());
+        };
+        Err(ScConvError::InvalidInput(refused.into()))
+    }
+
+    /// Whether the own-primitives pass may run now: after prepack (the sizes it packed for) and the
+    /// fuse (the primitives run the fused convolution, its epilogue included).
+    fn check_own_primitives(&self) -> Result<(), ScConvError> {
+        let refused = if !self.passes.contains(&Pass::Prepack) {
+            "own primitives need prepack first, for the sizes it packed (the prepack pass)"
+        } else if !self.passes.contains(&Pass::FuseEpilogues) {
+            "own primitives run the fused convolutions: apply the fuse pass first"
         } else {
             return Ok(());
         };

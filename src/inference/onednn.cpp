@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <exception>
 #include <stdexcept>
+#include <string>
 #include <unordered_map>
 
 // One primitive with the weight in the layout it chose and its scratchpad.
@@ -100,6 +101,9 @@ int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, co
     // With and without the residual add oneDNN may choose different kernels, and weight layouts.
     auto variant = [&](bool sum) {
       auto pd = describe(src, w_any, bias, dst, str, dil, pad_l, pad_r, relu != 0, sum);
+      // oneDNN's reference kernels are for checking, not speed: leave such a convolution to libtorch.
+      if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
+        throw std::runtime_error("oneDNN offers only its reference kernel (" + std::string(pd.impl_info_str()) + ")");
       scc_dnnl_variant v{dnnl::convolution_forward(pd), dnnl::memory(pd.weights_desc(), cpu()),
                          dnnl::memory(pd.scratchpad_desc(), cpu())};
       dnnl::reorder(user, v.weights).execute(stream, user, v.weights);

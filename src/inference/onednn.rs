@@ -1,6 +1,6 @@
 //! The inference form's convolutions as oneDNN primitives of our own (`onednn.cpp`, built where the
 //! `onednn` feature is on and build.rs finds oneDNN: `cfg(scconv_onednn)`): created once per input
-//! size when the prepack pass runs, executed on each call's data pointers, where libtorch's
+//! size by the own-primitives pass, executed on each call's data pointers, where libtorch's
 //! `mkldnn::_convolution_pointwise` rebuilds descriptors and looks the primitive up on every call.
 //! fp32 or bf16 (the native bf16 form's), channels-last input and output, ReLU and residual add in the
 //! epilogue, as the fused form's libtorch call computes them; any other input is left to libtorch.

@@ -1,5 +1,5 @@
 //! The 2x2 average pool after a stride-2 ScConv moved before the CRU's convolutions
-//! ([`Pass::PoolFirst`](super::Pass::PoolFirst), fp32 forms). The CRU after its squeezes is linear
+//! ([`Pass::PoolFirst`](super::Pass::PoolFirst), fp32 and bf16 forms). The CRU after its squeezes is linear
 //! per position but for the fuse's softmax weights, which are per channel:
 //! `pool(w1 * Y1 + w2 * Y2) = w1 * pool(Y1) + w2 * pool(Y2)`. So with `up` and `low` the squeezed
 //! halves,
@@ -15,18 +15,22 @@
 //! steps' may, and are counted.
 use super::conv::InferenceConv;
 use super::ffi::ConvGeometry;
+use super::precision::Arithmetic;
 use tch::{nn, Kind, Tensor};
 
 /// GWC followed by the 2x2 average pool, as one stride-2 convolution of `gwc`'s input (`groups`
-/// groups, a square odd kernel padded to keep the size).
-pub(crate) fn pooled_gwc(gwc: &nn::Conv2D, groups: i64) -> InferenceConv {
+/// groups, a square odd kernel padded to keep the size), its weights made in f64 and rounded once to
+/// how `arithmetic` stores them (fp32, or bf16).
+pub(crate) fn pooled_gwc(gwc: &nn::Conv2D, groups: i64, arithmetic: &Arithmetic) -> InferenceConv {
     let size = gwc.ws.size();
     let (outputs, per_group, k) = (size[0], size[1], size[2]);
     let box_filter = Tensor::full([1, 1, 2, 2], 0.25, (Kind::Double, gwc.ws.device()));
     // Each (output, input) kernel convolved with the box: a transposed convolution of stride 1.
     let taps = gwc.ws.detach().to_kind(Kind::Double).reshape([outputs * per_group, 1, k, k]);
     let pooled = taps.conv_transpose2d(&box_filter, None::<Tensor>, 1, 0, 0, 1, 1);
-    let weight = pooled.reshape([outputs, per_group, k + 1, k + 1]).to_kind(gwc.ws.kind());
+    let weight = arithmetic.store(&pooled.reshape([outputs, per_group, k + 1, k + 1]));
+    // Natively bf16 already; else fp32 (emulated: bf16 values, exact in fp32).
+    let weight = if weight.kind() == Kind::BFloat16 { weight } else { weight.to_kind(gwc.ws.kind()) };
     let bias = gwc.bs.as_ref().map(Tensor::detach);
     InferenceConv::from_weights(weight, bias, ConvGeometry::square(2, k / 2, groups))
 }
@@ -63,7 +67,7 @@ mod tests {
             let gwc = nn::conv2d(vs.root(), 16, 32, k, config);
             let x = Tensor::randn([2, 16, h, w], (Kind::Float, Device::Cpu));
             let expected = tch::no_grad(|| pool(&gwc.forward(&x)));
-            let ours = tch::no_grad(|| pooled_gwc(&gwc, groups).forward(&x));
+            let ours = tch::no_grad(|| pooled_gwc(&gwc, groups, &Arithmetic::Fp32).forward(&x));
             assert_eq!(ours.size(), expected.size(), "k {k}, {h}x{w}");
             let scale = expected.abs().max().double_value(&[]);
             let diff = (&ours - &expected).abs().max().double_value(&[]);

@@ -91,7 +91,7 @@ impl FormCru {
 
     /// GWC and the 2x2 pool after it as the form's stride-2 convolution (`pool_first::pooled_gwc`).
     fn pooled_gwc(scconv: &ScConv, arithmetic: &Arithmetic) -> Result<InferenceConv, ScConvError> {
-        let mut gwc = pool_first::pooled_gwc(&scconv.CRU.GWC, scconv.config().group_size);
+        let mut gwc = pool_first::pooled_gwc(&scconv.CRU.GWC, scconv.config().group_size, arithmetic);
         gwc.fuse()?;
         gwc.cast(arithmetic)?;
         Ok(gwc)
@@ -249,7 +249,7 @@ impl<'a> ScConvStep<'a> {
         Ok(())
     }
 
-    /// The prepack pass: the CRU's convolutions as prepacked oneDNN primitives for inputs of `size`.
+    /// The prepack pass: the CRU's convolutions' weights reordered for oneDNN for inputs of `size`.
     pub fn prepack(&mut self, size: [i64; 4]) -> Result<(), ScConvError> {
         self.prepack_sizes(&[size])
     }
@@ -643,6 +643,34 @@ mod tests {
         assert!(step.pool_first().unwrap());
         let pooled_gwc = step.cru.as_ref().and_then(|cru| cru.pooled_gwc.as_ref()).unwrap();
         assert_eq!(pooled_gwc.arithmetic(), &bf16);
+    }
+
+    /// With the pool first, an emulated bf16 step's pooled `low` (PWC2's input and its own reuse
+    /// branch) holds bf16 values, as the native step's pool writes them: the two forms round alike.
+    #[test]
+    fn an_emulated_bf16_step_rounds_its_pooled_low_as_the_native_one_stores_it() {
+        let config = ScConvConfig::new(32);
+        let vs = VarStore::new(Device::Cpu);
+        let model = scconv(vs.root() / "sc", &config).unwrap();
+        let bn = batchnorm(&vs, config.op_channel);
+        let emulated = Arithmetic::for_precision(crate::inference::Precision::Bf16Emulated);
+        let mut step = ScConvStep::new(&model, "sc", true, BatchNormParams::of(&bn, 1e-5), true).unwrap();
+        step.fold();
+        step.fuse().unwrap();
+        step.cast(&emulated).unwrap();
+        assert!(step.pool_first().unwrap());
+        assert!(step.channels_last().unwrap());
+        let x = emulated.store(&channels_last(&Tensor::randn([2, 32, 14, 14], (Kind::Float, Device::Cpu))));
+        let input = step.input(&x);
+        let sru = step.channels_last.as_ref().unwrap();
+        let (up, low) = tch::no_grad(|| sru.forward(&input, None, None, None, false));
+        let pooled = step.pool_first_cru(&input).expect("the pooled path");
+        let cru = step.cru.as_ref().unwrap();
+        let scale = step.folded.as_ref().map(|(scale, _)| scale);
+        let parts = tch::no_grad(|| step.pooled_parts(&pooled, cru, &up, &low, scale));
+        let unrounded = tch::no_grad(|| pool_first::pool(&cru.squeezes(&up, &low).1));
+        assert!(parts.low.equal(&crate::inference::round_to_bf16(&parts.low)), "bf16 values");
+        assert!(!parts.low.equal(&unrounded), "rounded after the pool");
     }
 
     /// The fuse-squeezes pass leaves a bf16 step as it is (its squeezes run in bf16).
