@@ -17,41 +17,14 @@ the trained Fashion-MNIST pair). Build the worker first: `cargo build --release 
 import argparse
 import collections
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_peers  # noqa: E402  (the networks of `make bench-peers`; torch is imported there lazily)
-
-
-class Worker:
-    """`bench_worker` over a pipe; lines that are not its answers (oneDNN's verbose output) are kept."""
-
-    def __init__(self, binary, threads, onednn_verbose):
-        env = dict(os.environ, THREADS=str(threads))
-        if onednn_verbose:
-            env["ONEDNN_VERBOSE"] = "1"
-        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.other_lines = []
-
-    def ask(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        while True:
-            out = self.proc.stdout.readline()
-            if not out:
-                raise SystemExit(f"ab_passes: the worker exited at `{line}`")
-            if out.startswith("{"):
-                answer = json.loads(out)
-                if "error" in answer:
-                    raise SystemExit(f"ab_passes: `{line}`: {answer['error']}")
-                return answer
-            self.other_lines.append(out.rstrip("\n"))
 
 
 def kernels(lines):
@@ -90,7 +63,7 @@ def main():
 
         def forms(onednn_verbose):
             """A worker with the network compiled twice: `all` (every pass), `without`."""
-            worker = Worker(args.worker, args.threads, onednn_verbose)
+            worker = bench_peers.Worker(args.worker, args.threads, {"ONEDNN_VERBOSE": "1"} if onednn_verbose else None)
             command = "compile" if mode == "inference" else "compile-bf16"
             precision = "" if mode == "inference" else f" {args.precision}"
             for key in ["all", "without"]:

@@ -184,16 +184,20 @@ def networks():
 
 
 class Worker:
-    """examples/bench_worker.rs over a pipe."""
+    """examples/bench_worker.rs over a pipe (`env`: more environment, e.g. ONEDNN_VERBOSE). Lines of its
+    output that are not answers (oneDNN's verbose printing) are kept in `other_lines`."""
 
-    def __init__(self, binary, threads):
-        env = dict(os.environ, THREADS=str(threads))
+    def __init__(self, binary, threads, env=None):
+        env = dict(os.environ, THREADS=str(threads), **(env or {}))
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.other_lines = []
 
     def ask(self, line):
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline() or '{"error": "the worker exited"}')
+        while (out := self.proc.stdout.readline()) and not out.startswith("{"):
+            self.other_lines.append(out.rstrip("\n"))
+        answer = json.loads(out or '{"error": "the worker exited"}')
         if "error" in answer:
             fail(f"scconv-tch ({line.split()[0]} {line.split()[1]})", answer["error"])
         return answer
