@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Each convolution's time in OpenVINO and in our inference form, side by side, for one network.
+"""Each convolution's time in OpenVINO, ONNX Runtime and our inference form, side by side, for one network.
 
-OpenVINO's own per-node counters (`PERF_COUNT`) against oneDNN's per-primitive times in our worker
-(`ONEDNN_VERBOSE=profile_exec` on `examples/bench_worker.rs`), both after warm-up forwards, grouped by
-the convolution's geometry (channels in and out, input size, kernel, stride, groups: the same geometry
-in several blocks is summed) and the kernel each picked. `--bf16`: OpenVINO's default precision
-(bf16 on CPUs with bf16 units) against our bf16 form. Same networks and weights as `make bench-peers`
+OpenVINO's own per-node counters (`PERF_COUNT`) and ONNX Runtime's profiler (`enable_profiling`)
+against oneDNN's per-primitive times in our worker (`ONEDNN_VERBOSE=profile_exec` on
+`examples/bench_worker.rs`), all after warm-up forwards, grouped by the convolution's geometry
+(channels in and out, input size, kernel, stride, groups: the same geometry in several blocks is
+summed) and the kernel each picked. `--bf16`: OpenVINO's default precision (bf16 on CPUs with bf16
+units) against our bf16 form (ONNX Runtime, fp32 only, is left out). Same networks and weights as `make bench-peers`
 (whose peer folder and helpers this reuses). Profiling adds its own cost to both, so compare the
 convolutions with each other, and time whole forwards with `scripts/bench_batch1.py`.
 
@@ -89,39 +90,69 @@ def openvino(ov, onnx_path, geometry, batch, shape, args):
     return {key: statistics.median(v) for key, v in per_run.items()}, kernels, forwards
 
 
-def ours(worker, config_path, weights, batch, shape, count, args):
+def onnxruntime(ort, onnx_path, batch, shape, args):
+    """ONNX Runtime's per-node times (its profiler's JSON): a node's geometry from its input, weight and
+    output shapes, which it records in PyTorch's NCHW order (whatever layout its kernels use)."""
+    options = bench_peers.ort_options(ort, args.threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(onnx_path.with_name("onnxruntime-profile"))
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    x = __import__("numpy").random.default_rng(0).standard_normal((batch, *shape), dtype="float32")
+    forwards = []
+    for i in range(args.warmup + args.runs):
+        start = time.perf_counter()
+        session.run(None, {"input": x})
+        forwards.append((time.perf_counter() - start) * 1e3)
+    events = json.loads(pathlib.Path(session.end_profiling()).read_text())
+    per_node, kernels = collections.defaultdict(list), {}
+    for event in events:
+        fields = event.get("args", {})
+        if event.get("cat") != "Node" or fields.get("op_name") not in ("Conv", "FusedConv"):
+            continue
+        x_shape, w_shape = (next(iter(t.values())) for t in fields["input_type_shape"][:2])
+        y_shape = next(iter(fields["output_type_shape"][0].values()))
+        key = (x_shape[1], w_shape[0], x_shape[2], w_shape[2], round(x_shape[2] / y_shape[2]), x_shape[1] // w_shape[1])
+        per_node[(event["name"], key)].append(event["dur"])
+        kernels[key] = fields["op_name"] + (" NCHWc" if "nchwc" in event["name"] else "")
+    # The warm-up forwards are profiled too: each node's last `runs` calls are the timed forwards'.
+    per_forward = collections.defaultdict(float)
+    for (_, key), durations in per_node.items():
+        per_forward[key] += statistics.median(durations[-args.runs:])
+    return per_forward, kernels, forwards[args.warmup:]
+
+
+def ours(worker, config_path, weights, batch, shape, args):
     size = " ".join(map(str, (batch, *shape)))
     compile_, mode = ("compile-bf16", "inference-bf16") if args.bf16 else ("compile", "inference")
     requests = [f"load n {config_path} {weights or '-'}", f"{compile_} n {size}",
-                f"time n {mode} {size} {args.warmup} {args.runs}"]
+                f"time n {mode} {size} {args.warmup} 0", f"time n {mode} {size} 0 {args.runs}"]
     env = dict(os.environ, THREADS=str(args.threads), ONEDNN_VERBOSE="profile_exec")
-    # oneDNN prints through C stdio, buffered apart from the worker's answers: read it all at the end.
-    out = subprocess.run([str(worker)], input="\n".join(requests) + "\n", capture_output=True, text=True,
-                         env=env, check=True).stdout
-    answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    errors = [a["error"] for a in answers if "error" in a]
-    if errors:
-        bench_peers.fail("scconv-tch", errors[0])
-    total, executions, kernels = collections.defaultdict(float), collections.Counter(), {}
+    # oneDNN prints through C stdio: line-buffered (`stdbuf`), its lines come in order with the worker's
+    # answers, so the executions between the last two answers are the timed forwards' (not compile's
+    # or the warm-up's, and a batch the form runs in tiles is counted whole).
+    out = subprocess.run(["stdbuf", "-oL", str(worker)], input="\n".join(requests) + "\n", capture_output=True,
+                         text=True, env=env, check=True).stdout
+    answers, timed, per_run, kernels = [], False, collections.defaultdict(float), {}
     for line in out.splitlines():
+        if line.startswith("{"):
+            answers.append(json.loads(line))
+            timed = len(answers) == 3
+            continue
         fields = line.split(",")
-        if not line.startswith("onednn_verbose") or "exec" not in fields or "convolution" not in fields:
+        if not timed or not line.startswith("onednn_verbose") or "exec" not in fields or "convolution" not in fields:
             continue
         m = DESCRIPTOR.search(line)
         if not m:
             continue
         groups_before, groups_after, c_in, c_out, size_in, kernel, stride = m.groups()
         groups = int(groups_before or groups_after or 1)
-        c_in, c_out, size_in, kernel, stride = (int(v) for v in (c_in, c_out, size_in, kernel, stride))
-        key = (c_in, c_out, size_in, kernel, stride, groups)
-        total[key] += float(fields[-1]) * 1e3
-        executions[key] += 1
+        key = tuple(int(v) for v in (c_in, c_out, size_in, kernel, stride)) + (groups,)
+        per_run[key] += float(fields[-1]) * 1e3 / args.runs
         kernels[key] = fields[fields.index("convolution") + 1]
-    # Per forward: the forwards that ran are the executions of a geometry PyTorch's model has over its
-    # count there (the same for each; geometries a step of ours merged are then divided alike).
-    forwards = max(executions[key] / count[key] for key in executions if key in count)
-    per_forward = {key: total[key] / forwards for key in total}
-    return per_forward, kernels, answers[-1]["ms"]
+    errors = [a["error"] for a in answers if "error" in a]
+    if errors or len(answers) != 4:
+        bench_peers.fail("scconv-tch", errors[0] if errors else f"{len(answers)} answers to 4 requests")
+    return per_run, kernels, answers[-1]["ms"]
 
 
 def main():
@@ -137,7 +168,7 @@ def main():
     args = parser.parse_args()
 
     bench_peers.install_peers(args.peers)
-    ov = bench_peers.import_peers(args.peers)["openvino"]
+    peers = bench_peers.import_peers(args.peers)
     import torch
     torch.set_num_threads(args.threads)
     name, config, weights, shape, _ = next(n for n in bench_peers.networks() if n[0] == args.network)
@@ -147,32 +178,44 @@ def main():
     folder = pathlib.Path(tempfile.mkdtemp(prefix="profile-convs-"))
     bench_peers.export_onnx(model, torch.randn(args.batch, *shape), folder / "model.onnx")
     (folder / "config.json").write_text(json.dumps(config))
-    theirs, their_kernels, their_forwards = openvino(ov, folder / "model.onnx", geometry, args.batch, shape, args)
-    mine, my_kernels, my_forwards = ours(args.worker, folder / "config.json", weights, args.batch, shape, count, args)
+    runtimes = {"OpenVINO": openvino(peers["openvino"], folder / "model.onnx", geometry, args.batch, shape, args)}
+    if not args.bf16:
+        runtimes["ONNX Runtime"] = onnxruntime(peers["onnxruntime"], folder / "model.onnx", args.batch, shape, args)
+    runtimes["ours"] = ours(args.worker, folder / "config.json", weights, args.batch, shape, args)
+    print_table(name, runtimes, count, args)
 
+
+def print_table(name, runtimes, count, args):
+    """One row per geometry: each runtime's microseconds and kernel, ours over the fastest peer."""
     cpu = bench_peers.machine_cpu()
     precision = "OpenVINO default precision, our bf16 form" if args.bf16 else "fp32"
     print(f"{name}, batch {args.batch}, {args.threads} threads, {precision}; CPU {cpu['model']}, bf16 units: "
           f"{', '.join(cpu['bf16_units']) or 'none'}")
-    print(f"forward, profiled (ms median / min): OpenVINO {statistics.median(their_forwards):.3f} / "
-          f"{min(their_forwards):.3f}, ours {statistics.median(my_forwards):.3f} / {min(my_forwards):.3f}")
-    print(f"| convolution (in -> out @size kxk /stride groups) | count | OpenVINO us | ours us | ours / OpenVINO | "
-          "OpenVINO kernel | our kernel |")
-    print("|---|---:|---:|---:|---:|---|---|")
-    sums = [0.0, 0.0]
+    print("forward, profiled (ms median / min): " + ", ".join(
+        f"{who} {statistics.median(f):.3f} / {min(f):.3f}" for who, (_, _, f) in runtimes.items()))
+    peers = [who for who in runtimes if who != "ours"]
+    print("| convolution (in -> out @size kxk /stride groups) | count | "
+          + " | ".join(f"{who} us" for who in runtimes) + " | ours / fastest peer | "
+          + " | ".join(f"{who} kernel" for who in runtimes) + " |")
+    print("|---|---:|" + "---:|" * (len(runtimes) + 1) + "---|" * len(runtimes))
+    sums = dict.fromkeys(runtimes, 0.0)
+    mine = runtimes["ours"][0]
     # Geometries only our form runs (a step that merged convolutions: GWC + PWC1 as one) get rows too.
-    keys = set(count) | set(mine)
-    for key in sorted(keys, key=lambda k: (-k[2], k[0], k[1], k[3])):
-        a, b = theirs.get(key), mine.get(key)
-        sums[0] += a or 0.0
-        sums[1] += b or 0.0
-        ratio = f"{b / a:.2f}" if a and b else "-"
-        cells = [f"{v:.0f}" if v is not None else "-" for v in (a, b)]
+    for key in sorted(set(count) | set(mine), key=lambda k: (-k[2], k[0], k[1], k[3])):
+        us = {who: times.get(key) for who, (times, _, _) in runtimes.items()}
+        for who, v in us.items():
+            sums[who] += v or 0.0
+        fastest = min((us[p] for p in peers if us[p]), default=None)
+        ratio = f"{us['ours'] / fastest:.2f}" if fastest and us["ours"] else "-"
+        cells = " | ".join(f"{v:.0f}" if v is not None else "-" for v in us.values())
+        kernels = " | ".join(kernels.get(key, "-") for _, kernels, _ in runtimes.values())
         runs = count[key] if key in count else "ours only"
-        print(f"| {key[0]} -> {key[1]} @{key[2]} {key[3]}x{key[3]} /{key[4]} g{key[5]} | {runs} | {cells[0]} | "
-              f"{cells[1]} | {ratio} | {their_kernels.get(key, '-')} | {my_kernels.get(key, '-')} |")
-    print(f"| all convolutions | {sum(count.values())} in PyTorch's model | {sums[0]:.0f} | {sums[1]:.0f} | "
-          f"{sums[1] / sums[0]:.2f} | | |" if sums[0] else "")
+        print(f"| {key[0]} -> {key[1]} @{key[2]} {key[3]}x{key[3]} /{key[4]} g{key[5]} | {runs} | {cells} | "
+              f"{ratio} | {kernels} |")
+    fastest = min(sums[p] for p in peers)
+    print(f"| all convolutions | {sum(count.values())} in PyTorch's model | "
+          + " | ".join(f"{v:.0f}" for v in sums.values())
+          + (f" | {sums['ours'] / fastest:.2f} |" if fastest else " | - |") + " |" * len(runtimes))
 
 
 if __name__ == "__main__":
