@@ -14,6 +14,9 @@
 //!   `compile`, `bf16` among them); the answer names its arithmetic (native, or emulated and why);
 //! - `run NAME MODE INPUT.safetensors OUTPUT.safetensors`: the logits of tensor `input`, as `logits`;
 //! - `time NAME MODE N C H W WARMUP RUNS`: milliseconds of each timed forward on a random input;
+//! - `profile NAME MODE N C H W WARMUP RUNS`: as `time`, then milliseconds per forward in each section
+//!   (`bench --profile`'s sections: the 3x3 convolutions, the SRU, the CRU's parts, ...) over RUNS more
+//!   forwards, timed section by section;
 //! - `allocator`: which malloc libtorch's tensors come from in this process, and the oneDNN version of
 //!   the forms' own convolution primitives (null: libtorch's calls);
 //! - `decisions NAME INPUT.safetensors [MODE]`: an inference form's (MODE `inference`, the default, or
@@ -121,6 +124,26 @@ fn form_with_passes<'a>(
     Ok(form)
 }
 
+/// Milliseconds of each of `runs` forwards of `x`, after `warmup` untimed ones.
+fn time_forwards(
+    n: &mut Network,
+    mode: &str,
+    x: &Tensor,
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<f64>, Error> {
+    for _ in 0..warmup {
+        drop(n.forward(mode, x)?);
+    }
+    let mut ms = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        drop(n.forward(mode, x)?);
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(ms)
+}
+
 fn network<'a>(networks: &'a mut HashMap<String, Network>, name: &str) -> Result<&'a mut Network, Error> {
     networks.get_mut(name).ok_or_else(|| format!("no network {name}").into())
 }
@@ -174,16 +197,22 @@ fn handle(networks: &mut HashMap<String, Network>, line: &str) -> Result<serde_j
             let n = network(networks, name)?;
             let x = Tensor::randn(size(&rest[..4])?, (Kind::Float, Device::Cpu));
             let (warmup, runs): (usize, usize) = (rest[4].parse()?, rest[5].parse()?);
-            for _ in 0..warmup {
-                drop(n.forward(mode, &x)?);
-            }
-            let mut ms = Vec::new();
-            for _ in 0..runs {
-                let start = Instant::now();
-                drop(n.forward(mode, &x)?);
-                ms.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(serde_json::json!({"ms": ms}))
+            Ok(serde_json::json!({"ms": time_forwards(n, mode, &x, warmup, runs)?}))
+        }
+        ["profile", name, mode, rest @ ..] if rest.len() == 6 => {
+            let n = network(networks, name)?;
+            let x = Tensor::randn(size(&rest[..4])?, (Kind::Float, Device::Cpu));
+            let (warmup, runs): (usize, usize) = (rest[4].parse()?, rest[5].parse()?);
+            let ms = time_forwards(n, mode, &x, warmup, runs)?;
+            scconv_tch::profile::enable(Device::Cpu);
+            let profiled = (0..runs).try_for_each(|_| n.forward(mode, &x).map(drop));
+            let sections = scconv_tch::profile::finish();
+            profiled?;
+            let per_forward: Vec<_> = sections
+                .iter()
+                .map(|(section, total, _)| serde_json::json!([section, total / runs.max(1) as f64]))
+                .collect();
+            Ok(serde_json::json!({"ms": ms, "sections": per_forward}))
         }
         ["decisions", name, input, mode @ ..] if mode.len() <= 1 => {
             let n = network(networks, name)?;

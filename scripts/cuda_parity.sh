@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The CUDA parity suite, in two halves, because the GPU machine has PyTorch 2.11 but no Rust:
 #
-#   scripts/cuda_parity.sh build   here: builds the `cuda`-feature test binaries and the CLI into .device/
+#   scripts/cuda_parity.sh build   here: builds the `cuda`-feature test binaries, the CLI and the benchmark
+#                                  worker into .device/
 #   scripts/cuda_parity.sh run     on the GPU machine, from the repository root, with .device/ copied there
 #                                  (the device tool: carry [".device"]); writes logs to $OUT (or .device/out)
+#   scripts/cuda_parity.sh cpu     the last part of `run` alone: that machine's own CPU (below)
 #
 # `run` generates fixtures with PyTorch on the same GPU (inside the test, so under the same TF32 setting)
 # and runs the suite with TF32 (libtorch's default for cuDNN convolutions), then the speed runs
@@ -12,15 +14,26 @@
 # with NVIDIA_TF32_OVERRIDE=0. Each step has its own time limit, most important first, so that one
 # device session (15 minutes, start-up included) always brings back the parity verdict and the timings.
 # The binaries use that machine's libtorch through LD_LIBRARY_PATH.
+#
+# Then the GPU machine's own CPU (`cpu`): its `lscpu` always, and where it has bf16 units (`amx_bf16`,
+# `avx512_bf16`; none of the 2-core VMs this project is built on has had them) the CPU bf16 checks of
+# issue 26, on two pinned cores as the benchmarks here run: the fp32 and bf16 inference forms of the four
+# networks alternated with each one's profile by section (scripts/forms_side_by_side.py), and the
+# oneDNN kernels the bf16 form runs with whether its pool-first pass pays (scripts/ab_passes.py).
+# SCCONV_CPU_CHECKS=always runs them on any CPU (to try the step where there are none).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 build() {
     scripts/setup_torch.sh
     rm -rf .device && mkdir -p .device/bin
-    # The CLI in release (it times things); the tests in debug, as `cargo test` builds them.
-    cargo build --release --features cuda
-    cp target/release/scconv-tch .device/bin/
+    # Without the crate's own oneDNN (`SCCONV_ONEDNN` at nothing): its library (55 MB) is not on the GPU
+    # machine and would not fit the 64 MiB the device tool carries with the working tree, so the forms
+    # there call libtorch's oneDNN (the CUDA paths never use it).
+    export SCCONV_ONEDNN=/nonexistent
+    # The CLI and the worker in release (they time things); the tests in debug, as `cargo test` builds them.
+    cargo build --release --features cuda --bin scconv-tch --example bench_worker
+    cp target/release/scconv-tch target/release/examples/bench_worker .device/bin/
     cargo test --features cuda --no-run --message-format=json 2>/dev/null \
         | python3 -c '
 import json, sys, shutil
@@ -30,14 +43,44 @@ for line in sys.stdin:
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["name"] in NEEDED:
         shutil.copy(msg["executable"], ".device/bin/" + msg["target"]["name"])
 ' 
-    # Only what `run` uses, stripped: the device tool carries at most 64 MiB with the working tree.
+    # Only what `run` uses, stripped and compressed (`run` unpacks them with Python's lzma): the device
+    # tool carries at most 64 MiB with the working tree, which holds ~52 MiB of fixtures and weights.
     strip --strip-all .device/bin/*
+    local binary
+    for binary in .device/bin/*; do
+        if readelf -d "$binary" | grep -q 'NEEDED.*libdnnl'; then
+            echo "$binary needs libdnnl, which the GPU machine does not have" >&2
+            return 1
+        fi
+    done
+    xz -T0 -9 .device/bin/*
     ls -la .device/bin
+    local bytes
+    bytes=$( (git ls-files -z --cached --others --exclude-standard; find .device -type f -print0) \
+        | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+    echo "what travels to the GPU machine (working tree and .device): $((bytes / 1048576)) MiB of 64"
+    if [ "$bytes" -gt $((64 * 1048576)) ]; then
+        echo "over the device tool's 64 MiB" >&2
+        return 1
+    fi
+}
+
+# The binaries `build` packed, unpacked beside their archives (once).
+unpack() {
+    python3 - <<'PY'
+import lzma, os, pathlib
+for packed in pathlib.Path(".device/bin").glob("*.xz"):
+    binary = packed.with_suffix("")
+    if not binary.exists():
+        binary.write_bytes(lzma.decompress(packed.read_bytes()))
+        os.chmod(binary, 0o755)
+PY
 }
 
 run() {
     local out="${OUT:-.device/out}"
     mkdir -p "$out"
+    unpack
     # One log (the device tool returns few files), plus the raw bench JSON.
     local log="$out/cuda_run.log"
     : > "$log"
@@ -76,12 +119,54 @@ run() {
     step 45 "trained networks, fast path" .device/bin/scconv-tch infer --device cuda --model weights/fmnist_sc.json \
         --data sample --batch 1000 --execution fast
     step 200 "parity_cuda, TF32 off" env NVIDIA_TF32_OVERRIDE=0 .device/bin/parity_cuda --test-threads=1 --nocapture
+    cpu_checks "$out" "$log" || status=1
     echo "exit status $status" | tee -a "$log"
     return $status
+}
+
+# The GPU machine's CPU: `lscpu` always; the CPU bf16 checks where it has bf16 units (see the top).
+cpu_checks() {
+    local out=$1 log=$2 status=0
+    lscpu > "$out/lscpu.txt"
+    grep -E '^(Model name|CPU\(s\)|Flags)' "$out/lscpu.txt" | tee -a "$log"
+    if ! grep -qwE 'amx_bf16|avx512_bf16' "$out/lscpu.txt" && [ "${SCCONV_CPU_CHECKS:-}" != always ]; then
+        echo "=== CPU bf16 checks: skipped (no bf16 units on this CPU) ===" | tee -a "$log"
+        return 0
+    fi
+    # Two cores, as on the VMs the CPU figures come from (THREADS: the worker's libtorch threads).
+    local pin=()
+    if command -v taskset >/dev/null; then pin=(taskset -c 0,1); fi
+    export THREADS=2 OMP_NUM_THREADS=2
+    cpu_step() { # cpu_step SECONDS LABEL COMMAND...
+        local limit=$1 label=$2
+        shift 2
+        echo "=== $label (limit ${limit}s) ===" | tee -a "$log"
+        local start=$SECONDS rc=0
+        if ! timeout "$limit" "${pin[@]}" "$@" 2>&1 | grep -v Warning | tee -a "$log"; then rc=1; fi
+        echo "=== $label: exit $rc after $((SECONDS - start))s ===" | tee -a "$log"
+        [ "$rc" = 0 ] || status=1
+    }
+    cpu_step 200 "CPU: fp32 and bf16 forms side by side, with their sections" python3 scripts/forms_side_by_side.py \
+        --worker .device/bin/bench_worker --turns 4 --json "$out/cpu-forms.json"
+    cpu_step 100 "CPU bf16: SC-ResNet-50's oneDNN kernels, and pool-first" python3 scripts/ab_passes.py \
+        --worker .device/bin/bench_worker --network sc_resnet50 --batch 8 --precision bf16 --without pool-first \
+        --turns 4 --onednn-kernels
+    return $status
+}
+
+cpu() {
+    local out="${OUT:-.device/out}"
+    mkdir -p "$out"
+    unpack
+    local torch_lib
+    torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    cpu_checks "$out" "$out/cpu_run.log"
 }
 
 case "${1:-}" in
     build) build ;;
     run) run ;;
-    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+    cpu) cpu ;;
+    *) echo "usage: $0 build|run|cpu" >&2; exit 2 ;;
 esac
