@@ -5,10 +5,12 @@ OpenVINO's own per-node counters (`PERF_COUNT`) and ONNX Runtime's profiler (`en
 against oneDNN's per-primitive times in our worker (`ONEDNN_VERBOSE=profile_exec` on
 `examples/bench_worker.rs`), all after warm-up forwards, grouped by the convolution's geometry
 (channels in and out, input size, kernel, stride, groups: the same geometry in several blocks is
-summed) and the kernel each picked. `--bf16`: OpenVINO's default precision (bf16 on CPUs with bf16
-units) against our bf16 form (ONNX Runtime, fp32 only, is left out). Same networks and weights as `make bench-peers`
-(whose peer folder and helpers this reuses). Profiling adds its own cost to both, so compare the
-convolutions with each other, and time whole forwards with `scripts/bench_batch1.py`.
+summed) and the kernel each picked. Per forward: the peers' medians over the timed forwards, ours the
+mean (oneDNN's lines do not say which forward they belong to). `--bf16`: OpenVINO's default precision
+(bf16 on CPUs with bf16 units) against our bf16 form (ONNX Runtime, fp32 only, is left out). Same
+networks and weights as `make bench-peers` (whose peer folder and helpers this reuses). Profiling adds
+its own cost to each, so compare the convolutions with each other, and time whole forwards with
+`scripts/bench_batch1.py`.
 
     .venv/bin/python scripts/profile_convs.py resnet50 --batch 1
 """
@@ -111,14 +113,18 @@ def onnxruntime(ort, onnx_path, batch, shape, args):
             continue
         x_shape, w_shape = (next(iter(t.values())) for t in fields["input_type_shape"][:2])
         y_shape = next(iter(fields["output_type_shape"][0].values()))
+        # The stride from the sizes: these networks pad a kxk kernel by k // 2, so out = ceil(in / stride)
+        # and the ratio rounds to the stride (1 or 2 here; not so for stride 3 or unpadded kernels).
         key = (x_shape[1], w_shape[0], x_shape[2], w_shape[2], round(x_shape[2] / y_shape[2]), x_shape[1] // w_shape[1])
         per_node[(event["name"], key)].append(event["dur"])
         kernels[key] = fields["op_name"] + (" NCHWc" if "nchwc" in event["name"] else "")
-    # The warm-up forwards are profiled too: each node's last `runs` calls are the timed forwards'.
-    per_forward = collections.defaultdict(float)
+    # The warm-up forwards are profiled too: each node's last `runs` calls are the timed forwards'. Per
+    # geometry, the median over those forwards of its nodes' sum in each (as OpenVINO's figures).
+    per_run = collections.defaultdict(lambda: [0.0] * args.runs)
     for (_, key), durations in per_node.items():
-        per_forward[key] += statistics.median(durations[-args.runs:])
-    return per_forward, kernels, forwards[args.warmup:]
+        for i, us in enumerate(durations[-args.runs:]):
+            per_run[key][i] += us
+    return {key: statistics.median(sums) for key, sums in per_run.items()}, kernels, forwards[args.warmup:]
 
 
 def ours(worker, config_path, weights, batch, shape, args):
@@ -166,6 +172,8 @@ def main():
     parser.add_argument("--peers", type=pathlib.Path, default=pathlib.Path.home() / ".cache/scconv-tch/peers")
     parser.add_argument("--worker", type=pathlib.Path, default=bench_peers.ROOT / "target/release/examples/bench_worker")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
 
     bench_peers.install_peers(args.peers)
     peers = bench_peers.import_peers(args.peers)
@@ -199,9 +207,10 @@ def print_table(name, runtimes, count, args):
           + " | ".join(f"{who} kernel" for who in runtimes) + " |")
     print("|---|---:|" + "---:|" * (len(runtimes) + 1) + "---|" * len(runtimes))
     sums = dict.fromkeys(runtimes, 0.0)
-    mine = runtimes["ours"][0]
-    # Geometries only our form runs (a step that merged convolutions: GWC + PWC1 as one) get rows too.
-    for key in sorted(set(count) | set(mine), key=lambda k: (-k[2], k[0], k[1], k[3])):
+    # Geometries only one runtime runs (a step of ours that merged convolutions: GWC + PWC1 as one) get
+    # rows too.
+    keys = set(count).union(*(times for times, _, _ in runtimes.values()))
+    for key in sorted(keys, key=lambda k: (-k[2], k[0], k[1], k[3])):
         us = {who: times.get(key) for who, (times, _, _) in runtimes.items()}
         for who, v in us.items():
             sums[who] += v or 0.0
