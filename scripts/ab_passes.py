@@ -79,11 +79,10 @@ def main():
         worker, every, arithmetic = forms(False)
         print(f"{name} at batch {args.batch}, {args.precision}, {args.threads} threads: every pass ({','.join(every)}) "
               f"against without {','.join(sorted(without))}" + (f"; {arithmetic}" if arithmetic else ""))
-        warmup, runs = (1, 3) if args.batch > 1 else (10, 30)
+        warmup, runs = bench_peers.worker_turn(args.batch)
         times = {"all": [], "without": []}
-        for turn in range(args.turns):
-            for key in (["all", "without"] if turn % 2 == 0 else ["without", "all"]):
-                times[key] += worker.ask(f"time {key} {mode} {dims} {warmup} {runs}")["ms"]
+        for _, key in bench_peers.alternated(["all", "without"], args.turns):
+            times[key] += worker.ask(f"time {key} {mode} {dims} {warmup} {runs}")["ms"]
         for key in ["all", "without"]:
             print(f"  {key:8s} median {statistics.median(times[key]):.3f} ms, min {min(times[key]):.3f} ms ({len(times[key])} forwards)")
         ratio = statistics.median(times["all"]) / statistics.median(times["without"])

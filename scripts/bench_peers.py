@@ -183,6 +183,20 @@ def networks():
     return out
 
 
+def worker_turn(batch):
+    """(warm-up, timed) forwards of one turn in the worker's A/B scripts: a few at a large batch, more of
+    the millisecond-long batch-1 forwards."""
+    return (1, 3) if batch > 1 else (10, 30)
+
+
+def alternated(keys, turns):
+    """(turn, key) for `turns` turns of each key, the order reversed every other turn (A B, B A, ...), so
+    that neither side always runs first after the other."""
+    for turn in range(turns):
+        for key in (keys if turn % 2 == 0 else keys[::-1]):
+            yield turn, key
+
+
 class Worker:
     """examples/bench_worker.rs over a pipe (`env`: more environment, e.g. ONEDNN_VERBOSE). Lines of its
     output that are not answers (oneDNN's verbose printing) are kept in `other_lines`."""

@@ -32,11 +32,10 @@ def side_by_side(worker, name, config_file, weights, shape, batch, args):
         worker.ask(f"load {name}-{form} {config_file} {weights or '-'}")
         answer = worker.ask(f"{command} {name}-{form} {dims}" + (f" {args.precision}" if form == "bf16" else ""))
         found[form] = {"ms": [], "arithmetic": answer.get("arithmetic", "fp32")}
-    warmup, runs = (1, 3) if batch > 1 else (10, 30)
-    for turn in range(args.turns):
-        for form in (list(FORMS) if turn % 2 == 0 else list(FORMS)[::-1]):
-            ms = worker.ask(f"time {name}-{form} {FORMS[form][1]} {dims} {warmup} {runs}")["ms"]
-            found[form]["ms"].append(statistics.median(ms))
+    warmup, runs = bench_peers.worker_turn(batch)
+    for _, form in bench_peers.alternated(list(FORMS), args.turns):
+        ms = worker.ask(f"time {name}-{form} {FORMS[form][1]} {dims} {warmup} {runs}")["ms"]
+        found[form]["ms"].append(statistics.median(ms))
     for form in FORMS:
         answer = worker.ask(f"profile {name}-{form} {FORMS[form][1]} {dims} {warmup} {runs}")
         found[form]["sections"] = dict(answer["sections"])

@@ -4,7 +4,7 @@
 //! `mkldnn::_convolution_pointwise` rebuilds descriptors and looks the primitive up on every call.
 //! fp32 or bf16 (the native bf16 form's), channels-last input and output, ReLU and residual add in the
 //! epilogue, as the fused form's libtorch call computes them; any other input is left to libtorch.
-use super::channels_last_sru::is_channels_last;
+use super::channels_last_sru::{empty_channels_last, is_channels_last};
 #[cfg(scconv_onednn)]
 use super::ffi::checked;
 use super::ffi::ConvGeometry;
@@ -150,9 +150,7 @@ impl OwnConv {
         if !fits(x, self.kind, self.input) {
             return None;
         }
-        let [n, c, h, w] = self.output;
-        // One call (a permuted NHWC `empty` is two through libtorch's dispatcher).
-        let y = Tensor::empty_strided([n, c, h, w], [h * w * c, 1, w * c, c], (self.kind, Device::Cpu));
+        let y = empty_channels_last(self.output.map(|d| d as usize), self.kind);
         self.run(x, &y, false).then_some(y)
     }
 
