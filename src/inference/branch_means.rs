@@ -14,8 +14,8 @@
 //! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 or bf16 dense
 //! channels-last `up` and `low` (the channels-last step's); the caller pools the branches otherwise.
 //!
-//! In the bf16 forms the layers' weights and biases are rounded to bf16 first, as the form's
-//! convolutions round theirs, and the means are those of the bf16 convolutions' outputs before their
+//! In the bf16 forms the layers' weights are rounded to bf16 first, and GWC's bias (the convolution
+//! with the residual add: `InferenceConv::cast`), as the form's convolutions round theirs, and the means are those of the bf16 convolutions' outputs before their
 //! roundings to bf16 (`PWC1`'s output, which `GWC`'s epilogue adds, and the sum): each rounding moves
 //! an output by up to 2^-9 of itself, and pooling averages those moves out, so the two differ far
 //! below a bf16 rounding of the mean (tested; the forms' differences are in docs/speed.md).
@@ -38,9 +38,10 @@ pub(crate) struct BranchMeans {
 }
 
 impl BranchMeans {
-    /// From the CRU's layers (`group_size` groups in `GWC`), their weights and biases rounded to bf16
-    /// where `bf16` (the bf16 forms' convolutions); `None` where a layer is not a same-size
-    /// convolution of the squeezed halves (then the branches are pooled).
+    /// From the CRU's layers (`group_size` groups in `GWC`), their weights and GWC's bias rounded to
+    /// bf16 where `bf16`, as the bf16 forms' convolutions store them (GWC adds PWC1's output in its
+    /// epilogue, whose bias is bf16; PWC1's and PWC2's stay fp32); `None` where a layer is not a
+    /// same-size convolution of the squeezed halves (then the branches are pooled).
     pub(crate) fn new(
         gwc: &nn::Conv2D,
         group_size: i64,
@@ -49,10 +50,12 @@ impl BranchMeans {
         bf16: bool,
     ) -> Option<Self> {
         let stored = |t: &Tensor| if bf16 { round_to_bf16(t) } else { t.shallow_clone() };
-        let layer = |conv: &nn::Conv2D, groups| {
-            F64Conv::of(&stored(&conv.ws), conv.bs.as_ref().map(stored).as_ref(), groups)
+        let layer = |conv: &nn::Conv2D, groups, bias_stored: bool| {
+            let bias = conv.bs.as_ref().map(|b| if bias_stored { stored(b) } else { b.shallow_clone() });
+            F64Conv::of(&stored(&conv.ws), bias.as_ref(), groups)
         };
-        let (gwc, pwc1, pwc2) = (layer(gwc, group_size)?, layer(pwc1, 1)?, layer(pwc2, 1)?);
+        let (gwc, pwc1, pwc2) =
+            (layer(gwc, group_size, true)?, layer(pwc1, 1, false)?, layer(pwc2, 1, false)?);
         let fits = pwc1.kernel() == 1
             && pwc2.kernel() == 1
             && gwc.inputs() == pwc1.inputs()
@@ -270,7 +273,7 @@ mod tests {
         assert!(diff <= 8.0 * f64::from(f32::EPSILON) * largest, "{diff} from libtorch's pooling");
     }
 
-    /// The bf16 forms' means: of the bf16 layers (weights and biases rounded to bf16) on bf16 `up`
+    /// The bf16 forms' means: of the bf16 layers (weights and GWC's bias rounded to bf16) on bf16 `up`
     /// and `low`, in f64 as above; and within a small part of a bf16 rounding of the pooling of the
     /// bf16 outputs themselves (what libtorch's bf16 convolutions and an fp32 pooling give).
     #[test]
@@ -286,12 +289,13 @@ mod tests {
         let f32s = |t: &Tensor| t.to_kind(Kind::Float);
         let rounded = VarStore::new(Device::Cpu);
         let layers = [("gwc", &gwc, 2), ("pwc1", &pwc1, 1), ("pwc2", &pwc2, 1)].map(|(name, c, groups)| {
+            let bias_rounded = name == "gwc";
             let [out, inputs, k, _] = <[i64; 4]>::try_from(c.ws.size()).unwrap();
             let mut copy = conv(&rounded, name, inputs * groups, out, k, groups, c.bs.is_some());
             tch::no_grad(|| {
                 copy.ws.copy_(&round_to_bf16(&c.ws));
                 if let (Some(to), Some(from)) = (&mut copy.bs, &c.bs) {
-                    to.copy_(&round_to_bf16(from));
+                    to.copy_(&if bias_rounded { round_to_bf16(from) } else { from.shallow_clone() });
                 }
             });
             copy
@@ -302,12 +306,15 @@ mod tests {
         assert!(off.max().double_value(&[]) <= 0.0, "over one fp32 ulp from the bf16 layers' f64 means");
         // The bf16 outputs pooled: each output rounded to bf16 moves its mean by far less than a bf16
         // rounding of the largest mean.
-        let run = |c: &nn::Conv2D, x: &Tensor, groups| {
+        // Each convolution of the bf16 values in fp32 (its bias fp32, GWC's rounded), rounded to bf16.
+        let run = |c: &nn::Conv2D, x: &Tensor, groups, bias_rounded: bool| {
             let k = c.ws.size()[2];
-            x.conv2d(&bf16(&c.ws), c.bs.as_ref().map(bf16), [1, 1], [k / 2, k / 2], [1, 1], groups)
+            let bias = c.bs.as_ref().map(|b| if bias_rounded { round_to_bf16(b) } else { b.shallow_clone() });
+            let w = f32s(&bf16(&c.ws));
+            bf16(&f32s(x).conv2d(&w, bias.as_ref(), [1, 1], [k / 2, k / 2], [1, 1], groups))
         };
-        let y1 = bf16(&(f32s(&run(&gwc, &up, 2)) + f32s(&run(&pwc1, &up, 1))));
-        let parts = [y1, run(&pwc2, &low, 1), low.shallow_clone()];
+        let y1 = bf16(&(f32s(&run(&gwc, &up, 2, true)) + f32s(&run(&pwc1, &up, 1, false))));
+        let parts = [y1, run(&pwc2, &low, 1, false), low.shallow_clone()];
         let pooled = Tensor::cat(&parts.map(|t| t.mean_dim(&[2i64, 3][..], true, Kind::Float)), 1);
         let largest = pooled.abs().max().double_value(&[]);
         let diff = (&ours - &pooled).abs().max().double_value(&[]);

@@ -4,8 +4,8 @@
 //! - `fold`: the BatchNorm becomes the convolution's weight and bias (`fold::fold_batchnorm`);
 //! - `fuse`: the ReLU and the residual add run in the convolution's epilogue (one oneDNN primitive,
 //!   `mkldnn::_convolution_pointwise`) when the shim is built, else in place on its output;
-//! - `cast` (the bf16 form only): weight and bias stored in bf16, and so its input and output
-//!   (`precision::Arithmetic`);
+//! - `cast` (the bf16 form only): weight stored in bf16, and so its input and output
+//!   (`precision::Arithmetic`); the bias kept in fp32 but where the residual add is fused (bf16);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
 //! - `own_primitives` (after prepack): where the build has oneDNN primitives of its own (`onednn.rs`)
 //!   and the convolution is a fused fp32 or native bf16 one, dense or grouped and small, a primitive
@@ -16,7 +16,7 @@ use super::fold::{self, BatchNormParams};
 use super::onednn::OwnConv;
 use super::precision::Arithmetic;
 use crate::error::ScConvError;
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Grouped convolutions of fewer multiply-adds a call run as primitives of our own
 /// (`InferenceConv::own_primitive_pays`): measured on the Fashion-MNIST SC form's GWCs (0.9 M
@@ -29,6 +29,8 @@ const SMALL_GROUPED_MULTIPLY_ADDS: i64 = 2_500_000;
 pub struct InferenceConv {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The bias of the call with the residual add where the cast pass stores it apart (`add_bias`).
+    residual_bias: Option<Tensor>,
     geometry: ConvGeometry,
     /// The BatchNorm after the convolution, until the fold pass.
     batchnorm: Option<BatchNormParams>,
@@ -61,6 +63,7 @@ impl InferenceConv {
         InferenceConv {
             weight,
             bias,
+            residual_bias: None,
             geometry,
             batchnorm: None,
             relu: false,
@@ -89,6 +92,7 @@ impl InferenceConv {
         if let Some(bn) = self.batchnorm.take() {
             let (weight, bias) = fold::fold_batchnorm(&self.weight, self.bias.as_ref(), &bn);
             (self.weight, self.bias, self.packed, self.own) = (weight, Some(bias), None, Vec::new());
+            self.residual_bias = None;
             self.packed_sizes.clear();
         }
     }
@@ -148,7 +152,7 @@ impl InferenceConv {
             return Ok(false);
         }
         let made: Result<Vec<_>, String> = (self.packed_sizes.iter())
-            .map(|&size| OwnConv::new(&self.weight, self.bias.as_ref(), &self.geometry, size, self.relu))
+            .map(|&size| OwnConv::new(&self.weight, self.biases(), &self.geometry, size, self.relu))
             .collect();
         // Every size or none: an image's numbers must not depend on the tile it runs in.
         self.own = made.ok().and_then(|own| own.into_iter().collect::<Option<Vec<_>>>()).unwrap_or_default();
@@ -181,15 +185,32 @@ impl InferenceConv {
         !self.own.is_empty()
     }
 
-    /// The cast pass: weight and bias stored as `arithmetic` stores values (rounded to bf16 once,
-    /// after folding), and so its input and output from then on. Refused before fold (the BatchNorm
-    /// is folded in fp32) and after prepack (which reorders the weight it casts).
+    /// The cast pass: the weight stored as `arithmetic` stores values (rounded to bf16 once, after
+    /// folding), and so its input and output from then on. The bias stays fp32: oneDNN's bf16
+    /// kernels add it to the fp32 sums before the output's one rounding, so rounding it too would
+    /// add an error of up to 2^-9 of a folded BatchNorm's shift, often the larger part of an output.
+    /// Only the call with the residual add (`forward_add`) takes it stored as the weight: libtorch's
+    /// in-place add (`_convolution_pointwise_.binary`) refuses a bias of another type, and our own
+    /// primitive's add takes it alike, so that a form's numbers do not depend on which runs.
+    /// Refused before fold (the BatchNorm is folded in fp32) and after prepack (which reorders the
+    /// weight it casts).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         cast_allowed(self.batchnorm.is_none(), self.packed.is_some())?;
         self.weight = arithmetic.store(&self.weight);
-        self.bias = self.bias.as_ref().map(|b| arithmetic.store(b));
+        self.residual_bias =
+            (self.bias.as_ref()).filter(|_| arithmetic.is_bf16()).map(|b| arithmetic.store(b));
         self.arithmetic = arithmetic.clone();
         Ok(())
+    }
+
+    /// The bias of the call with the residual add: bf16 in the bf16 forms (`cast`), else the bias.
+    fn add_bias(&self) -> Option<&Tensor> {
+        self.residual_bias.as_ref().or(self.bias.as_ref())
+    }
+
+    /// The bias and the residual add's bias, for our own primitive.
+    fn biases(&self) -> Option<(&Tensor, &Tensor)> {
+        self.bias.as_ref().zip(self.add_bias())
     }
 
     /// How it stores its weight, input and output.
@@ -220,7 +241,8 @@ impl InferenceConv {
                 ffi::conv_pointwise(x, self.onednn_weight(), self.bias.as_ref(), &self.geometry, self.relu);
             return self.arithmetic.store(&expect_onednn(y));
         }
-        self.arithmetic.store(&epilogue(self.conv_then_batchnorm(x), None, self.relu, self.fused))
+        let y = self.conv_then_batchnorm(x, self.bias.as_ref());
+        self.arithmetic.store(&epilogue(y, None, self.relu, self.fused))
     }
 
     /// `relu(bn(conv(x)) + residual)`; fused, the result is written into `residual` in place (into
@@ -237,28 +259,33 @@ impl InferenceConv {
                 &mut residual,
                 x,
                 w,
-                self.bias.as_ref(),
+                self.add_bias(),
                 &self.geometry,
                 self.relu,
             ));
             return self.arithmetic.store(&residual);
         }
-        self.arithmetic.store(&epilogue(self.conv_then_batchnorm(x), Some(residual), self.relu, self.fused))
+        let y = self.conv_then_batchnorm(x, self.add_bias());
+        self.arithmetic.store(&epilogue(y, Some(residual), self.relu, self.fused))
     }
 
     fn onednn_weight(&self) -> &Tensor {
         self.packed.as_ref().unwrap_or(&self.weight)
     }
 
-    /// The convolution (oneDNN's primitive when prepacked, else libtorch's) and the BatchNorm when
-    /// not folded.
-    fn conv_then_batchnorm(&self, x: &Tensor) -> Tensor {
+    /// The convolution with `bias` (oneDNN's primitive when prepacked, else libtorch's) and the
+    /// BatchNorm when not folded.
+    fn conv_then_batchnorm(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let g = &self.geometry;
         let y = match &self.packed {
-            Some(w) if ffi::shim_built() => {
-                expect_onednn(ffi::conv_pointwise(x, w, self.bias.as_ref(), g, false))
+            Some(w) if ffi::shim_built() => expect_onednn(ffi::conv_pointwise(x, w, bias, g, false)),
+            // libtorch's conv2d takes one type: bf16 values beside the fp32 bias are computed in fp32,
+            // as the emulated form computes them (the unfused bf16 form; not a fast path).
+            _ if bias.is_some_and(|b| b.kind() != x.kind()) => {
+                let fp32 = |t: &Tensor| t.to_kind(Kind::Float);
+                fp32(x).conv2d(&fp32(&self.weight), bias, g.stride, g.padding, g.dilation, g.groups)
             }
-            _ => x.conv2d(&self.weight, self.bias.as_ref(), g.stride, g.padding, g.dilation, g.groups),
+            _ => x.conv2d(&self.weight, bias, g.stride, g.padding, g.dilation, g.groups),
         };
         match &self.batchnorm {
             Some(bn) => bn.forward(&y),
@@ -359,7 +386,8 @@ mod tests {
     }
 
     /// The cast pass (emulated bf16, as on every CPU): the output is bf16 values, and it is the fp32
-    /// convolution-add-ReLU of the bf16-rounded input, weight, bias and residual, rounded once (within
+    /// convolution-add-ReLU of the bf16-rounded input, weight, bias (the residual add's is rounded:
+    /// `cast`) and residual, rounded once (within
     /// one bf16 step: oneDNN and libtorch sum in other orders, which can tip a rounding).
     #[test]
     fn a_cast_convolution_rounds_its_operands_and_its_output_to_bf16_once() {
@@ -390,6 +418,59 @@ mod tests {
                 < max_abs_diff(&y, &tch::no_grad(|| conv_fp32(&layer, &x, &residual)))
         );
         assert!(!layer.ws.equal(&r(&layer.ws)), "the model's own weight is not changed");
+    }
+
+    /// The bf16 cast keeps the bias in fp32, added before the output's one rounding, but for the call
+    /// with the residual add, whose bias is rounded to bf16 as its weight (`cast`): emulated, and on
+    /// oneDNN's bf16 kernels (our own primitive where built) where libtorch's oneDNN takes bf16. A
+    /// bias large beside the products (a folded BatchNorm's shift can be) makes a rounded one show:
+    /// it moves about a quarter of the outputs by a bf16 step.
+    #[test]
+    fn a_cast_convolution_keeps_its_bias_in_fp32_but_with_the_residual_add() {
+        use crate::inference::precision::{round_to_bf16 as r, Precision};
+        let cl = crate::inference::channels_last_sru::to_channels_last;
+        let mut arithmetics = vec![Arithmetic::for_precision(Precision::Bf16Emulated)];
+        if crate::inference::onednn_bf16_support().is_ok() {
+            arithmetics.push(Arithmetic::Bf16Native);
+        }
+        let vs = VarStore::new(Device::Cpu);
+        let layer =
+            nn::conv2d(vs.root() / "c", 16, 32, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+        let bias = Tensor::randn([32], (Kind::Float, Device::Cpu)) * 30.0 + 0.0123;
+        let x = cl(&Tensor::randn([2, 16, 8, 8], (Kind::Float, Device::Cpu)));
+        let residual = cl(&Tensor::randn([2, 32, 8, 8], (Kind::Float, Device::Cpu)));
+        let fp32 = |t: &Tensor| t.to_kind(Kind::Float);
+        // The fp32 convolution of the bf16 values with `b` [and the bf16 residual], rounded once.
+        let expected = |b: &Tensor, add: bool| {
+            let y = tch::no_grad(|| r(&x).conv2d(&r(&layer.ws), Some(b), [1, 1], [1, 1], [1, 1], 1));
+            r(&if add { y + r(&residual) } else { y })
+        };
+        let share_off = |y: &Tensor, want: &Tensor| {
+            let off = fp32(y).ne_tensor(want).sum(Kind::Int64).int64_value(&[]);
+            off as f64 / want.numel() as f64
+        };
+        for arithmetic in arithmetics {
+            let mut conv = InferenceConv::from_weights(
+                layer.ws.detach(),
+                Some(bias.copy()),
+                ConvGeometry::square(1, 1, 1),
+            );
+            conv.fuse().unwrap();
+            conv.cast(&arithmetic).unwrap();
+            if ffi::shim_built() {
+                conv.prepack([2, 16, 8, 8]).unwrap();
+                conv.own_primitives().unwrap();
+            }
+            let input = arithmetic.store(&x);
+            let (y, y_added) = tch::no_grad(|| {
+                (conv.forward(&input), conv.forward_add(&input, arithmetic.store(&residual)))
+            });
+            let what = arithmetic.describe();
+            assert!(share_off(&y, &expected(&bias, false)) <= 0.01, "{what}: the fp32 bias, one rounding");
+            assert!(share_off(&y, &expected(&r(&bias), false)) >= 0.1, "{what}: not a rounded bias");
+            assert!(share_off(&y_added, &expected(&r(&bias), true)) <= 0.01, "{what}: with the add, bf16");
+            assert!(share_off(&y_added, &expected(&bias, true)) >= 0.1, "{what}: with the add, not fp32");
+        }
     }
 
     /// Prepack's own oneDNN primitive (where built) against libtorch's fused call on the same weights,
@@ -465,18 +546,15 @@ mod tests {
             }
             let d = |t: &Tensor| t.to_kind(Kind::Double);
             let g = |v: i64| [v, v];
-            let plain = d(&x).conv2d(
-                &d(&conv.weight),
-                conv.bias.as_ref().map(d).as_ref(),
-                g(stride),
-                g(k / 2),
-                g(1),
-                groups,
-            );
+            // Each call's bias: fp32 without the add, stored as the weight with it (`cast`).
+            let conv_with = |bias: Option<&Tensor>| {
+                d(&x).conv2d(&d(&conv.weight), bias.map(d).as_ref(), g(stride), g(k / 2), g(1), groups)
+            };
+            let (plain, added) = (conv_with(conv.bias.as_ref()), conv_with(conv.add_bias()) + d(&residual));
             let activate = |t: Tensor| if relu { t.relu() } else { t };
             for (name, ours, libtorch, truth) in [
-                ("conv", &ours.0, &libtorch.0, activate(plain.shallow_clone())),
-                ("conv + add", &ours.1, &libtorch.1, activate(&plain + d(&residual))),
+                ("conv", &ours.0, &libtorch.0, activate(plain)),
+                ("conv + add", &ours.1, &libtorch.1, activate(added)),
             ] {
                 let ulp = truth.abs().max().double_value(&[]) * rounding;
                 let budget = 2.0 * max_abs_diff(libtorch, &truth) + ulp;

@@ -24,7 +24,7 @@ struct scc_dnnl_variant {
 
 struct scc_dnnl_conv {
   scc_dnnl_variant plain, with_sum;  // dst = conv + bias [+ dst], then ReLU where asked
-  dnnl::memory bias;
+  dnnl::memory bias, sum_bias;       // fp32; the sum variant's of the primitive's type
   // The source and destination, made once without data and pointed at each call's; each variant's
   // arguments built once around them (a call then allocates nothing).
   dnnl::memory src, dst;
@@ -67,11 +67,13 @@ dnnl::convolution_forward::primitive_desc describe(const dnnl::memory::desc& src
 
 extern "C" {
 
-// A convolution for channels-last inputs of `input` (N, C, H, W), `w` (O, C / groups, KH, KW) and `b`
-// (O, or null) contiguous, geometry as PyTorch gives it; all fp32, or with `bf16` all bf16 (products
-// summed in fp32, the output rounded to bf16 once, as libtorch's bf16 call computes). Writes the output
-// size (N, O, OH, OW) into `output`.
-int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, const int64_t* input,
+// A convolution for channels-last inputs of `input` (N, C, H, W), `w` (O, C / groups, KH, KW), `b` and
+// `b_sum` (O each, or both null) contiguous, geometry as PyTorch gives it. Input, weight, output and
+// `b_sum` (the bias with the residual add) all fp32, or with `bf16` all bf16 (products summed in fp32,
+// the output rounded to bf16 once, as libtorch's bf16 call computes); `b` (the bias without the add)
+// fp32 either way, added in the fp32 sums. Writes the output size (N, O, OH, OW) into `output`.
+int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, const void* b_sum,
+                         const int64_t* input,
                          const int64_t* stride, const int64_t* padding, const int64_t* dilation, int64_t groups,
                          int relu, int bf16, scc_dnnl_conv** out, int64_t* output, char* err, size_t len) {
   try {
@@ -94,12 +96,12 @@ int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, co
                               : dims{groups, o / groups, c / groups, w_size[2], w_size[3]};
     dnnl::memory::desc w_any(w_dims, type, tag::any);
     dnnl::memory::desc w_user(w_dims, type, groups == 1 ? tag::oihw : tag::goihw);
-    dnnl::memory::desc b_md({o}, type, tag::a);
-    const dnnl::memory::desc* bias = b ? &b_md : nullptr;
+    dnnl::memory::desc b_md({o}, dt::f32, tag::a), b_sum_md({o}, type, tag::a);
     dnnl::stream stream(cpu());
     dnnl::memory user(w_user, cpu(), const_cast<void*>(w));
     // With and without the residual add oneDNN may choose different kernels, and weight layouts.
     auto variant = [&](bool sum) {
+      const dnnl::memory::desc* bias = b ? (sum ? &b_sum_md : &b_md) : nullptr;
       auto pd = describe(src, w_any, bias, dst, str, dil, pad_l, pad_r, relu != 0, sum);
       // oneDNN's reference kernels are for checking, not speed: leave such a convolution to libtorch.
       if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
@@ -109,23 +111,27 @@ int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, co
       dnnl::reorder(user, v.weights).execute(stream, user, v.weights);
       return v;
     };
-    auto conv = new scc_dnnl_conv{variant(false), variant(true), dnnl::memory(), dnnl::memory(src, cpu(), nullptr),
-                                  dnnl::memory(dst, cpu(), nullptr), {}, {}};
+    auto conv = new scc_dnnl_conv{variant(false), variant(true), dnnl::memory(), dnnl::memory(),
+                                  dnnl::memory(src, cpu(), nullptr), dnnl::memory(dst, cpu(), nullptr), {}, {}};
+    auto copied = [&](const dnnl::memory::desc& md, const void* data) {
+      dnnl::memory user_b(md, cpu(), const_cast<void*>(data)), own(md, cpu());
+      dnnl::reorder(user_b, own).execute(stream, user_b, own);
+      return own;
+    };
     if (b) {
-      conv->bias = dnnl::memory(b_md, cpu());
-      dnnl::memory user_b(b_md, cpu(), const_cast<void*>(b));
-      dnnl::reorder(user_b, conv->bias).execute(stream, user_b, conv->bias);
+      conv->bias = copied(b_md, b);
+      conv->sum_bias = copied(b_sum_md, b_sum);
     }
-    auto args = [&](const scc_dnnl_variant& v) {
+    auto args = [&](const scc_dnnl_variant& v, const dnnl::memory& bias) {
       std::unordered_map<int, dnnl::memory> a{{DNNL_ARG_SRC, conv->src},
                                               {DNNL_ARG_WEIGHTS, v.weights},
                                               {DNNL_ARG_DST, conv->dst},
                                               {DNNL_ARG_SCRATCHPAD, v.scratchpad}};
-      if (b) a.emplace(DNNL_ARG_BIAS, conv->bias);
+      if (b) a.emplace(DNNL_ARG_BIAS, bias);
       return a;
     };
-    conv->plain_args = args(conv->plain);
-    conv->sum_args = args(conv->with_sum);
+    conv->plain_args = args(conv->plain, conv->bias);
+    conv->sum_args = args(conv->with_sum, conv->sum_bias);
     stream.wait();
     output[0] = n;
     output[1] = o;

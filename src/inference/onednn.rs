@@ -32,6 +32,7 @@ mod raw {
             w: *const c_void,
             w_size: *const i64,
             b: *const c_void,
+            b_sum: *const c_void,
             input: *const i64,
             stride: *const i64,
             padding: *const i64,
@@ -66,8 +67,8 @@ struct Handle(*mut std::os::raw::c_void);
 unsafe impl Send for Handle {}
 
 /// One convolution (with its bias and optional ReLU) as a primitive for one input size and kind (fp32
-/// or bf16: input, weight, bias and output alike). Two threads may share it: runs take turns (the
-/// scratchpad is the primitive's own).
+/// or bf16: input, weight and output alike; the bias fp32, and with the residual add of that kind).
+/// Two threads may share it: runs take turns (the scratchpad is the primitive's own).
 #[derive(Debug)]
 pub(crate) struct OwnConv {
     #[cfg_attr(not(scconv_onednn), allow(dead_code))]
@@ -93,35 +94,41 @@ fn fits(t: &Tensor, kind: Kind, size: [i64; 4]) -> bool {
 }
 
 impl OwnConv {
-    /// The primitive for channels-last inputs of `input` (N, C, H, W) of the weight's kind; `None`
-    /// where this build has none, or the weight and bias are not both fp32 or both bf16 on the CPU.
+    /// The primitive for channels-last inputs of `input` (N, C, H, W) of the weight's kind, its
+    /// `bias` fp32 and its `residual_bias` (the bias with the residual add) of the weight's kind, both
+    /// or neither; `None` where this build has none, or the tensors are not so on the CPU.
     pub(crate) fn new(
         weight: &Tensor,
-        bias: Option<&Tensor>,
+        biases: Option<(&Tensor, &Tensor)>,
         g: &ConvGeometry,
         input: [i64; 4],
         relu: bool,
     ) -> Result<Option<OwnConv>, String> {
         let kind = weight.kind();
-        let taken = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu;
-        let supported =
-            matches!(kind, Kind::Float | Kind::BFloat16) && taken(weight) && bias.is_none_or(taken);
+        let taken = |t: &Tensor, kind| t.kind() == kind && t.device() == Device::Cpu;
+        let supported = matches!(kind, Kind::Float | Kind::BFloat16)
+            && taken(weight, kind)
+            && biases.is_none_or(|(b, sum)| taken(b, Kind::Float) && taken(sum, kind));
         if own_onednn_version().is_none() || !supported {
             return Ok(None);
         }
         #[cfg(scconv_onednn)]
         {
             let weight = weight.contiguous();
-            let bias = bias.map(Tensor::contiguous);
+            let biases = biases.map(|(b, sum)| (b.contiguous(), sum.contiguous()));
+            let pointer = |pick: fn(&(Tensor, Tensor)) -> &Tensor| {
+                biases.as_ref().map_or(std::ptr::null(), |b| pick(b).data_ptr() as *const _)
+            };
             let w_size = weight.size();
             let (mut handle, mut output) = (std::ptr::null_mut(), [0i64; 4]);
             checked(|err, len| unsafe {
-                // SAFETY: live contiguous tensors of one kind (fp32 or bf16, as the flag says); the sizes
-                // are four values each.
+                // SAFETY: live contiguous tensors of the kinds checked above (the flag says which); the
+                // sizes are four values each.
                 raw::scc_dnnl_conv_create(
                     weight.data_ptr(),
                     w_size.as_ptr(),
-                    bias.as_ref().map_or(std::ptr::null(), |b| b.data_ptr()),
+                    pointer(|b| &b.0),
+                    pointer(|b| &b.1),
                     input.as_ptr(),
                     g.stride.as_ptr(),
                     g.padding.as_ptr(),
