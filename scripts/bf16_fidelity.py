@@ -17,7 +17,7 @@ has bf16 units, emulated elsewhere, with the same numbers) and any `--ours` prec
 peers come from `make bench-peers`' folder (installed there on first use).
 
     cargo build --release --example bench_worker
-    .venv/bin/python scripts/bf16_fidelity.py --json docs/bench/bf16-fidelity.json
+    .venv/bin/python scripts/bf16_fidelity.py --ours bf16 bf16-onednn --json docs/bench/bf16-fidelity.json
 """
 import argparse
 import copy
@@ -59,17 +59,18 @@ def openvino_bf16(ov, onnx_path, threads):
         model.reshape({"input": [BATCH, 1, 28, 28]})
         return core.compile_model(model, "CPU", bench_peers.openvino_settings(threads, **hint))
 
-    for key, c in [("reported", compiled(INFERENCE_PRECISION_HINT="bf16")), ("default_here", compiled())]:
-        hint = c.get_property("INFERENCE_PRECISION_HINT")
-        precision[key] = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     c = compiled(INFERENCE_PRECISION_HINT="bf16")
+    for key, asked in [("reported", c), ("default_here", compiled())]:
+        hint = asked.get_property("INFERENCE_PRECISION_HINT")
+        precision[key] = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     return (lambda x: torch.from_numpy(numpy.asarray(c([x.numpy()])[0]))), precision
 
 
 def torch_compile_bf16(model):
-    """torch.compile with freezing under CPU bf16 autocast, as `make bench-peers` builds it."""
+    """torch.compile with freezing under CPU bf16 autocast, as `make bench-peers` builds it (without
+    grad: Inductor freezes only then, and a first call with grad would be recompiled unfrozen)."""
     import torch
-    with torch._inductor.config.patch(freezing=True), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True), torch.autocast("cpu", dtype=torch.bfloat16):
         compiled = torch.compile(copy.deepcopy(model), dynamic=False)
         compiled(torch.zeros(BATCH, 1, 28, 28))
     return lambda x: bench_peers.autocast_bf16(compiled, x)
@@ -106,7 +107,6 @@ def network(name, peers, worker, x, y, args, tmp):
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")},
               str(weights))
     (tmp / f"{name}.json").write_text(json.dumps(record["config"]))
-    worker.ask(f"load {name} {tmp / f'{name}.json'} {weights}")
     for precision in args.ours:
         worker.ask(f"load {name}-{precision} {tmp / f'{name}.json'} {weights}")
     bench_peers.export_onnx(model, torch.zeros(BATCH, 1, 28, 28), tmp / f"{name}.onnx")

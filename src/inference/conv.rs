@@ -5,7 +5,7 @@
 //! - `fuse`: the ReLU and the residual add run in the convolution's epilogue (one oneDNN primitive,
 //!   `mkldnn::_convolution_pointwise`) when the shim is built, else in place on its output;
 //! - `cast` (the bf16 form only): weight stored in bf16, and so its input and output
-//!   (`precision::Arithmetic`); the bias kept in fp32 but where the residual add is fused (bf16);
+//!   (`precision::Arithmetic`); the bias kept in fp32 but for the residual add's call (bf16);
 //! - `prepack`: the weight reordered once into oneDNN's blocked layout for the input size it will see;
 //! - `own_primitives` (after prepack): where the build has oneDNN primitives of its own (`onednn.rs`)
 //!   and the convolution is a fused fp32 or native bf16 one, dense or grouped and small, a primitive
@@ -192,8 +192,8 @@ impl InferenceConv {
     /// Only the call with the residual add (`forward_add`) takes it stored as the weight: libtorch's
     /// in-place add (`_convolution_pointwise_.binary`) refuses a bias of another type, and our own
     /// primitive's add takes it alike, so that a form's numbers do not depend on which runs.
-    /// Refused before fold (the BatchNorm is folded in fp32) and after prepack (which reorders the
-    /// weight it casts).
+    /// Refused before fold (the BatchNorm is folded in full precision first) and after prepack (which
+    /// reorders the weight it casts).
     pub fn cast(&mut self, arithmetic: &Arithmetic) -> Result<(), ScConvError> {
         cast_allowed(self.batchnorm.is_none(), self.packed.is_some())?;
         self.weight = arithmetic.store(&self.weight);
@@ -300,7 +300,7 @@ pub(super) fn fuse_needs_fold() -> ScConvError {
 }
 
 /// The cast pass's refusals, for a convolution, an ScConv step or a whole form: before fold (the
-/// BatchNorm is folded in fp32), after prepack (which reorders the weights it casts).
+/// BatchNorm is folded in full precision first), after prepack (which reorders the weights it casts).
 pub(super) fn cast_allowed(folded: bool, prepacked: bool) -> Result<(), ScConvError> {
     let refused = match (folded, prepacked) {
         (false, _) => "casting needs the BatchNorm folded first (the fold pass)",
@@ -462,14 +462,26 @@ mod tests {
                 conv.own_primitives().unwrap();
             }
             let input = arithmetic.store(&x);
-            let (y, y_added) = tch::no_grad(|| {
-                (conv.forward(&input), conv.forward_add(&input, arithmetic.store(&residual)))
-            });
-            let what = arithmetic.describe();
-            assert!(share_off(&y, &expected(&bias, false)) <= 0.01, "{what}: the fp32 bias, one rounding");
-            assert!(share_off(&y, &expected(&r(&bias), false)) >= 0.1, "{what}: not a rounded bias");
-            assert!(share_off(&y_added, &expected(&r(&bias), true)) <= 0.01, "{what}: with the add, bf16");
-            assert!(share_off(&y_added, &expected(&bias, true)) >= 0.1, "{what}: with the add, not fp32");
+            // Our own primitive where built, then libtorch's calls (the fallback) likewise.
+            for path in ["own primitive", "libtorch's call"] {
+                if path == "libtorch's call" {
+                    conv.own.clear();
+                }
+                let (y, y_added) = tch::no_grad(|| {
+                    (conv.forward(&input), conv.forward_add(&input, arithmetic.store(&residual)))
+                });
+                let what = format!("{} ({path})", arithmetic.describe());
+                assert!(
+                    share_off(&y, &expected(&bias, false)) <= 0.01,
+                    "{what}: the fp32 bias, one rounding"
+                );
+                assert!(share_off(&y, &expected(&r(&bias), false)) >= 0.1, "{what}: not a rounded bias");
+                assert!(
+                    share_off(&y_added, &expected(&r(&bias), true)) <= 0.01,
+                    "{what}: with the add, bf16"
+                );
+                assert!(share_off(&y_added, &expected(&bias, true)) >= 0.1, "{what}: with the add, not fp32");
+            }
         }
     }
 

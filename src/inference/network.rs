@@ -26,8 +26,8 @@ pub enum Pass {
     /// ReLU and residual add into each convolution's epilogue (oneDNN post-ops), or in place.
     FuseEpilogues,
     /// The bf16 form's cast (after fold, before prepack): every convolution's weight stored in bf16
-    /// once, and so the activations between them; the biases fp32 but where a residual add is fused
-    /// (`crate::inference::Precision`). Refused in an fp32 form.
+    /// once, and so the activations between them; the biases fp32 but for the calls with a residual
+    /// add (`crate::inference::Precision`). Refused in an fp32 form.
     Bf16,
     /// A batch run in tiles of a few images, each through the whole network before the next, so that a
     /// tile's activations stay in the cores' caches (`batch_tile`: as many images as keep the largest

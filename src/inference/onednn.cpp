@@ -77,6 +77,7 @@ int scc_dnnl_conv_create(const void* w, const int64_t* w_size, const void* b, co
                          const int64_t* stride, const int64_t* padding, const int64_t* dilation, int64_t groups,
                          int relu, int bf16, scc_dnnl_conv** out, int64_t* output, char* err, size_t len) {
   try {
+    if ((b == nullptr) != (b_sum == nullptr)) throw std::invalid_argument("both biases or neither");
     const dt type = bf16 ? dt::bf16 : dt::f32;
     const int64_t n = input[0], c = input[1], h = input[2], wd = input[3], o = w_size[0];
     int64_t spatial[2] = {h, wd}, out_spatial[2];

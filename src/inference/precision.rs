@@ -5,8 +5,8 @@
 //! In the bf16 form every convolution reads and writes bf16: its weight rounded to bf16 once (after
 //! the BatchNorm is folded in fp64), products summed in fp32 as oneDNN's bf16 kernels do, the
 //! epilogue (bias, residual add, ReLU) in fp32 and the result rounded to bf16 once. The bias stays
-//! fp32, but for a convolution with the residual add fused, whose libtorch operator takes every
-//! operand in one type (there it is rounded to bf16 once too). The ScConv's SRU
+//! fp32, but for the call with the residual add (a ResNet block's last convolution, the CRU's GWC),
+//! whose libtorch operator takes every operand in one type (there it is rounded to bf16 once too). The ScConv's SRU
 //! (GroupNorm statistics, `w_gamma`, the gate), the CRU's fuse (pooling, softmax, weighted sum), its
 //! pool, BatchNorm shift, residual add and ReLU run in fp32 on the bf16 values and store their result
 //! in bf16 once; the logits are computed in fp32 from the last bf16 activation.
