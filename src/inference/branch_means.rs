@@ -14,20 +14,21 @@
 //! the step's and the networks' tests hold it to the form's bounds. Runs on fp32 or bf16 dense
 //! channels-last `up` and `low` (the channels-last step's); the caller pools the branches otherwise.
 //!
-//! In the bf16 forms the layers' weights are rounded to bf16 first, and GWC's bias (the convolution
-//! with the residual add: `InferenceConv::cast`), as the form's convolutions round theirs, and the means are those of the bf16 convolutions' outputs before their
+//! The layers are the form's convolutions as they compute (`InferenceConv::computed_with`): in the
+//! bf16 forms their weights are bf16, and GWC's bias (its call adds PWC1's output:
+//! `InferenceConv::cast`), and the means are those of the bf16 convolutions' outputs before their
 //! roundings to bf16 (`PWC1`'s output, which `GWC`'s epilogue adds, and the sum): each rounding moves
 //! an output by up to 2^-9 of itself, and pooling averages those moves out, so the two differ far
 //! below a bf16 rounding of the mean (tested; the forms' differences are in docs/speed.md).
 use super::channel_means::sum_rows;
 use super::channels_last_sru::is_channels_last;
+use super::conv::InferenceConv;
 use super::elements::{stored, Stored, Value};
 use super::f64_conv::F64Conv;
-use super::precision::round_to_bf16;
 use crate::fast::welford::SharedOut;
 use crate::inference::parallel_for;
 use std::ops::Range;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The CRU's `GWC`, `PWC1` and `PWC2` as the fuse's pooling needs them.
 #[derive(Debug)]
@@ -38,24 +39,15 @@ pub(crate) struct BranchMeans {
 }
 
 impl BranchMeans {
-    /// From the CRU's layers (`group_size` groups in `GWC`), their weights and GWC's bias rounded to
-    /// bf16 where `bf16`, as the bf16 forms' convolutions store them (GWC adds PWC1's output in its
-    /// epilogue, whose bias is bf16; PWC1's and PWC2's stay fp32); `None` where a layer is not a
-    /// same-size convolution of the squeezed halves (then the branches are pooled).
-    pub(crate) fn new(
-        gwc: &nn::Conv2D,
-        group_size: i64,
-        pwc1: &nn::Conv2D,
-        pwc2: &nn::Conv2D,
-        bf16: bool,
-    ) -> Option<Self> {
-        let stored = |t: &Tensor| if bf16 { round_to_bf16(t) } else { t.shallow_clone() };
-        let layer = |conv: &nn::Conv2D, groups, bias_stored: bool| {
-            let bias = conv.bs.as_ref().map(|b| if bias_stored { stored(b) } else { b.shallow_clone() });
-            F64Conv::of(&stored(&conv.ws), bias.as_ref(), groups)
+    /// From the form's CRU convolutions as they compute (GWC's call with PWC1's output added, PWC1's
+    /// and PWC2's without an add); `None` where a layer is not a same-size convolution of the
+    /// squeezed halves (then the branches are pooled).
+    pub(crate) fn new(gwc: &InferenceConv, pwc1: &InferenceConv, pwc2: &InferenceConv) -> Option<Self> {
+        let layer = |conv: &InferenceConv, with_add| {
+            let (weight, bias, groups) = conv.computed_with(with_add);
+            F64Conv::of(weight, bias, groups)
         };
-        let (gwc, pwc1, pwc2) =
-            (layer(gwc, group_size, true)?, layer(pwc1, 1, false)?, layer(pwc2, 1, false)?);
+        let (gwc, pwc1, pwc2) = (layer(gwc, true)?, layer(pwc1, false)?, layer(pwc2, false)?);
         let fits = pwc1.kernel() == 1
             && pwc2.kernel() == 1
             && gwc.inputs() == pwc1.inputs()
@@ -199,7 +191,9 @@ fn window_sums<X: Value>(x: &[X], channels: usize, [h, w]: [usize; 2], kernel: u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::nn::VarStore;
+    use crate::inference::ffi::ConvGeometry;
+    use crate::inference::precision::{round_to_bf16, Arithmetic, Precision};
+    use tch::nn::{self, VarStore};
     use tch::{Device, Kind};
 
     fn channels_last(shape: [i64; 4], offset: f64) -> Tensor {
@@ -225,6 +219,25 @@ mod tests {
         Tensor::cat(&parts.map(|t| t.mean_dim(&[2i64, 3][..], true, Kind::Double)), 1)
     }
 
+    /// The means of these layers as a form's convolutions (cast to bf16, emulated, where `bf16`).
+    fn means_of(
+        gwc: &nn::Conv2D,
+        groups: i64,
+        pwc1: &nn::Conv2D,
+        pwc2: &nn::Conv2D,
+        bf16: bool,
+    ) -> Option<BranchMeans> {
+        let form = |layer: &nn::Conv2D, groups| {
+            let k = layer.ws.size()[2];
+            let mut conv = InferenceConv::new(layer, ConvGeometry::square(1, k / 2, groups));
+            if bf16 {
+                conv.cast(&Arithmetic::for_precision(Precision::Bf16Emulated)).unwrap();
+            }
+            conv
+        };
+        BranchMeans::new(&form(gwc, groups), &form(pwc1, 1), &form(pwc2, 1))
+    }
+
     #[test]
     fn the_means_are_those_of_the_convolutions_outputs_in_f64() {
         tch::manual_seed(0);
@@ -242,7 +255,7 @@ mod tests {
             let vs = VarStore::new(Device::Cpu);
             let gwc = conv(&vs, "gwc", 16, 64, k, groups, true);
             let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, bias), conv(&vs, "pwc2", 8, 56, 1, 1, bias));
-            let means = BranchMeans::new(&gwc, groups, &pwc1, &pwc2, false).expect("same-size convolutions");
+            let means = means_of(&gwc, groups, &pwc1, &pwc2, false).expect("same-size convolutions");
             let (up, low) = (channels_last([n, 16, h, w], offset), channels_last([n, 8, h, w], -offset));
             let ours = means.means(&up, &low).expect("fp32 channels-last halves");
             assert_eq!(ours.size(), [n, 128, 1, 1]);
@@ -263,7 +276,7 @@ mod tests {
         let gwc = conv(&vs, "gwc", 16, 64, 3, 2, true);
         let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, false), conv(&vs, "pwc2", 16, 48, 1, 1, false));
         let (up, low) = (channels_last([8, 16, 56, 56], 0.0), channels_last([8, 16, 56, 56], 0.0));
-        let ours = BranchMeans::new(&gwc, 2, &pwc1, &pwc2, false).unwrap().means(&up, &low).unwrap();
+        let ours = means_of(&gwc, 2, &pwc1, &pwc2, false).unwrap().means(&up, &low).unwrap();
         let y1 = up.conv2d(&gwc.ws, gwc.bs.as_ref(), [1, 1], [1, 1], [1, 1], 2)
             + up.conv2d(&pwc1.ws, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
         let head = low.conv2d(&pwc2.ws, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
@@ -285,7 +298,7 @@ mod tests {
         let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
         let (up, low) =
             (bf16(&channels_last([2, 16, 28, 28], 0.5)), bf16(&channels_last([2, 8, 28, 28], 0.0)));
-        let ours = BranchMeans::new(&gwc, 2, &pwc1, &pwc2, true).unwrap().means(&up, &low).unwrap();
+        let ours = means_of(&gwc, 2, &pwc1, &pwc2, true).unwrap().means(&up, &low).unwrap();
         let f32s = |t: &Tensor| t.to_kind(Kind::Float);
         let rounded = VarStore::new(Device::Cpu);
         let layers = [("gwc", &gwc, 2), ("pwc1", &pwc1, 1), ("pwc2", &pwc2, 1)].map(|(name, c, groups)| {
@@ -330,7 +343,7 @@ mod tests {
         let gwc = conv(vs, "gwc", c / 4, c, 3, 2, true);
         let (pwc1, pwc2) =
             (conv(vs, "pwc1", c / 4, c, 1, 1, false), conv(vs, "pwc2", c / 4, c - c / 4, 1, 1, false));
-        BranchMeans::new(&gwc, 2, &pwc1, &pwc2, false).unwrap()
+        means_of(&gwc, 2, &pwc1, &pwc2, false).unwrap()
     }
 
     #[test]
@@ -353,8 +366,8 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let (pwc1, pwc2) = (conv(&vs, "pwc1", 16, 64, 1, 1, false), conv(&vs, "pwc2", 8, 56, 1, 1, false));
         let even = conv(&vs, "even", 16, 64, 2, 2, true);
-        assert!(BranchMeans::new(&even, 2, &pwc1, &pwc2, false).is_none(), "an even kernel changes the size");
-        let means = BranchMeans::new(&conv(&vs, "gwc", 16, 64, 3, 2, true), 2, &pwc1, &pwc2, false).unwrap();
+        assert!(means_of(&even, 2, &pwc1, &pwc2, false).is_none(), "an even kernel changes the size");
+        let means = means_of(&conv(&vs, "gwc", 16, 64, 3, 2, true), 2, &pwc1, &pwc2, false).unwrap();
         let (up, low) = (channels_last([1, 16, 4, 4], 0.0), channels_last([1, 8, 4, 4], 0.0));
         assert!(means.means(&up, &low).is_some());
         assert!(means.means(&up.contiguous(), &low).is_none(), "NCHW");

@@ -208,6 +208,13 @@ impl InferenceConv {
         self.residual_bias.as_ref().or(self.bias.as_ref())
     }
 
+    /// The weight, the bias and the groups its call with the residual add (`with_add`) or without it
+    /// computes with, as stored (for `BranchMeans`, which follows these convolutions' outputs).
+    pub(crate) fn computed_with(&self, with_add: bool) -> (&Tensor, Option<&Tensor>, i64) {
+        let bias = if with_add { self.add_bias() } else { self.bias.as_ref() };
+        (&self.weight, bias, self.geometry.groups)
+    }
+
     /// The bias and the residual add's bias, for our own primitive.
     fn biases(&self) -> Option<(&Tensor, &Tensor)> {
         self.bias.as_ref().zip(self.add_bias())

@@ -6,9 +6,9 @@
 //! - [`Pass::FuseEpilogues`]: ReLU and residual add in the convolution's epilogue (libtorch's oneDNN
 //!   `_convolution_pointwise` post-ops, through this crate's C++ shim), in place after an ScConv;
 //! - [`Pass::Bf16`] (forms of [`Precision::Bf16`] only): every convolution's weight stored in bf16
-//!   once, after folding, and so its input and output (its bias stays fp32 but for the call with the
-//!   residual add) ([`precision`](Precision): what runs in
-//!   bf16, what in fp32, and how CPUs without bf16 units emulate it);
+//!   once, after folding, and so its input and output, its bias fp32 but for the call with the
+//!   residual add ([`precision`](Precision): what runs in bf16, what in fp32, and how CPUs without
+//!   bf16 units emulate it);
 //! - [`Pass::TileBatch`]: a large batch run in tiles of a few images, each tile's activations small
 //!   enough to stay in the cores' caches (the same numbers an image);
 //! - [`Pass::PoolFirst`]: after a stride-2 ScConv, the 2x2 pool moved before the CRU's convolutions

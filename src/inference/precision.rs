@@ -6,10 +6,10 @@
 //! the BatchNorm is folded in fp64), products summed in fp32 as oneDNN's bf16 kernels do, the
 //! epilogue (bias, residual add, ReLU) in fp32 and the result rounded to bf16 once. The bias stays
 //! fp32, but for the call with the residual add (a ResNet block's last convolution, the CRU's GWC),
-//! whose libtorch operator takes every operand in one type (there it is rounded to bf16 once too). The ScConv's SRU
-//! (GroupNorm statistics, `w_gamma`, the gate), the CRU's fuse (pooling, softmax, weighted sum), its
-//! pool, BatchNorm shift, residual add and ReLU run in fp32 on the bf16 values and store their result
-//! in bf16 once; the logits are computed in fp32 from the last bf16 activation.
+//! whose libtorch operator takes every operand in one type (there it is rounded to bf16 once too).
+//! The ScConv's SRU (GroupNorm statistics, `w_gamma`, the gate), the CRU's fuse (pooling, softmax,
+//! weighted sum), its pool, BatchNorm shift, residual add and ReLU run in fp32 on the bf16 values and
+//! store their result in bf16 once; the logits are computed in fp32 from the last bf16 activation.
 //!
 //! Emulated, the same values are held in fp32 tensors: each bf16 store is a rounding to the nearest
 //! bf16 (`x.to(bf16).to(f32)`, round-to-nearest-even, as oneDNN converts), so the form computes the

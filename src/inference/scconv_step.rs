@@ -77,13 +77,18 @@ impl FormCru {
             conv.cast(arithmetic)?;
             Ok(conv)
         };
+        let (gwc, pwc1, pwc2) = (
+            conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size))?,
+            conv(&cru.PWC1, pointwise)?,
+            conv(&cru.PWC2, pointwise)?,
+        );
         Ok(FormCru {
             squeeze1: conv(&cru.squeeze1, pointwise)?,
             squeeze2: conv(&cru.squeeze2, pointwise)?,
-            gwc: conv(&cru.GWC, ConvGeometry::square(1, k / 2, config.group_size))?,
-            pwc1: conv(&cru.PWC1, pointwise)?,
-            pwc2: conv(&cru.PWC2, pointwise)?,
-            means: BranchMeans::new(&cru.GWC, config.group_size, &cru.PWC1, &cru.PWC2, arithmetic.is_bf16()),
+            means: BranchMeans::new(&gwc, &pwc1, &pwc2),
+            gwc,
+            pwc1,
+            pwc2,
             gwc_pwc1: None,
             pooled_gwc: None,
         })
