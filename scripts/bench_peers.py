@@ -149,16 +149,22 @@ def test_images():
     return x, y, str(images.parent)
 
 
-def classes(f, x, batch):
-    """f's classes on x, `batch` at a time (the last chunk padded: some runtimes take one batch size)."""
+def logits(f, x, batch):
+    """f's fp32 logits on x, `batch` at a time (the last chunk padded: some runtimes take one batch size;
+    each chunk's copied, since ours map a file the next call overwrites)."""
     import torch
     out = []
     for begin in range(0, len(x), batch):
         chunk = x[begin:begin + batch]
         padded = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])]) if len(chunk) < batch else chunk
         with torch.no_grad():
-            out.append(f(padded)[:len(chunk)].float().argmax(1))
+            out.append(f(padded)[:len(chunk)].float().clone())
     return torch.cat(out)
+
+
+def classes(f, x, batch):
+    """f's classes on x, `batch` at a time."""
+    return logits(f, x, batch).argmax(1)
 
 
 def sample_images(n):

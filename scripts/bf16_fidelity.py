@@ -35,18 +35,6 @@ BATCH = 256
 NEAR_TIE = 2 ** -7  # a relative top-2 margin under two bf16 roundings (2^-8 each) of the largest logit
 
 
-def in_batches(f, x):
-    """f's fp32 logits on x, BATCH at a time (the last chunk padded: OpenVINO's model has one size)."""
-    import torch
-    out = []
-    for begin in range(0, len(x), BATCH):
-        chunk = x[begin:begin + BATCH]
-        padded = torch.cat([chunk, chunk.new_zeros(BATCH - len(chunk), *chunk.shape[1:])])
-        with torch.no_grad():
-            out.append(f(padded)[:len(chunk)].float().clone())
-    return torch.cat(out)
-
-
 def openvino_bf16(ov, onnx_path, threads):
     """OpenVINO compiled for bf16 as asked, the precision it reports, and the one it picks by default."""
     import numpy
@@ -84,8 +72,7 @@ def ours(worker, key, precision, tmp):
     def f(x):
         save_file({"input": x.contiguous()}, str(tmp / "input.safetensors"))
         worker.ask(f"run {key}-{precision} inference-bf16 {tmp / 'input.safetensors'} {tmp / 'out.safetensors'}")
-        # A copy: the loaded tensor maps the file, which the next call overwrites.
-        return load_file(str(tmp / "out.safetensors"))["logits"].clone()
+        return load_file(str(tmp / "out.safetensors"))["logits"]  # mapped: bench_peers.logits copies it
     return f, answer["arithmetic"]
 
 
@@ -100,17 +87,14 @@ def measure(logits, reference, labels):
 
 def network(name, peers, worker, x, y, args, tmp):
     import torch
-    from safetensors.torch import save_file
     record = json.loads((ROOT / f"weights/{name}.json").read_text())
-    model = bench_peers.build_twin(record["config"], ROOT / "weights" / record["weights"])
-    weights = tmp / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")},
-              str(weights))
+    weights = ROOT / "weights" / record["weights"]
+    model = bench_peers.build_twin(record["config"], weights)
     (tmp / f"{name}.json").write_text(json.dumps(record["config"]))
     for precision in args.ours:
         worker.ask(f"load {name}-{precision} {tmp / f'{name}.json'} {weights}")
     bench_peers.export_onnx(model, torch.zeros(BATCH, 1, 28, 28), tmp / f"{name}.onnx")
-    reference = in_batches(model, x)
+    reference = bench_peers.logits(model, x, BATCH)
     top2 = reference.topk(2, 1).values
     margin = (top2[:, 0] - top2[:, 1]) / reference.abs().amax(1)
     found = {"name": name, "fp32_accuracy": float((reference.argmax(1) == y).float().mean()),
@@ -124,7 +108,7 @@ def network(name, peers, worker, x, y, args, tmp):
     runtimes["torch.compile bf16"] = (torch_compile_bf16(model), {})
     for runtime, (f, about) in runtimes.items():
         print(f"bf16-fidelity: {name}: {runtime}", flush=True)
-        found["runtimes"][runtime] = {**about, **measure(in_batches(f, x), reference, y)}
+        found["runtimes"][runtime] = {**about, **measure(bench_peers.logits(f, x, BATCH), reference, y)}
     for runtime, entry in found["runtimes"].items():
         mine = set(entry["differing_images"])
         entry["shared_with"] = {other: len(mine & set(e["differing_images"]))
